@@ -1,0 +1,1 @@
+"""rmidl.client: the coordinator (the stub side) and the `rmidl` command line."""

@@ -1,0 +1,78 @@
+"""rmidl's settings: one typed object with defaults, overridable by RMIDL_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rmidl.errors import ConfigError
+
+__all__ = ["Config", "DEFAULTS"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# name -> (type, default, what it is for)
+DEFAULTS: dict[str, tuple[type, Any, str]] = {
+    "host": (str, "127.0.0.1", "address daemons bind to; anything else needs a secret or TLS"),
+    "ns_host": (str, "127.0.0.1", "name server host"),
+    "ns_port": (int, 9090, "name server port"),
+    "serializer": (str, "msgpack", "Pyro5 serializer of rmidl proxies and daemons (never serpent or pickle)"),
+    "max_message_size": (int, 256 * MiB, "largest Pyro5 message a daemon or proxy accepts"),
+    "memory_budget": (int, 8 * GiB, "largest output (bytes) a job or worker task may allocate"),
+    "bank_cache_size": (int, 8, "kernel banks a worker keeps (LRU)"),
+    "task_deadline_floor": (float, 10.0, "seconds a task may take at the least before it is re-queued"),
+    "max_task_attempts": (int, 3, "workers a task may fail on before the job fails"),
+    "tasks_in_flight": (int, 2, "tasks the coordinator keeps in flight per remote worker"),
+    "connect_timeout": (float, 5.0, "seconds to reach the name server or a worker"),
+    "secret": (str, "", "cluster secret checked in the Pyro5 handshake (RMIDL_SECRET)"),
+    "tls_cert": (str, "", "PEM certificate of this process (2-way TLS)"),
+    "tls_key": (str, "", "PEM private key of this process"),
+    "tls_ca": (str, "", "PEM CA bundle the peer's certificate must chain to"),
+}
+
+
+class Config:
+    """Typed settings; `Config(name=value)` overrides, then RMIDL_<NAME> env vars, then defaults."""
+
+    __slots__ = tuple(DEFAULTS)
+
+    def __init__(self, *, environ: dict[str, str] | None = None, **overrides: Any) -> None:
+        unknown = set(overrides) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        env = os.environ if environ is None else environ
+        for name, (kind, default, _) in DEFAULTS.items():
+            if name in overrides and overrides[name] is not None:
+                value = overrides[name]
+            elif f"RMIDL_{name.upper()}" in env:
+                value = env[f"RMIDL_{name.upper()}"]
+            else:
+                value = default
+            setattr(self, name, _coerce(name, kind, value))
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with some settings changed (None leaves a setting as it is)."""
+        current = {name: getattr(self, name) for name in DEFAULTS}
+        current.update({k: v for k, v in overrides.items() if v is not None})
+        return Config(environ={}, **current)
+
+    def dump(self) -> str:
+        """Every setting and its value, one per line, for inspection (the secret is masked)."""
+        lines = []
+        for name in DEFAULTS:
+            value = getattr(self, name)
+            if name == "secret" and value:
+                value = "***"
+            lines.append(f"{name} = {value!r}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Config({self.dump()!s})".replace("\n", ", ")
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}={value!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,1 @@
+"""Convolution engines behind one dispatch function (engine helper fills this)."""

@@ -1,0 +1,92 @@
+"""Input checks shared by the engine and the coordinator: one place turns user arrays into canonical ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
+
+__all__ = ["MODES", "Prepared", "check_mode", "check_threads", "prepare"]
+
+MODES = ("valid", "same", "full")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Canonical inputs: image (H, W, C), kernels (K, kh, kw, C), both C-contiguous in `dtype`."""
+
+    image: np.ndarray
+    kernels: np.ndarray
+    dtype: np.dtype
+    mode: str
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        from rmidl.tiling import output_shape
+
+        h, w, _ = self.image.shape
+        k, kh, kw, _ = self.kernels.shape
+        return (k, *output_shape((h, w), (kh, kw), self.mode))
+
+
+def check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise OptionError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    return str(mode)
+
+
+def check_threads(threads: object) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise OptionError(f"threads={threads!r} must be a positive integer or None")
+    return int(threads)
+
+
+def _as_real_array(value: object, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    kind = array.dtype.kind
+    if kind not in "iuf":
+        raise DTypeError(f"{what} dtype {array.dtype} is not supported (use an integer or float array)")
+    if kind == "f" and array.dtype.itemsize < 4:
+        array = array.astype(np.float32)
+    return array
+
+
+def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
+    """Check shapes, dtypes and values; return canonical float32/float64 arrays (float64 only if both are)."""
+    mode = check_mode(mode)
+    img = _as_real_array(image, "image")
+    ker = _as_real_array(kernels, "kernels")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    elif img.ndim != 3:
+        raise ShapeError(f"image must be (H, W) or (H, W, C), got shape {img.shape}")
+    channels = img.shape[2]
+    if ker.ndim == 2:
+        ker = ker[None, :, :, None]
+    elif ker.ndim == 3:
+        ker = ker[..., None]
+    elif ker.ndim != 4:
+        raise ShapeError(f"kernels must be (K, kh, kw) or (K, kh, kw, C), got shape {ker.shape}")
+    if 0 in img.shape:
+        raise ShapeError(f"image is empty: shape {img.shape[:2] if channels == 1 else img.shape}")
+    if 0 in ker.shape:
+        raise ShapeError(f"kernel bank is empty: shape {ker.shape}")
+    if ker.shape[3] != channels:
+        raise ShapeError(f"kernels have {ker.shape[3]} channel(s) but the image has {channels}")
+    h, w = img.shape[:2]
+    kh, kw = ker.shape[1:3]
+    if mode == "valid" and (kh > h or kw > w):
+        raise KernelTooLarge(f"kernel {kh}x{kw} does not fit image {h}x{w} in valid mode")
+    dtype = np.dtype(np.float64 if img.dtype == np.float64 and ker.dtype == np.float64 else np.float32)
+    img = np.ascontiguousarray(img, dtype=dtype)
+    ker = np.ascontiguousarray(ker, dtype=dtype)
+    for array, what in ((img, "image"), (ker, "kernels")):
+        if not np.isfinite(array).all():
+            bad = "NaN" if np.isnan(array).any() else "Inf"
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise NonFiniteInput(f"{what} contains {bad} (first at index {where})")
+    return Prepared(img, ker, dtype, mode)
