@@ -1,24 +1,70 @@
-"""PLACEHOLDER (engine helper replaces this): public correlate/convolve."""
+"""Public correlate/convolve: check and canonicalise inputs, pad for the mode, run a valid-mode engine."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-import scipy.signal
 
+from rmidl.errors import DTypeError, OptionError, ShapeError
+from rmidl.kernels import correlate_valid
 from rmidl.tiling import pad_for_mode
-from rmidl.validate import check_threads, prepare
+from rmidl.validate import check_engine, check_threads, prepare
+
+__all__ = ["convolve", "correlate"]
+
+logger = logging.getLogger(__name__)
 
 
-def correlate(image, kernels, *, mode="valid", threads=None, engine="auto", out=None):  # type: ignore[no-untyped-def]
-    check_threads(threads)
+def correlate(image: object, kernels: object, *, mode: str = "valid", threads: int | None = None,
+              engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+    """Correlate an image (H, W[, C]) with a bank (K, kh, kw[, C]) or one (kh, kw) kernel -> (K, OH, OW).
+
+    Matches scipy.signal.correlate(image, kernel, mode) per kernel, summed over channels. The result is
+    float32 unless both inputs are float64. `threads=None` uses every core; `engine` is "auto" or one of
+    rmidl.kernels.ENGINES; `out` is a caller's buffer of the result's shape and dtype.
+    """
+    return _run(image, kernels, mode=mode, threads=threads, engine=engine, out=out, flip=False)
+
+
+def convolve(image: object, kernels: object, *, mode: str = "valid", threads: int | None = None,
+             engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+    """True convolution (kernels flipped), matching scipy.signal.convolve; otherwise as `correlate`."""
+    return _run(image, kernels, mode=mode, threads=threads, engine=engine, out=out, flip=True)
+
+
+def _run(image: object, kernels: object, *, mode: str, threads: int | None, engine: str,
+         out: np.ndarray | None, flip: bool) -> np.ndarray:
+    n_threads = check_threads(threads)
+    engine = check_engine(engine)
     p = prepare(image, kernels, mode)
-    padded = pad_for_mode(p.image, p.kernels.shape[1:3], mode)
-    result = np.empty(p.out_shape, p.dtype) if out is None else out
-    for k in range(p.kernels.shape[0]):
-        result[k] = scipy.signal.correlate(padded, p.kernels[k], mode="valid")[:, :, 0]
+    bank = np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]) if flip else p.kernels
+    padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
+    result = _check_out(out, p.out_shape, p.dtype)
+    # The engines write rows straight into `out`; any other layout gets a temporary and one copy.
+    target = result if _rows_contiguous(result) else np.empty(p.out_shape, p.dtype)
+    correlate_valid(padded, bank, target, threads=n_threads, engine=engine)
+    if target is not result:
+        result[...] = target
     return result
 
 
-def convolve(image, kernels, **kw):  # type: ignore[no-untyped-def]
-    p = prepare(image, kernels, kw.get("mode", "valid"))
-    return correlate(p.image, p.kernels[:, ::-1, ::-1, :], **kw)
+def _check_out(out: object, shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray):
+        raise OptionError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ShapeError(f"out has shape {out.shape}, the result needs {shape}")
+    if out.dtype != dtype:
+        raise DTypeError(f"out has dtype {out.dtype}, the result needs {dtype}")
+    if not out.flags.writeable:
+        raise OptionError("out is read-only")
+    return out
+
+
+def _rows_contiguous(array: np.ndarray) -> bool:
+    """True if each output row is contiguous and the rows of one kernel follow each other."""
+    item = array.itemsize
+    _, rows, cols = array.shape
+    return (cols <= 1 or array.strides[2] == item) and (rows <= 1 or array.strides[1] == cols * item)

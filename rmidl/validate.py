@@ -8,7 +8,7 @@ import numpy as np
 
 from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
 
-__all__ = ["MODES", "Prepared", "check_mode", "check_threads", "prepare"]
+__all__ = ["MODES", "Prepared", "check_engine", "check_mode", "check_threads", "prepare"]
 
 MODES = ("valid", "same", "full")
 
@@ -35,6 +35,15 @@ def check_mode(mode: object) -> str:
     if mode not in MODES:
         raise OptionError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     return str(mode)
+
+
+def check_engine(engine: object) -> str:
+    """"auto" or one of rmidl.kernels.ENGINES."""
+    from rmidl.kernels import ENGINES
+
+    if engine != "auto" and engine not in ENGINES:
+        raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
+    return str(engine)
 
 
 def check_threads(threads: object) -> int | None:

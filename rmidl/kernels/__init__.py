@@ -1,1 +1,60 @@
-"""Convolution engines behind one dispatch function (engine helper fills this)."""
+"""Convolution engines behind one dispatch: the fast, unchecked valid correlation workers call per task.
+
+`correlate_valid` takes canonical arrays only (image (H, W, C), kernels (K, kh, kw, C), one float dtype,
+C-contiguous) and a valid-mode output whose rows are contiguous; `rmidl.correlate` does the checking.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from rmidl.kernels._cost import choose_engine, estimate_seconds, measure_gflops
+from rmidl.kernels._lowering import correlate_lowering
+from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
+
+__all__ = [
+    "ENGINES",
+    "available_cores",
+    "choose_engine",
+    "correlate_valid",
+    "estimate_seconds",
+    "measure_gflops",
+]
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("lowering", "direct", "fft")
+"""Engine names `engine=` accepts, besides "auto"."""
+
+
+def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
+                    threads: int | None = None, engine: str = "auto") -> np.ndarray:
+    """Valid correlation of image (H, W, C) with kernels (K, kh, kw, C) into out (K, OH, OW); returns out.
+
+    No input checks: `out` may be a view (e.g. rows of a shared-memory output) as long as each output
+    row is contiguous and rows follow each other (row stride OW * itemsize).
+    """
+    n_threads = resolve_threads(threads)
+    k, kh, kw, channels = kernels.shape
+    if engine == "auto":
+        engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
+    logger.debug("correlate_valid %s * %s, %d thread(s), %s", image.shape, kernels.shape, n_threads, engine)
+    # Planar (C, H, W) makes every shifted copy a run of contiguous rows; free when C == 1.
+    planar = np.ascontiguousarray(image.transpose(2, 0, 1))
+    with blas_pinned():
+        if engine == "lowering":
+            weights = np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)).reshape(k, channels * kh * kw)
+            correlate_lowering(planar, weights, out, n_threads)
+        elif engine == "direct":
+            from rmidl.kernels._direct import correlate_direct
+
+            correlate_direct(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
+        elif engine == "fft":
+            from rmidl.kernels._fft import correlate_fft
+
+            correlate_fft(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
+        else:
+            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    return out

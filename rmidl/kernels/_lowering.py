@@ -1,0 +1,54 @@
+"""The lowering engine: im2col per row tile, then one GEMM with the whole bank as M (Chellapilla 2006).
+
+For output rows [r0, r1) the column matrix holds, for every (channel, a, b), the image rows
+r0 + a ... shifted by b: kh*kw*C contiguous copies of (rows, OW). One GEMM
+(K, kh*kw*C) @ (kh*kw*C, rows*OW) then writes straight into the output view out[:, r0:r1, :].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from rmidl.kernels._threads import run_tiles
+from rmidl.tiling import split_range
+
+__all__ = ["SCRATCH_BYTES", "correlate_lowering", "tile_rows"]
+
+SCRATCH_BYTES = 2 << 20
+"""Column-matrix bytes per thread: small enough to stay in L2/L3 while the GEMM streams it."""
+
+
+def tile_rows(out_hw: tuple[int, int], depth: int, itemsize: int, threads: int) -> int:
+    """Output rows per tile: a column matrix of about SCRATCH_BYTES, and a few tiles per thread."""
+    out_h, out_w = out_hw
+    rows = max(1, SCRATCH_BYTES // max(1, depth * out_w * itemsize))
+    if threads > 1:
+        rows = min(rows, max(1, -(-out_h // (4 * threads))))
+    return min(rows, out_h)
+
+
+def correlate_lowering(planar: np.ndarray, weights: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """Valid correlation of planar image (C, H, W) with weights (K, C*kh*kw) ordered (c, a, b) into
+    out (K, OH, OW), whose rows must be contiguous; `kh` and `kw` are implied by the shapes."""
+    k, out_h, out_w = out.shape
+    channels, height, width = planar.shape
+    kh, kw = height - out_h + 1, width - out_w + 1
+    depth = channels * kh * kw
+    rows = tile_rows((out_h, out_w), depth, out.itemsize, threads)
+    tiles = split_range(out_h, size=rows)
+
+    def make_scratch() -> np.ndarray:
+        return np.empty(depth * rows * out_w, dtype=out.dtype)
+
+    def work(tile: tuple[int, int], scratch: np.ndarray) -> None:
+        r0, r1 = tile
+        n = (r1 - r0) * out_w
+        cols = scratch[: depth * n].reshape(channels, kh, kw, r1 - r0, out_w)
+        band = planar[:, r0 : r1 + kh - 1, :]
+        # windows[c, a, b] is band[c, a:a+rows, b:b+OW]: the kh*kw shifted copies, in one strided copy.
+        np.copyto(cols, sliding_window_view(band, (r1 - r0, out_w), axis=(1, 2)))
+        target = np.reshape(out[:, r0:r1, :], (k, n), copy=False)
+        np.matmul(weights, cols.reshape(depth, n), out=target)
+
+    run_tiles(tiles, work, make_scratch, threads)

@@ -1,0 +1,112 @@
+"""Our thread pool over row tiles, with BLAS pinned to one thread while any engine call runs.
+
+Pinning is process-wide (OpenBLAS has one thread setting) and reference-counted: the first engine call
+to enter pins BLAS to 1 thread, the last one to leave restores the original setting, so concurrent
+calls in one process (a worker serving several tasks) never undo each other's pin, and pool threads
+never multiply with BLAS threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import cache
+from typing import Any, TypeVar
+
+from threadpoolctl import threadpool_info, threadpool_limits
+
+__all__ = ["available_cores", "blas_pinned", "resolve_threads", "run_tiles"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """`threads=None` means every core this process may use."""
+    return available_cores() if threads is None else max(1, int(threads))
+
+
+class _BlasPin:
+    """Reference-counted process-wide BLAS pin to one thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter: Any = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._limiter = threadpool_limits(limits=1, user_api="blas")
+                if logger.isEnabledFor(logging.DEBUG):
+                    for lib in threadpool_info():
+                        if lib.get("user_api") == "blas":
+                            logger.debug("BLAS %s %s, %s kernel, pinned to 1 thread", lib.get("internal_api"),
+                                         lib.get("version"), lib.get("architecture"))
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+@cache
+def _pin() -> _BlasPin:
+    return _BlasPin()
+
+
+@contextmanager
+def blas_pinned() -> Iterator[None]:
+    """BLAS runs on the calling thread only while inside (nests and is shared across threads)."""
+    pin = _pin()
+    pin.acquire()
+    try:
+        yield
+    finally:
+        pin.release()
+
+
+def run_tiles(tiles: Sequence[T], work: Callable[[T, Any], None], make_scratch: Callable[[], Any],
+              threads: int) -> None:
+    """Run `work(tile, scratch)` for every tile on `threads` threads, each with its own scratch.
+
+    Threads pull tiles from a shared queue (not fixed shares), so a core slowed by other load does less.
+    """
+    threads = max(1, min(threads, len(tiles)))
+    if threads == 1:
+        scratch = make_scratch()
+        for tile in tiles:
+            work(tile, scratch)
+        return
+    lock = threading.Lock()
+    position = iter(tiles)
+
+    def loop() -> None:
+        scratch = make_scratch()
+        while True:
+            with lock:
+                tile = next(position, None)
+            if tile is None:
+                return
+            work(tile, scratch)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmidl-tile") as pool:
+        futures = [pool.submit(loop) for _ in range(threads)]
+        for future in futures:
+            future.result()
