@@ -1,0 +1,244 @@
+"""The Coordinator (the RMI stub side): rmidl.correlate over the local pool and the workers in a registry."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from rmidl.config import Config
+from rmidl.errors import BudgetExceeded, OptionError, ShapeError
+from rmidl.tiling import pad_for_mode
+from rmidl.validate import Prepared, check_threads, prepare
+
+from .planning import plan
+from .scheduler import Job, Scheduler, shared_output
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Runs correlations as tasks on its own thread pool and on the ConvolutionWorkers of a name server.
+
+    `ns="HOST:PORT"` finds workers by their registration (and keeps looking during a job); `ns=None`
+    uses the local pool alone. `local_threads=None` means every core without a name server and none
+    with one (workers on this machine already use its cores). With `shared_memory=True`, workers on
+    this host read the image from and write their results into shared memory; the others get their
+    input inline and send results over the bulk side channel (or inline).
+    """
+
+    def __init__(
+        self,
+        ns: str | None = None,
+        local_threads: int | None = None,
+        shared_memory: bool = True,
+        config: Config | None = None,
+        *,
+        min_tasks: int = 1,
+    ) -> None:
+        if local_threads is not None and (
+            isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
+        ):
+            raise OptionError(f"local_threads={local_threads!r} must be a non-negative integer")
+        if local_threads is None:
+            local_threads = 0 if ns is not None else (os.cpu_count() or 1)
+        if ns is None and local_threads == 0:
+            raise OptionError("local_threads=0 without a name server leaves nobody to do the work")
+        self.config = config or Config()
+        self.ns_address = ns
+        self.local_threads = local_threads
+        self.shared_memory = shared_memory
+        self.min_tasks = max(1, int(min_tasks))
+        self._ns: Any = None
+        self._ns_lock = threading.Lock()
+        self._last: dict[str, Any] = {}
+        self._scheduler = Scheduler(self.config, local_threads=local_threads)
+        if ns is not None:
+            self._connect(ns)
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def _connect(self, ns: str) -> None:
+        from rmidl.transport import configure_pyro, connect_ns
+
+        configure_pyro(self.config)
+        self._ns = connect_ns(ns, self.config)
+        self._scheduler = Scheduler(
+            self.config, local_threads=self.local_threads, registry=self._list, unregister=self._remove
+        )
+        self._scheduler.discover()
+
+    def _list(self) -> dict[str, str]:
+        from rmidl.transport import list_workers
+
+        with self._ns_lock:
+            self._ns._pyroClaimOwnership()
+            return list_workers(self._ns)
+
+    def _remove(self, name: str) -> None:
+        from rmidl.interface import WORKER_PREFIX
+
+        with self._ns_lock:
+            self._ns._pyroClaimOwnership()
+            self._ns.remove(WORKER_PREFIX + name)
+
+    def close(self) -> None:
+        """Close every proxy (workers keep running)."""
+        self._scheduler.close()
+        if self._ns is not None:
+            with self._ns_lock:
+                self._ns._pyroClaimOwnership()
+                self._ns._pyroRelease()
+            self._ns = None
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- what it knows -------------------------------------------------------------------------------
+    def workers(self) -> list[dict[str, Any]]:
+        """The remote workers found so far: name, uri, host, cores, threads, gflops, same_host, state."""
+        if self._ns is not None:
+            self._scheduler.discover()
+        rows = []
+        for worker in self._scheduler.workers.values():
+            info = worker.info
+            rows.append({
+                "name": worker.name,
+                "uri": worker.uri,
+                "host": info.get("host", worker.host),
+                "cores": info.get("cores"),
+                "threads": info.get("threads"),
+                "gflops": info.get("gflops"),
+                "same_host": worker.same_host,
+                "state": worker.state,
+            })
+        return rows
+
+    def stats(self) -> dict[str, int]:
+        """Tasks each worker ran in the last job ("local" is this process's pool)."""
+        return dict(self._last.get("tasks_by", {}))
+
+    def last_job(self) -> dict[str, Any]:
+        """The last job's figures: tasks, tasks_by, requeued, band, group, flops, shared_memory."""
+        return dict(self._last)
+
+    # -- the API of rmidl.correlate --------------------------------------------------------------------
+    def correlate(
+        self,
+        image: object,
+        kernels: object,
+        *,
+        mode: str = "valid",
+        threads: int | None = None,
+        engine: str = "auto",
+        out: np.ndarray | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Same arguments and result as `rmidl.correlate`; `threads` overrides local_threads for this call,
+        `progress(done, total)` is called as tasks finish."""
+        return self._run(prepare(image, kernels, mode), threads, engine, out, progress)
+
+    def convolve(
+        self,
+        image: object,
+        kernels: object,
+        *,
+        mode: str = "valid",
+        threads: int | None = None,
+        engine: str = "auto",
+        out: np.ndarray | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Same as `rmidl.convolve`: correlation with every kernel flipped in both spatial axes."""
+        p = prepare(image, kernels, mode)
+        flipped = Prepared(p.image, np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]), p.dtype, p.mode)
+        return self._run(flipped, threads, engine, out, progress)
+
+    def _run(
+        self,
+        p: Prepared,
+        threads: int | None,
+        engine: str,
+        out: np.ndarray | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> np.ndarray:
+        local = self.local_threads if threads is None else int(check_threads(threads) or 0)
+        shape = p.out_shape
+        nbytes = int(np.prod(shape)) * p.dtype.itemsize
+        if nbytes > self.config.memory_budget:
+            raise BudgetExceeded(
+                f"output {shape[0]}x{shape[1]}x{shape[2]} {p.dtype.name} needs {nbytes / 2**20:.0f} MiB, "
+                f"over the memory budget of {self.config.memory_budget / 2**20:.0f} MiB"
+            )
+        if out is not None and (out.shape != shape or out.dtype != p.dtype):
+            raise ShapeError(f"out has shape {out.shape} {out.dtype}, expected {shape} {p.dtype.name}")
+        padded = pad_for_mode(p.image, p.kernels.shape[1:3], p.mode)
+        scheduler = self._scheduler
+        if self._ns is not None:
+            scheduler.discover()
+        remote_shm = self.shared_memory and out is None and any(
+            w.same_host for w in scheduler.usable_workers()
+        )
+        capacities = scheduler.capacities(local)
+        itemsize = p.dtype.itemsize
+        max_task = min(64 << 20, self.config.max_message_size // 2)
+        job_plan = plan(shape, p.kernels.shape, capacities, itemsize=itemsize, max_task_bytes=max_task,
+                        min_tasks=self.min_tasks)
+        bank_id = _bank_id(p.kernels)
+        with _job_buffers(padded, shape, p.dtype, out, remote_shm) as (result, shm_in, shm_out):
+            job = Job(padded, p.kernels, result, job_plan.tasks, bank_id=bank_id,
+                      max_attempts=self.config.max_task_attempts, engine=engine, progress=progress)
+            job.shm_input, job.shm_output = shm_in, shm_out
+            try:
+                scheduler.run(job, local_threads=local, shm=shm_out is not None)
+            finally:
+                self._last = {
+                    "tasks": job.total,
+                    "tasks_by": dict(job.tasks_by),
+                    "requeued": job.requeued,
+                    "band": job_plan.band,
+                    "group": job_plan.group,
+                    "flops": job_plan.flops,
+                    "shared_memory": shm_out is not None,
+                }
+        return result
+
+
+def _bank_id(kernels: np.ndarray) -> str:
+    """Content address of a bank, so a bank already cached by a worker is not sent again."""
+    digest = hashlib.blake2b(kernels.tobytes(), digest_size=16)
+    digest.update(repr((kernels.shape, kernels.dtype.str)).encode())
+    return f"bank-{digest.hexdigest()}"
+
+
+@contextmanager
+def _job_buffers(
+    padded: np.ndarray, shape: tuple[int, int, int], dtype: np.dtype, out: np.ndarray | None, shm: bool
+) -> Iterator[tuple[np.ndarray, dict[str, Any] | None, dict[str, Any] | None]]:
+    """Yield (output, shm input descriptor, shm output descriptor); the shm parts only when same-host
+    workers take part. The output's block is unlinked after the job but its mapping lives on in the result."""
+    made = shared_output(shape, dtype) if shm and out is None else None
+    if made is None:
+        yield (np.empty(shape, dtype) if out is None else out), None, None
+        return
+    from rmidl.shm import SharedArray
+
+    result, descriptor, path = made
+    try:
+        with SharedArray.create(padded.shape, padded.dtype) as shared_input:
+            shared_input.array[...] = padded
+            yield result, shared_input.descriptor(), descriptor
+    finally:
+        os.unlink(path)

@@ -1,0 +1,551 @@
+"""One pull queue per job: local pool threads and per-worker remote threads take tasks from it; retries."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rmidl.config import Config
+from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
+from rmidl.interface import WORKER_PREFIX
+from rmidl.tiling import Task
+
+from .planning import Capacity, deadline, local_gflops
+
+__all__ = ["LOCAL", "Job", "RemoteWorker", "Scheduler", "shared_output"]
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+"""Runner name of the coordinator's own thread pool (one worker, for retry bookkeeping)."""
+
+SHM_DIR = "/dev/shm"
+# Rough data-plane rates for the cost model (measured on the 2-core dev box, see issue 3).
+BULK_BYTES_PER_S = 1.0e9
+INLINE_BYTES_PER_S = 0.25e9
+
+
+def _describe(task: Task) -> str:
+    (r0, r1), (k0, k1) = task.rows, task.kernels
+    return f"task {task.task_id} (rows {r0}:{r1}, kernels {k0}:{k1})"
+
+
+def _correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> None:
+    """The engine's no-checks valid correlation on one thread (local pool threads are the parallelism)."""
+    from rmidl import kernels as engines
+
+    fast = getattr(engines, "correlate_valid", None)
+    if fast is not None:
+        fast(image, kernels, out, threads=1, engine=engine)
+    else:  # until the engine's fast path lands
+        from rmidl import correlate
+
+        correlate(image, kernels, mode="valid", threads=1, out=out)
+
+
+class Job:
+    """The pull queue of one job and its bookkeeping: who holds which task, who failed which task."""
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        kernels: np.ndarray,
+        out: np.ndarray,
+        tasks: Sequence[Task],
+        *,
+        bank_id: str,
+        max_attempts: int,
+        engine: str = "auto",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.image, self.kernels, self.out = image, kernels, out
+        self.bank_id = bank_id
+        self.engine = engine
+        self.max_attempts = max(1, max_attempts)
+        self.shm_input: dict[str, Any] | None = None
+        self.shm_output: dict[str, Any] | None = None
+        self.total = len(tasks)
+        self.done = 0
+        self.requeued = 0
+        self.tasks_by: Counter[str] = Counter()
+        self.error: BaseException | None = None
+        self._pending: deque[Task] = deque(tasks)
+        self._holding: dict[int, str] = {}
+        self._failed_on: dict[int, dict[str, str]] = {}
+        self._runners: Counter[str] = Counter()
+        self._progress = progress
+        self._cond = threading.Condition()
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.done == self.total
+
+    def band(self, task: Task) -> np.ndarray:
+        """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
+        return self.image[task.rows[0] : task.rows[1] + self.kernels.shape[1] - 1]
+
+    def out_view(self, task: Task) -> np.ndarray:
+        return self.out[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1], :]
+
+    # -- runners come and go -------------------------------------------------------------------------
+    def enter(self, runner: str) -> None:
+        """Count one more thread of `runner` (call before starting it, so the job never looks orphaned)."""
+        with self._cond:
+            self._runners[runner] += 1
+
+    def leave(self, runner: str) -> None:
+        with self._cond:
+            self._runners[runner] -= 1
+            if self._runners[runner] <= 0:
+                del self._runners[runner]
+            self._check_starved()
+            self._cond.notify_all()
+
+    def runners(self) -> set[str]:
+        with self._cond:
+            return set(self._runners)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the queue ------------------------------------------------------------------------------------
+    def take(self, runner: str, usable: Callable[[], bool] = lambda: True) -> Task | None:
+        """Block until a task `runner` has not failed on is pending; None once the job is over for it."""
+        with self._cond:
+            while True:
+                if self.finished or not usable():
+                    return None
+                for i, task in enumerate(self._pending):
+                    if runner not in self._failed_on.get(task.task_id, {}):
+                        del self._pending[i]
+                        self._holding[task.task_id] = runner
+                        return task
+                self._cond.wait()
+
+    def complete(self, runner: str, task: Task) -> None:
+        with self._cond:
+            self._holding.pop(task.task_id, None)
+            self.done += 1
+            self.tasks_by[runner] += 1
+            done = self.done
+            self._cond.notify_all()
+        if self._progress is not None:
+            self._progress(done, self.total)
+
+    def retry(self, runner: str, task: Task, error: BaseException) -> None:
+        """Put a failed task back; fail the job once it has failed on max_attempts different workers."""
+        with self._cond:
+            self._holding.pop(task.task_id, None)
+            failures = self._failed_on.setdefault(task.task_id, {})
+            failures[runner] = f"{type(error).__name__}: {error}"
+            if len(failures) >= self.max_attempts:
+                self._fail(TaskFailed(self._failure_message(task, failures)))
+            else:
+                self._pending.appendleft(task)
+                self.requeued += 1
+                self._check_starved()
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._fail(error)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` s for the job to finish (all tasks done, or failed); True if it has."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished, timeout)
+            return self.finished
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    def _failure_message(self, task: Task, failures: dict[str, str]) -> str:
+        where = "; ".join(f"{name}: {why}" for name, why in failures.items())
+        return f"{_describe(task)} failed on {len(failures)} worker(s): {where}"
+
+    def _check_starved(self) -> None:
+        """Fail now rather than wait forever when nobody is left who may run the pending work."""
+        if self.finished:
+            return
+        if not self._runners:
+            self._fail(WorkerLost(
+                f"every worker is gone with {self.total - self.done} of {self.total} tasks unfinished "
+                "and there is no local pool (local_threads=0) to finish them"
+            ))
+            return
+        for task in self._pending:
+            failures = self._failed_on.get(task.task_id, {})
+            if failures and set(self._runners) <= set(failures):
+                self._fail(TaskFailed(self._failure_message(task, failures) + "; no other worker is left"))
+                return
+
+
+@dataclass
+class RemoteWorker:
+    """What the coordinator knows about one remote worker, kept across jobs: proxies, banks, health."""
+
+    name: str
+    uri: str
+    config: Config
+    info: dict[str, Any] = field(default_factory=dict)
+    round_trip_s: float = 0.002
+    same_host: bool = False
+    state: str = "ok"  # ok | dead | quarantined
+    banks: set[str] = field(default_factory=set)
+    _idle: list[Any] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def host(self) -> str:
+        from Pyro5.core import URI
+
+        return str(URI(self.uri).host)
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "ok"
+
+    def capacity(self) -> Capacity:
+        threads = int(self.info.get("threads") or self.info.get("cores") or 1)
+        gflops = float(self.info.get("gflops") or 0.0) or local_gflops() * threads
+        if self.same_host:
+            rate = None
+        elif self.info.get("bulk_port"):
+            rate = BULK_BYTES_PER_S
+        else:
+            rate = INLINE_BYTES_PER_S
+        return Capacity(self.name, gflops, threads, self.round_trip_s, rate)
+
+    def connect(self) -> Any:
+        from rmidl.transport import worker_proxy
+
+        proxy = worker_proxy(self.uri, self.config)
+        proxy._pyroTimeout = self.config.connect_timeout
+        return proxy
+
+    @contextmanager
+    def proxy(self) -> Iterator[Any]:
+        """A proxy owned by the calling thread; returned to the pool unless the call broke it."""
+        with self._lock:
+            proxy = self._idle.pop() if self._idle else None
+        if proxy is None:
+            proxy = self.connect()
+        proxy._pyroClaimOwnership()
+        try:
+            yield proxy
+        except BaseException:
+            # After a timeout or a dropped connection the stream is in an unknown state: never reuse it.
+            proxy._pyroRelease()
+            raise
+        with self._lock:
+            self._idle.append(proxy)
+
+    def probe(self) -> None:
+        """Fetch info() and time a ping on a fresh connection (raises Pyro5 errors if unreachable)."""
+        with self.proxy() as proxy:
+            self.info = dict(proxy.info())
+            start = time.perf_counter()
+            proxy.ping()
+            self.round_trip_s = max(1e-4, time.perf_counter() - start)
+
+    def alive(self) -> bool:
+        """True if the worker answers a ping on a new connection within connect_timeout."""
+        try:
+            proxy = self.connect()
+        except Exception:
+            return False
+        try:
+            with proxy:
+                return proxy.ping() == "pong"
+        except Exception:
+            return False
+
+    def mark(self, state: str) -> bool:
+        """Move out of "ok"; True only for the first caller (so the warning is logged once)."""
+        with self._lock:
+            if self.state != "ok":
+                return False
+            self.state = state
+            return True
+
+    def ensure_bank(self, proxy: Any, job: Job, *, force: bool = False) -> None:
+        from rmidl.wire import pack
+
+        if force:
+            self.banks.discard(job.bank_id)
+        if job.bank_id in self.banks:
+            return
+        proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
+        proxy.put_bank(job.bank_id, pack(job.kernels))
+        self.banks.add(job.bank_id)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for proxy in idle:
+            proxy._pyroClaimOwnership()
+            proxy._pyroRelease()
+
+
+def shared_output(shape: Sequence[int], dtype: np.dtype) -> tuple[np.ndarray, dict[str, Any], str] | None:
+    """A (K, OH, OW) array in a POSIX shared-memory block workers can attach by name, or None.
+
+    Unlike `rmidl.shm.SharedArray` (closed with its block), the array returned here outlives the
+    block's name: the caller unlinks `path` after the job and the mapping lives as long as the array,
+    so the result reaches the user without a copy. None when /dev/shm is missing or too small.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    if nbytes == 0 or stat.f_bavail * stat.f_frsize < nbytes * 1.1:
+        return None
+    name = f"rmidl_out_{secrets.token_hex(8)}"
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        buffer = mmap.mmap(fd, nbytes)
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(shape))
+    return array, {"name": name, "shape": [int(n) for n in shape], "dtype": np.dtype(dtype).name}, path
+
+
+class Scheduler:
+    """Runs jobs on the local pool and the remote workers it knows, discovering new ones as they appear."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        local_threads: int,
+        registry: Callable[[], dict[str, str]] | None = None,
+        unregister: Callable[[str], None] | None = None,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.local_threads = local_threads
+        self.workers: dict[str, RemoteWorker] = {}
+        self._registry = registry
+        self._unregister = unregister
+        self._poll_interval = poll_interval
+        self._host_id: str | None = None
+
+    # -- discovery -----------------------------------------------------------------------------------
+    def discover(self) -> list[RemoteWorker]:
+        """Add workers registered since the last look (probing each); return the new usable ones."""
+        if self._registry is None:
+            return []
+        try:
+            found = self._registry()
+        except Exception as error:  # a name server blip mid-job must not fail the job
+            log.debug("name server poll failed: %s", error)
+            return []
+        fresh = []
+        for name, uri in found.items():
+            short = name.removeprefix(WORKER_PREFIX)
+            known = self.workers.get(short)
+            if known is not None and known.uri == uri:
+                continue
+            worker = RemoteWorker(short, uri, self.config)
+            try:
+                worker.probe()
+            except Exception as error:
+                log.warning("worker %s at %s does not answer (%s); dropping it", short, uri, error)
+                self._drop_registration(short)
+                continue
+            worker.same_host = worker.info.get("host_id") == self.host_id()
+            if known is not None:
+                known.close()
+            self.workers[short] = worker
+            fresh.append(worker)
+            log.debug("found worker %s (%s)", short, worker.info)
+        return fresh
+
+    def host_id(self) -> str:
+        if self._host_id is None:
+            from rmidl.shm import host_id
+
+            self._host_id = host_id()
+        return self._host_id
+
+    def usable_workers(self) -> list[RemoteWorker]:
+        return [w for w in self.workers.values() if w.usable]
+
+    def capacities(self, local_threads: int) -> list[Capacity]:
+        local = [Capacity(LOCAL, local_gflops())] * local_threads
+        return local + [w.capacity() for w in self.usable_workers()]
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+
+    def _drop_registration(self, name: str) -> None:
+        if self._unregister is None:
+            return
+        try:
+            self._unregister(name)
+        except Exception as error:
+            log.debug("could not unregister %s: %s", name, error)
+
+    # -- running a job ---------------------------------------------------------------------------------
+    def run(self, job: Job, *, local_threads: int | None = None, shm: bool = True) -> None:
+        """Run every task of `job` (raises the job's error); the caller set up job.shm_* when useful."""
+        threads: list[threading.Thread] = []
+        local = self.local_threads if local_threads is None else local_threads
+        for i in range(local):
+            threads.append(self._start(job, LOCAL, self._local_loop, (job,), f"rmidl-local-{i}"))
+        started: set[str] = set()
+
+        def start_remote(workers: Sequence[RemoteWorker]) -> None:
+            for worker in workers:
+                if worker.name in started or not worker.usable:
+                    continue
+                started.add(worker.name)
+                use_shm = shm and worker.same_host and job.shm_output is not None
+                for slot in range(max(1, self.config.tasks_in_flight)):
+                    args = (job, worker, use_shm)
+                    name = f"rmidl-{worker.name}-{slot}"
+                    threads.append(self._start(job, worker.name, self._remote_loop, args, name))
+
+        start_remote(self.usable_workers())
+        if not threads:
+            raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+        while not job.wait(self._poll_interval):
+            start_remote(self.discover())
+        self._join(threads, job)
+        if job.error is not None:
+            raise job.error
+
+    def _start(self, job: Job, runner: str, target: Callable[..., None], args: tuple[Any, ...], name: str,
+               ) -> threading.Thread:
+        job.enter(runner)
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _join(self, threads: list[threading.Thread], job: Job) -> None:
+        # After a failure some remote calls may still be running; they end at their deadline at the latest.
+        limit = time.monotonic() + (0 if job.error is None else self.config.task_deadline_floor) + 5.0
+        for thread in threads:
+            thread.join(max(0.0, limit - time.monotonic()))
+            if thread.is_alive():
+                log.debug("thread %s still busy after the job; leaving it to end on its own", thread.name)
+
+    def _local_loop(self, job: Job) -> None:
+        try:
+            while (task := job.take(LOCAL)) is not None:
+                try:
+                    _correlate_valid(job.band(task), job.kernels[task.kernels[0] : task.kernels[1]],
+                                     job.out_view(task), job.engine)
+                except InputError as error:
+                    job.fail(error)
+                    return
+                except Exception as error:
+                    log.debug("%s failed locally: %r", _describe(task), error)
+                    job.retry(LOCAL, task, error)
+                else:
+                    job.complete(LOCAL, task)
+        finally:
+            job.leave(LOCAL)
+
+    def _remote_loop(self, job: Job, worker: RemoteWorker, use_shm: bool) -> None:
+        from Pyro5.errors import CommunicationError
+        from Pyro5.errors import TimeoutError as PyroTimeout
+
+        def usable() -> bool:
+            return worker.usable
+
+        try:
+            while (task := job.take(worker.name, usable)) is not None:
+                try:
+                    self._run_remote(job, worker, task, use_shm)
+                except PyroTimeout as error:
+                    job.retry(worker.name, task, error)
+                    if worker.mark("quarantined"):
+                        log.warning("worker %s did not finish %s in time; quarantined for this job",
+                                    worker.name, _describe(task))
+                    job.wake()
+                    return
+                except (CommunicationError, OSError) as error:
+                    if worker.alive():
+                        log.debug("%s failed on %s: %r", _describe(task), worker.name, error)
+                        job.retry(worker.name, task, error)
+                        continue
+                    job.retry(worker.name, task, error)
+                    if worker.mark("dead"):
+                        log.warning("worker %s lost (%s); its tasks go back to the queue", worker.name, error)
+                        self._drop_registration(worker.name)
+                    job.wake()
+                    return
+                except InputError as error:
+                    job.fail(error)
+                    return
+                except Exception as error:
+                    log.debug("%s failed on %s: %r", _describe(task), worker.name, error)
+                    job.retry(worker.name, task, error)
+                else:
+                    job.complete(worker.name, task)
+        finally:
+            job.leave(worker.name)
+
+    def _run_remote(self, job: Job, worker: RemoteWorker, task: Task, use_shm: bool) -> None:
+        from rmidl import wire
+
+        out_w = job.out.shape[2]
+        limit = deadline(task, job.kernels.shape, out_w, worker.capacity(),
+                         floor=self.config.task_deadline_floor, itemsize=job.out.itemsize)
+        request: dict[str, Any] = {
+            "task_id": task.task_id,
+            "bank_id": job.bank_id,
+            "kernels": list(task.kernels),
+            "rows": list(task.rows),
+        }
+        if use_shm:
+            request["input"] = {"shm": job.shm_input}
+            request["output"] = {"shm": job.shm_output}
+        else:
+            request["input"] = {"array": wire.pack(job.band(task))}
+            request["output"] = "bulk" if worker.info.get("bulk_port") else "inline"
+        with worker.proxy() as proxy:
+            worker.ensure_bank(proxy, job)
+            proxy._pyroTimeout = limit
+            try:
+                reply = proxy.correlate(request)
+            except BankError:
+                # The worker evicted or never had the bank (e.g. it restarted): put it again, once.
+                worker.ensure_bank(proxy, job, force=True)
+                proxy._pyroTimeout = limit
+                reply = proxy.correlate(request)
+        view = job.out_view(task)
+        if use_shm:
+            return
+        if request["output"] == "bulk":
+            from rmidl.bulk import fetch
+
+            fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit)
+            return
+        result = wire.unpack(reply["result"], max_bytes=view.nbytes)
+        if result.shape != view.shape:
+            raise RmidlError(f"worker {worker.name} returned shape {result.shape} for {_describe(task)}, "
+                             f"expected {view.shape}")
+        view[...] = result

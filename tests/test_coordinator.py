@@ -1,0 +1,140 @@
+"""The Coordinator equals rmidl.correlate (float64 scipy reference) on the local pool and on real workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+
+from rmidl.client import Coordinator
+from rmidl.client.planning import Capacity, deadline, plan
+from rmidl.config import Config
+from rmidl.errors import BudgetExceeded, KernelTooLarge, OptionError, ShapeError, TaskFailed
+from rmidl.tiling import Task
+
+
+def ref2d(image: np.ndarray, kernels: np.ndarray, mode: str, *, flip: bool = False) -> np.ndarray:
+    """float64 reference: scipy per kernel and channel, summed over channels."""
+    img = np.asarray(image, np.float64)
+    ker = np.asarray(kernels, np.float64)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if ker.ndim == 3:
+        ker = ker[..., None]
+    op = scipy.signal.convolve if flip else scipy.signal.correlate
+    return np.stack([
+        sum(op(img[:, :, c], k[:, :, c], mode=mode) for c in range(img.shape[2])) for k in ker
+    ])
+
+
+def assert_close(result: np.ndarray, ref: np.ndarray) -> None:
+    assert result.shape == ref.shape
+    scale = float(np.abs(ref).max()) or 1.0
+    np.testing.assert_allclose(result, ref, rtol=0, atol=1e-5 * scale)
+
+
+CASES = [
+    # (image shape, kernel shape, mode)
+    ((37, 53), (5, 3, 3), "valid"),
+    ((64, 48, 3), (9, 5, 4, 3), "same"),
+    ((23, 31), (3, 6, 7), "full"),
+    ((120, 90), (40, 11, 11), "valid"),
+]
+
+
+@pytest.mark.parametrize(("image_shape", "kernel_shape", "mode"), CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_pool_matches_reference(rng, image_shape, kernel_shape, mode, threads):
+    image = rng.standard_normal(image_shape).astype(np.float32)
+    kernels = rng.standard_normal(kernel_shape).astype(np.float32)
+    with Coordinator(local_threads=threads, min_tasks=6) as coordinator:
+        assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
+        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+        assert sum(coordinator.stats().values()) == coordinator.last_job()["tasks"] >= 6
+
+
+def test_float64_in_float64_out(rng):
+    image = rng.standard_normal((30, 40))
+    kernels = rng.standard_normal((4, 3, 5))
+    with Coordinator(local_threads=2) as coordinator:
+        result = coordinator.correlate(image, kernels)
+    assert result.dtype == np.float64
+    np.testing.assert_allclose(result, ref2d(image, kernels, "valid"), rtol=1e-10, atol=1e-10)
+
+
+def test_out_buffer_is_filled(rng):
+    image = rng.standard_normal((40, 40)).astype(np.float32)
+    kernels = rng.standard_normal((6, 3, 3)).astype(np.float32)
+    out = np.full((6, 38, 38), np.nan, np.float32)
+    with Coordinator(local_threads=2, min_tasks=4) as coordinator:
+        assert coordinator.correlate(image, kernels, out=out) is out
+        with pytest.raises(ShapeError, match="out has shape"):
+            coordinator.correlate(image, kernels, out=np.empty((6, 38, 37), np.float32))
+    assert_close(out, ref2d(image, kernels, "valid"))
+
+
+def test_budget_refused_before_work(rng):
+    config = Config(environ={}, memory_budget=1000)
+    with Coordinator(local_threads=1, config=config) as coordinator, pytest.raises(
+        BudgetExceeded, match=r"5x30x30 float32 .* memory budget"
+    ):
+        coordinator.correlate(np.ones((32, 32), np.float32), np.ones((5, 3, 3), np.float32))
+    assert coordinator.stats() == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"local_threads": -1}, OptionError, "local_threads=-1"),
+        ({"local_threads": 0}, OptionError, "local_threads=0 without a name server"),
+        ({"local_threads": True}, OptionError, "local_threads=True"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Coordinator(**kwargs)
+
+
+def test_bad_input_is_the_library_error():
+    with Coordinator(local_threads=1) as coordinator, pytest.raises(KernelTooLarge, match="13x13"):
+        coordinator.correlate(np.ones((8, 640)), np.ones((1, 13, 13)))
+
+
+def test_local_task_failure_fails_job_naming_task(rng, monkeypatch):
+    from rmidl.client import scheduler
+
+    def broken(image, kernels, out, engine):
+        raise RuntimeError("engine fell over")
+
+    monkeypatch.setattr(scheduler, "_correlate_valid", broken)
+    image = rng.standard_normal((40, 40)).astype(np.float32)
+    expected = r"task \d+ \(rows .*local: RuntimeError: engine fell over"
+    with Coordinator(local_threads=2) as coordinator, pytest.raises(TaskFailed, match=expected):
+        coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
+
+
+def test_plan_balances_and_bounds_tasks():
+    cores = [Capacity("local", 50.0)] * 2
+    reference_job = plan((128, 710, 1270), (128, 11, 11, 1), cores)
+    assert 8 <= len(reference_job.tasks) <= 64
+    covered = np.zeros((128, 710), int)
+    for task in reference_job.tasks:
+        covered[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1]] += 1
+    assert (covered == 1).all()
+    # Results bounded by max_task_bytes: more, smaller tasks.
+    small = plan((128, 710, 1270), (128, 11, 11, 1), cores, max_task_bytes=1 << 20)
+    assert max(t.out_elements(1270) * 4 for t in small.tasks) <= 1 << 20
+    # A tiny job on remote workers with a costly round trip is not shredded.
+    remote = [Capacity("w", 50.0, cores=2, overhead_s=0.01)]
+    assert len(plan((4, 20, 20), (4, 3, 3, 1), remote).tasks) == 1
+    # Few rows, many kernels: kernel groups.
+    wide = plan((256, 4, 500), (256, 3, 3, 1), cores)
+    assert wide.group < 256
+
+
+def test_deadline_has_a_floor_and_grows_with_work():
+    consumer = Capacity("w", 1.0, bytes_per_s=1e6)
+    small = Task(0, (0, 1), (0, 1))
+    big = Task(1, (0, 1000), (0, 100))
+    assert deadline(small, (100, 3, 3, 1), 100, consumer, floor=2.0) == 2.0
+    assert deadline(big, (100, 3, 3, 1), 1000, consumer, floor=2.0) > 100
