@@ -1,15 +1,134 @@
-"""PLACEHOLDER: replaced by the module's owner."""
+"""The name server (RMI registry): start it (library), serve it (loop) and `rmidl ns` (CLI)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
 
-HELP = "(not built yet)"
+import Pyro5.errors
+import Pyro5.nameserver
+import Pyro5.server
+
+from rmidl.config import Config, MiB
+from rmidl.errors import OptionError
+from rmidl.server.security import SecretHandshake, add_security_arguments, check_bind, config_from_args
+from rmidl.transport import configure_pyro
+
+__all__ = [
+    "HELP",
+    "NS_MAX_MESSAGE_SIZE",
+    "NameServerDaemon",
+    "add_arguments",
+    "address_of",
+    "main",
+    "ns_loop",
+    "run",
+    "start_ns",
+]
+
+logger = logging.getLogger(__name__)
+
+HELP = "start the name server (the registry workers join and coordinators look up)"
+NS_MAX_MESSAGE_SIZE = 1 * MiB
+"""A name server process needs only small messages; Pyro5 reads a handshake up to this size unchecked."""
+
+
+class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
+    """Pyro5's name server daemon, with the cluster-secret handshake and an optional broadcast responder."""
+
+    broadcast: Pyro5.nameserver.BroadcastServer | None = None
+
+    def handleRequest(self, conn: Any) -> Any:  # noqa: N802 (Pyro5's name)
+        # Pyro5's version turns protocol errors into warnings.warn, which our tests (rightly) treat as
+        # errors; a bad client is the daemon's log business, not a warning in the host program.
+        try:
+            return Pyro5.server.Daemon.handleRequest(self, conn)
+        except Pyro5.errors.ProtocolError as error:
+            logger.warning("protocol error from a name server client: %s", error)
+            raise
+
+    def close(self) -> None:
+        if self.broadcast is not None:
+            self.broadcast.close()
+            self.broadcast = None
+        super().close()
+
+
+def start_ns(
+    host: str = "127.0.0.1",
+    port: int = 9090,
+    *,
+    config: Config | None = None,
+    broadcast: bool = False,
+    insecure: bool = False,
+) -> tuple[str, NameServerDaemon]:
+    """Create a name server on host:port (port 0: any free one); returns (uri, daemon), not yet serving."""
+    config = config or Config()
+    if not 0 <= port <= 65535:
+        raise OptionError(f"port {port} is outside 0-65535")
+    check_bind(host, config, insecure=insecure, what="name server")
+    configure_pyro(config)
+    daemon = NameServerDaemon(host=host, port=port, secret=config.secret)
+    uri = str(daemon.uriFor(daemon.nameserver))
+    if broadcast:
+        internal = daemon.uriFor(daemon.nameserver, nat=False)
+        daemon.broadcast = Pyro5.nameserver.BroadcastServer(internal)
+        daemon.broadcast.runInThread()
+    logger.info("name server at %s", uri)
+    return uri, daemon
+
+
+def address_of(daemon: NameServerDaemon) -> str:
+    """"HOST:PORT" of a started name server, as `--ns` takes it."""
+    return str(daemon.locationStr)
+
+
+def ns_loop(daemon: NameServerDaemon, stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set (or forever), then close the daemon."""
+    stop = stop or threading.Event()
+    thread = threading.Thread(target=daemon.requestLoop, name="rmidl-ns", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        daemon.shutdown()
+        thread.join(5.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port to bind (default 9090, 0: any free)")
+    parser.add_argument("--broadcast", action="store_true", help="answer Pyro5 broadcast lookups")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    """`rmidl ns`: print the address and "ready", serve until SIGINT/SIGTERM, exit 0."""
+    from rmidl.server.daemon import stop_on_signals
+
+    config = config_from_args(args)
+    config = config.replace(max_message_size=min(config.max_message_size, NS_MAX_MESSAGE_SIZE))
+    port = config.ns_port if args.port is None else args.port
+    host = args.host or config.ns_host
+    _, daemon = start_ns(host, port, config=config, broadcast=args.broadcast, insecure=args.insecure)
+    with stop_on_signals() as stop:
+        print(address_of(daemon), flush=True)
+        print("ready", flush=True)
+        ns_loop(daemon, stop)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rmidl.server.nameserver ...`: the same as `rmidl ns ...`."""
+    from rmidl.client.cli import main as cli_main
+
+    return cli_main(["ns", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

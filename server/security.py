@@ -1,0 +1,154 @@
+"""Daemon-side security: the cluster secret in Pyro5's handshake, 2-way TLS contexts, and the bind rule."""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from rmidl.config import Config
+from rmidl.errors import AuthenticationError, OptionError
+from rmidl.transport import tls_enabled
+
+__all__ = [
+    "SecretHandshake",
+    "add_security_arguments",
+    "check_bind",
+    "client_ssl_context",
+    "config_from_args",
+    "is_loopback",
+    "read_secret",
+    "secured_config",
+    "server_ssl_context",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_SECRET_LENGTH = 8
+
+
+def read_secret(path: str | Path) -> str:
+    """The cluster secret stored in `path` (stripped); OptionError names an unreadable or short file."""
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionError(f"cannot read secret file {str(path)!r}: {error}") from None
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise OptionError(f"secret in {str(path)!r} is shorter than {MIN_SECRET_LENGTH} characters")
+    return secret
+
+
+def secured_config(
+    config: Config,
+    *,
+    secret_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+) -> Config:
+    """`config` with the command line's secret file and TLS files applied (they win over RMIDL_* vars)."""
+    secret = read_secret(secret_file) if secret_file else None
+    files = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca}
+    for what, path in files.items():
+        if path and not Path(path).is_file():
+            raise OptionError(f"{what.replace('_', '-')} file {path!r} does not exist")
+    config = config.replace(secret=secret, **files)
+    if config.secret and len(config.secret) < MIN_SECRET_LENGTH:
+        raise OptionError(f"cluster secret is shorter than {MIN_SECRET_LENGTH} characters")
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.x / ::1 addresses (names other than localhost count as exposed)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, config: Config, *, insecure: bool = False, what: str = "daemon") -> None:
+    """Refuse to expose a daemon past loopback without secret or TLS unless `insecure` (then warn loudly)."""
+    if is_loopback(host) or config.secret or tls_enabled(config):
+        return
+    if not insecure:
+        raise OptionError(
+            f"refusing to bind {what} to {host}: anyone who can reach it could drive it; set a cluster "
+            "secret (--secret-file or RMIDL_SECRET) or 2-way TLS (--tls-cert/--tls-key/--tls-ca), "
+            "or pass --insecure to run it open"
+        )
+    logger.warning(
+        "!!! INSECURE: %s bound to %s without cluster secret or TLS: ANYONE on the network can use it !!!",
+        what,
+        host,
+    )
+
+
+class SecretHandshake:
+    """Daemon mixin: refuse a connection in Pyro5's handshake unless it carries the cluster secret.
+
+    Pyro5 calls `validateHandshake` before the client may invoke anything, and answers a raised error
+    with a CONNECTFAIL, so unauthenticated clients never reach an object.
+    """
+
+    def __init__(self, *args: Any, secret: str = "", **kwargs: Any) -> None:
+        self._secret = secret.encode("utf-8")
+        super().__init__(*args, **kwargs)
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 (Pyro5's name)
+        if self._secret:
+            offered = data.encode("utf-8") if isinstance(data, str) else b""
+            if not hmac.compare_digest(offered, self._secret):
+                peer = _peer(conn)
+                logger.warning("refused connection from %s: cluster secret missing or wrong", peer)
+                raise AuthenticationError(f"connection from {peer} refused: cluster secret missing or wrong")
+        return super().validateHandshake(conn, data)  # type: ignore[misc]
+
+
+def _peer(conn: Any) -> str:
+    try:
+        host, port = conn.sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, ValueError):
+        return "unknown peer"
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """2-way TLS context for a listening socket (peers must show a certificate signed by tls_ca), or None."""
+    if not tls_enabled(config):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=config.tls_ca)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """2-way TLS context for connecting (checks the server's certificate and host name), or None."""
+    if not tls_enabled(config):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every daemon command shares: secret file, TLS files, --insecure."""
+    parser.add_argument("--secret-file", metavar="PATH", help="file holding the cluster secret")
+    parser.add_argument("--tls-cert", metavar="PATH", help="PEM certificate (2-way TLS)")
+    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key (2-way TLS)")
+    parser.add_argument("--tls-ca", metavar="PATH", help="PEM CA certificate peers must chain to")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow binding a non-loopback address without secret or TLS"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
+    files = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
+    return secured_config(Config(), secret_file=args.secret_file, **files)
