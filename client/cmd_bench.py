@@ -1,15 +1,224 @@
-"""PLACEHOLDER: replaced by the module's owner."""
+"""`rmidl bench`: the paper's scaling study on this machine and cluster: tables, plots and predictions."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-HELP = "(not built yet)"
+import numpy as np
+
+from rmidl.client import predict, report, study
+from rmidl.errors import ImageReadError, OptionError
+
+__all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size", "run"]
+
+logger = logging.getLogger(__name__)
+
+HELP = "reproduce the paper's scaling study: time per core and worker count, tables, plots, predictions"
+
+EXIT_NOT_COUNTED = 1
+
+
+def parse_counts(text: str, option: str, *, minimum: int) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8), each at least `minimum`, no repeats."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise OptionError(f"{option} {text!r} is not a comma-separated list of integers") from None
+    bad = [c for c in counts if c < minimum]
+    if bad:
+        raise OptionError(f"{option} {text!r}: {bad[0]} is below {minimum}")
+    if len(set(counts)) != len(counts):
+        raise OptionError(f"{option} {text!r} repeats a value")
+    return counts
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise OptionError(f"--size {text!r} is not WIDTHxHEIGHT with positive integers, e.g. 1280x720")
+    return int(match[1]), int(match[2])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--image", metavar="PATH", help="image file to convolve (default: the built-in image)"
+    )
+    source.add_argument(
+        "--size", default="1280x720", help="WIDTHxHEIGHT of the built-in image (default 1280x720)"
+    )
+    parser.add_argument(
+        "--kernels", default="random:128x11x11", metavar="BANK", help="kernel bank spec or file"
+    )
+    parser.add_argument("--mode", default="valid", choices=("valid", "same", "full"))
+    parser.add_argument(
+        "--cores", default="1,2,4,8", help="core counts for the engine alone (default 1,2,4,8)"
+    )
+    parser.add_argument("--workers", default="", help="worker counts through the coordinator, e.g. 0,1,2")
+    parser.add_argument(
+        "--threads-per-worker", type=int, default=1, metavar="T", help="threads of each worker"
+    )
+    parser.add_argument("--local-threads", type=int, default=0, metavar="N", help="coordinator's own threads")
+    parser.add_argument(
+        "--no-shared-memory", action="store_true", help="send arrays over TCP even on one host"
+    )
+    parser.add_argument("--ns", metavar="HOST:PORT", help="also run on the workers of this name server")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per configuration (default 10)")
+    parser.add_argument("--out", default="bench-out", metavar="DIR", help="where tables and plots go")
+    parser.add_argument("--predict", metavar="NODES", help="predict these node counts, e.g. 1,2,4,8,16,64")
+    parser.add_argument("--link", default="1Gbit,10Gbit,25Gbit", help="link rate(s) for --predict")
+    parser.add_argument(
+        "--node-cores", type=int, metavar="C", help="cores per predicted node (default: ours)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_results",
+        metavar="PATH",
+        help="report/predict from an earlier results.json, no runs",
+    )
+
+
+def _sized_default_image(width: int, height: int) -> tuple[np.ndarray, str]:
+    """The library's built-in image resized to WxH; a seeded synthetic one if the library has none."""
+    try:
+        from rmidl.imaging import default_image
+
+        base = default_image(np.float32)
+    except (ImportError, NotImplementedError, ImageReadError) as missing:
+        # timings do not depend on pixel values, so a seeded random image serves the study equally
+        logger.warning("no built-in image (%s); using a seeded synthetic one", missing)
+        rng = np.random.default_rng(20240101)
+        return rng.random((height, width), dtype=np.float32), f"synthetic {width}x{height} (seeded)"
+    if base.ndim == 3:
+        base = base.mean(axis=2)
+    if base.shape != (height, width):
+        from PIL import Image
+
+        base = np.asarray(Image.fromarray(base, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    return np.ascontiguousarray(base, dtype=np.float32), f"built-in image at {width}x{height}"
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study.Job]:
+    """The image and bank the options name, checked and made canonical before any timing starts."""
+    import rmidl
+    from rmidl.validate import prepare
+
+    if args.image:
+        image, image_source = rmidl.load_image(args.image), str(args.image)
+    else:
+        image, image_source = _sized_default_image(*parse_size(args.size))
+    kernels = rmidl.load_kernels(args.kernels)
+    prepared = prepare(image, kernels, args.mode)
+    job = study.job_of(
+        prepared.image,
+        prepared.kernels,
+        args.mode,
+        image_source=image_source,
+        kernels_source=str(args.kernels),
+    )
+    return prepared.image, prepared.kernels, job
+
+
+def _settings(args: argparse.Namespace) -> study.StudySettings:
+    for option, value, minimum in (
+        ("--runs", args.runs, 1),
+        ("--threads-per-worker", args.threads_per_worker, 1),
+        ("--local-threads", args.local_threads, 0),
+    ):
+        if value < minimum:
+            raise OptionError(f"{option} {value} must be at least {minimum}")
+    if args.ns is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", args.ns):
+        raise OptionError(f"--ns {args.ns!r} is not HOST:PORT")
+    return study.StudySettings(
+        cores=parse_counts(args.cores, "--cores", minimum=1) if args.cores else (),
+        workers=parse_counts(args.workers, "--workers", minimum=0) if args.workers else (),
+        runs=args.runs,
+        mode=args.mode,
+        threads_per_worker=args.threads_per_worker,
+        local_threads=args.local_threads,
+        shared_memory=not args.no_shared_memory,
+        ns=args.ns,
+    )
+
+
+def _prediction_options(
+    args: argparse.Namespace,
+) -> tuple[tuple[int, ...], list[tuple[str, float]], int | None]:
+    if not args.predict:
+        return (), [], None
+    nodes = parse_counts(args.predict, "--predict", minimum=1)
+    links = [predict.parse_link(text) for text in args.link.split(",")]
+    if args.node_cores is not None and args.node_cores < 1:
+        raise OptionError(f"--node-cores {args.node_cores} must be at least 1")
+    return nodes, links, args.node_cores
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[study.OnRun]:
+    """A tqdm bar on a terminal; nothing when stderr is a file or a pipe."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+
+        def advance(config: study.Configuration, index: int, seconds: float) -> None:
+            bar.set_description(config.label)
+            bar.update(1)
+
+        yield advance
+
+
+def _load_earlier(path: str) -> study.StudyResult:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "results.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise OptionError(f"--from {path!r}: cannot read results.json ({error})") from None
+    try:
+        return study.StudyResult.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise OptionError(f"--from {path!r}: not a results.json of rmidl bench ({error!r})") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    """Run (or reload) the study, write every file into --out, print the summary; 1 if a run did not count."""
+    nodes, links, node_cores = _prediction_options(args)
+    if args.from_results:
+        result = _load_earlier(args.from_results)
+    else:
+        settings = _settings(args)
+        if not settings.cores and not settings.workers and not settings.ns:
+            raise OptionError("nothing to run: give --cores, --workers or --ns")
+        image, kernels, job = load_inputs(args)
+        total = len(study.configurations(settings)) * settings.runs
+        with _progress(total) as on_run:
+            result = study.run_study(image, kernels, settings, job=job, on_run=on_run)
+    out = Path(args.out)
+    lines = [report.summary(result)]
+    written = report.write_report(result, out)
+    if nodes:
+        calibration = predict.calibrate(result)
+        cores = node_cores or int(result.machine.get("usable_cores") or 1)
+        predictions = predict.predict_many(calibration, nodes, cores, links)
+        result.extra["prediction"] = report.prediction_block(calibration, predictions)
+        written += report.write_prediction(calibration, predictions, out)
+        report.write_results_json(result, out / "results.json")  # again, now with the prediction in it
+        lines += [
+            "",
+            report.markdown_table(report.PREDICTION_HEADER, report.prediction_rows(predictions)),
+            f"model error on the measured configurations: at most {calibration.stated_error:.1%}",
+        ]
+    lines.append(f"\nwrote {len(written)} files to {out}/")
+    print("\n".join(lines))
+    for failed in result.failed:
+        print(f"rmidl: not counted: {failed.config.label}: {failed.failure}", file=sys.stderr)
+    return EXIT_NOT_COUNTED if result.failed else 0

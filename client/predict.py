@@ -1,0 +1,289 @@
+"""A cost model calibrated from a scaling study, to predict N nodes x C cores over a link we cannot measure.
+
+The model (stated once, used everywhere):
+- compute: Amdahl on this machine's per-core rate, T(p) = T1 * (s + (1 - s) / p) with p cores in all,
+  T1 = flops / rate; the rate and serial fraction s are fitted (least squares on relative error) to the
+  core-count runs, with p capped at the usable cores (oversubscription adds no cores).
+- data plane (measured configurations through the coordinator): T = T(p) + bytes moved / bandwidth, the
+  bandwidth fitted to the worker runs.
+- N nodes: the coordinator is one of them and computes its share; the other (N - 1) / N of the output
+  crosses its link (gather) and their inputs go out over it (scatter). Transfers overlap compute and
+  each other (full duplex), so T = max(compute, scatter, gather) + one task's transfer (pipeline fill).
+- row bands send each remote node its band plus a (kh - 1)-row halo per task and the whole bank;
+  kernel groups send each remote node the whole image and its share of the bank, and cannot use more
+  nodes than kernels. Both gather the same output. The cheaper one is marked.
+The model's error on the configurations that were measured is reported beside every prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rmidl.client.study import StudyResult
+from rmidl.errors import OptionError
+from rmidl.tiling import mode_padding
+
+__all__ = [
+    "LINK_EFFICIENCY",
+    "TASKS_PER_CORE",
+    "Calibration",
+    "Prediction",
+    "calibrate",
+    "modelled_seconds",
+    "parse_link",
+    "predict",
+    "predict_many",
+]
+
+logger = logging.getLogger(__name__)
+
+LINK_EFFICIENCY = 0.94
+"""TCP payload over Ethernet line rate with a 1500-byte MTU (1448 / 1538 bytes per frame)."""
+
+TASKS_PER_CORE = 2
+"""Tasks the model assumes per core (the coordinator keeps ~2 in flight per worker), for halos and fill."""
+
+_LINK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bit/s|bps|b|B|B/s|Bps|gbe)\s*$", re.IGNORECASE)
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_link(text: str) -> tuple[str, float]:
+    """'1Gbit', '10Gbit', '25Gbit', '100Mbit', '1.25GB/s' -> (label, payload bytes per second)."""
+    match = _LINK.match(text)
+    if not match:
+        raise OptionError(f"link {text!r} is not a rate such as 1Gbit, 10Gbit, 25Gbit, 100Mbit or 1.25GB/s")
+    number, prefix, unit = float(match[1]), match[2].lower(), match[3]
+    if number <= 0:
+        raise OptionError(f"link {text!r} must be a positive rate")
+    if unit.lower() == "gbe":  # "10GbE": the number is in Gbit/s
+        prefix, unit = "g", "bit"
+    in_bytes = unit in ("B", "B/s", "Bps")
+    rate = number * _PREFIX[prefix] * (1.0 if in_bytes else 1 / 8)
+    # a byte rate is taken as payload already; a line rate loses the framing overhead
+    return text.strip(), rate if in_bytes else rate * LINK_EFFICIENCY
+
+
+@dataclass
+class Calibration:
+    """The model's parameters as fitted to one study, and how well it reproduces that study."""
+
+    flops: float
+    rate_per_core: float
+    serial_fraction: float
+    usable_cores: int
+    dataplane_bandwidth: float | None
+    dataplane_path: str | None
+    input_bytes: int
+    bank_bytes: int
+    output_bytes: int
+    n_kernels: int
+    out_h: int
+    halo_row_bytes: int
+    fit: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def single_core_seconds(self) -> float:
+        return self.flops / self.rate_per_core
+
+    @property
+    def stated_error(self) -> float:
+        """Largest |predicted - measured| / measured over the measured configurations (0 if none)."""
+        return max((abs(p["relative_error"]) for p in self.fit), default=0.0)
+
+    @property
+    def mean_error(self) -> float:
+        return float(np.mean([abs(p["relative_error"]) for p in self.fit])) if self.fit else 0.0
+
+    def bytes_per_task(self, nodes: int, cores: int) -> float:
+        """Average bytes a row-band task moves (its input band with halo, its output slab)."""
+        tasks = _tasks(self, nodes, cores)
+        return (self.input_bytes + tasks * self.halo_row_bytes + self.output_bytes) / tasks
+
+    def compute_seconds(self, cores: float) -> float:
+        s = self.serial_fraction
+        return self.single_core_seconds * (s + (1.0 - s) / max(cores, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            single_core_seconds=self.single_core_seconds,
+            stated_error=self.stated_error,
+            mean_error=self.mean_error,
+            bytes_per_task_this_machine=self.bytes_per_task(1, self.usable_cores),
+        )
+        return data
+
+
+def _tasks(cal: Calibration, nodes: int, cores: int) -> int:
+    return max(1, min(TASKS_PER_CORE * nodes * cores, cal.out_h))
+
+
+def _fit_amdahl(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(T1, s) minimising the relative error of T(p) = a + b / p over (p, seconds) points, a, b >= 0."""
+    ps = np.array([p for p, _ in points], float)
+    ts = np.array([t for _, t in points], float)
+    if len(set(ps)) < 2:
+        # one core count cannot separate serial from parallel work: assume none is serial
+        b = float(np.mean(ts * ps))
+        return b, 0.0
+    design = np.column_stack([1.0 / ts, 1.0 / (ps * ts)])
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(ts), rcond=None)
+    if a < 0 or b <= 0:
+        a, b = (0.0, float(np.mean(ts * ps))) if a < 0 else (float(np.mean(ts)), 0.0)
+    t1 = float(a + b)
+    return t1, float(a) / t1
+
+
+def calibrate(study: StudyResult) -> Calibration:
+    """Fit rate per core, serial fraction and data-plane bandwidth to the counted runs of `study`."""
+    job = study.job
+    usable = int(study.machine.get("usable_cores") or 1)
+    counted = [r for r in study.results if r.counted]
+    cores = [(float(min(r.config.threads, usable)), r.average) for r in counted if r.config.kind == "cores"]
+    if not cores:
+        cores = [(1.0, study.reference_seconds)]
+    t1, serial = _fit_amdahl(cores)
+    _, oh, _ = job.out_shape
+    _, (left, right) = mode_padding(tuple(job.kernels_shape[1:3]), job.mode)
+    width = job.image_shape[1] + left + right
+    cal = Calibration(
+        flops=job.flops,
+        rate_per_core=job.flops / t1,
+        serial_fraction=serial,
+        usable_cores=usable,
+        dataplane_bandwidth=None,
+        dataplane_path=None,
+        input_bytes=job.input_bytes,
+        bank_bytes=job.bank_bytes,
+        output_bytes=job.output_bytes,
+        n_kernels=job.kernels_shape[0],
+        out_h=oh,
+        halo_row_bytes=(job.kernels_shape[1] - 1) * width * job.channels * job.itemsize,
+    )
+    remote = [r for r in counted if r.config.kind == "workers" and r.config.count > 0]
+    if remote:
+        # bandwidth = bytes moved / time beyond compute; a median keeps one noisy run from deciding it
+        estimates = []
+        for r in remote:
+            extra = r.average - cal.compute_seconds(min(r.config.threads, usable))
+            moved = _moved_bytes(cal, r.config.count)
+            estimates.append(moved / extra if extra > 0 else math.inf)
+        cal.dataplane_bandwidth = float(np.median(estimates))
+        if math.isinf(cal.dataplane_bandwidth):
+            cal.dataplane_bandwidth = (
+                None  # the data plane cost nothing measurable: leave it out of the model
+            )
+        cal.dataplane_path = "shared memory" if study.settings.get("shared_memory") else "tcp"
+    for r in counted:
+        if r.config.kind == "cluster":
+            continue  # its worker count and threads are not known to the model
+        predicted = modelled_seconds(cal, r.config.kind, r.config.count, r.config.threads)
+        cal.fit.append(
+            {
+                "configuration": r.config.label,
+                "measured_seconds": r.average,
+                "predicted_seconds": predicted,
+                "relative_error": (predicted - r.average) / r.average,
+            }
+        )
+    return cal
+
+
+def _moved_bytes(cal: Calibration, workers: int) -> float:
+    # with no local threads every byte of input, bank and output passes through the data plane
+    return cal.input_bytes + workers * cal.bank_bytes + cal.output_bytes
+
+
+def modelled_seconds(cal: Calibration, kind: str, count: int, threads: int) -> float:
+    """The model's time for a configuration of the kind measured on this machine."""
+    compute = cal.compute_seconds(min(threads, cal.usable_cores))
+    if kind == "workers" and count > 0 and cal.dataplane_bandwidth:
+        return compute + _moved_bytes(cal, count) / cal.dataplane_bandwidth
+    return compute
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's time for N nodes x C cores over one link, by partitioning, and what bounds it."""
+
+    nodes: int
+    cores: int
+    link: str
+    link_bytes_per_s: float
+    compute_seconds: float
+    rowband_seconds: float
+    kgroup_seconds: float
+    scatter_seconds: float
+    gather_seconds: float
+    speedup: float
+    ideal_speedup: int
+    bound: str
+    best: str
+    error: float
+
+    @property
+    def seconds(self) -> float:
+        return min(self.rowband_seconds, self.kgroup_seconds)
+
+    @property
+    def gather_bound(self) -> bool:
+        return self.bound == "gather"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(seconds=self.seconds, gather_bound=self.gather_bound)
+        return data
+
+
+def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float]) -> Prediction:
+    """Time and speed-up over one core for `nodes` x `cores` (nodes of this machine's per-core rate)."""
+    label, rate = link
+    if nodes < 1 or cores < 1:
+        raise OptionError(f"nodes={nodes} and cores={cores} must both be at least 1")
+    remote = (nodes - 1) / nodes
+    gather = cal.output_bytes * remote / rate
+    tasks = _tasks(cal, nodes, cores)
+    band_scatter = (cal.input_bytes + tasks * cal.halo_row_bytes) * remote + (nodes - 1) * cal.bank_bytes
+    group_nodes = min(nodes, cal.n_kernels)
+    group_scatter = (group_nodes - 1) * cal.input_bytes + cal.bank_bytes * (group_nodes - 1) / group_nodes
+    band_compute = cal.compute_seconds(nodes * cores)
+    group_compute = cal.compute_seconds(group_nodes * cores)
+    # pipeline fill: the first task's input arrives before compute starts, the last slab leaves after it
+    rowband = max(band_compute, band_scatter / rate, gather) + (band_scatter / rate + gather) / tasks
+    group_tasks = max(1, min(TASKS_PER_CORE * group_nodes * cores, cal.n_kernels))
+    kgroup = max(group_compute, group_scatter / rate, gather) + (group_scatter / rate + gather) / group_tasks
+    best = "kernel groups" if kgroup < rowband * 0.99 else "row bands"
+    if best == "row bands":
+        parts = {"compute": band_compute, "scatter": band_scatter / rate, "gather": gather}
+    else:
+        parts = {"compute": group_compute, "scatter": group_scatter / rate, "gather": gather}
+    return Prediction(
+        nodes=nodes,
+        cores=cores,
+        link=label,
+        link_bytes_per_s=rate,
+        compute_seconds=parts["compute"],
+        rowband_seconds=rowband,
+        kgroup_seconds=kgroup,
+        scatter_seconds=parts["scatter"],
+        gather_seconds=gather,
+        speedup=cal.single_core_seconds / min(rowband, kgroup),
+        ideal_speedup=nodes * cores,
+        bound=max(parts, key=parts.__getitem__),
+        best=best,
+        error=cal.stated_error,
+    )
+
+
+def predict_many(
+    cal: Calibration, nodes: Sequence[int], cores: int, links: Sequence[tuple[str, float]]
+) -> list[Prediction]:
+    """One prediction per (link, node count), links outermost."""
+    return [predict(cal, n, cores, link) for link in links for n in nodes]

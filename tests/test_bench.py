@@ -1,0 +1,301 @@
+"""`rmidl bench`: every file written, tables that agree with results.json, sound plots, and the cost model."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rmidl.client import cli, predict, report, study
+from rmidl.client.study import Configuration, ConfigurationResult, Job, StudyResult, StudySettings
+
+TINY = ["--size", "96x64", "--kernels", "random:4x5x5", "--runs", "2"]
+CORE_FILES = {
+    "table3.md", "table3.csv", "table4.md", "table4.csv", "efficiency.md", "efficiency.csv", "results.json",
+    "fig10_time_vs_cores.png", "fig11_speedup.png",
+}  # fmt: skip
+PREDICTION_FILES = {"prediction.md", "prediction.csv", "prediction_speedup.png"}
+
+
+def _bench(out: Path, *extra: str) -> int:
+    return cli.main(["bench", *TINY, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def cores_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """One tiny study over cores 1 and 2 with predictions; its files are read by several tests."""
+    out = tmp_path_factory.mktemp("bench")
+    code = _bench(out, "--cores", "1,2", "--predict", "1,2,4", "--link", "1Gbit,10Gbit")
+    return code, out
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _label(config: dict) -> str:
+    return config["config"]["label"] + ("*" if config["config"]["oversubscribed"] else "")
+
+
+def test_bench_writes_every_file(cores_run: tuple[int, Path]) -> None:
+    code, out = cores_run
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= CORE_FILES | PREDICTION_FILES
+    data = _results(out)
+    machine = data["machine"]
+    assert machine["cpu_model"] and machine["usable_cores"] >= 1 and machine["versions"]["numpy"]
+    assert {"library", "architecture", "version"} <= set(machine["blas"][0])
+    assert data["job"]["image_shape"] == [64, 96, 1] and data["job"]["kernels_shape"] == [4, 5, 5, 1]
+    assert [c["config"]["label"] for c in data["configurations"]] == ["1 core", "2 cores"]
+    assert all(c["verified"] and len(c["times"]) == 2 for c in data["configurations"])
+    assert data["paper"]["average_seconds"] == [85.9125, 49.0664, 25.3766, 14.2801]
+
+
+def test_table3_agrees_with_results_json(cores_run: tuple[int, Path]) -> None:
+    _, out = cores_run
+    configs = _results(out)["configurations"]
+    rows = {row["run"]: row for row in _csv(out / "table3.csv")}
+    for config in configs:
+        column = _label(config)
+        assert [float(rows[str(i + 1)][column]) for i in range(2)] == config["times"]
+        assert float(rows["total"][column]) == pytest.approx(sum(config["times"]), rel=1e-12)
+        assert float(rows["average"][column]) == pytest.approx(sum(config["times"]) / 2, rel=1e-12)
+    assert float(rows["average"]["paper: 8 cores"]) == 14.2801
+    assert rows["1"]["paper: 8 cores"] == ""  # the paper's single runs are not invented
+    # the markdown table shows the same numbers (to its six significant digits)
+    md = (out / "table3.md").read_text().splitlines()
+    header = [cell.strip() for cell in md[2].strip("|").split("|")]
+    average = next(line for line in md if line.startswith("| **average**"))
+    cells = dict(zip(header, (c.strip() for c in average.strip("|").split("|")), strict=True))
+    for config in configs:
+        assert float(cells[_label(config)]) == pytest.approx(sum(config["times"]) / 2, rel=1e-5)
+
+
+def test_speedups_are_recomputed_from_the_times(cores_run: tuple[int, Path]) -> None:
+    _, out = cores_run
+    configs = _results(out)["configurations"]
+    averages = {_label(c): sum(c["times"]) / len(c["times"]) for c in configs}
+    matrix = {row["speed-up of row over column"]: row for row in _csv(out / "table4.csv")}
+    for row_label, row_avg in averages.items():
+        for column_label, column_avg in averages.items():
+            assert float(matrix[row_label][column_label]) == pytest.approx(column_avg / row_avg, rel=1e-12)
+    assert float(matrix["paper: 8 cores"]["paper: 1 core"]) == pytest.approx(6.016, abs=5e-4)
+    efficiency = {row["configuration"]: row for row in _csv(out / "efficiency.csv")}
+    for config in configs:
+        speedup = averages["1 core"] / averages[_label(config)]
+        row = efficiency[config["config"]["label"]]
+        assert float(row["speedup"]) == pytest.approx(speedup, rel=1e-12)
+        assert float(row["efficiency"]) == pytest.approx(speedup / config["config"]["threads"], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CORE_FILES | PREDICTION_FILES if n.endswith(".png")))
+def test_plots_are_valid_pngs_of_sensible_size(cores_run: tuple[int, Path], name: str) -> None:
+    _, out = cores_run
+    path = out / name
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert 400 <= image.width <= 2000 and 300 <= image.height <= 2000
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 20  # something was drawn, not a blank canvas
+
+
+def test_prediction_is_in_results_json_and_its_table(cores_run: tuple[int, Path]) -> None:
+    _, out = cores_run
+    prediction = _results(out)["prediction"]
+    points = prediction["points"]
+    assert [(p["link"], p["nodes"]) for p in points] == [
+        (link, n) for link in ("1Gbit", "10Gbit") for n in (1, 2, 4)
+    ]
+    assert {row["link"] for row in _csv(out / "prediction.csv")} == {"1Gbit", "10Gbit"}
+    assert prediction["calibration"]["stated_error"] >= 0
+    assert "Model error on the measured configurations" in (out / "prediction.md").read_text()
+
+
+def test_oversubscribed_core_counts_are_marked_not_dropped() -> None:
+    configs = study.configurations(StudySettings(cores=(1, 2, 4), workers=(0, 2)), available=2)
+    assert [(c.label, c.oversubscribed) for c in configs] == [
+        ("1 core", False),
+        ("2 cores", False),
+        ("4 cores", True),
+        ("0 workers", False),
+        ("2 workers", False),
+    ]
+
+
+def test_a_wrong_result_never_counts(rng: np.random.Generator, tmp_path: Path) -> None:
+    image = rng.random((20, 24), dtype=np.float32)
+    kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
+    import rmidl
+
+    @contextlib.contextmanager
+    def runner(config: Configuration, settings: StudySettings) -> Iterator:
+        def correlate(img: np.ndarray, ker: np.ndarray, mode: str) -> np.ndarray:
+            out = rmidl.correlate(img, ker, mode=mode, threads=config.threads)
+            if config.count == 2:
+                out[1, 3, 4] += 1.0  # one wrong value among many
+            return out
+
+        yield correlate
+
+    result = study.run_study(image, kernels, StudySettings(cores=(1, 2), runs=2), runner=runner)
+    good, bad = result.results
+    assert good.counted and len(good.times) == 2 and good.max_abs_error == 0
+    assert not bad.counted and "differs from the single-thread result" in (bad.failure or "")
+    assert bad.max_abs_error == pytest.approx(1.0, rel=1e-5) and bad.times == []
+    report.write_report(result, tmp_path)
+    assert "2 cores" not in _csv(tmp_path / "table3.csv")[0]
+    assert "Not counted: 2 cores" in (tmp_path / "table3.md").read_text()
+
+
+# -- the cost model --------------------------------------------------------------------------------------
+PAPER_JOB = Job((720, 1280, 1), (128, 11, 11, 1), "valid", "float32")
+
+
+def _synthetic(
+    job: Job, t1: float, serial: float, cores: tuple[int, ...], *, usable: int, noise: float = 0.0,
+    bandwidth: float | None = None, workers: tuple[int, ...] = (),
+) -> StudyResult:  # fmt: skip
+    """A study whose times follow the model exactly (times noise), as if measured."""
+    rng = np.random.default_rng(7)
+
+    def times(seconds: float) -> list[float]:
+        return list(seconds * (1 + noise * rng.uniform(-1, 1, 5)))
+
+    def amdahl(p: int) -> float:
+        return t1 * (serial + (1 - serial) / min(p, usable))
+
+    results = [
+        ConfigurationResult(Configuration("cores", c, c, f"{c} cores"), times(amdahl(c)), verified=True)
+        for c in cores
+    ]
+    for w in workers:
+        moved = job.input_bytes + w * job.bank_bytes + job.output_bytes
+        seconds = amdahl(w) + moved / bandwidth
+        results.append(
+            ConfigurationResult(Configuration("workers", w, w, f"{w} w"), times(seconds), verified=True)
+        )
+    return StudyResult({"usable_cores": usable}, job, {"shared_memory": False}, t1, results)
+
+
+def test_calibration_recovers_a_synthetic_machine_exactly() -> None:
+    synthetic = _synthetic(PAPER_JOB, 40.0, 0.07, (1, 2, 4), usable=16, bandwidth=2e9, workers=(1, 2))
+    cal = predict.calibrate(synthetic)
+    assert cal.rate_per_core == pytest.approx(PAPER_JOB.flops / 40.0, rel=1e-9)
+    assert cal.serial_fraction == pytest.approx(0.07, abs=1e-9)
+    assert cal.dataplane_bandwidth == pytest.approx(2e9, rel=1e-9)
+    assert cal.stated_error < 1e-9
+    # held out: 16 cores was never measured, yet follows from what was
+    assert cal.compute_seconds(16) == pytest.approx(40.0 * (0.07 + 0.93 / 16), rel=1e-9)
+
+
+def test_predictor_reproduces_noisy_measurements_within_its_stated_error() -> None:
+    synthetic = _synthetic(PAPER_JOB, 40.0, 0.07, (1, 2, 4, 8), usable=8, noise=0.02)
+    cal = predict.calibrate(synthetic)
+    assert 0 < cal.stated_error < 0.05
+    assert cal.serial_fraction == pytest.approx(0.07, abs=0.02)
+    for result in synthetic.results:
+        modelled = predict.modelled_seconds(cal, "cores", result.config.count, result.config.threads)
+        assert abs(modelled - result.average) <= cal.stated_error * result.average * (1 + 1e-9)
+
+
+def test_gathering_the_output_bounds_the_paper_job_on_slow_links() -> None:
+    cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.02, (1, 2), usable=2))
+    one_gbit = predict.parse_link("1Gbit")
+    alone = predict.predict(cal, 1, 8, one_gbit)
+    assert alone.bound == "compute" and alone.gather_seconds == 0
+    eight = predict.predict(cal, 8, 8, one_gbit)
+    assert eight.gather_bound
+    assert eight.gather_seconds == pytest.approx(PAPER_JOB.output_bytes * 7 / 8 / (1e9 / 8 * 0.94), rel=1e-12)
+    assert eight.speedup < alone.speedup  # 462 MB over 1 Gbit costs more than the cores save
+    fast = predict.predict(cal, 8, 8, predict.parse_link("10TB/s"))
+    assert fast.bound == "compute" and fast.speedup > alone.speedup
+    assert all(p.speedup <= p.ideal_speedup for p in (alone, eight, fast))
+
+
+def test_kernel_groups_win_for_a_big_bank_on_a_small_image() -> None:
+    deep = Job((16, 16, 256), (512, 3, 3, 256), "valid", "float32")
+    link = predict.parse_link("10Gbit")
+    deep_cal = predict.calibrate(_synthetic(deep, 0.5, 0.02, (1, 2), usable=2))
+    assert predict.predict(deep_cal, 8, 4, link).best == "kernel groups"
+    paper_cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.02, (1, 2), usable=2))
+    assert predict.predict(paper_cal, 8, 4, link).best == "row bands"
+
+
+@pytest.mark.parametrize(
+    ("text", "bytes_per_s"),
+    [("1Gbit", 1e9 / 8 * 0.94), ("25Gbit", 25e9 / 8 * 0.94), ("100Mbit", 1e8 / 8 * 0.94),
+     ("10GbE", 10e9 / 8 * 0.94), ("1.25GB/s", 1.25e9)],
+)  # fmt: skip
+def test_parse_link(text: str, bytes_per_s: float) -> None:
+    assert predict.parse_link(text) == (text, pytest.approx(bytes_per_s, rel=1e-12))
+
+
+# -- bad options: one line, non-zero exit -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--cores", "0"], "--cores '0'"),
+        (["--cores", "1,two"], "'1,two'"),
+        (["--cores", "1,1"], "repeats"),
+        (["--workers", "-1"], "-1"),
+        (["--runs", "0"], "--runs 0"),
+        (["--size", "96by64"], "96by64"),
+        (["--ns", "nohost"], "nohost"),
+        (["--predict", "0,2"], "--predict"),
+        (["--predict", "2", "--link", "fast"], "'fast'"),
+        (["--kernels", "random:4x0x5"], "4x0x5"),
+        (["--kernels", "random:4x99x99"], "99x99"),
+        (["--from", "/nonexistent/results.json"], "/nonexistent/results.json"),
+    ],
+)
+def test_bad_options_give_one_line_and_a_non_zero_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    code = _bench(tmp_path / "out", *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("rmidl: error:") and named in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_from_earlier_results_rewrites_the_report(cores_run: tuple[int, Path], tmp_path: Path) -> None:
+    _, out = cores_run
+    code = cli.main(
+        ["bench", "--from", str(out), "--out", str(tmp_path), "--predict", "1,64", "--link", "25Gbit"]
+    )
+    assert code == 0
+    again = _results(tmp_path)
+    assert [c["times"] for c in again["configurations"]] == [
+        c["times"] for c in _results(out)["configurations"]
+    ]
+    assert [p["nodes"] for p in again["prediction"]["points"]] == [1, 64]
+
+
+def test_bench_runs_as_a_subprocess(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rmidl.client.cli", "bench", "--size", "40x30", "--kernels", "random:2x3x3",
+         "--cores", "1", "--runs", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=100, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^1 core\s+1\s+[\d.e-]+\s+1\.000\s+100%$", done.stdout, re.MULTILINE), done.stdout
+    assert "\r" not in done.stderr  # no progress bar when stderr is not a terminal
+    assert {p.name for p in tmp_path.iterdir()} >= CORE_FILES
+    assert math.isfinite(_results(tmp_path)["reference"]["seconds"])
