@@ -1,15 +1,117 @@
-"""PLACEHOLDER: replaced by the module's owner."""
+"""`rmidl run`: correlate one image with a kernel bank on the cluster (or the local pool), save the maps."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
-HELP = "(not built yet)"
+import numpy as np
+
+from rmidl.errors import OptionError
+from rmidl.validate import MODES
+
+from .coordinator import Coordinator
+
+HELP = "correlate IMAGE with a kernel bank on the cluster and save the feature maps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("image", metavar="IMAGE", help="PNG, JPEG, TIFF, BMP or PGM/PPM file")
+    parser.add_argument("--kernels", required=True, metavar="BANK",
+                        help="bank file (.npy/.npz) or spec such as random:128x11x11, gabor:8, sobel")
+    parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)} (default valid)")
+    parser.add_argument("--convolve", action="store_true", help="true convolution (flipped kernels)")
+    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: local pool only)")
+    parser.add_argument("--local-threads", type=int, metavar="N",
+                        help="threads of this process's pool (default: all cores without --ns, 0 with)")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="send data over TCP even to workers on this host")
+    parser.add_argument("--out", metavar="PATH",
+                        help="PATH.npy / PATH.npz saves the maps; a directory gets PNGs + montage.png")
+
+
+def _check_out(out: str | None) -> Path | None:
+    """Refuse a bad --out before any work: .npy, .npz, or a directory (existing or without a suffix)."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() in (".npy", ".npz") or path.is_dir() or not path.suffix:
+        if path.suffix and not path.parent.is_dir():
+            raise OptionError(f"--out {out!r}: directory {str(path.parent)!r} does not exist")
+        return path
+    raise OptionError(f"--out {out!r} must end in .npy or .npz, or name a directory")
+
+
+def save(maps: np.ndarray, path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, maps)
+        return str(path)
+    if suffix == ".npz":
+        np.savez(path, maps=maps)
+        return str(path)
+    from rmidl.imaging import save_maps
+
+    written = save_maps(maps, path)
+    return f"{len(written)} PNG files in {path}"
+
+
+class _Progress:
+    """A tqdm bar on a terminal, nothing otherwise; fed from the scheduler's threads."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._lock = threading.Lock()
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="task", file=sys.stderr, leave=False)
+            self._bar.n = done
+            self._bar.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+
+
+def summary(seconds: float, flops: float, tasks_by: dict[str, int]) -> str:
+    per_worker = " ".join(f"{name}={n}" for name, n in sorted(tasks_by.items())) or "-"
+    rate = flops / seconds / 1e9 if seconds > 0 else float("inf")
+    return f"{seconds:.3f} s, {rate:.1f} GFLOP/s, tasks per worker: {per_worker}"
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from rmidl.banks import load_kernels
+    from rmidl.imaging import load_image
+    from rmidl.validate import check_mode
+
+    mode = check_mode(args.mode)
+    out = _check_out(args.out)
+    kernels = load_kernels(args.kernels)
+    image = load_image(args.image, gray=kernels.ndim == 3)
+    progress = _Progress()
+    shm = not args.no_shared_memory
+    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm) as co:
+        start = time.perf_counter()
+        try:
+            operation = co.convolve if args.convolve else co.correlate
+            maps = operation(image, kernels, mode=mode, progress=progress)
+        finally:
+            progress.close()
+        seconds = time.perf_counter() - start
+        job = co.last_job()
+    k, oh, ow = maps.shape
+    where = save(maps, out) if out is not None else "not saved (no --out)"
+    print(f"{k} maps of {oh}x{ow} ({mode}): {summary(seconds, job['flops'], job['tasks_by'])}; {where}")
+    return 0

@@ -19,7 +19,7 @@ from rmidl.tiling import pad_for_mode
 from rmidl.validate import Prepared, check_threads, prepare
 
 from .planning import plan
-from .scheduler import Job, Scheduler, shared_output
+from .scheduler import Job, Scheduler
 
 __all__ = ["Coordinator"]
 
@@ -227,18 +227,16 @@ def _bank_id(kernels: np.ndarray) -> str:
 def _job_buffers(
     padded: np.ndarray, shape: tuple[int, int, int], dtype: np.dtype, out: np.ndarray | None, shm: bool
 ) -> Iterator[tuple[np.ndarray, dict[str, Any] | None, dict[str, Any] | None]]:
-    """Yield (output, shm input descriptor, shm output descriptor); the shm parts only when same-host
-    workers take part. The output's block is unlinked after the job but its mapping lives on in the result."""
-    made = shared_output(shape, dtype) if shm and out is None else None
-    if made is None:
+    """Yield (output, shm input descriptor, shm output descriptor); shared memory only when same-host
+    workers take part. Closing unlinks both blocks; the result's mapping lives on as long as the array."""
+    if not shm or out is not None:
         yield (np.empty(shape, dtype) if out is None else out), None, None
         return
     from rmidl.shm import SharedArray
 
-    result, descriptor, path = made
-    try:
-        with SharedArray.create(padded.shape, padded.dtype) as shared_input:
-            shared_input.array[...] = padded
-            yield result, shared_input.descriptor(), descriptor
-    finally:
-        os.unlink(path)
+    with (
+        SharedArray.create(padded.shape, padded.dtype) as shared_in,
+        SharedArray.create(shape, dtype) as shared_out,
+    ):
+        shared_in.array[...] = padded
+        yield shared_out.array, shared_in.descriptor(), shared_out.descriptor()

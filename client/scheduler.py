@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -23,14 +20,13 @@ from rmidl.tiling import Task
 
 from .planning import Capacity, deadline, local_gflops
 
-__all__ = ["LOCAL", "Job", "RemoteWorker", "Scheduler", "shared_output"]
+__all__ = ["LOCAL", "Job", "RemoteWorker", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
 """Runner name of the coordinator's own thread pool (one worker, for retry bookkeeping)."""
 
-SHM_DIR = "/dev/shm"
 # Rough data-plane rates for the cost model (measured on the 2-core dev box, see issue 3).
 BULK_BYTES_PER_S = 1.0e9
 INLINE_BYTES_PER_S = 0.25e9
@@ -43,15 +39,9 @@ def _describe(task: Task) -> str:
 
 def _correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> None:
     """The engine's no-checks valid correlation on one thread (local pool threads are the parallelism)."""
-    from rmidl import kernels as engines
+    from rmidl.kernels import correlate_valid
 
-    fast = getattr(engines, "correlate_valid", None)
-    if fast is not None:
-        fast(image, kernels, out, threads=1, engine=engine)
-    else:  # until the engine's fast path lands
-        from rmidl import correlate
-
-        correlate(image, kernels, mode="valid", threads=1, out=out)
+    correlate_valid(image, kernels, out, threads=1, engine=engine)
 
 
 class Job:
@@ -221,7 +211,9 @@ class RemoteWorker:
 
     def capacity(self) -> Capacity:
         threads = int(self.info.get("threads") or self.info.get("cores") or 1)
-        gflops = float(self.info.get("gflops") or 0.0) or local_gflops() * threads
+        # A worker's first rate comes from a tiny cold run and can be far too low; a rate 10x below this
+        # machine's would stretch deadlines and starve it of tasks, so it is floored there.
+        gflops = max(float(self.info.get("gflops") or 0.0), local_gflops() * threads / 10)
         if self.same_host:
             rate = None
         elif self.info.get("bulk_port"):
@@ -299,35 +291,6 @@ class RemoteWorker:
         for proxy in idle:
             proxy._pyroClaimOwnership()
             proxy._pyroRelease()
-
-
-def shared_output(shape: Sequence[int], dtype: np.dtype) -> tuple[np.ndarray, dict[str, Any], str] | None:
-    """A (K, OH, OW) array in a POSIX shared-memory block workers can attach by name, or None.
-
-    Unlike `rmidl.shm.SharedArray` (closed with its block), the array returned here outlives the
-    block's name: the caller unlinks `path` after the job and the mapping lives as long as the array,
-    so the result reaches the user without a copy. None when /dev/shm is missing or too small.
-    """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    if nbytes == 0 or stat.f_bavail * stat.f_frsize < nbytes * 1.1:
-        return None
-    name = f"rmidl_out_{secrets.token_hex(8)}"
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-        buffer = mmap.mmap(fd, nbytes)
-    except OSError:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(shape))
-    return array, {"name": name, "shape": [int(n) for n in shape], "dtype": np.dtype(dtype).name}, path
 
 
 class Scheduler:
@@ -482,7 +445,7 @@ class Scheduler:
                 except PyroTimeout as error:
                     job.retry(worker.name, task, error)
                     if worker.mark("quarantined"):
-                        log.warning("worker %s did not finish %s in time; quarantined for this job",
+                        log.warning("worker %s did not finish %s in time; quarantined (not used again)",
                                     worker.name, _describe(task))
                     job.wake()
                     return

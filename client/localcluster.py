@@ -1,0 +1,188 @@
+"""A name server and N worker subprocesses on 127.0.0.1, started ready and always stopped (`up`, tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+from rmidl.config import Config
+from rmidl.errors import ClusterError, OptionError
+
+__all__ = ["LocalCluster", "Process"]
+
+log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r"(?:@|\b)((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d{1,5})\b")
+
+
+class Process:
+    """One child (`python -m rmidl.client.cli ...`) whose output lines are read by a thread."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "rmidl.client.cli", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(env),
+            # Own process group: a Ctrl-C in the terminal reaches `rmidl up`, which stops children in order.
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"rmidl-out-{name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with self.popen.stdout:
+            for raw in self.popen.stdout:
+                line = raw.rstrip("\n")
+                log.debug("[%s] %s", self.name, line)
+                self.lines.append(line)
+                self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_ready(self, timeout: float) -> list[str]:
+        """Block until the child prints a line saying "ready"; return its lines so far."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(0.0, left))
+            except queue.Empty:
+                why = f"{self.name} did not get ready in {timeout:.0f} s: {self._tail()}"
+                raise ClusterError(why) from None
+            if line is None:
+                code = self.popen.wait()
+                raise ClusterError(f"{self.name} exited with code {code} before it was ready: {self._tail()}")
+            if re.search(r"\bready\b", line, re.IGNORECASE):
+                return list(self.lines)
+
+    def _tail(self) -> str:
+        return " | ".join(self.lines[-5:]) or "(no output)"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Ask politely (SIGTERM: workers unregister), wait `timeout`, then SIGKILL; return the exit code."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing", self.name, self.pid, timeout)
+                self.popen.kill()
+        code = self.popen.wait()
+        self._reader.join(timeout)
+        return code
+
+
+class LocalCluster:
+    """A Pyro5 name server and `workers` worker daemons as subprocesses on 127.0.0.1.
+
+    Returns when every worker printed "ready" (it registers before that). `.ns_address` is the
+    HOST:PORT to give a Coordinator; `.stop()` (or leaving the `with` block) stops them all.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        threads_per_worker: int = 1,
+        ns_port: int = 0,
+        *,
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 60.0,
+        config: Config | None = None,
+    ) -> None:
+        for what, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise OptionError(f"{what}={value!r} must be an integer >= {least}")
+        self.config = config or Config()
+        self.threads_per_worker = threads_per_worker
+        self.ready_timeout = ready_timeout
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.ns: Process | None = None
+        self.workers: dict[str, Process] = {}
+        self.ns_address = ""
+        self._count = 0
+        try:
+            self._start_ns(ns_port)
+            pending = [self._spawn_worker() for _ in range(workers)]
+            for process in pending:
+                process.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_ns(self, port: int) -> None:
+        self.ns = Process("ns", ["ns", "--host", "127.0.0.1", "--port", str(port)], self.env)
+        lines = self.ns.wait_ready(self.ready_timeout)
+        for line in reversed(lines):
+            match = _ADDRESS.search(line)
+            if match:
+                self.ns_address = f"{match.group(1)}:{match.group(2)}"
+                return
+        raise ClusterError(f"name server printed no HOST:PORT: {' | '.join(lines)}")
+
+    def _spawn_worker(self, name: str | None = None, env: Mapping[str, str] | None = None) -> Process:
+        self._count += 1
+        name = name or f"w{self._count}"
+        argv = ["worker", "--ns", self.ns_address, "--host", "127.0.0.1", "--port", "0",
+                "--threads", str(self.threads_per_worker), "--name", name]
+        process = Process(f"worker {name}", argv, {**self.env, **(env or {})})
+        self.workers[name] = process
+        return process
+
+    def add_worker(self, name: str | None = None, *, env: Mapping[str, str] | None = None) -> str:
+        """Start one more worker (optionally with extra environment, e.g. a test hook); wait until ready."""
+        process = self._spawn_worker(name, env)
+        process.wait_ready(self.ready_timeout)
+        return process.name.removeprefix("worker ")
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` to one worker (fault injection) and reap it if it was SIGKILL."""
+        process = self.workers[name]
+        process.signal(signum)
+        if signum == signal.SIGKILL:
+            process.popen.wait()
+
+    def pids(self) -> list[int]:
+        children = [self.ns] if self.ns else []
+        return [p.pid for p in [*children, *self.workers.values()]]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Workers first (they unregister from the name server), then the name server; no orphans."""
+        for process in self.workers.values():
+            process.signal(signal.SIGTERM)
+        for process in self.workers.values():
+            process.stop(timeout)
+        if self.ns is not None:
+            self.ns.stop(timeout)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
