@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ns", metavar="HOST:PORT", help="also run on the workers of this name server")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per configuration (default 10)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed checked runs first (default 1)")
     parser.add_argument("--out", default="bench-out", metavar="DIR", help="where tables and plots go")
     parser.add_argument("--predict", metavar="NODES", help="predict these node counts, e.g. 1,2,4,8,16,64")
     parser.add_argument("--link", default="1Gbit,10Gbit,25Gbit", help="link rate(s) for --predict")
@@ -130,6 +131,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study
 def _settings(args: argparse.Namespace) -> study.StudySettings:
     for option, value, minimum in (
         ("--runs", args.runs, 1),
+        ("--warmup", args.warmup, 0),
         ("--threads-per-worker", args.threads_per_worker, 1),
         ("--local-threads", args.local_threads, 0),
     ):
@@ -141,6 +143,7 @@ def _settings(args: argparse.Namespace) -> study.StudySettings:
         cores=parse_counts(args.cores, "--cores", minimum=1) if args.cores else (),
         workers=parse_counts(args.workers, "--workers", minimum=0) if args.workers else (),
         runs=args.runs,
+        warmup=args.warmup,
         mode=args.mode,
         threads_per_worker=args.threads_per_worker,
         local_threads=args.local_threads,

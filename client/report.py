@@ -171,6 +171,8 @@ def _notes(study: StudyResult) -> list[str]:
         f"image {'x'.join(map(str, job.image_shape))} ({job.image_source}), kernels "
         f"{'x'.join(map(str, job.kernels_shape))} ({job.kernels_source}), mode {job.mode}, {job.dtype}; "
         f"{job.flops / 1e9:.4g} GFLOP per run. Times in seconds.",
+        f"Each configuration ran {study.settings.get('warmup', 0)} untimed warm-up run(s) first; every run, "
+        "warm-up included, was checked against a single-thread run before its time counted.",
         f"Paper's columns: {PAPER['source']}. Its individual runs are not reproduced here, only its averages "
         "(total = 10 x average).",
     ]

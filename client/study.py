@@ -68,6 +68,8 @@ class ConfigurationResult:
     config: Configuration
     times: list[float] = field(default_factory=list)
     setup_seconds: float = 0.0
+    warmup_times: list[float] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
     max_abs_error: float = 0.0
     tolerance: float = 0.0
     verified: bool = False
@@ -99,6 +101,8 @@ class ConfigurationResult:
             config=Configuration(**data["config"]),
             times=[float(t) for t in data["times"]],
             setup_seconds=float(data.get("setup_seconds", 0.0)),
+            warmup_times=[float(t) for t in data.get("warmup_times", [])],
+            details=dict(data.get("details") or {}),
             max_abs_error=float(data.get("max_abs_error", 0.0)),
             tolerance=float(data.get("tolerance", 0.0)),
             verified=bool(data.get("verified", False)),
@@ -180,6 +184,7 @@ class StudySettings:
     cores: tuple[int, ...] = (1, 2, 4, 8)
     workers: tuple[int, ...] = ()
     runs: int = 10
+    warmup: int = 1
     mode: str = "valid"
     threads_per_worker: int = 1
     local_threads: int = 0
@@ -373,7 +378,25 @@ def _coordinator_runner(config: Configuration, settings: StudySettings) -> Itera
         coordinator = stack.enter_context(
             Coordinator(ns=ns, local_threads=local, shared_memory=settings.shared_memory)
         )
-        yield lambda image, kernels, mode: coordinator.correlate(image, kernels, mode=mode)
+        yield _CoordinatorCall(coordinator)
+
+
+class _CoordinatorCall:
+    """Coordinator.correlate as a Correlate, keeping what the coordinator says about its last job."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+
+    def __call__(self, image: np.ndarray, kernels: np.ndarray, mode: str) -> np.ndarray:
+        return self.coordinator.correlate(image, kernels, mode=mode)  # type: ignore[no-any-return]
+
+    def details(self) -> dict[str, Any]:
+        """Workers used and the last job's task figures, for results.json and the cost model."""
+        last = dict(getattr(self.coordinator, "last_job", dict)())
+        keep = {
+            k: v for k, v in last.items() if isinstance(v, (int, float, str, bool, dict, list)) or v is None
+        }
+        return {"workers": len(self.coordinator.workers()), "last_job": keep}
 
 
 def _runner(config: Configuration, settings: StudySettings) -> contextlib.AbstractContextManager[Correlate]:
@@ -398,7 +421,8 @@ def run_study(
 ) -> StudyResult:
     """Run every configuration `settings.runs` times; a run counts only if its output matches the reference.
 
-    The reference is one single-thread engine run, which also warms caches before anything is timed.
+    The reference is one single-thread engine run. Each configuration first runs `settings.warmup` times
+    untimed (thread pools, connections, bank uploads), checked like the timed runs.
     A configuration that fails (cluster error, wrong result) is recorded with the reason, not dropped.
     """
     import rmidl
@@ -445,7 +469,7 @@ def _run_configuration(
     start = clock()
     with runner(config, settings) as correlate:
         result.setup_seconds = clock() - start
-        for index in range(settings.runs):
+        for index in range(-settings.warmup, settings.runs):
             start = clock()
             output = correlate(image, kernels, settings.mode)
             seconds = clock() - start
@@ -454,13 +478,20 @@ def _run_configuration(
             result.max_abs_error = max(result.max_abs_error, error)
             if error > result.tolerance:
                 result.verified = False
+                which = f"run {index + 1}" if index >= 0 else "warm-up run"
                 result.failure = (
-                    f"run {index + 1} differs from the single-thread result by {error:.3g} "
+                    f"{which} differs from the single-thread result by {error:.3g} "
                     f"(tolerance {result.tolerance:.3g}); its timings do not count"
                 )
                 logger.warning("%s: %s", config.label, result.failure)
                 return
+            if index < 0:
+                result.warmup_times.append(seconds)
+                continue
             result.times.append(seconds)
             logger.debug("%s run %d: %.4f s", config.label, index + 1, seconds)
             if on_run is not None:
                 on_run(config, index, seconds)
+        details = getattr(correlate, "details", None)
+        if callable(details):
+            result.details = details()

@@ -22,7 +22,7 @@ from rmidl.client.study import Configuration, ConfigurationResult, Job, StudyRes
 TINY = ["--size", "96x64", "--kernels", "random:4x5x5", "--runs", "2"]
 CORE_FILES = {
     "table3.md", "table3.csv", "table4.md", "table4.csv", "efficiency.md", "efficiency.csv", "results.json",
-    "fig10_time_vs_cores.png", "fig11_speedup.png",
+    "fig10_time_vs_cores.png", "fig11_speedup.png", "time_vs_workers.png",
 }  # fmt: skip
 PREDICTION_FILES = {"prediction.md", "prediction.csv", "prediction_speedup.png"}
 
@@ -33,9 +33,9 @@ def _bench(out: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def cores_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
-    """One tiny study over cores 1 and 2 with predictions; its files are read by several tests."""
+    """One tiny study (cores 1, 2; workers 0, 1 via a local cluster) with predictions, read by many tests."""
     out = tmp_path_factory.mktemp("bench")
-    code = _bench(out, "--cores", "1,2", "--predict", "1,2,4", "--link", "1Gbit,10Gbit")
+    code = _bench(out, "--cores", "1,2", "--workers", "0,1", "--predict", "1,2,4", "--link", "1Gbit,10Gbit")
     return code, out
 
 
@@ -61,8 +61,15 @@ def test_bench_writes_every_file(cores_run: tuple[int, Path]) -> None:
     assert machine["cpu_model"] and machine["usable_cores"] >= 1 and machine["versions"]["numpy"]
     assert {"library", "architecture", "version"} <= set(machine["blas"][0])
     assert data["job"]["image_shape"] == [64, 96, 1] and data["job"]["kernels_shape"] == [4, 5, 5, 1]
-    assert [c["config"]["label"] for c in data["configurations"]] == ["1 core", "2 cores"]
+    assert [c["config"]["label"] for c in data["configurations"]] == [
+        "1 core",
+        "2 cores",
+        "0 workers",
+        "1 worker",
+    ]
     assert all(c["verified"] and len(c["times"]) == 2 for c in data["configurations"])
+    assert all(c["max_abs_error"] <= c["tolerance"] for c in data["configurations"])
+    assert [c["details"]["workers"] for c in data["configurations"][2:]] == [0, 1]
     assert data["paper"]["average_seconds"] == [85.9125, 49.0664, 25.3766, 14.2801]
 
 
@@ -297,5 +304,5 @@ def test_bench_runs_as_a_subprocess(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert re.search(r"^1 core\s+1\s+[\d.e-]+\s+1\.000\s+100%$", done.stdout, re.MULTILINE), done.stdout
     assert "\r" not in done.stderr  # no progress bar when stderr is not a terminal
-    assert {p.name for p in tmp_path.iterdir()} >= CORE_FILES
+    assert {p.name for p in tmp_path.iterdir()} >= CORE_FILES - {"time_vs_workers.png"}
     assert math.isfinite(_results(tmp_path)["reference"]["seconds"])
