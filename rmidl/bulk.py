@@ -68,7 +68,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(_REPLY.pack(MAGIC, UNKNOWN, 0))
                 return
             sock.sendall(_REPLY.pack(MAGIC, OK, array.nbytes))
-            sock.sendall(memoryview(array).cast("B"))
+            if array.size:
+                sock.sendall(memoryview(array).cast("B"))
         except (OSError, ConnectionError, ValueError) as error:
             logger.warning("bulk: transfer to %s failed: %s", self.client_address, error)
 
@@ -93,7 +94,7 @@ class BulkServer:
         self._offers: dict[str, tuple[float, np.ndarray]] = {}
         self._server = _TCPServer(host, self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rmidl-bulk", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="rmidl-bulk", daemon=True
         )
         self._thread.start()
 

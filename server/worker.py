@@ -19,6 +19,7 @@ from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, KernelTooLarge, NonFiniteInput, ShapeError
 from rmidl.interface import TaskDict, WireArray
+from rmidl.kernels import correlate_valid
 from rmidl.shm import SharedArray, host_id
 from rmidl.wire import pack, unpack, wire_nbytes
 
@@ -34,12 +35,7 @@ HANG_ENV = "RMIDL_TEST_HANG_TASKS"
 
 def run_engine(band: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
     """Valid correlation of band (H, W, C) with kernels (K, kh, kw, C) into out (K, OH, OW)."""
-    try:
-        from rmidl.kernels import correlate_valid  # type: ignore[attr-defined]
-    except ImportError:  # until the engine's dispatch lands, the public function does the same job
-        rmidl.correlate(band, kernels, mode="valid", threads=threads, out=out)
-    else:
-        correlate_valid(band, kernels, out=out, threads=threads)
+    correlate_valid(band, kernels, out, threads=threads)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,255 @@
+"""ConvolutionWorker through a real Pyro5 daemon and proxy: every method, every data path, every refusal."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.signal
+from Pyro5.errors import CommunicationError
+from Pyro5.errors import TimeoutError as PyroTimeoutError
+
+from rmidl.bulk import fetch
+from rmidl.config import Config
+from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
+from rmidl.shm import SharedArray, host_id
+from rmidl.transport import worker_proxy
+from rmidl.wire import pack, unpack
+
+
+def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """float64 valid correlation (K, OH, OW) of image (H, W, C) with kernels (K, kh, kw, C), by scipy."""
+    image = image.astype(np.float64)
+    maps = [scipy.signal.correlate(image, k.astype(np.float64), mode="valid")[:, :, 0] for k in kernels]
+    return np.stack(maps)
+
+
+def assert_close(result: np.ndarray, expected: np.ndarray) -> None:
+    assert result.shape == expected.shape
+    tolerance = 1e-5 * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance)
+
+
+def task(task_id, rows, kernels, source, *, output="inline", bank_id="bank"):
+    return {"task_id": task_id, "bank_id": bank_id, "kernels": list(kernels), "rows": list(rows),
+            "input": source, "output": output}
+
+
+def band(image, rows, kh):
+    return {"array": pack(image[rows[0] : rows[1] + kh - 1])}
+
+
+@pytest.fixture
+def worker(start_worker):
+    return start_worker()
+
+
+@pytest.fixture
+def proxy(worker, cluster_config):
+    with worker_proxy(worker.uri, cluster_config, timeout=30) as p:
+        yield p
+
+
+def test_ping_and_info_describe_the_worker(worker, proxy):
+    assert proxy.ping() == "pong"
+    info = proxy.info()
+    assert info["name"] == worker.name
+    assert info["host_id"] == host_id()
+    assert info["threads"] == 1 and info["cores"] >= 1
+    assert info["tasks_done"] == 0 and info["busy"] == 0 and info["banks"] == []
+    assert info["gflops"] > 0 and isinstance(info["bulk_port"], int)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ((24, 19, 1), (6, 3, 3, 1), (0, 22), (0, 6)),
+        ((24, 19, 3), (5, 5, 2, 3), (4, 13), (1, 4)),
+        ((9, 40, 2), (4, 9, 7, 2), (0, 1), (3, 4)),
+    ],
+)
+def test_inline_task_equals_scipy(proxy, rng, dtype, case):
+    image_shape, bank_shape, rows, kernels = case
+    image = rng.standard_normal(image_shape).astype(dtype)
+    bank = rng.standard_normal(bank_shape).astype(dtype)
+    proxy.put_bank("bank", pack(bank))
+    reply = proxy.correlate(task(7, rows, kernels, band(image, rows, bank_shape[1])))
+    assert reply["task_id"] == 7 and reply["seconds"] >= 0
+    result = unpack(reply["result"])
+    assert result.dtype == np.dtype(dtype)
+    assert_close(result, reference(image, bank)[kernels[0] : kernels[1], rows[0] : rows[1]])
+
+
+def test_bulk_task_streams_into_the_output_slice(worker, proxy, rng):
+    image = rng.standard_normal((30, 25, 2)).astype(np.float32)
+    bank = rng.standard_normal((6, 4, 3, 2)).astype(np.float32)
+    proxy.put_bank("bank", pack(bank))
+    expected = reference(image, bank)
+    out = np.zeros(expected.shape, np.float32)
+    for task_id, (rows, ks) in enumerate([((0, 14), (0, 3)), ((14, 27), (0, 3)), ((0, 27), (3, 6))]):
+        reply = proxy.correlate(task(task_id, rows, ks, band(image, rows, 4), output="bulk"))
+        assert reply["shape"] == [ks[1] - ks[0], rows[1] - rows[0], 23] and reply["dtype"] == "float32"
+        view = out[ks[0] : ks[1], rows[0] : rows[1], :]
+        port = proxy.info()["bulk_port"]
+        assert fetch(worker.host, port, reply["ticket"], view, timeout=10) == reply["nbytes"]
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_shm_tasks_write_in_place(proxy, rng, dtype):
+    image = rng.standard_normal((33, 21, 3)).astype(dtype)
+    bank = rng.standard_normal((5, 3, 4, 3)).astype(dtype)
+    proxy.put_bank("bank", pack(bank))
+    expected = reference(image, bank)
+    tiles = [((r0, min(r0 + 8, 31)), (k0, min(k0 + 2, 5))) for r0 in range(0, 31, 8) for k0 in range(0, 5, 2)]
+    with SharedArray.create(image.shape, dtype) as shared_in, SharedArray.create(expected.shape, dtype) as o:
+        shared_in.array[:] = image
+        for task_id, (rows, ks) in enumerate(tiles):
+            source = {"shm": shared_in.descriptor()}
+            reply = proxy.correlate(task(task_id, rows, ks, source, output={"shm": o.descriptor()}))
+            assert set(reply) == {"task_id", "seconds"}
+        assert_close(o.array, expected)
+    assert proxy.info()["tasks_done"] == len(tiles)
+
+
+def test_put_bank_replaces_and_drop_bank_forgets(proxy, rng):
+    image = rng.standard_normal((10, 10, 1)).astype(np.float32)
+    first, second = (rng.standard_normal((2, 3, 3, 1)).astype(np.float32) for _ in range(2))
+    proxy.put_bank("bank", pack(first))
+    proxy.put_bank("bank", pack(second))
+    result = unpack(proxy.correlate(task(0, (0, 8), (0, 2), band(image, (0, 8), 3)))["result"])
+    assert_close(result, reference(image, second))
+    assert proxy.drop_bank("bank") is True
+    assert proxy.drop_bank("bank") is False
+    with pytest.raises(BankError, match="'bank' is not cached"):
+        proxy.correlate(task(1, (0, 8), (0, 2), band(image, (0, 8), 3)))
+
+
+def test_bank_cache_is_lru_by_count(start_worker, rng):
+    config = Config(environ={}, bank_cache_size=2)
+    handle = start_worker(config=config)
+    image = rng.standard_normal((8, 8, 1)).astype(np.float32)
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        for name in ("a", "b"):
+            proxy.put_bank(name, pack(np.ones((1, 2, 2, 1), np.float32)))
+        proxy.correlate(task(0, (0, 7), (0, 1), band(image, (0, 7), 2), bank_id="a"))  # a is now newest
+        proxy.put_bank("c", pack(np.ones((1, 2, 2, 1), np.float32)))
+        assert proxy.info()["banks"] == ["a", "c"]
+        with pytest.raises(BankError, match="'b'"):
+            proxy.correlate(task(1, (0, 7), (0, 1), band(image, (0, 7), 2), bank_id="b"))
+
+
+def test_bank_cache_is_bounded_by_bytes(start_worker):
+    config = Config(environ={}, memory_budget=4 * 4000)  # banks get a quarter: 4000 bytes
+    handle = start_worker(config=config)
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        proxy.put_bank("a", pack(np.ones((10, 5, 5, 1), np.float32)))  # 1000 bytes
+        proxy.put_bank("b", pack(np.ones((20, 5, 5, 1), np.float32)))  # 2000 bytes
+        proxy.put_bank("c", pack(np.ones((15, 5, 5, 1), np.float32)))  # 1500: 4500 > 4000, a goes
+        assert proxy.info()["banks"] == ["b", "c"]
+        with pytest.raises(BudgetExceeded, match="bank 'd' of 4100 bytes exceeds"):
+            proxy.put_bank("d", pack(np.ones((41, 5, 5, 1), np.float32)))
+        assert proxy.info()["banks"] == ["b", "c"]
+
+
+def test_task_output_above_the_memory_budget_is_refused_before_work(start_worker, rng):
+    config = Config(environ={}, memory_budget=40_000)
+    handle = start_worker(config=config)
+    image = rng.standard_normal((60, 60, 1)).astype(np.float32)
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(rng.standard_normal((4, 3, 3, 1)).astype(np.float32)))
+        with pytest.raises(BudgetExceeded, match=r"task 3: output of 53824 bytes exceeds the worker's"):
+            proxy.correlate(task(3, (0, 58), (0, 4), band(image, (0, 58), 3)))
+        # A smaller task of the same job fits, and the refused one left no reservation behind.
+        for _ in range(3):
+            proxy.correlate(task(4, (0, 20), (0, 4), band(image, (0, 20), 3)))
+        assert proxy.info()["tasks_done"] == 3
+
+
+def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(proxy, rng):
+    image = rng.standard_normal((12, 12, 2)).astype(np.float32)
+    bank = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
+    proxy.put_bank("bank", pack(bank))
+    good = task(0, (0, 10), (0, 3), band(image, (0, 10), 3))
+    nan_bank = bank.copy()
+    nan_bank[1, 2, 0, 1] = np.nan
+    gone = {"name": "rmidl_gone", "shape": [12, 12, 2], "dtype": "float32"}
+    bad_calls = [
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), bank_id="nope")),
+         BankError, "'nope' is not cached"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 4), band(image, (0, 10), 3))), ShapeError,
+         r"kernels \[0, 4\) outside bank"),
+        (lambda: proxy.correlate(task(1, (5, 5), (0, 3), band(image, (0, 10), 3))), ShapeError, "empty"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 9), 3))), ShapeError,
+         "expected 12 rows"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image[:, :, :1], (0, 10), 3))), ShapeError,
+         "1 channel"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image.astype(np.float64), (0, 10), 3))),
+         DTypeError, "float64 but bank is float32"),
+        (lambda: proxy.correlate({"task_id": 1}), ShapeError, "missing"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"file": "x"})), ShapeError, "input must be"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), output="disk")),
+         ShapeError, "'disk'"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), ShapeError, "does not exist"),
+        (lambda: proxy.put_bank("bank2", pack(nan_bank)), NonFiniteInput, "NaN or Inf"),
+        (lambda: proxy.put_bank("bank2", pack(bank[0])), ShapeError, r"\(K, kh, kw, C\)"),
+        (lambda: proxy.put_bank("", pack(bank)), BankError, "non-empty string"),
+        (lambda: proxy.put_bank("bank2", {"dtype": "int8", "shape": [1], "data": b"x"}), DTypeError, "int8"),
+    ]
+    for call, error, match in bad_calls:
+        with pytest.raises(error, match=match):
+            call()
+        assert_close(unpack(proxy.correlate(good)["result"]), reference(image, bank))
+    info = proxy.info()
+    assert info["tasks_done"] == len(bad_calls) and info["busy"] == 0 and info["banks"] == ["bank"]
+
+
+def test_concurrent_calls_from_many_proxies(worker, cluster_config, rng):
+    image = rng.standard_normal((40, 30, 1)).astype(np.float32)
+    bank = rng.standard_normal((8, 3, 3, 1)).astype(np.float32)
+    expected = reference(image, bank)
+    out = np.zeros(expected.shape, np.float32)
+    errors: list[BaseException] = []
+    with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(bank))
+
+    def client(k: int) -> None:
+        try:
+            with worker_proxy(worker.uri, cluster_config, timeout=30) as p:
+                for r0 in range(0, 38, 10):
+                    rows = (r0, min(r0 + 10, 38))
+                    reply = p.correlate(task(k * 10 + r0, rows, (k, k + 1), band(image, rows, 3)))
+                    out[k, rows[0] : rows[1]] = unpack(reply["result"])[0]
+        except BaseException as error:  # collected for the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert_close(out, expected)
+
+
+def test_hang_hook_blocks_first_calls_until_shutdown(start_worker, cluster_config, rng):
+    handle = start_worker(hang_tasks=1)
+    image = rng.standard_normal((8, 8, 1)).astype(np.float32)
+    good = task(0, (0, 6), (0, 1), band(image, (0, 6), 3))
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(np.ones((1, 3, 3, 1), np.float32)))
+    with worker_proxy(handle.uri, cluster_config, timeout=0.5) as hung, pytest.raises(PyroTimeoutError):
+        hung.correlate(good)
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
+        deadline = time.monotonic() + 10
+        while proxy.info()["busy"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling a condition with a deadline, not synchronising by sleep
+        assert proxy.info()["busy"] == 1
+        # Only the first call hangs; the worker keeps answering others.
+        assert_close(unpack(proxy.correlate(good)["result"]), reference(image, np.ones((1, 3, 3, 1))))
+    handle.close()  # releases the hung call; close() must not block on it
+    with pytest.raises(CommunicationError), worker_proxy(handle.uri, cluster_config, timeout=2) as proxy:
+        proxy.ping()
