@@ -1,15 +1,139 @@
-"""PLACEHOLDER: replaced by the module's owner."""
+"""`rmidl demo`: a LocalCluster plus the paper's experiment on several configurations, as a table of times."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-HELP = "(not built yet)"
+import numpy as np
+
+from rmidl.errors import OptionError
+
+from .coordinator import Coordinator
+from .localcluster import LocalCluster
+
+HELP = "start a local cluster and time the reference experiment (1280x720, random:128x11x11) on it"
+
+# The paper's Java RMI figures for the same experiment.
+JAVA_SECONDS = {1: 85.9, 8: 14.3}
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float
+    error: float
+    tasks_by: dict[str, int]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    parser.add_argument("--kernels", default="random:128x11x11", metavar="BANK",
+                        help="bank (default %(default)s)")
+    parser.add_argument("--size", default="1280x720", metavar="WxH",
+                        help="crop of the default image to use (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, metavar="R", help="best of R runs (default 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run (320x180, random:16x11x11, 1 repeat) to check the set-up")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise OptionError(f"--size {text!r} must look like 1280x720") from None
+    if width < 1 or height < 1 or width > 1280 or height > 720:
+        raise OptionError(f"--size {text!r} must be between 1x1 and 1280x720 (a crop of the default image)")
+    return width, height
+
+
+def _best(repeat: int, call: Callable[[], tuple[np.ndarray, dict[str, int]]]) -> tuple[float, np.ndarray,
+                                                                                       dict[str, int]]:
+    best = float("inf")
+    result, tasks_by = None, {}
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result, tasks_by = call()
+        best = min(best, time.perf_counter() - start)
+    assert result is not None
+    return best, result, tasks_by
+
+
+def measure(image: np.ndarray, kernels: np.ndarray, ns: str, repeat: int) -> list[Row]:
+    """Time each configuration and compare its maps with the single-thread local result."""
+    configs: list[tuple[str, str | None, int, bool]] = [
+        ("local pool, 1 thread", None, 1, True),
+        ("local pool, 2 threads", None, 2, True),
+        ("workers, shared memory", ns, 0, True),
+        ("workers, TCP (bulk)", ns, 0, False),
+        ("workers + local pool (1)", ns, 1, True),
+    ]
+    rows: list[Row] = []
+    reference: np.ndarray | None = None
+    for name, address, local, shm in configs:
+        with Coordinator(address, local_threads=local, shared_memory=shm) as co:
+
+            def call(co: Coordinator = co) -> tuple[np.ndarray, dict[str, int]]:
+                return co.correlate(image, kernels), co.stats()
+
+            seconds, maps, tasks_by = _best(repeat, call)
+        if reference is None:
+            reference = maps
+        scale = float(np.abs(reference).max()) or 1.0
+        error = float(np.abs(maps - reference).max()) / scale
+        rows.append(Row(name, seconds, error, tasks_by))
+        del maps
+    return rows
+
+
+def render(rows: list[Row], flops: float, cores: int) -> str:
+    base = rows[0].seconds
+    header = f"{'configuration':<28} {'seconds':>8} {'speed-up':>8} {'GFLOP/s':>8} {'max rel err':>11}  tasks"
+    lines = [header]
+    for row in rows:
+        tasks = " ".join(f"{k}={v}" for k, v in sorted(row.tasks_by.items()))
+        lines.append(f"{row.name:<28} {row.seconds:8.3f} {base / row.seconds:8.2f} "
+                     f"{flops / row.seconds / 1e9:8.1f} {row.error:11.1e}  {tasks}")
+    java1, java8 = JAVA_SECONDS[1], JAVA_SECONDS[8]
+    for label, seconds in (("paper (Java RMI), 1 core", java1), ("paper (Java RMI), 8 cores", java8)):
+        lines.append(f"{label:<28} {seconds:8.1f} {java1 / seconds:8.2f} {flops / seconds / 1e9:8.2f}")
+    best = min(rows, key=lambda r: r.seconds)
+    lines.append(f"ours on {cores} cores: best {best.seconds:.3f} s ({best.name}), "
+                 f"{java1 / best.seconds:.0f}x faster than the paper's 1 core, "
+                 f"{java8 / best.seconds:.0f}x faster than its 8 cores")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import os
+
+    from rmidl.banks import load_kernels
+    from rmidl.imaging import default_image
+
+    spec, size, repeat = args.kernels, args.size, args.repeat
+    if args.quick:
+        spec, size, repeat = "random:16x11x11", "320x180", 1
+    width, height = _size(size)
+    if repeat < 1:
+        raise OptionError(f"--repeat {repeat} must be at least 1")
+    if args.workers < 1:
+        raise OptionError(f"--workers {args.workers} must be at least 1")
+    image = np.ascontiguousarray(default_image()[:height, :width])
+    kernels = load_kernels(spec)
+    k, kh, kw = kernels.shape[:3]
+    if kernels.ndim != 3:
+        raise OptionError(f"--kernels {spec!r}: the demo image is grayscale, use a (K, kh, kw) bank")
+    flops = 2.0 * k * kh * kw * (height - kh + 1) * (width - kw + 1)
+    print(f"experiment: {width}x{height} image, {k} kernels {kh}x{kw}, valid: {flops / 1e9:.2f} GFLOP; "
+          f"starting {args.workers} workers x 1 thread", flush=True)
+    with LocalCluster(workers=args.workers, threads_per_worker=1) as cluster:
+        rows = measure(image, kernels, cluster.ns_address, repeat)
+    print(render(rows, flops, os.cpu_count() or 1))
+    worst = max(row.error for row in rows)
+    if worst > 1e-5:
+        print(f"MISMATCH: a configuration differs from the single-thread result by {worst:.1e}")
+        return 1
+    print(f"every configuration equals the single-thread result (max rel err {worst:.1e})")
+    return 0

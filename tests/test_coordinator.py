@@ -138,3 +138,64 @@ def test_deadline_has_a_floor_and_grows_with_work():
     big = Task(1, (0, 1000), (0, 100))
     assert deadline(small, (100, 3, 3, 1), 100, consumer, floor=2.0) == 2.0
     assert deadline(big, (100, 3, 3, 1), 1000, consumer, floor=2.0) > 100
+
+
+# -- on real worker daemons (in-process, port 0) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setup",  # (workers, local threads, shared memory)
+    [(1, 0, True), (1, 0, False), (3, 0, True), (3, 1, False), (0, 2, True), (1, 2, True)],
+)
+def test_cluster_matches_reference(nameserver, start_worker, cluster_config, rng, setup):
+    workers, local, shm = setup
+    for _ in range(workers):
+        start_worker()
+    with Coordinator(nameserver, local_threads=local, shared_memory=shm, config=cluster_config,
+                     min_tasks=8) as coordinator:
+        assert len(coordinator.workers()) == workers
+        for image_shape, kernel_shape, mode in CASES:
+            image = rng.standard_normal(image_shape).astype(np.float32)
+            kernels = rng.standard_normal(kernel_shape).astype(np.float32)
+            assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
+            job = coordinator.last_job()
+            assert sum(job["tasks_by"].values()) == job["tasks"] >= 8
+            assert set(job["tasks_by"]) <= {"local", *(w["name"] for w in coordinator.workers())}
+            assert job["shared_memory"] == (shm and workers > 0)
+        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+
+
+def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_config, rng):
+    start_worker(bulk=False)
+    image = rng.standard_normal((50, 70, 3)).astype(np.float32)
+    kernels = rng.standard_normal((7, 4, 5, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config,
+                     min_tasks=5) as coordinator:
+        assert_close(coordinator.correlate(image, kernels, mode="full"), ref2d(image, kernels, "full"))
+        assert coordinator.stats() == {"w0": coordinator.last_job()["tasks"]}
+
+
+def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, cluster_config, rng):
+    handle = start_worker()
+    image = rng.standard_normal((40, 40)).astype(np.float32)
+    kernels = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
+        coordinator.correlate(image, kernels)
+        banks = handle.worker.info()["banks"]
+        assert len(banks) == 1
+        for bank_id in banks:
+            handle.worker.drop_bank(bank_id)
+        # The worker forgot the bank: the coordinator is told (BankError) and puts it again.
+        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert handle.worker.info()["banks"] == banks
+
+
+def test_workers_are_used_in_proportion(nameserver, start_worker, cluster_config, rng):
+    for _ in range(2):
+        start_worker()
+    image = rng.standard_normal((200, 200)).astype(np.float32)
+    kernels = rng.standard_normal((16, 5, 5)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=40) as coordinator:
+        coordinator.correlate(image, kernels)
+        # Both workers pull from one queue: neither is idle for a job of many tasks.
+        assert len(coordinator.stats()) == 2
