@@ -192,7 +192,7 @@ def _load_file(path: Path) -> np.ndarray:
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as error:
         # np.load raises ValueError for pickled (object) data and bad headers, EOFError when empty
         reason = str(error) or type(error).__name__
-        if "pickle" in reason:  # numpy's advice to unpickle does not apply: rmidl never does
+        if "pickled" in reason:  # numpy's advice to unpickle does not apply: rmidl never does
             reason = "not numpy data (or pickled data, which rmidl never loads)"
         raise BankError(f"{where} is not a valid {path.suffix.lower()} file: {reason}") from None
     if not isinstance(array, np.ndarray):
