@@ -1,0 +1,230 @@
+"""The registry: addresses, registration by metadata, Pyro5's own nsc tool, and the `ns`/`worker` commands."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rmidl.errors import OptionError, RegistryError
+from rmidl.interface import WORKER_PREFIX
+from rmidl.transport import connect_ns, list_workers, parse_address, worker_proxy
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, ("127.0.0.1", 9090)),
+        ("", ("127.0.0.1", 9090)),
+        ("node7", ("node7", 9090)),
+        ("node7:1234", ("node7", 1234)),
+        ("10.0.0.5:0", ("10.0.0.5", 0)),
+        (" lab-host.example.org:65535 ", ("lab-host.example.org", 65535)),
+        ("[::1]:9091", ("::1", 9091)),
+        ("[fe80::1]", ("fe80::1", 9090)),
+    ],
+)
+def test_parse_address_accepts(text, expected):
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("host:", "empty port"),
+        ("host:port", "bad port 'port'"),
+        ("host:70000", "bad port '70000'"),
+        ("host:-1", "bad port"),
+        (":9090", "malformed host ''"),
+        ("a b:9090", "malformed host 'a b'"),
+        ("::1:9090", "IPv6"),
+        ("[::1", "malformed"),
+        ("-host:1", "malformed host"),
+    ],
+)
+def test_parse_address_names_what_is_wrong(text, match):
+    with pytest.raises(OptionError, match=match) as info:
+        parse_address(text)
+    assert repr(text) in str(info.value)
+
+
+def test_workers_register_with_metadata_and_unregister_on_close(nameserver, start_worker, cluster_config):
+    first = start_worker(name="alpha")
+    second = start_worker(name="beta")
+    with connect_ns(nameserver, cluster_config) as ns:
+        assert list_workers(ns) == {"alpha": first.uri, "beta": second.uri}
+        uri, tags = ns.lookup(WORKER_PREFIX + "alpha", return_metadata=True)
+        assert str(uri) == first.uri
+        expected = {"rmidl", "role:worker", "host:127.0.0.1", f"cores:{os.cpu_count()}", "version:0.1.0"}
+        assert expected <= set(tags)
+        # Other registrations (not rmidl workers) are not listed.
+        ns.register("someone.else", first.uri, metadata=["role:worker"])
+        assert set(list_workers(ns)) == {"alpha", "beta"}
+        first.close()
+        assert list_workers(ns) == {"beta": second.uri}
+
+
+def test_a_live_workers_name_cannot_be_taken_but_a_stale_one_can(nameserver, start_worker, cluster_config):
+    live = start_worker(name="gamma")
+    with pytest.raises(OptionError, match=f"'gamma' is taken by a live worker at {live.uri}"):
+        start_worker(name="gamma")
+    with connect_ns(nameserver, cluster_config) as ns:
+        ns.register(WORKER_PREFIX + "delta", "PYRO:rmidl.worker.delta@127.0.0.1:1", metadata=["rmidl"])
+        fresh = start_worker(name="delta")
+        assert list_workers(ns)["delta"] == fresh.uri
+        assert list_workers(ns)["gamma"] == live.uri
+
+
+def test_unreachable_name_server_is_a_registry_error_within_the_timeout(cluster_config):
+    from rmidl.server.nameserver import start_ns
+
+    _, daemon = start_ns("127.0.0.1", 0, config=cluster_config)
+    address = daemon.locationStr
+    daemon.close()  # the port is now closed
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"name server {address} is not reachable"):
+        connect_ns(address, cluster_config.replace(connect_timeout=2.0))
+    assert time.monotonic() - started < 3.0
+
+
+def test_bad_worker_names_and_counts_are_refused(start_worker):
+    with pytest.raises(OptionError, match="worker name 'a/b'"):
+        start_worker(name="a/b", ns=None)
+    with pytest.raises(OptionError, match="threads=0"):
+        start_worker(threads=0, ns=None)
+
+
+# --- subprocesses: Pyro5's nsc and our CLI ------------------------------------------------------------
+
+
+class Child:
+    """A child process whose stdout lines are read by a thread, so waits can have deadlines."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.result: tuple[int, str] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def read_until(self, wanted: str, timeout: float = 30.0) -> list[str]:
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {wanted!r} within {timeout}s; saw {seen}") from None
+            if line is None:
+                raise AssertionError(f"exited before {wanted!r}; saw {seen}; stderr: {self.stop()[1]}")
+            seen.append(line)
+            if line == wanted:
+                return seen
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> tuple[int, str]:
+        """Ask politely, wait with a bound, then kill; returns (exit code, stderr). Idempotent."""
+        if self.result is not None:
+            return self.result
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        stderr = self.process.stderr.read() if self.process.stderr else ""
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        self._reader.join(5)
+        self.result = (self.process.returncode, stderr)
+        return self.result
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None) -> Child:
+        child = Child(*args, env=env)
+        started.append(child)
+        return child
+
+    yield spawn
+    for child in reversed(started):
+        child.stop(signal.SIGKILL)
+
+
+def test_pyro5_nsc_lists_our_workers(nameserver, start_worker):
+    worker = start_worker(name="listed")
+    host, port = parse_address(nameserver)
+    result = subprocess.run(
+        [sys.executable, "-m", "Pyro5.nsc", "-n", host, "-p", str(port), "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{WORKER_PREFIX}listed --> {worker.uri}" in result.stdout
+    assert "role:worker" in result.stdout
+
+
+def test_cli_ns_and_worker_start_register_and_stop_cleanly(children, cluster_config):
+    ns = children("rmidl.client.cli", "ns", "--port", "0")
+    address = ns.read_until("ready")[0]
+    host, port = parse_address(address)
+    assert host == "127.0.0.1" and port > 0
+    worker = children("rmidl.client.cli", "worker", "--ns", address, "--name", "cli-w", "--threads", "1")
+    uri = worker.read_until("ready")[0]
+    assert uri.startswith(f"PYRO:{WORKER_PREFIX}cli-w@127.0.0.1:")
+    with connect_ns(address, cluster_config) as registry:
+        assert list_workers(registry) == {"cli-w": uri}
+        with worker_proxy(uri, cluster_config, timeout=10) as proxy:
+            assert proxy.ping() == "pong"
+        code, stderr = worker.stop(signal.SIGTERM)
+        assert code == 0, stderr
+        assert list_workers(registry) == {}
+    code, stderr = ns.stop(signal.SIGINT)
+    assert code == 0, stderr
+
+
+def test_cli_worker_without_name_server_fails_with_one_line(children):
+    _, port = _free_port()
+    worker = children("rmidl.client.cli", "worker", "--ns", f"127.0.0.1:{port}")
+    code, stderr = _wait(worker)
+    assert code == 3
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"rmidl: error: name server 127.0.0.1:{port} is not reachable")
+
+
+def _wait(child: Child, timeout: float = 60.0) -> tuple[int, str]:
+    child.process.wait(timeout)
+    return child.stop()
+
+
+def _free_port() -> tuple[str, int]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()
