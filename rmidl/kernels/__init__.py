@@ -10,7 +10,9 @@ import logging
 
 import numpy as np
 
-from rmidl.kernels._cost import choose_engine, estimate_seconds, measure_gflops
+from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
+from rmidl.kernels._direct import correlate_direct
+from rmidl.kernels._fft import correlate_fft
 from rmidl.kernels._lowering import correlate_lowering
 from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
 
@@ -19,6 +21,7 @@ __all__ = [
     "available_cores",
     "choose_engine",
     "correlate_valid",
+    "engine_seconds",
     "estimate_seconds",
     "measure_gflops",
 ]
@@ -48,12 +51,8 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
             weights = np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)).reshape(k, channels * kh * kw)
             correlate_lowering(planar, weights, out, n_threads)
         elif engine == "direct":
-            from rmidl.kernels._direct import correlate_direct
-
             correlate_direct(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         elif engine == "fft":
-            from rmidl.kernels._fft import correlate_fft
-
             correlate_fft(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         else:
             raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")

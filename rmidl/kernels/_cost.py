@@ -1,66 +1,118 @@
-"""The "auto" cost model: predicted seconds per engine, and a quick calibration of this machine's rate."""
+"""The "auto" cost model: predicted seconds per engine, and a quick calibration of this machine's rate.
+
+The constants were fitted to single-thread timings on the development machine (Xeon 2.8 GHz, AVX-512,
+OpenBLAS SkylakeX; `scripts/bench_engines.py --crossover` re-measures them). Only their ratios decide
+the engine; `measure_gflops` rescales absolute times to the machine at hand.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from functools import cache
 
 import numpy as np
 
-__all__ = ["NOMINAL_GFLOPS", "choose_engine", "estimate_seconds", "measure_gflops"]
+from rmidl.kernels._fft import fft_plan
 
-NOMINAL_GFLOPS = 50.0
-"""Lowering GFLOP/s per thread assumed when the caller has not measured one (a modest AVX2/AVX-512 core)."""
+__all__ = ["NOMINAL_GFLOPS", "choose_engine", "engine_seconds", "estimate_seconds", "measure_gflops"]
+
+# Lowering, ns per column-matrix element: im2col copy + read, plus GEMM work whose rate falls for small
+# banks (the bank is the GEMM's M); plus ns per output element, larger when the GEMM's inner dim is tiny.
+_IM2COL_NS = 0.35
+_GEMM_GFLOPS = 95.0
+_GEMM_HALF_K = 14.0
+_OUTPUT_NS = 0.8
+_TINY_DEPTH_NS = 2.4
+# Direct: ns per multiply-add pass element.
+_DIRECT_NS = 0.8
+# FFT: ns per n*log2(n) of one tile transform; a kernel costs a partial forward transform per channel
+# plus a partial inverse, the image a full forward transform per channel.
+_FFT_NS = 0.74
+_FFT_KERNEL_FORWARD = 0.45
+_FFT_KERNEL_INVERSE = 0.55
+_FFT_IMAGE = 0.5
+_CALL_SECONDS = 1e-4
+_THREAD_EFFICIENCY = 0.9
+
+NOMINAL_GFLOPS = 60.0
+"""One thread's lowering rate on the reference shape implied by the constants above (GFLOP/s)."""
 
 
-def _flops(image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> float:
-    h, w = image_hw
-    k, kh, kw = kernel_shape[:3]
-    channels = kernel_shape[3] if len(kernel_shape) > 3 else 1
-    return 2.0 * k * kh * kw * channels * max(0, h - kh + 1) * max(0, w - kw + 1)
+def _dims(image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+    h, w = (int(x) for x in image_hw)
+    k, kh, kw = (int(x) for x in kernel_shape[:3])
+    channels = int(kernel_shape[3]) if len(kernel_shape) > 3 else 1
+    return h, w, k, kh, kw, channels
 
 
-def _engine_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
-                    gflops: float) -> float:
-    rate = gflops * 1e9 * threads
-    return _flops(image_hw, kernel_shape) / rate
+def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> float:
+    """Model seconds on one thread of the development machine."""
+    h, w, k, kh, kw, channels = _dims(image_hw, kernel_shape)
+    n = max(0, h - kh + 1) * max(0, w - kw + 1)
+    depth = kh * kw * channels
+    if engine == "lowering":
+        per_column = _IM2COL_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
+        ns = n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
+    elif engine == "direct":
+        ns = n * k * depth * _DIRECT_NS
+    elif engine == "fft":
+        rows, fh, fw, _ = fft_plan((h, w), (kh, kw), k, channels, 4)
+        tiles = -(-(h - kh + 1) // rows)
+        size = fh * fw
+        units = channels * (_FFT_IMAGE + _FFT_KERNEL_FORWARD * k) + _FFT_KERNEL_INVERSE * k
+        ns = tiles * units * _FFT_NS * size * math.log2(max(2, size))
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    return ns * 1e-9
 
 
-def estimate_seconds(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
-                     gflops: float | None = None) -> float:
-    """Predicted seconds of the "auto" engine for a valid correlation of an (H, W) input.
+def engine_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
+                   gflops: float | None = None) -> float:
+    """Predicted seconds of `engine` for a valid correlation of an (H, W) input with a (K, kh, kw[, C]) bank.
 
-    `gflops` is the lowering rate of one thread (from `measure_gflops`); kernel_shape is (K, kh, kw[, C]).
+    `gflops` is what `measure_gflops(threads)` returned on the target machine (None: the nominal rate).
     """
-    rate = NOMINAL_GFLOPS if gflops is None else gflops
-    engine = choose_engine(image_hw, kernel_shape, threads)
-    return _engine_seconds(engine, image_hw, kernel_shape, max(1, threads), rate)
+    threads = max(1, int(threads))
+    seconds = _one_thread_seconds(engine, image_hw, kernel_shape)
+    if gflops is None:
+        seconds /= 1 + _THREAD_EFFICIENCY * (threads - 1)
+    else:
+        seconds *= NOMINAL_GFLOPS / max(gflops, 1e-3)
+    return seconds + _CALL_SECONDS
 
 
 def choose_engine(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int) -> str:
     """The engine "auto" runs for a valid correlation of an (H, W) input with a (K, kh, kw[, C]) bank."""
-    return "lowering"
+    engines = ("lowering", "direct", "fft")
+    return min(engines, key=lambda engine: _one_thread_seconds(engine, image_hw, kernel_shape))
+
+
+def estimate_seconds(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
+                     gflops: float | None = None) -> float:
+    """Predicted seconds of the "auto" engine (see `engine_seconds`); coordinators size deadlines with it."""
+    engine = choose_engine(image_hw, kernel_shape, threads)
+    return engine_seconds(engine, image_hw, kernel_shape, threads, gflops)
 
 
 @cache
-def _calibration_problem(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _calibration_problem() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((96, 256, 1)).astype(dtype)
-    kernels = rng.standard_normal((128, 11, 11, 1)).astype(dtype)
-    out = np.empty((128, 86, 246), dtype)
-    return image, kernels, out
+    image = rng.standard_normal((96, 256, 1)).astype(np.float32)
+    kernels = rng.standard_normal((128, 11, 11, 1)).astype(np.float32)
+    return image, kernels, np.empty((128, 86, 246), np.float32)
 
 
 def measure_gflops(threads: int = 1) -> float:
-    """This machine's lowering rate in GFLOP/s on `threads` threads (about 0.1 s; best of a few runs)."""
+    """This machine's lowering rate in GFLOP/s on `threads` threads: best of a few runs, about 0.1 s."""
     from rmidl.kernels import correlate_valid
 
-    image, kernels, out = _calibration_problem("float32")
-    flops = _flops(image.shape[:2], kernels.shape)
-    best = float("inf")
-    deadline = time.perf_counter() + 0.15
+    image, kernels, out = _calibration_problem()
+    flops = 2.0 * kernels.size * out.shape[1] * out.shape[2]
+    best = math.inf
+    deadline = time.perf_counter() + 0.1
     runs = 0
-    while runs < 2 or (time.perf_counter() < deadline and runs < 20):
+    while runs < 2 or (runs < 10 and time.perf_counter() < deadline):
         start = time.perf_counter()
         correlate_valid(image, kernels, out, threads=threads, engine="lowering")
         best = min(best, time.perf_counter() - start)
