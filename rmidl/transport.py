@@ -13,7 +13,7 @@ import Pyro5.socketutil
 from Pyro5 import config as pyro_config
 
 from rmidl.config import Config
-from rmidl.errors import OptionError, RegistryError, register_with_pyro
+from rmidl.errors import AuthenticationError, OptionError, RegistryError, register_with_pyro
 from rmidl.interface import WORKER_PREFIX
 
 __all__ = [
@@ -21,8 +21,10 @@ __all__ = [
     "WORKER_METADATA",
     "configure_pyro",
     "connect_ns",
+    "is_refusal",
     "list_workers",
     "parse_address",
+    "tls_enabled",
     "worker_proxy",
 ]
 
@@ -129,8 +131,15 @@ def connect_ns(address: str | tuple[str, int] | None, config: Config | None = No
         proxy._pyroBind()
     except Pyro5.errors.CommunicationError as error:
         proxy._pyroRelease()
+        if is_refusal(error):
+            raise AuthenticationError(f"name server {host}:{port} refused the connection: {error}") from None
         raise RegistryError(f"name server {host}:{port} is not reachable: {error}") from None
     return proxy
+
+
+def is_refusal(error: BaseException) -> bool:
+    """True when a Pyro5 error means the daemon refused us in the handshake (secret), not that it is down."""
+    return isinstance(error, Pyro5.errors.CommunicationError) and " rejected: " in str(error)
 
 
 def worker_proxy(uri: str, config: Config | None = None, *, timeout: float | None = None) -> Pyro5.api.Proxy:

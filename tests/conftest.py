@@ -1,8 +1,14 @@
-"""Shared pytest fixtures: a seeded generator, an in-process name server and worker daemons on port 0."""
+"""Shared pytest fixtures: a seeded generator, an in-process name server, worker daemons, child processes."""
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,3 +72,78 @@ def start_worker(request: pytest.FixtureRequest, cluster_config: Config) -> Iter
     finally:
         for handle in reversed(handles):
             handle.close()
+
+
+class Child:
+    """A child process whose stdout lines are read by a thread, so waits can have deadlines."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.result: tuple[int, str] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def read_until(self, wanted: str, timeout: float = 30.0) -> list[str]:
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {wanted!r} within {timeout}s; saw {seen}") from None
+            if line is None:
+                raise AssertionError(f"exited before {wanted!r}; saw {seen}; stderr: {self.stop()[1]}")
+            seen.append(line)
+            if line == wanted:
+                return seen
+
+    def wait_exit(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Wait for the child to exit on its own; returns (exit code, stderr)."""
+        self.process.wait(timeout)
+        return self.stop()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> tuple[int, str]:
+        """Ask politely, wait with a bound, then kill; returns (exit code, stderr). Idempotent."""
+        if self.result is not None:
+            return self.result
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        stderr = self.process.stderr.read() if self.process.stderr else ""
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        self._reader.join(5)
+        self.result = (self.process.returncode, stderr)
+        return self.result
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None) -> Child:
+        child = Child(*args, env=env)
+        started.append(child)
+        return child
+
+    yield spawn
+    for child in reversed(started):
+        child.stop(signal.SIGKILL)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -103,76 +101,6 @@ def test_bad_worker_names_and_counts_are_refused(start_worker):
 # --- subprocesses: Pyro5's nsc and our CLI ------------------------------------------------------------
 
 
-class Child:
-    """A child process whose stdout lines are read by a thread, so waits can have deadlines."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.result: tuple[int, str] | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def read_until(self, wanted: str, timeout: float = 30.0) -> list[str]:
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {wanted!r} within {timeout}s; saw {seen}") from None
-            if line is None:
-                raise AssertionError(f"exited before {wanted!r}; saw {seen}; stderr: {self.stop()[1]}")
-            seen.append(line)
-            if line == wanted:
-                return seen
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> tuple[int, str]:
-        """Ask politely, wait with a bound, then kill; returns (exit code, stderr). Idempotent."""
-        if self.result is not None:
-            return self.result
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-        stderr = self.process.stderr.read() if self.process.stderr else ""
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-        self._reader.join(5)
-        self.result = (self.process.returncode, stderr)
-        return self.result
-
-
-@pytest.fixture
-def children():
-    started: list[Child] = []
-
-    def spawn(*args: str, env: dict[str, str] | None = None) -> Child:
-        child = Child(*args, env=env)
-        started.append(child)
-        return child
-
-    yield spawn
-    for child in reversed(started):
-        child.stop(signal.SIGKILL)
-
-
 def test_pyro5_nsc_lists_our_workers(nameserver, start_worker):
     worker = start_worker(name="listed")
     host, port = parse_address(nameserver)
@@ -210,16 +138,11 @@ def test_cli_ns_and_worker_start_register_and_stop_cleanly(children, cluster_con
 def test_cli_worker_without_name_server_fails_with_one_line(children):
     _, port = _free_port()
     worker = children("rmidl.client.cli", "worker", "--ns", f"127.0.0.1:{port}")
-    code, stderr = _wait(worker)
+    code, stderr = worker.wait_exit()
     assert code == 3
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"rmidl: error: name server 127.0.0.1:{port} is not reachable")
-
-
-def _wait(child: Child, timeout: float = 60.0) -> tuple[int, str]:
-    child.process.wait(timeout)
-    return child.stop()
 
 
 def _free_port() -> tuple[str, int]:

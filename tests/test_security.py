@@ -1,0 +1,276 @@
+"""Locked-down daemons: the cluster secret, 2-way TLS, message-size caps and the bind rule."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import socket
+import ssl
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from Pyro5.errors import CommunicationError
+
+from rmidl.bulk import fetch
+from rmidl.client.cli import main as cli_main
+from rmidl.config import Config
+from rmidl.errors import AuthenticationError, OptionError
+from rmidl.server.nameserver import start_ns
+from rmidl.server.security import client_ssl_context, read_secret, secured_config
+from rmidl.transport import configure_pyro, connect_ns, list_workers, worker_proxy
+from rmidl.wire import pack, unpack
+
+SECRET = "correct horse battery staple"
+
+
+def _reference(image: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    import scipy.signal
+
+    maps = [scipy.signal.correlate(image.astype(float), k.astype(float), mode="valid")[:, :, 0] for k in bank]
+    return np.stack(maps)
+
+
+def _small_task(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    image = rng.standard_normal((12, 10, 1)).astype(np.float32)
+    bank = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
+    task = {"task_id": 0, "bank_id": "b", "kernels": [0, 2], "rows": [0, 10], "input": {"array": pack(image)},
+            "output": "inline"}
+    return image, bank, task
+
+
+# --- cluster secret ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offered", ["", "wrong secret, same length!!"])
+def test_client_without_the_secret_is_refused_in_the_handshake(start_worker, rng, offered):
+    secured = Config(environ={}, secret=SECRET)
+    handle = start_worker(config=secured, ns=None)
+    with worker_proxy(handle.uri, Config(environ={}, secret=offered), timeout=5) as intruder:
+        with pytest.raises(CommunicationError, match=r"rejected: .*cluster secret missing or wrong"):
+            intruder._pyroBind()
+        with pytest.raises(CommunicationError, match="cluster secret missing or wrong"):
+            intruder.put_bank("b", pack(np.ones((1, 2, 2, 1), np.float32)))
+    # The worker keeps serving clients that know the secret, and never ran the intruder's call.
+    image, bank, task = _small_task(rng)
+    with worker_proxy(handle.uri, secured, timeout=30) as member:
+        assert member.info()["banks"] == []
+        member.put_bank("b", pack(bank))
+        result = unpack(member.correlate(task)["result"])
+    expected = _reference(image, bank)
+    np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_name_server_with_a_secret_refuses_strangers_and_admits_workers(start_worker):
+    secured = Config(environ={}, secret=SECRET)
+    _, daemon = start_ns("127.0.0.1", 0, config=secured)
+    import threading
+
+    thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+    thread.start()
+    try:
+        address = daemon.locationStr
+        handle = start_worker(config=secured, ns=address, name="member")
+        with pytest.raises(AuthenticationError, match=f"name server {address} refused"):
+            connect_ns(address, Config(environ={}))
+        with connect_ns(address, secured) as registry:
+            assert list_workers(registry) == {"member": handle.uri}
+        handle.close()
+    finally:
+        daemon.shutdown()
+        thread.join(5)
+
+
+def test_secret_files_are_read_and_checked(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    assert read_secret(path) == SECRET
+    assert secured_config(Config(environ={}), secret_file=str(path)).secret == SECRET
+    path.write_text("short")
+    with pytest.raises(OptionError, match="shorter than 8"):
+        read_secret(path)
+    with pytest.raises(OptionError, match=r"cannot read secret file .*missing"):
+        read_secret(tmp_path / "missing")
+    with pytest.raises(OptionError, match=r"tls-ca file .*nope\.pem.* does not exist"):
+        secured_config(Config(environ={}), tls_ca=str(tmp_path / "nope.pem"))
+
+
+# --- bind rule ----------------------------------------------------------------------------------------
+
+
+def test_non_loopback_bind_needs_a_secret_or_tls_or_insecure(start_worker, caplog):
+    with pytest.raises(OptionError, match=r"refusing to bind worker .* to 0\.0\.0\.0: .*--insecure"):
+        start_worker(host="0.0.0.0", ns=None)
+    with pytest.raises(OptionError, match=r"refusing to bind name server to 0\.0\.0\.0"):
+        start_ns("0.0.0.0", 0, config=Config(environ={}))
+    with caplog.at_level(logging.WARNING, logger="rmidl.server.security"):
+        open_worker = start_worker(host="0.0.0.0", ns=None, insecure=True)
+    assert "INSECURE" in caplog.text and "ANYONE" in caplog.text
+    # The URI names a reachable address, never the wildcard.
+    assert "@0.0.0.0:" not in open_worker.uri
+    secured = start_worker(host="0.0.0.0", ns=None, config=Config(environ={}, secret=SECRET))
+    with worker_proxy(secured.uri, Config(environ={}, secret=SECRET), timeout=10) as proxy:
+        assert proxy.ping() == "pong"
+
+
+def test_cli_refuses_an_open_bind_with_one_line(capsys):
+    assert cli_main(["worker", "--host", "0.0.0.0", "--ns", "127.0.0.1:1"]) == 2
+    assert cli_main(["ns", "--host", "0.0.0.0", "--port", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("rmidl: error: refusing to bind") for line in lines)
+
+
+# --- message-size cap -------------------------------------------------------------------------------
+
+
+def test_oversized_message_is_refused_and_the_worker_keeps_serving(nameserver, children, cluster_config, rng):
+    limit = 1 << 20
+    worker = children(
+        "rmidl.client.cli", "worker", "--ns", nameserver, "--name", "capped", "--threads", "1",
+        env={"RMIDL_MAX_MESSAGE_SIZE": str(limit)},
+    )
+    uri = worker.read_until("ready")[0]
+    too_big = np.ones((1, 512, 512, 1), np.float32)  # 1 MiB of data plus framing: over the cap
+    with worker_proxy(uri, cluster_config, timeout=30) as proxy:
+        assert proxy.info()["max_message_size"] == limit
+        with pytest.raises(CommunicationError):
+            proxy.put_bank("big", pack(too_big))
+    assert worker.process.poll() is None
+    image, bank, task = _small_task(rng)
+    with worker_proxy(uri, cluster_config, timeout=30) as proxy:
+        proxy.put_bank("b", pack(bank))
+        assert proxy.info()["banks"] == ["b"]
+        expected = _reference(image, bank)
+        result = unpack(proxy.correlate(task)["result"])
+        np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+    code, stderr = worker.stop()
+    assert code == 0, stderr
+
+
+# --- 2-way TLS ------------------------------------------------------------------------------------
+
+
+def _write_pem(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _make_pki(directory: Path, label: str) -> dict[str, str]:
+    """A CA and one node certificate (server and client use, SAN localhost/127.0.0.1) signed by it."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rmidl test CA {label}")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rmidl node {label}")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return {
+        "tls_ca": _write_pem(directory / f"ca-{label}.pem", ca_cert.public_bytes(pem)),
+        "tls_cert": _write_pem(directory / f"node-{label}.pem", cert.public_bytes(pem)),
+        "tls_key": _write_pem(
+            directory / f"node-{label}.key",
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        ),
+    }
+
+
+@pytest.fixture
+def tls_config(tmp_path):
+    """Process-wide 2-way TLS for Pyro5 during the test (Pyro5 keeps SSL settings per process)."""
+    config = Config(environ={}, **_make_pki(tmp_path, "good"))
+    configure_pyro(config)
+    try:
+        yield config
+    finally:
+        configure_pyro(Config(environ={}))
+
+
+def test_tls_round_trip_and_bulk_channel(start_worker, tls_config, rng):
+    handle = start_worker(config=tls_config, ns=None)
+    image, bank, task = _small_task(rng)
+    expected = _reference(image, bank)
+    with worker_proxy(handle.uri, tls_config, timeout=30) as proxy:
+        proxy.put_bank("b", pack(bank))
+        result = unpack(proxy.correlate(task)["result"])
+        np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+        reply = proxy.correlate(task | {"output": "bulk"})
+        out = np.zeros(expected.shape, np.float32)
+        port = proxy.info()["bulk_port"]
+    fetch("127.0.0.1", port, reply["ticket"], out, timeout=10, ssl_context=client_ssl_context(tls_config))
+    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_tls_refuses_clients_without_a_trusted_certificate(start_worker, tls_config, tmp_path):
+    handle = start_worker(config=tls_config, ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    stranger = _make_pki(tmp_path, "stranger")
+    attempts = {
+        "no certificate": ssl.create_default_context(cafile=tls_config.tls_ca),
+        "certificate from another CA": ssl.create_default_context(cafile=tls_config.tls_ca),
+    }
+    attempts["certificate from another CA"].load_cert_chain(stranger["tls_cert"], stranger["tls_key"])
+    for what, context in attempts.items():
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            # TLS 1.3 reports the server's refusal of our certificate on the first read.
+            tls.sendall(b"PYRO")
+            if not tls.recv(1):
+                raise ConnectionError(f"{what}: closed by the worker")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+        plain.sendall(b"PYRO" + bytes(40))  # a plaintext Pyro5 client gets nowhere either
+        with pytest.raises((ConnectionError, OSError)):
+            if not plain.recv(1024):
+                raise ConnectionError("closed")
+    with worker_proxy(handle.uri, tls_config, timeout=10) as proxy:
+        assert proxy.ping() == "pong"
