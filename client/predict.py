@@ -1,6 +1,7 @@
 """A cost model calibrated from a scaling study, to predict N nodes x C cores over a link we cannot measure.
 
 The model (stated once, used everywhere):
+- every measured configuration enters as its median run (noise on a shared machine only adds time).
 - compute: Amdahl on this machine's per-core rate, T(p) = T1 * (s + (1 - s) / p) with p cores in all,
   T1 = flops / rate; the rate and serial fraction s are fitted (least squares on relative error) to the
   core-count runs, with p capped at the usable cores (oversubscription adds no cores).
@@ -18,7 +19,6 @@ The model's error on the configurations that were measured is reported beside ev
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.study import StudyResult
+from rmidl.client.study import ConfigurationResult, StudyResult
 from rmidl.errors import OptionError
 from rmidl.tiling import mode_padding
 
@@ -86,6 +86,7 @@ class Calibration:
     n_kernels: int
     out_h: int
     halo_row_bytes: int
+    measured_bytes_per_task: float | None = None
     fit: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -146,7 +147,7 @@ def calibrate(study: StudyResult) -> Calibration:
     job = study.job
     usable = int(study.machine.get("usable_cores") or 1)
     counted = [r for r in study.results if r.counted]
-    cores = [(float(min(r.config.threads, usable)), r.average) for r in counted if r.config.kind == "cores"]
+    cores = [(float(min(r.config.threads, usable)), _typical(r)) for r in counted if r.config.kind == "cores"]
     if not cores:
         cores = [(1.0, study.reference_seconds)]
     t1, serial = _fit_amdahl(cores)
@@ -169,17 +170,18 @@ def calibrate(study: StudyResult) -> Calibration:
     )
     remote = [r for r in counted if r.config.kind == "workers" and r.config.count > 0]
     if remote:
-        # bandwidth = bytes moved / time beyond compute; a median keeps one noisy run from deciding it
-        estimates = []
-        for r in remote:
-            extra = r.average - cal.compute_seconds(min(r.config.threads, usable))
-            moved = _moved_bytes(cal, r.config.count)
-            estimates.append(moved / extra if extra > 0 else math.inf)
-        cal.dataplane_bandwidth = float(np.median(estimates))
-        if math.isinf(cal.dataplane_bandwidth):
-            cal.dataplane_bandwidth = (
-                None  # the data plane cost nothing measurable: leave it out of the model
-            )
+        # seconds per byte beyond compute, median over worker counts; a run faster than the model's
+        # compute says the data plane cost nothing measurable there (0), not a negative cost
+        per_byte = [
+            max(0.0, _typical(r) - cal.compute_seconds(min(r.config.threads, usable)))
+            / _moved_bytes(cal, r.config.count)
+            for r in remote
+        ]
+        cost = float(np.median(per_byte))
+        cal.dataplane_bandwidth = 1.0 / cost if cost > 0 else None
+        tasks = [r.details.get("last_job", {}).get("tasks") for r in remote]
+        per_task = [_moved_bytes(cal, r.config.count) / t for r, t in zip(remote, tasks, strict=True) if t]
+        cal.measured_bytes_per_task = float(np.mean(per_task)) if per_task else None
         cal.dataplane_path = "shared memory" if study.settings.get("shared_memory") else "tcp"
     for r in counted:
         if r.config.kind == "cluster":
@@ -188,12 +190,17 @@ def calibrate(study: StudyResult) -> Calibration:
         cal.fit.append(
             {
                 "configuration": r.config.label,
-                "measured_seconds": r.average,
+                "measured_seconds": _typical(r),
                 "predicted_seconds": predicted,
-                "relative_error": (predicted - r.average) / r.average,
+                "relative_error": (predicted - _typical(r)) / _typical(r),
             }
         )
     return cal
+
+
+def _typical(result: ConfigurationResult) -> float:
+    """The median run: on a shared machine noise only adds time, and one stall should not move the fit."""
+    return float(np.median(result.times))
 
 
 def _moved_bytes(cal: Calibration, workers: int) -> float:

@@ -512,16 +512,17 @@ def write_prediction(cal: Calibration, predictions: Sequence[Prediction], out: P
         if cal.dataplane_bandwidth
         else "not measured (no worker configuration, or no measurable cost)"
     )
+    per_task = f"{cal.bytes_per_task(1, cal.usable_cores) / 1e6:.4g} MB as the model plans row bands here"
+    if cal.measured_bytes_per_task:
+        per_task += f", {cal.measured_bytes_per_task / 1e6:.4g} MB as the coordinator planned the worker runs"
     calibration = "\n".join(
         [
             f"- compute rate per core: {cal.rate_per_core / 1e9:.4g} GFLOP/s "
             f"(1 core: {format_seconds(cal.single_core_seconds)} s for {cal.flops / 1e9:.4g} GFLOP)",
             f"- serial fraction: {cal.serial_fraction:.3f}",
             f"- data-plane bandwidth: {bandwidth}",
-            f"- bytes per task (row bands, this machine): "
-            f"{cal.bytes_per_task(1, cal.usable_cores) / 1e6:.4g} MB; "
-            f"input {cal.input_bytes / 1e6:.4g} MB, bank {cal.bank_bytes / 1e6:.4g} MB, "
-            f"output {cal.output_bytes / 1e6:.4g} MB",
+            f"- bytes per task: {per_task}; input {cal.input_bytes / 1e6:.4g} MB, bank "
+            f"{cal.bank_bytes / 1e6:.4g} MB, output {cal.output_bytes / 1e6:.4g} MB",
             f"- links are payload rates: line rate x {LINK_EFFICIENCY} (TCP over 1500-byte Ethernet frames)",
         ]
     )
@@ -553,7 +554,9 @@ def write_prediction(cal: Calibration, predictions: Sequence[Prediction], out: P
 
 def plot_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
     """Predicted speed-up against nodes, one line per link, gather-bound points hollow, ideal dotted."""
-    figure, axes = _figure("Predicted speed-up (cost model)", "nodes", "speed-up over 1 core")
+    cores = predictions[0].cores if predictions else 0
+    title = f"Predicted speed-up, N nodes x {cores} cores (cost model)"
+    figure, axes = _figure(title, "nodes", "speed-up over 1 core")
     links = list(dict.fromkeys(p.link for p in predictions))
     for i, link in enumerate(links):
         points = [p for p in predictions if p.link == link]
