@@ -1,12 +1,20 @@
-"""The convolution engines against a float64 scipy reference: random shapes, every mode and engine."""
+"""The convolution engines against a float64 scipy reference: random shapes, every mode, engine and dtype."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
 import scipy.signal
+from threadpoolctl import threadpool_info
 
 import rmidl
+from rmidl import kernels as engines
+from rmidl.kernels import _direct, _fft, _lowering
+from rmidl.kernels._threads import blas_pinned
+
+MODES = ("valid", "same", "full")
 
 
 def reference(image: np.ndarray, kernels: np.ndarray, mode: str, flip: bool = False) -> np.ndarray:
@@ -27,20 +35,215 @@ def reference(image: np.ndarray, kernels: np.ndarray, mode: str, flip: bool = Fa
 
 
 def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    """float32 within 1e-5 x max|reference| (float64 within 1e-12 x), same shape."""
     assert got.shape == want.shape
     scale = max(float(np.abs(want).max()), 1e-30)
     tolerance = 1e-5 if got.dtype == np.float32 else 1e-12
-    assert float(np.abs(got - want).max()) <= tolerance * scale
+    error = float(np.abs(got - want).max())
+    assert error <= tolerance * scale, f"max error {error:.3g} > {tolerance:g} x {scale:.3g}"
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("mode", ["valid", "same", "full"])
-@pytest.mark.parametrize("case", [((20, 30, 1), (3, 4), 5), ((17, 9, 3), (5, 5), 7),
-                                  ((9, 8, 3), (9, 8), 130), ((5, 5, 1), (1, 1), 1)])
-def test_correlate_and_convolve_match_scipy(rng, case, mode, threads) -> None:
+def random_cases(count: int, seed: int) -> list[tuple[tuple[int, int, int], tuple[int, int], int]]:
+    """Sampled (image HWC, kernel hw, K): kernels from 1x1 to the image size, odd/even/non-square."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        h, w = (int(x) for x in rng.integers(1, 23, size=2))
+        channels = int(rng.choice([1, 3]))
+        kh, kw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+        k = int(rng.choice([1, 2, 3, 8, 33, 130]))
+        cases.append(((h, w, channels), (kh, kw), k))
+    # Edge shapes the sampler may miss: kernel = image, 1xN and Nx1 kernels, a single pixel, wide banks.
+    cases += [((7, 5, 1), (7, 5), 130), ((1, 9, 3), (1, 4), 2), ((9, 1, 1), (3, 1), 5),
+              ((1, 1, 1), (1, 1), 1), ((16, 16, 3), (16, 1), 64), ((6, 11, 3), (2, 2), 129)]
+    return cases
+
+
+@pytest.mark.parametrize("case", random_cases(36, seed=2026), ids=str)
+def test_every_engine_and_mode_matches_scipy(case) -> None:
     hwc, khw, k = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
     image = rng.standard_normal(hwc).astype(np.float32)
-    kernels = rng.standard_normal((k, *khw, hwc[2])).astype(np.float32)
-    assert_close(rmidl.correlate(image, kernels, mode=mode, threads=threads), reference(image, kernels, mode))
-    assert_close(rmidl.convolve(image, kernels, mode=mode, threads=threads),
-                 reference(image, kernels, mode, flip=True))
+    bank = rng.standard_normal((k, *khw, hwc[2])).astype(np.float32)
+    for i, mode in enumerate(MODES):
+        want = reference(image, bank, mode)
+        want_flipped = reference(image, bank, mode, flip=True)
+        for j, engine in enumerate(("auto", *engines.ENGINES)):
+            threads = 1 + (i + j) % 2  # alternate 1 and 2 threads across the mode x engine grid
+            assert_close(rmidl.correlate(image, bank, mode=mode, engine=engine, threads=threads), want)
+            assert_close(rmidl.convolve(image, bank, mode=mode, engine=engine, threads=threads),
+                         want_flipped)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink every engine's tiles so that small images cross many tile and chunk boundaries."""
+    monkeypatch.setattr(_lowering, "SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(_direct, "TILE_BYTES", 256)
+    monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(_fft, "SPECTRA_BYTES", 8192)
+
+
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [((45, 31, 3), (5, 4), 11), ((64, 40, 1), (9, 9), 6),
+                                  ((30, 17, 1), (1, 1), 3)], ids=str)
+def test_tiled_and_chunked_paths_match_scipy(case, engine, threads) -> None:
+    hwc, khw, k = case
+    rng = np.random.default_rng(7)
+    image = rng.standard_normal(hwc).astype(np.float32)
+    bank = rng.standard_normal((k, *khw, hwc[2])).astype(np.float32)
+    for mode in MODES:
+        assert_close(rmidl.correlate(image, bank, mode=mode, engine=engine, threads=threads),
+                     reference(image, bank, mode))
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_float64_in_float64_out_and_integers_convert(rng, engine) -> None:
+    image = rng.standard_normal((19, 23, 3))
+    bank = rng.standard_normal((5, 4, 6, 3))
+    got = rmidl.correlate(image, bank, mode="same", engine=engine)
+    assert got.dtype == np.float64
+    assert_close(got, reference(image, bank, "same"))
+    pixels = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    ints = rng.integers(-3, 4, (2, 3, 3), dtype=np.int16)
+    got = rmidl.correlate(pixels, ints, engine=engine)
+    assert got.dtype == np.float32
+    if engine == "fft":
+        assert_close(got, reference(pixels, ints, "valid"))
+    else:  # small integers: every partial sum is exact in float32, whatever the order of summation
+        np.testing.assert_array_equal(got, reference(pixels, ints, "valid"))
+    assert rmidl.correlate(image, bank.astype(np.float32), engine=engine).dtype == np.float32
+
+
+# Hand-worked: S[i, j] = sum_a sum_b I[i + a, j + b] K[a, b] (valid), zero padding otherwise.
+HAND_IMAGE = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32)
+HAND_CASES = [
+    ("valid", [[1, 0], [0, -1]], False, [[-4, -4], [-4, -4]]),
+    ("valid", [[1, 1, 1]], False, [[6], [15], [24]]),
+    ("full", [[1, 2]], False, [[2, 5, 8, 3], [8, 14, 17, 6], [14, 23, 26, 9]]),
+    ("same", [[1, 2]], False, [[2, 5, 8], [8, 14, 17], [14, 23, 26]]),
+    ("full", [[1, 2]], True, [[1, 4, 7, 6], [4, 13, 16, 12], [7, 22, 25, 18]]),
+    ("valid", [[0, 0, 0], [0, 1, 0], [0, 0, 0]], True, [[5]]),
+    ("same", [[2]], True, [[2, 4, 6], [8, 10, 12], [14, 16, 18]]),
+]
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize(("mode", "kernel", "flip", "expected"), HAND_CASES)
+def test_hand_worked_examples(mode, kernel, flip, expected, engine) -> None:
+    fn = rmidl.convolve if flip else rmidl.correlate
+    got = fn(HAND_IMAGE, np.array(kernel, np.float32), mode=mode, engine=engine)
+    np.testing.assert_allclose(got, np.array([expected], np.float32), rtol=0, atol=1e-5)
+
+
+def test_channels_are_summed_by_hand() -> None:
+    image = np.stack([np.ones((2, 3)), np.full((2, 3), 2.0)], axis=-1)
+    kernels = np.array([[[[3.0, 4.0]]], [[[1.0, -1.0]]]])  # two 1x1 kernels over 2 channels
+    for engine in engines.ENGINES:
+        got = rmidl.correlate(image, kernels, engine=engine)
+        np.testing.assert_array_equal(got, [np.full((2, 3), 11.0), np.full((2, 3), -1.0)])
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_out_view_of_a_larger_output_is_written_in_place(rng, engine) -> None:
+    """The worker's shared-memory path: a task writes big[k0:k1, r0:r1, :] of the whole job's output."""
+    image = rng.standard_normal((40, 33, 3)).astype(np.float32)
+    bank = rng.standard_normal((9, 5, 4, 3)).astype(np.float32)
+    want = reference(image, bank, "valid")
+    big = np.full(want.shape, -7.0, np.float32)
+    (k0, k1), (r0, r1) = (2, 7), (10, 25)
+    view = big[k0:k1, r0:r1, :]
+    band = np.ascontiguousarray(image[r0 : r1 + bank.shape[1] - 1])
+    assert engines.correlate_valid(band, np.ascontiguousarray(bank[k0:k1]), view, threads=2,
+                                   engine=engine) is view
+    assert_close(big[k0:k1, r0:r1], want[k0:k1, r0:r1])
+    untouched = np.ones(want.shape, bool)
+    untouched[k0:k1, r0:r1] = False
+    assert (big[untouched] == -7.0).all()
+
+
+def test_out_buffers_of_any_layout(rng) -> None:
+    image = rng.standard_normal((20, 24)).astype(np.float32)
+    bank = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    want = reference(image, bank, "full")
+    out = np.empty(want.shape, np.float32)
+    assert rmidl.correlate(image, bank, mode="full", out=out) is out
+    assert_close(out, want)
+    # Not row-contiguous (every other column of a wider buffer): computed aside, then copied in.
+    wide = np.zeros((*want.shape[:2], 2 * want.shape[2]), np.float32)
+    strided = wide[:, :, ::2]
+    assert rmidl.correlate(image, bank, mode="full", out=strided) is strided
+    assert_close(strided, want)
+    assert (wide[:, :, 1::2] == 0).all()
+
+
+def test_threads_none_uses_every_core_and_matches(rng) -> None:
+    image = rng.standard_normal((50, 60)).astype(np.float32)
+    bank = rng.standard_normal((6, 7, 7)).astype(np.float32)
+    assert_close(rmidl.correlate(image, bank, threads=None), reference(image, bank, "valid"))
+    assert engines.available_cores() >= 1
+
+
+def blas_threads() -> list[int]:
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_concurrent_calls_share_one_blas_pin(rng) -> None:
+    """Several correlate calls in one process at once: all exact, BLAS pinned meanwhile, restored after."""
+    before = blas_threads()
+    image = rng.standard_normal((60, 70, 3)).astype(np.float32)
+    bank = rng.standard_normal((16, 5, 5, 3)).astype(np.float32)
+    want = reference(image, bank, "same")
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def call(i: int) -> None:
+        try:
+            start.wait(timeout=30)
+            for _ in range(3):
+                results[i] = rmidl.correlate(image, bank, mode="same", threads=2, engine="lowering")
+        except BaseException as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors and len(results) == 4
+    for got in results.values():
+        assert_close(got, want)
+    assert blas_threads() == before
+
+
+def test_blas_pin_nests_and_restores() -> None:
+    before = blas_threads()
+    with blas_pinned():
+        assert set(blas_threads()) == {1}
+        with blas_pinned():
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+
+
+def test_auto_cost_model_picks_by_shape() -> None:
+    reference_job = ((720, 1280), (128, 11, 11, 1))
+    assert engines.choose_engine(*reference_job, 2) == "lowering"
+    assert engines.choose_engine((720, 1280), (128, 41, 41, 1), 2) == "fft"
+    assert engines.choose_engine((720, 1280), (64, 1, 1, 1), 2) == "direct"
+    assert set(engines.ENGINES) >= {engines.choose_engine((h, h), (k, s, s), t)
+                                    for h in (8, 300) for k in (1, 130) for s in (1, 3, 8) for t in (1, 2)}
+    # Work grows with the bank; a faster machine finishes sooner.
+    small = engines.estimate_seconds(reference_job[0], (8, 11, 11, 1), 2)
+    large = engines.estimate_seconds(*reference_job, 2)
+    assert 0 < small < large
+    assert engines.estimate_seconds(*reference_job, 2, gflops=200) < engines.estimate_seconds(
+        *reference_job, 2, gflops=20)
+
+
+def test_measure_gflops_is_quick_and_positive() -> None:
+    rate = engines.measure_gflops(threads=1)
+    assert 0.1 < rate < 10_000
