@@ -110,6 +110,10 @@ class SharedArray:
     def closed(self) -> bool:
         return self._mmap is None
 
+    def exists(self) -> bool:
+        """True while the block is still linked (the owner has not closed it)."""
+        return os.path.exists(f"/dev/shm/{self.name}")
+
     def descriptor(self) -> dict[str, Any]:
         """What crosses the wire: {"name", "shape", "dtype"}."""
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

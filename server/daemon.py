@@ -25,6 +25,7 @@ from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import OptionError, RegistryError
 from rmidl.interface import WORKER_PREFIX
+from rmidl.kernels import available_cores
 from rmidl.server.security import (
     SecretHandshake,
     add_security_arguments,
@@ -196,7 +197,7 @@ def metadata(handle: WorkerHandle) -> set[str]:
     """The name-server tags by which coordinators discover a worker."""
     return set(WORKER_METADATA) | {
         f"host:{handle.host}",
-        f"cores:{os.cpu_count() or 1}",
+        f"cores:{available_cores()}",
         f"version:{rmidl.__version__}",
     }
 

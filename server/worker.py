@@ -19,7 +19,7 @@ from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, KernelTooLarge, NonFiniteInput, ShapeError
 from rmidl.interface import TaskDict, WireArray
-from rmidl.kernels import correlate_valid
+from rmidl.kernels import available_cores, correlate_valid
 from rmidl.shm import SharedArray, host_id
 from rmidl.wire import pack, unpack, wire_nbytes
 
@@ -68,7 +68,7 @@ class ConvolutionWorker:
     ) -> None:
         self._name = name
         self._config = config
-        self._threads = max(1, int(threads or os.cpu_count() or 1))
+        self._threads = max(1, int(threads or available_cores()))
         self._host = host
         self._bulk = bulk
         self._lock = threading.Lock()
@@ -90,6 +90,7 @@ class ConvolutionWorker:
         return "pong"
 
     def info(self) -> dict[str, Any]:
+        self._prune_attachments()
         with self._lock:
             return {
                 "name": self._name,
@@ -97,7 +98,7 @@ class ConvolutionWorker:
                 "hostname": socket.gethostname(),
                 "host_id": host_id(),
                 "pid": os.getpid(),
-                "cores": os.cpu_count() or 1,
+                "cores": available_cores(),
                 "threads": self._threads,
                 "version": rmidl.__version__,
                 "gflops": round(self._gflops, 3),
@@ -105,6 +106,7 @@ class ConvolutionWorker:
                 "busy": self._busy,
                 "banks": list(self._banks),
                 "bulk_port": self._bulk.port if self._bulk else None,
+                "shm_blocks": len(self._attached),
                 "max_message_size": self._config.max_message_size,
                 "memory_budget": self._config.memory_budget,
             }
@@ -275,6 +277,7 @@ class ConvolutionWorker:
             if block is not None:
                 self._attached.move_to_end(key)
                 return block
+        self._prune_attachments()
         block = SharedArray.attach(descriptor)
         with self._lock:
             self._attached[key] = block
@@ -282,6 +285,15 @@ class ConvolutionWorker:
             while len(self._attached) > ATTACHMENT_CACHE:
                 self._attached.popitem(last=False)[1].close()
         return block
+
+
+    def _prune_attachments(self) -> None:
+        """Unmap blocks their owner has unlinked: a finished job's memory is freed only when we let go."""
+        with self._lock:
+            gone = [key for key, block in self._attached.items() if not block.exists()]
+            blocks = [self._attached.pop(key) for key in gone]
+        for block in blocks:
+            block.close()
 
 
 class _Reservation:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 from rmidl.errors import OptionError, RegistryError
 from rmidl.interface import WORKER_PREFIX
+from rmidl.kernels import available_cores
 from rmidl.transport import connect_ns, list_workers, parse_address, worker_proxy
 
 
@@ -59,7 +59,7 @@ def test_workers_register_with_metadata_and_unregister_on_close(nameserver, star
         assert list_workers(ns) == {"alpha": first.uri, "beta": second.uri}
         uri, tags = ns.lookup(WORKER_PREFIX + "alpha", return_metadata=True)
         assert str(uri) == first.uri
-        expected = {"rmidl", "role:worker", "host:127.0.0.1", f"cores:{os.cpu_count()}", "version:0.1.0"}
+        expected = {"rmidl", "role:worker", "host:127.0.0.1", f"cores:{available_cores()}", "version:0.1.0"}
         assert expected <= set(tags)
         # Other registrations (not rmidl workers) are not listed.
         ns.register("someone.else", first.uri, metadata=["role:worker"])

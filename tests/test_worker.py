@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -253,3 +254,45 @@ def test_hang_hook_blocks_first_calls_until_shutdown(start_worker, cluster_confi
     handle.close()  # releases the hung call; close() must not block on it
     with pytest.raises(CommunicationError), worker_proxy(handle.uri, cluster_config, timeout=2) as proxy:
         proxy.ping()
+
+
+def _process_resources() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def test_many_jobs_leave_no_threads_descriptors_or_mappings_behind(worker, cluster_config, rng):
+    image = rng.standard_normal((20, 16, 1)).astype(np.float32)
+    bank = rng.standard_normal((3, 3, 3, 1)).astype(np.float32)
+    expected = reference(image, bank)
+
+    def one_job(task_id: int) -> None:
+        with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
+            proxy.put_bank("bank", pack(bank))
+            source = band(image, (0, 18), 3)
+            inline = unpack(proxy.correlate(task(task_id, (0, 18), (0, 3), source))["result"])
+            reply = proxy.correlate(task(task_id, (0, 18), (0, 3), source, output="bulk"))
+            bulk = np.empty(expected.shape, np.float32)
+            fetch(worker.host, worker.bulk.port, reply["ticket"], bulk, timeout=10)
+            src, o = SharedArray.create(image.shape, "float32"), SharedArray.create(expected.shape, "float32")
+            with src, o:
+                src.array[:] = image
+                proxy.correlate(task(task_id, (0, 18), (0, 3), {"shm": src.descriptor()},
+                                     output={"shm": o.descriptor()}))
+                shared = o.array.copy()
+        for result in (inline, bulk, shared):
+            assert_close(result, expected)
+
+    one_job(0)  # warm-up: Pyro5's pool threads, the resource tracker
+    before = _process_resources()
+    for task_id in range(1, 31):
+        one_job(task_id)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # connection threads return to the pool asynchronously
+        threads, fds = _process_resources()
+        if threads <= before[0] + 2 and fds <= before[1] + 2:
+            break
+        time.sleep(0.02)
+    assert threads <= before[0] + 2 and fds <= before[1] + 2, (before, (threads, fds))
+    with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
+        assert proxy.info()["shm_blocks"] == 0  # blocks of finished jobs are unmapped, not kept
+    assert worker.bulk.pending_bytes == 0
