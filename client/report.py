@@ -45,7 +45,7 @@ PAPER: dict[str, Any] = {
 OVERSUBSCRIBED_MARK = "*"
 
 
-def format_seconds(value: float) -> str:
+def format_seconds(value: float | None) -> str:
     """Six significant digits: enough for the paper's 85.9125 and for sub-millisecond tiny runs."""
     return "" if value is None or math.isnan(value) else f"{value:.6g}"
 
@@ -138,9 +138,9 @@ def _table3(study: StudyResult) -> tuple[list[str], list[list[object]], list[lis
     csv_rows: list[list[object]] = []
     md_rows: list[list[str]] = []
     for i in range(runs):
-        values = [r.times[i] if i < len(r.times) else "" for r in counted]
-        csv_rows.append([str(i + 1), *(repr(v) if v != "" else "" for v in values), *paper_blank])
-        md_rows.append([str(i + 1), *(format_seconds(v) if v != "" else "" for v in values), *paper_blank])
+        values = [r.times[i] if i < len(r.times) else None for r in counted]
+        csv_rows.append([str(i + 1), *("" if v is None else repr(v) for v in values), *paper_blank])
+        md_rows.append([str(i + 1), *(format_seconds(v) for v in values), *paper_blank])
     paper_totals = [repr(t * 10) for t in PAPER["average_seconds"]]
     csv_rows.append(["total", *(repr(r.total) for r in counted), *paper_totals])
     md_rows.append(
@@ -244,16 +244,7 @@ def write_tables(study: StudyResult, out: Path) -> list[Path]:
     written.append(
         _write_csv(out / "efficiency.csv", keys, [[_csv_value(row[k]) for k in keys] for row in rows])
     )
-    md_rows_e = [
-        [
-            row["configuration"] + (OVERSUBSCRIBED_MARK if row["oversubscribed"] else ""),
-            str(row["threads"]),
-            format_seconds(row["average_seconds"]),
-            f"{row['speedup']:.3f}",
-            "" if row["efficiency"] is None else f"{row['efficiency']:.1%}",
-        ]
-        for row in rows
-    ]
+    md_rows_e = [_efficiency_cells(row, "{:.1%}") for row in rows]
     base_label, _ = baseline(study)
     written.append(
         _write_markdown(
@@ -268,6 +259,17 @@ def write_tables(study: StudyResult, out: Path) -> list[Path]:
         )
     )
     return written
+
+
+def _efficiency_cells(row: dict[str, Any], percent: str) -> list[str]:
+    """configuration (oversubscribed marked), threads, average, speed-up, efficiency as text cells."""
+    return [
+        row["configuration"] + (OVERSUBSCRIBED_MARK if row["oversubscribed"] else ""),
+        str(row["threads"]),
+        format_seconds(row["average_seconds"]),
+        f"{row['speedup']:.3f}",
+        "" if row["efficiency"] is None else percent.format(row["efficiency"]),
+    ]
 
 
 def _csv_value(value: object) -> object:
@@ -425,16 +427,7 @@ def write_report(study: StudyResult, out: Path) -> list[Path]:
 
 def summary(study: StudyResult) -> str:
     """The terminal's closing table: each configuration's average, speed-up, efficiency; then the paper's."""
-    rows = [
-        [
-            row["configuration"] + (OVERSUBSCRIBED_MARK if row["oversubscribed"] else ""),
-            str(row["threads"]),
-            format_seconds(row["average_seconds"]),
-            f"{row['speedup']:.3f}",
-            "" if row["efficiency"] is None else f"{row['efficiency']:.0%}",
-        ]
-        for row in efficiency_rows(study) + _paper_rows()
-    ]
+    rows = [_efficiency_cells(row, "{:.0%}") for row in efficiency_rows(study) + _paper_rows()]
     rows += [[r.config.label, str(r.config.threads), "not counted", "", ""] for r in study.failed]
     header = ["configuration", "threads", "average (s)", "speed-up", "efficiency"]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
