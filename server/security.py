@@ -10,11 +10,14 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import Pyro5.errors
+
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
 from rmidl.transport import tls_enabled
 
 __all__ = [
+    "HANDSHAKE_MAX_BYTES",
     "SecretHandshake",
     "add_security_arguments",
     "check_bind",
@@ -29,6 +32,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_SECRET_LENGTH = 8
+HANDSHAKE_MAX_BYTES = 64 * 1024
+"""A handshake carries the secret and an object name: anything larger is refused unread."""
 
 
 def read_secret(path: str | Path) -> str:
@@ -93,12 +98,17 @@ class SecretHandshake:
     """Daemon mixin: refuse a connection in Pyro5's handshake unless it carries the cluster secret.
 
     Pyro5 calls `validateHandshake` before the client may invoke anything, and answers a raised error
-    with a CONNECTFAIL, so unauthenticated clients never reach an object.
+    with a CONNECTFAIL, so unauthenticated clients never reach an object. Pyro5 would first read a
+    handshake of up to MAX_MESSAGE_SIZE (hundreds of MB on a worker) from anyone; the mixin caps it at
+    HANDSHAKE_MAX_BYTES before a byte of the payload is read.
     """
 
     def __init__(self, *args: Any, secret: str = "", **kwargs: Any) -> None:
         self._secret = secret.encode("utf-8")
         super().__init__(*args, **kwargs)
+
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        return super()._handshake(_CappedConnection(conn, HANDSHAKE_MAX_BYTES), denied_reason)  # type: ignore[misc]
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 (Pyro5's name)
         if self._secret:
@@ -108,6 +118,22 @@ class SecretHandshake:
                 logger.warning("refused connection from %s: cluster secret missing or wrong", peer)
                 raise AuthenticationError(f"connection from {peer} refused: cluster secret missing or wrong")
         return super().validateHandshake(conn, data)  # type: ignore[misc]
+
+
+class _CappedConnection:
+    """A Pyro5 SocketConnection whose reads are refused above a size (Pyro5 reads a payload in one call)."""
+
+    def __init__(self, conn: Any, limit: int) -> None:
+        self._conn = conn
+        self._limit = limit
+
+    def recv(self, size: int) -> Any:
+        if size > self._limit:
+            raise Pyro5.errors.ProtocolError(f"handshake of {size} bytes exceeds the limit of {self._limit}")
+        return self._conn.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
 
 
 def _peer(conn: Any) -> str:

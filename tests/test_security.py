@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,25 @@ def test_oversized_message_is_refused_and_the_worker_keeps_serving(nameserver, c
         np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
     code, stderr = worker.stop()
     assert code == 0, stderr
+
+
+def _pyro_header(msgtype: int, data_size: int) -> bytes:
+    """A Pyro5 wire header (protocol 502) announcing `data_size` payload bytes."""
+    return struct.pack("!4sHBBHHII16sHH", b"PYRO", 502, msgtype, 4, 0, 0, data_size, 0, bytes(16), 0, 0x4DC5)
+
+
+@pytest.mark.parametrize("secret", ["", SECRET])
+def test_an_oversized_handshake_is_refused_before_its_payload_is_read(start_worker, cluster_config, secret):
+    config = cluster_config.replace(secret=secret or None)
+    handle = start_worker(config=config, ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(_pyro_header(msgtype=1, data_size=200 << 20))  # claims a 200 MB CONNECT, sends none
+        reply = raw.makefile("rb").read()  # the worker answers at once and hangs up
+    assert reply[:4] == b"PYRO" and reply[6] == 3  # MSG_CONNECTFAIL
+    assert b"exceeds the limit of 65536" in reply
+    with worker_proxy(handle.uri, config, timeout=10) as proxy:
+        assert proxy.ping() == "pong"
 
 
 # --- 2-way TLS ------------------------------------------------------------------------------------
