@@ -173,6 +173,8 @@ def _notes(study: StudyResult) -> list[str]:
         f"{job.flops / 1e9:.4g} GFLOP per run. Times in seconds.",
         f"Each configuration ran {study.settings.get('warmup', 0)} untimed warm-up run(s) first; every run, "
         "warm-up included, was checked against a single-thread run before its time counted.",
+        "results.json also keeps each run's CPU seconds in this process: on a shared machine, a wall time "
+        "well above CPU / threads for the engine alone means other work held the cores.",
         f"Paper's columns: {PAPER['source']}. Its individual runs are not reproduced here, only its averages "
         "(total = 10 x average).",
     ]

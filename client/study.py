@@ -69,6 +69,7 @@ class ConfigurationResult:
     times: list[float] = field(default_factory=list)
     setup_seconds: float = 0.0
     warmup_times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     max_abs_error: float = 0.0
     tolerance: float = 0.0
@@ -102,6 +103,7 @@ class ConfigurationResult:
             times=[float(t) for t in data["times"]],
             setup_seconds=float(data.get("setup_seconds", 0.0)),
             warmup_times=[float(t) for t in data.get("warmup_times", [])],
+            cpu_times=[float(t) for t in data.get("cpu_times", [])],
             details=dict(data.get("details") or {}),
             max_abs_error=float(data.get("max_abs_error", 0.0)),
             tolerance=float(data.get("tolerance", 0.0)),
@@ -470,9 +472,9 @@ def _run_configuration(
     with runner(config, settings) as correlate:
         result.setup_seconds = clock() - start
         for index in range(-settings.warmup, settings.runs):
-            start = clock()
+            start, cpu = clock(), time.process_time()
             output = correlate(image, kernels, settings.mode)
-            seconds = clock() - start
+            seconds, cpu = clock() - start, time.process_time() - cpu
             error = max_abs_difference(output, reference)
             del output  # before the next run allocates its own: two full outputs can be large
             result.max_abs_error = max(result.max_abs_error, error)
@@ -489,6 +491,7 @@ def _run_configuration(
                 result.warmup_times.append(seconds)
                 continue
             result.times.append(seconds)
+            result.cpu_times.append(cpu)
             logger.debug("%s run %d: %.4f s", config.label, index + 1, seconds)
             if on_run is not None:
                 on_run(config, index, seconds)

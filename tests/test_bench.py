@@ -69,6 +69,7 @@ def test_bench_writes_every_file(cores_run: tuple[int, Path]) -> None:
     ]
     assert all(c["verified"] and len(c["times"]) == 2 for c in data["configurations"])
     assert all(c["max_abs_error"] <= c["tolerance"] for c in data["configurations"])
+    assert all(len(c["cpu_times"]) == 2 and min(c["cpu_times"]) >= 0 for c in data["configurations"])
     assert [c["details"]["workers"] for c in data["configurations"][2:]] == [0, 1]
     assert data["paper"]["average_seconds"] == [85.9125, 49.0664, 25.3766, 14.2801]
 
