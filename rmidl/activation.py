@@ -1,4 +1,4 @@
-"""Element-wise activations for feature maps (relu, tanh, abstanh, sigmoid), evaluated by numexpr."""
+"""Element-wise activations of feature maps (relu, tanh, abstanh, sigmoid) by numpy ufuncs or numexpr."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import numpy as np
 
 from rmidl.errors import DTypeError, OptionError, ShapeError
 
-__all__ = ["ACTIVATIONS", "activate"]
+__all__ = ["ACTIVATIONS", "ENGINES", "activate"]
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("numpy", "numexpr")
+_BLOCK = 1 << 15  # elements per block: 128 KiB of float32 stays in L2 between passes
 
 # fn -> numexpr expression of `y` (= lam * x); written so that NaN propagates as it does in numpy.
 ACTIVATIONS: dict[str, str] = {
@@ -68,24 +71,74 @@ def _check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
     return out
 
 
-def activate(x: object, fn: str, *, lam: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+def _numpy_passes(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
+    """out = fn(lam * src) with in-place ufunc passes (no temporaries); src may be out."""
+    if lam != 1.0 or fn == "sigmoid":
+        np.multiply(src, out.dtype.type(-lam if fn == "sigmoid" else lam), out=out)
+        src = out
+    if fn == "relu":
+        np.maximum(src, 0, out=out)  # propagates NaN, unlike a comparison
+    elif fn == "tanh":
+        np.tanh(src, out=out)
+    elif fn == "abstanh":
+        np.tanh(src, out=out)
+        np.abs(out, out=out)
+    else:
+        np.exp(out, out=out)
+        out += 1
+        np.reciprocal(out, out=out)
+
+
+def _numpy(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
+    # Several passes over cache-sized blocks run at the speed of one fused pass over memory.
+    with np.errstate(over="ignore", invalid="ignore"):  # e^(-λx) -> inf gives sigmoid 0, as it should
+        if src.size > _BLOCK and src.flags.c_contiguous and out.flags.c_contiguous:
+            flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+            for start in range(0, flat_src.size, _BLOCK):
+                block = slice(start, start + _BLOCK)
+                _numpy_passes(flat_src[block], flat_out[block], fn, lam)
+        else:
+            _numpy_passes(src, out, fn, lam)
+
+
+def _numexpr(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
+    _pin_numexpr_threads()
+    expression = ACTIVATIONS[fn]
+    operands: dict[str, object] = {"y": src}
+    if lam != 1.0:
+        expression = expression.replace("y", "(lam * x)")
+        # a numpy scalar of the array's dtype keeps float32 work in float32 (a Python float would not)
+        operands = {"x": src, "lam": out.dtype.type(lam)}
+    numexpr.evaluate(expression, local_dict=operands, out=out, casting="same_kind")
+
+
+def activate(
+    x: object, fn: str, *, lam: float = 1.0, out: np.ndarray | None = None, engine: str = "numpy"
+) -> np.ndarray:
     """Apply `fn` element-wise to `lam * x` and return the result (any shape).
 
     fn: "relu" max(λx, 0), "tanh" tanh(λx), "abstanh" |tanh(λx)|, "sigmoid" 1/(1+e^(-λx)).
     The result is float64 for float64 input, else float32 (integers are converted; bool, complex and
     object arrays are refused). NaN stays NaN. `out=` writes into a caller's array of the input's shape
-    and the result dtype; `out=x` works in place. numexpr's pool (capped once at this process's cores)
-    does the work.
+    and the result dtype; `out=x` works in place.
+
+    engine="numpy" (default) runs in-place ufunc passes over cache-sized blocks; engine="numexpr" uses
+    numexpr's pool (capped once at this process's cores). numpy 2's SIMD float32 exp/tanh made the numpy
+    engine 4-30x faster than numexpr without Intel VML on our 2-core AVX2 machine (see the commit).
     """
     if fn not in ACTIVATIONS:
         raise OptionError(f"activation {fn!r} is not one of {', '.join(ACTIVATIONS)}")
+    if engine not in ENGINES:
+        raise OptionError(f"activation engine {engine!r} is not one of {', '.join(ENGINES)}")
     lam = _check_lam(lam)
     array = np.asarray(x)
     dtype = _result_dtype(array)
-    if out is not None:
+    if out is None:
+        out = np.empty(array.shape, dtype)
+    else:
         out = _check_out(out, array.shape, dtype)
-        # numexpr streams blocks, so an input that only partly overlaps the output would be read after
-        # being overwritten; the identical view (out is x, or the same buffer) is safe.
+        # both engines stream blocks, so an input that only partly overlaps the output would be read
+        # after being overwritten; the identical view (out is x, or the same buffer) is safe.
         same_view = (
             out.__array_interface__["data"][0] == array.__array_interface__["data"][0]
             and out.strides == array.strides
@@ -94,14 +147,5 @@ def activate(x: object, fn: str, *, lam: float = 1.0, out: np.ndarray | None = N
             array = array.copy()
     if array.dtype != dtype:
         array = array.astype(dtype)
-    _pin_numexpr_threads()
-    expression = ACTIVATIONS[fn]
-    operands: dict[str, object] = {"y": array}
-    if lam != 1.0:
-        expression = expression.replace("y", "(lam * x)")
-        # a numpy scalar of the array's dtype keeps float32 work in float32 (a Python float would not)
-        operands = {"x": array, "lam": dtype.type(lam)}
-    if out is None:
-        return numexpr.evaluate(expression, local_dict=operands)
-    numexpr.evaluate(expression, local_dict=operands, out=out, casting="same_kind")
+    (_numpy if engine == "numpy" else _numexpr)(array, out, fn, lam)
     return out
