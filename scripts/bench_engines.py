@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Benchmark the engines on the reference job (720x1280 float32 image, 128 random 11x11 kernels, valid).
+
+Prints one markdown table: each engine and "auto" at 1 and 2 threads, numpy SGEMM 3072^3 (the machine's
+practical peak, measured in the same run), scipy.signal.fftconvolve (batched) and per-kernel
+scipy.ndimage.correlate; seconds (median), GFLOP/s (27.93 GFLOP / s), % of SGEMM at the same thread count
+(single-threaded baselines against 1-thread SGEMM), and the tracemalloc peak of temporaries beyond the
+output. Slow rows (direct, ndimage) run a slice of the bank and are scaled to 128 kernels, as marked.
+
+Usage: .venv/bin/python scripts/bench_engines.py [--repeat 3] [--threads 1 2] [--crossover]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import scipy.ndimage
+import scipy.signal
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from rmidl.kernels import ENGINES, choose_engine, correlate_valid
+
+H, W, K, KH, KW = 720, 1280, 128, 11, 11
+OH, OW = H - KH + 1, W - KW + 1
+GFLOP = 2 * K * KH * KW * OH * OW / 1e9  # 27.93
+SGEMM_N = 3072
+MiB = 1 << 20
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: page faults of fresh buffers, FFT plans, BLAS buffers
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_temporaries(fn: Callable[[], object]) -> float:
+    """tracemalloc peak of one call in MiB (numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / MiB
+    finally:
+        tracemalloc.stop()
+
+
+def sgemm_rate(threads: int, repeat: int) -> float:
+    a = np.random.default_rng(0).standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+    c = np.empty_like(a)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        seconds = median_seconds(lambda: np.matmul(a, a, out=c), repeat)
+    return 2 * SGEMM_N**3 / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median), at least 3")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--crossover", action="store_true", help="also time engines across kernel sizes")
+    args = parser.parse_args(argv)
+    repeat = max(3, args.repeat)
+
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((H, W, 1)).astype(np.float32)
+    bank = rng.standard_normal((K, KH, KW, 1)).astype(np.float32)
+    out = np.empty((K, OH, OW), np.float32)
+    blas = [f"{lib['internal_api']} {lib['version']} {lib.get('architecture')}" for lib in threadpool_info()
+            if lib["user_api"] == "blas"]
+    print(f"reference job: {W}x{H} float32 image, {K} kernels {KH}x{KW}, valid; {GFLOP:.2f} GFLOP; "
+          f"BLAS: {', '.join(blas)}; auto picks {choose_engine((H, W), bank.shape, 2)}")
+    print(f"seconds are medians of {repeat} runs into a preallocated output unless marked\n")
+
+    peaks = {t: sgemm_rate(t, repeat) for t in args.threads}
+    rows: list[tuple[str, int, float, float, float | None]] = []  # name, threads, seconds, scale, MiB
+
+    def add(name: str, threads: int, fn: Callable[[], object], scale: float = 1.0,
+            memory: bool = True) -> None:
+        seconds = median_seconds(fn, repeat) * scale
+        rows.append((name, threads, seconds, peaks.get(threads, peaks[min(peaks)]),
+                     peak_temporaries(fn) if memory else None))
+        print(f"  measured {name} @ {threads}: {seconds:.3f} s", file=sys.stderr)
+
+    for threads in args.threads:
+        rows.append((f"numpy SGEMM {SGEMM_N}^3", threads, GFLOP * 1e9 / (peaks[threads] * 1e9),
+                     peaks[threads], None))
+        for engine in ("auto", *ENGINES):
+            if engine == "direct":
+                part = 16  # ~10 s per run for the whole bank; time a slice and scale
+                sub, sub_out = bank[:part].copy(), out[:part]
+                add(f"direct ({part} kernels, x{K // part})", threads,
+                    lambda sub=sub, sub_out=sub_out, t=threads: correlate_valid(
+                        image, sub, sub_out, threads=t, engine="direct"), scale=K / part)
+                continue
+            add(engine, threads,
+                lambda e=engine, t=threads: correlate_valid(image, bank, out, threads=t, engine=e))
+        add("auto, fresh output", threads,
+            lambda t=threads: correlate_valid(image, bank, np.empty((K, OH, OW), np.float32), threads=t),
+            memory=False)
+
+    flipped = np.ascontiguousarray(bank[:, ::-1, ::-1, 0])
+    chunk = 16  # batched in chunks: the whole bank at once needs ~1.5 GB of spectra
+
+    def fftconvolve() -> None:
+        for k0 in range(0, K, chunk):
+            out[k0 : k0 + chunk] = scipy.signal.fftconvolve(image[None, :, :, 0], flipped[k0 : k0 + chunk],
+                                                            mode="valid", axes=(1, 2))
+
+    add(f"scipy.signal.fftconvolve (batches of {chunk})", 1, fftconvolve)
+    part = 4
+
+    def ndimage() -> None:
+        for k in range(part):
+            # origin shifts the kernel's anchor to its top-left tap, so [:OH, :OW] is the valid region.
+            full = scipy.ndimage.correlate(image[:, :, 0], bank[k, :, :, 0], mode="constant",
+                                           origin=(-(KH // 2), -(KW // 2)))
+            out[k] = full[:OH, :OW]
+
+    add(f"scipy.ndimage.correlate per kernel ({part} kernels, x{K // part})", 1, ndimage, scale=K / part)
+
+    print("| engine | threads | seconds | GFLOP/s | % of SGEMM | temporaries MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, threads, seconds, peak, mib in rows:
+        rate = GFLOP / seconds
+        memory = "-" if mib is None else f"{mib:.1f}"
+        print(f"| {name} | {threads} | {seconds:.3f} | {rate:.1f} | {100 * rate / peak:.0f} % | {memory} |")
+
+    if args.crossover:
+        crossover(max(args.threads), repeat)
+    return 0
+
+
+def crossover(threads: int, repeat: int) -> None:
+    """Time every engine on a 512x512 image across bank and kernel sizes, against what auto picks."""
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((512, 512, 1)).astype(np.float32)
+    print(f"\ncrossover at {threads} thread(s), 512x512 image (ms; * = fastest)")
+    print("| K | kernel | lowering | direct | fft | auto picks |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for k in (1, 4, 16, 128):
+        for size in (1, 3, 5, 7, 11, 17, 25, 33):
+            bank = rng.standard_normal((k, size, size, 1)).astype(np.float32)
+            out = np.empty((k, 513 - size, 513 - size), np.float32)
+            times = {}
+            for engine in ENGINES:
+                if engine == "direct" and k * size * size > 4000:
+                    continue  # far slower than the others there
+                times[engine] = median_seconds(
+                    lambda e=engine, b=bank, o=out: correlate_valid(image, b, o, threads=threads, engine=e),
+                    repeat)
+            best = min(times, key=times.__getitem__)
+            cells = [f"{times[e] * 1e3:.1f}{'*' if e == best else ''}" if e in times else "-"
+                     for e in ENGINES]
+            pick = choose_engine((512, 512), bank.shape, threads)
+            print(f"| {k} | {size}x{size} | {' | '.join(cells)} | {pick} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
