@@ -41,6 +41,7 @@ class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
     """Pyro5's name server daemon, with the cluster-secret handshake and an optional broadcast responder."""
 
     broadcast: Pyro5.nameserver.BroadcastServer | None = None
+    broadcast_thread: threading.Thread | None = None
 
     def handleRequest(self, conn: Any) -> Any:  # noqa: N802 (Pyro5's name)
         # Pyro5's version turns protocol errors into warnings.warn, which our tests (rightly) treat as
@@ -51,10 +52,19 @@ class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
             logger.warning("protocol error from a name server client: %s", error)
             raise
 
+    def serve_in_thread(self) -> threading.Thread:
+        """Run the request loop in a background thread; stop it with `shutdown()` and join it."""
+        thread = threading.Thread(target=self.requestLoop, name="rmidl-ns", daemon=True)
+        thread.start()
+        return thread
+
     def close(self) -> None:
         if self.broadcast is not None:
             self.broadcast.close()
             self.broadcast = None
+        if self.broadcast_thread is not None:
+            self.broadcast_thread.join(3.0)  # its socket times out every 2 s, then it sees the flag
+            self.broadcast_thread = None
         super().close()
 
 
@@ -77,7 +87,7 @@ def start_ns(
     if broadcast:
         internal = daemon.uriFor(daemon.nameserver, nat=False)
         daemon.broadcast = Pyro5.nameserver.BroadcastServer(internal)
-        daemon.broadcast.runInThread()
+        daemon.broadcast_thread = daemon.broadcast.runInThread()
     logger.info("name server at %s", uri)
     return uri, daemon
 
@@ -90,8 +100,7 @@ def address_of(daemon: NameServerDaemon) -> str:
 def ns_loop(daemon: NameServerDaemon, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set (or forever), then close the daemon."""
     stop = stop or threading.Event()
-    thread = threading.Thread(target=daemon.requestLoop, name="rmidl-ns", daemon=True)
-    thread.start()
+    thread = daemon.serve_in_thread()
     try:
         while thread.is_alive() and not stop.wait(0.5):
             pass

@@ -35,8 +35,7 @@ def nameserver(cluster_config: Config) -> Iterator[str]:
     from rmidl.server.nameserver import address_of, start_ns
 
     _, daemon = start_ns("127.0.0.1", 0, config=cluster_config)
-    thread = threading.Thread(target=daemon.requestLoop, name="test-ns", daemon=True)
-    thread.start()
+    thread = daemon.serve_in_thread()
     try:
         yield address_of(daemon)
     finally:

@@ -70,10 +70,7 @@ def test_client_without_the_secret_is_refused_in_the_handshake(start_worker, rng
 def test_name_server_with_a_secret_refuses_strangers_and_admits_workers(start_worker):
     secured = Config(environ={}, secret=SECRET)
     _, daemon = start_ns("127.0.0.1", 0, config=secured)
-    import threading
-
-    thread = threading.Thread(target=daemon.requestLoop, daemon=True)
-    thread.start()
+    thread = daemon.serve_in_thread()
     try:
         address = daemon.locationStr
         handle = start_worker(config=secured, ns=address, name="member")
@@ -294,3 +291,16 @@ def test_tls_refuses_clients_without_a_trusted_certificate(start_worker, tls_con
                 raise ConnectionError("closed")
     with worker_proxy(handle.uri, tls_config, timeout=10) as proxy:
         assert proxy.ping() == "pong"
+
+
+def test_tls_name_server_registers_and_lists_workers(start_worker, tls_config):
+    _, daemon = start_ns("127.0.0.1", 0, config=tls_config)
+    thread = daemon.serve_in_thread()
+    try:
+        handle = start_worker(config=tls_config, ns=daemon.locationStr, name="tls-member")
+        with connect_ns(daemon.locationStr, tls_config) as registry:
+            assert list_workers(registry) == {"tls-member": handle.uri}
+        handle.close()
+    finally:
+        daemon.shutdown()
+        thread.join(5)
