@@ -45,7 +45,7 @@ def _gabor(args: str, spec: str) -> np.ndarray:
         raise BankError(f"bank spec {spec!r}: expected gabor:K[xS][:sigma]")
     k, size = _sizes(spec, match[1], match[2] or "11")
     _check_budget(spec, k * size * size)
-    sigma = _positive_float(match[3], spec) if match[3] else size / 6
+    sigma = _positive_float(match[3], spec) if match[3] else size / 4.5
     wavelength = sigma / 0.56  # one-octave bandwidth
     gamma = 0.5  # envelope aspect ratio, as in V1 models
     y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
@@ -206,10 +206,11 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
     Grammar (numbers are decimal; ``x`` separates sizes; a bank is the same for the same spec):
 
     - ``PATH.npy`` / ``PATH.npz`` -- a saved array (npz: its only array, or the one named ``kernels``);
-      never unpickled. A 2-D array is one kernel (K = 1).
+      never unpickled. A 2-D array is one kernel (K = 1). The layout is (K, kh, kw, C): convert PyTorch's
+      (K, C, kh, kw) weights with ``np.moveaxis(w, 1, -1)``.
     - ``random:KxHxW[:SEED]`` or ``random:KxHxWxC[:SEED]`` -- normal values with std 1/sqrt(H·W·C),
       seeded (default seed 0).
-    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S default 11, sigma default S/6,
+    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S default 11, sigma default S/4.5,
       wavelength sigma/0.56, aspect 0.5) at orientations k·π/K from the column axis.
     - ``sobel`` -- 2 kernels 3x3: d/dx then d/dy (positive where brightness grows right / down, under
       correlation).

@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +34,9 @@ SUFFIXES: dict[str, str] = {
 _READ_FORMATS = sorted(set(SUFFIXES.values()))
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF", "PPM"}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights Pillow's "L" conversion uses
-_SCALES = ("auto", "unit", "stretch")
+_SCALES = ("auto", "unit", "stretch", "robust")
+_ROBUST_TAIL = 0.5  # percent of values clipped at each end by scale="robust"
+_ROBUST_SAMPLE = 1 << 18  # values the robust percentiles are estimated from
 _MONTAGE_MAX_SIDE = 4096
 _MONTAGE_GAP = 2
 
@@ -108,8 +110,13 @@ def _scaled(array: np.ndarray, bits: int, scale: str) -> np.ndarray:
             return array
         values = array / np.iinfo(array.dtype).max  # other depth: same intensities
     else:
-        low, high = float(array.min()), float(array.max())
-        stretch = scale == "stretch" or (scale == "auto" and (low < 0 or high > 1))
+        if scale == "robust":
+            # a strided sample: percentiles of a feature map need no exact sort of every value
+            sample = array.reshape(-1)[:: max(1, array.size // _ROBUST_SAMPLE)]
+            low, high = (float(v) for v in np.percentile(sample, [_ROBUST_TAIL, 100 - _ROBUST_TAIL]))
+        else:
+            low, high = float(array.min()), float(array.max())
+        stretch = scale in ("stretch", "robust") or (scale == "auto" and (low < 0 or high > 1))
         gain = 1 / (high - low) if stretch and high > low else 1.0
         # float32 work is exact enough for 8/16-bit output and halves float64's memory traffic
         narrow = array.dtype != np.float64 and gain < 1e30
@@ -144,7 +151,7 @@ def _image_for(array: np.ndarray, fmt: str, bits: int | None, scale: str, where:
     return Image.fromarray(pixels)  # uint8 -> "L" / "RGB", uint16 -> "I;16"
 
 
-def _write(image: Image.Image, path: Path, fmt: str, options: dict[str, object]) -> None:
+def _write(image: Image.Image, path: Path, fmt: str, options: Mapping[str, object]) -> None:
     """Save through a temporary sibling and rename, so readers never see a half-written file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -178,7 +185,8 @@ def save_image(
     PGM; grayscale only). Every other real dtype (float, other integers, bool) is scaled to `bits`
     (default 8): with scale="auto", an array whose values all lie in [0, 1] is taken as intensities
     (0 black, 1 white), any other is stretched (min black, max white; a constant array is black);
-    scale="unit" always maps [0, 1] and clips outside, scale="stretch" always stretches. Asking for
+    scale="unit" always maps [0, 1] and clips outside, scale="stretch" always stretches, and
+    scale="robust" stretches the 0.5th..99.5th percentiles, clipping the outliers beyond. Asking for
     the other depth of a uint8/uint16 array keeps intensities (v / max). NaN/Inf are refused.
     `quality` is JPEG's. The file is replaced atomically; failures raise InputError naming the path.
     """
@@ -219,13 +227,15 @@ def save_maps(
     *,
     montage: bool = True,
     prefix: str = "map",
-    scale: str = "stretch",
+    scale: str = "robust",
 ) -> list[Path]:
     """Write feature maps (K, H, W) as one 8-bit PNG each (`map_000.png`, ...) plus `montage.png`.
 
-    Each map is scaled on its own by save_image's rule (default "stretch": its min black, its max white),
-    so weak and strong maps are all visible. The montage puts every map on a near-square grid, shrunk to
-    at most 4096 px a side. Creates `directory` if needed; returns the paths written (montage last).
+    Each map is scaled on its own by save_image's rule (default "robust": its 0.5th percentile black, its
+    99.5th white), so weak and strong maps are all visible and a few extreme responses do not gray out
+    the rest; save the arrays themselves (.npy) for exact values. The montage puts every map on a
+    near-square grid, shrunk to at most 4096 px a side. Creates `directory` if needed; returns the paths
+    written (montage last).
     """
     stack = np.asarray(maps)
     if stack.ndim == 2:

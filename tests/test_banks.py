@@ -83,7 +83,7 @@ def test_gabor_is_zero_mean_unit_norm_and_oriented() -> None:
     np.testing.assert_allclose(bank[2], bank[0].T, atol=1e-6)
     np.testing.assert_allclose(bank[3], bank[1][:, ::-1], atol=1e-6)
     # kernel 0 responds to stripes varying along x (vertical edges) far more than kernel 2 does
-    wavelength = (11 / 6) / 0.56
+    wavelength = (11 / 4.5) / 0.56
     stripes = np.cos(2 * np.pi * ramp(0, 64) / wavelength)
     energy = [np.abs(scipy.signal.correlate(stripes, k, mode="valid")).mean() for k in bank]
     assert energy[0] > 10 * energy[2]

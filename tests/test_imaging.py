@@ -109,7 +109,7 @@ def test_float_scaling_rule(tmp_path: Path) -> None:
 
 def test_save_maps_writes_each_map_and_a_montage(tmp_path: Path, rng: np.random.Generator) -> None:
     maps = rng.standard_normal((5, 20, 30)).astype(np.float32) * np.arange(1, 6)[:, None, None]
-    written = save_maps(maps, tmp_path / "out" / "deep")
+    written = save_maps(maps, tmp_path / "out" / "deep", scale="stretch")
     assert [p.name for p in written] == [*(f"map_{k:03d}.png" for k in range(5)), "montage.png"]
     tiles = []
     for k, path in enumerate(written[:-1]):
@@ -123,6 +123,17 @@ def test_save_maps_writes_each_map_and_a_montage(tmp_path: Path, rng: np.random.
     assert montage.shape == (3 * 20 + 2 * 2, 2 * 30 + 2)
     np.testing.assert_array_equal(montage[22:42, 32:62], tiles[3])
     assert save_maps(maps[0], tmp_path / "one", montage=False) == [tmp_path / "one" / "map_000.png"]
+
+
+def test_save_maps_robust_default_clips_outliers(tmp_path: Path, rng: np.random.Generator) -> None:
+    feature = rng.uniform(-1, 1, (100, 100))
+    feature[0, 0], feature[0, 1] = 1000.0, -1000.0  # two extreme responses must not gray out the rest
+    (path, _) = save_maps(feature, tmp_path)
+    got = load_image(path).astype(np.float64)
+    low, high = np.percentile(feature, [0.5, 99.5])
+    expected = np.rint(np.clip((feature - low) / (high - low), 0, 1) * 255)
+    assert got[0, 0] == 255 and got[0, 1] == 0
+    assert np.abs(got - expected).max() <= 1 and got.std() > 60
 
 
 def test_montage_of_many_large_maps_is_shrunk_to_4096() -> None:
