@@ -43,6 +43,7 @@ PAPER: dict[str, Any] = {
 """The paper's Table III averages (its individual runs are not reproduced here) and reported speed-ups."""
 
 OVERSUBSCRIBED_MARK = "*"
+"""Appended to a configuration's label in every table when it runs more threads than the usable cores."""
 
 
 def format_seconds(value: float | None) -> str:
@@ -180,8 +181,8 @@ def _notes(study: StudyResult) -> list[str]:
     ]
     if any(r.config.oversubscribed for r in study.results):
         notes.append(
-            f"{OVERSUBSCRIBED_MARK} oversubscribed: more threads than the {machine.get('usable_cores')} "
-            "usable cores; run and kept, not dropped."
+            f"Marked {OVERSUBSCRIBED_MARK}: oversubscribed, more threads than the "
+            f"{machine.get('usable_cores')} usable cores; run and kept, not dropped."
         )
     notes += [f"Not counted: {r.config.label}: {r.failure}" for r in study.results if not r.counted]
     return notes

@@ -60,6 +60,7 @@ def test_bench_writes_every_file(cores_run: tuple[int, Path]) -> None:
     machine = data["machine"]
     assert machine["cpu_model"] and machine["usable_cores"] >= 1 and machine["versions"]["numpy"]
     assert {"library", "architecture", "version"} <= set(machine["blas"][0])
+    assert data["job"]["image_source"] == "built-in image at 96x64"
     assert data["job"]["image_shape"] == [64, 96, 1] and data["job"]["kernels_shape"] == [4, 5, 5, 1]
     assert [c["config"]["label"] for c in data["configurations"]] == [
         "1 core",
@@ -272,12 +273,14 @@ def test_parse_link(text: str, bytes_per_s: float) -> None:
         (["--kernels", "random:4x0x5"], "4x0x5"),
         (["--kernels", "random:4x99x99"], "99x99"),
         (["--from", "/nonexistent/results.json"], "/nonexistent/results.json"),
+        (["--image", "/nonexistent/picture.png"], "/nonexistent/picture.png"),
     ],
 )
 def test_bad_options_give_one_line_and_a_non_zero_exit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
 ) -> None:
-    code = _bench(tmp_path / "out", *argv)
+    tiny = TINY[2:] if "--image" in argv else TINY  # --image and --size exclude each other
+    code = cli.main(["bench", *tiny, "--out", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and err[0].startswith("rmidl: error:") and named in err[0], err
