@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with LocalCluster(args.workers, args.threads_per_worker, args.ns_port) as cluster:
-            print(f"name server {cluster.ns_address}", flush=True)
+            assert cluster.ns is not None
+            print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():
                 print(f"worker {name} pid {process.pid}", flush=True)
             print(f"ready: {len(cluster.workers)} workers; use --ns {cluster.ns_address}; Ctrl-C stops",

@@ -74,6 +74,7 @@ class Job:
         self._holding: dict[int, str] = {}
         self._failed_on: dict[int, dict[str, str]] = {}
         self._runners: Counter[str] = Counter()
+        self._gone: set[str] = set()
         self._progress = progress
         self._cond = threading.Condition()
 
@@ -134,9 +135,12 @@ class Job:
         if self._progress is not None:
             self._progress(done, self.total)
 
-    def retry(self, runner: str, task: Task, error: BaseException) -> None:
-        """Put a failed task back; fail the job once it has failed on max_attempts different workers."""
+    def retry(self, runner: str, task: Task, error: BaseException, *, runner_gone: bool = False) -> None:
+        """Put a failed task back; fail the job once it has failed on max_attempts different workers.
+        `runner_gone`: the runner died or hangs, so it no longer counts as someone who may run work."""
         with self._cond:
+            if runner_gone:
+                self._gone.add(runner)
             self._holding.pop(task.task_id, None)
             failures = self._failed_on.setdefault(task.task_id, {})
             failures[runner] = f"{type(error).__name__}: {error}"
@@ -171,7 +175,8 @@ class Job:
         """Fail now rather than wait forever when nobody is left who may run the pending work."""
         if self.finished:
             return
-        if not self._runners:
+        active = set(self._runners) - self._gone
+        if not active:
             self._fail(WorkerLost(
                 f"every worker is gone with {self.total - self.done} of {self.total} tasks unfinished "
                 "and there is no local pool (local_threads=0) to finish them"
@@ -179,7 +184,7 @@ class Job:
             return
         for task in self._pending:
             failures = self._failed_on.get(task.task_id, {})
-            if failures and set(self._runners) <= set(failures):
+            if failures and active <= set(failures):
                 self._fail(TaskFailed(self._failure_message(task, failures) + "; no other worker is left"))
                 return
 
@@ -446,7 +451,7 @@ class Scheduler:
                 try:
                     self._run_remote(job, worker, task, use_shm)
                 except PyroTimeout as error:
-                    job.retry(worker.name, task, error)
+                    job.retry(worker.name, task, error, runner_gone=True)
                     if worker.mark("quarantined"):
                         log.warning("worker %s did not finish %s in time; quarantined (not used again)",
                                     worker.name, _describe(task))
@@ -457,7 +462,7 @@ class Scheduler:
                         log.debug("%s failed on %s: %r", _describe(task), worker.name, error)
                         job.retry(worker.name, task, error)
                         continue
-                    job.retry(worker.name, task, error)
+                    job.retry(worker.name, task, error, runner_gone=True)
                     if worker.mark("dead"):
                         log.warning("worker %s lost (%s); its tasks go back to the queue", worker.name, error)
                         self._drop_registration(worker.name)

@@ -1,0 +1,152 @@
+"""Every `rmidl` command as a real subprocess: output, exit codes, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rmidl
+from rmidl.client.localcluster import Process
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def rmidl_cli(*argv: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rmidl.client.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, check=False)
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once no process has `pid` (children of `rmidl up` are reaped by it)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronising on time
+    return False
+
+
+@pytest.fixture(scope="module")
+def up():
+    """`rmidl up --workers 2` in the foreground; yields (process, ns address, child pids); stopped after.
+    Shared by this module's tests; the last test stops it with SIGTERM and checks that nothing is left."""
+    process = Process("up", ["up", "--workers", "2"], ENV)
+    try:
+        lines = process.wait_ready(90)
+        text = "\n".join(lines)
+        address = re.search(r"name server (\S+) pid (\d+)", text)
+        assert address, text
+        pids = [int(address.group(2))] + [int(p) for p in re.findall(r"worker \w+ pid (\d+)", text)]
+        assert len(pids) == 3
+        yield process, address.group(1), pids
+    finally:
+        process.stop(15)
+
+
+@pytest.fixture
+def picture(tmp_path, rng):
+    path = tmp_path / "picture.png"
+    pixels = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path, pixels
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["run", "{missing}", "--kernels", "sobel"], 2, "missing.png"),
+        (["run", "{picture}", "--kernels", "sobel", "--mode", "diagonal"], 2, "mode 'diagonal'"),
+        (["run", "{picture}", "--kernels", "sobel", "--ns", "host:port:x"], 2, "host:port:x"),
+        (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/maps.txt"], 2, "maps.txt"),
+        (["run", "{picture}", "--kernels", "random:2x50x50"], 2, "50x50"),
+        (["run", "{picture}", "--kernels", "sobel", "--local-threads", "-2"], 2, "local_threads=-2"),
+        (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
+        (["status", "--ns", "{closed}"], 3, "not reachable"),
+        (["up", "--workers", "-1"], 2, "workers=-1"),
+        (["run", "{picture}", "--kernels", "nosuch:3"], 2, "nosuch:3"),
+        (["demo", "--size", "9999x1"], 2, "--size '9999x1'"),
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_code(up, picture, tmp_path, capsys, argv, code, message):
+    """In-process through cli.main (the subprocess path is smoke-tested below): one line, an exit code."""
+    import socket
+
+    from rmidl.client.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    values = {"missing": str(tmp_path / "missing.png"), "picture": str(picture[0]), "tmp": str(tmp_path),
+              "ns": up[1], "closed": closed}
+    assert main([a.format(**values) for a in argv]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rmidl: error: "), lines
+    assert message in lines[0]
+    # The cluster still serves.
+    assert main(["status", "--ns", up[1]]) == 0
+
+
+def test_ns_and_worker_commands():
+    ns = Process("ns", ["ns", "--port", "0"], ENV)
+    try:
+        lines = ns.wait_ready(60)
+        address = re.search(r"(127\.0\.0\.1:\d+)", "\n".join(lines)).group(1)
+        worker = Process("worker", ["worker", "--ns", address, "--name", "solo", "--threads", "1"], ENV)
+        try:
+            assert any(line.startswith("PYRO:rmidl.worker.solo@") for line in worker.wait_ready(60))
+            listed = subprocess.run(
+                [sys.executable, "-m", "Pyro5.nsc", "-n", "127.0.0.1", "-p", address.split(":")[1], "list"],
+                capture_output=True, text=True, timeout=60, env=ENV, check=False,
+            )
+            assert "rmidl.worker.solo" in listed.stdout
+        finally:
+            assert worker.stop(15) == 0
+        assert "solo" not in rmidl_cli("status", "--ns", address).stdout
+    finally:
+        assert ns.stop(15) == 0
+
+
+def test_demo_quick():
+    done = rmidl_cli("demo", "--quick", "--workers", "1", timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every configuration equals the single-thread result" in done.stdout
+    for row in ("local pool, 1 thread", "workers, shared memory", "workers, TCP (bulk)", "paper (Java RMI)"):
+        assert row in done.stdout
+
+
+def test_up_run_status_and_clean_stop(up, picture, tmp_path):
+    process, address, pids = up
+    path, pixels = picture
+
+    status = rmidl_cli("status", "--ns", address)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^w1\s+127\.0\.0\.1\s+\d+", status.stdout, re.MULTILINE)
+    assert "2 worker(s)" in status.stdout
+
+    out = tmp_path / "maps.npy"
+    done = rmidl_cli("run", str(path), "--kernels", "random:5x3x4", "--ns", address, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"5 maps of 38x57 \(valid\): [\d.]+ s, [\d.]+ GFLOP/s, tasks per worker: w", done.stdout)
+    bank = rmidl.load_kernels("random:5x3x4").astype(np.float64)
+    expected = rmidl.correlate(pixels.astype(np.float64), bank)
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+    folder = tmp_path / "pngs"
+    done = rmidl_cli("run", str(path), "--kernels", "sobel", "--mode", "same", "--ns", address,
+                     "--no-shared-memory", "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["map_000.png", "map_001.png", "montage.png"]
+
+    process.signal(signal.SIGTERM)
+    assert process.popen.wait(30) == 0
+    assert all(gone(pid) for pid in pids)

@@ -1,0 +1,215 @@
+"""Faults in a job: killed, hanging and joining workers, failing tasks, no registry; results stay exact."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rmidl.client import Coordinator
+from rmidl.client.localcluster import LocalCluster
+from rmidl.config import Config
+from rmidl.errors import RegistryError, ShapeError, TaskFailed, WorkerLost
+
+SCHEDULER_LOG = "rmidl.client.scheduler"
+
+
+def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """float64 valid correlation by a plain loop over kernel offsets."""
+    img = image.astype(np.float64)
+    ker = kernels.astype(np.float64)
+    kh, kw = ker.shape[1:]
+    oh, ow = img.shape[0] - kh + 1, img.shape[1] - kw + 1
+    out = np.zeros((len(ker), oh, ow))
+    for a in range(kh):
+        for b in range(kw):
+            out += ker[:, a, b, None, None] * img[None, a : a + oh, b : b + ow]
+    return out
+
+
+def assert_exact(result: np.ndarray, ref: np.ndarray) -> None:
+    np.testing.assert_allclose(result, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.fixture
+def job(rng):
+    image = rng.standard_normal((160, 200)).astype(np.float32)
+    kernels = rng.standard_normal((12, 5, 5)).astype(np.float32)
+    return image, kernels, reference(image, kernels)
+
+
+def fault_config(**overrides) -> Config:
+    return Config(environ={}, **overrides)
+
+
+def on_progress(at: int, action):
+    """A progress callback that runs `action` once, when `at` tasks are done."""
+    fired = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= at and not fired.is_set():
+            fired.set()
+            action()
+
+    progress.fired = fired  # type: ignore[attr-defined]
+    return progress
+
+
+def registered(address: str) -> set[str]:
+    from rmidl.transport import connect_ns, list_workers
+
+    with connect_ns(address, fault_config()) as ns:
+        return set(list_workers(ns))
+
+
+def test_killed_worker_tasks_run_elsewhere(job, caplog):
+    image, kernels, ref = job
+    with LocalCluster(workers=3) as cluster, Coordinator(
+        cluster.ns_address, local_threads=0, config=fault_config(), min_tasks=120
+    ) as coordinator:
+        progress = on_progress(10, lambda: cluster.kill("w2"))
+        with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
+            result = coordinator.correlate(image, kernels, progress=progress)
+        assert progress.fired.is_set()
+        assert_exact(result, ref)
+        lost = [r for r in caplog.records if r.name == SCHEDULER_LOG and "w2 lost" in r.getMessage()]
+        assert len(lost) == 1
+        assert "w2" not in registered(cluster.ns_address)
+        assert {w["name"]: w["state"] for w in coordinator.workers()}["w2"] == "dead"
+        # The next job runs on the survivors.
+        assert_exact(coordinator.correlate(image, kernels), ref)
+        assert set(coordinator.stats()) <= {"w1", "w3"}
+
+
+def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog):
+    image, kernels, ref = job
+    with LocalCluster(workers=1) as cluster:
+        cluster.add_worker("hang", env={"RMIDL_TEST_HANG_TASKS": "1"})
+        config = fault_config(task_deadline_floor=1.0)
+        with Coordinator(cluster.ns_address, local_threads=0, config=config, min_tasks=12) as coordinator:
+            with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
+                result = coordinator.correlate(image, kernels)
+            assert_exact(result, ref)
+            assert coordinator.last_job()["requeued"] >= 1
+            states = {w["name"]: w["state"] for w in coordinator.workers()}
+            assert states == {"hang": "quarantined", "w1": "ok"}
+            assert any("hang did not finish" in r.getMessage() for r in caplog.records)
+
+
+def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job, monkeypatch):
+    from rmidl.server import worker as worker_module
+
+    image, kernels, _ = job
+    handles = [start_worker() for _ in range(3)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine fell over")
+
+    monkeypatch.setattr(worker_module, "run_engine", broken)
+    config = fault_config(max_task_attempts=3)
+    with Coordinator(nameserver, local_threads=0, config=config) as coordinator:
+        expected = r"task \d+ \(rows \d+:\d+, kernels \d+:\d+\) failed on 3 worker"
+        with pytest.raises(TaskFailed, match=expected) as info:
+            coordinator.correlate(image, kernels)
+        assert all(f"w{i}" in str(info.value) for i in range(3))
+    # The workers are still serving.
+    assert all(h.worker.ping() == "pong" for h in handles)
+
+
+def test_bad_input_from_the_engine_is_not_retried(nameserver, start_worker, rng, monkeypatch):
+    from rmidl.server import worker as worker_module
+
+    # Small enough to be one task, so "not retried" means exactly one engine call.
+    image = rng.standard_normal((20, 20)).astype(np.float32)
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    for _ in range(2):
+        start_worker()
+    calls = []
+
+    def refuses(*args, **kwargs):
+        calls.append(1)
+        raise ShapeError("band 3x4 is too small")
+
+    monkeypatch.setattr(worker_module, "run_engine", refuses)
+    with Coordinator(nameserver, local_threads=0, config=fault_config()) as coordinator:
+        with pytest.raises(ShapeError, match="band 3x4"):
+            coordinator.correlate(image, kernels)
+        assert coordinator.last_job()["tasks"] == 1
+    assert len(calls) == 1
+
+
+def test_worker_joining_mid_job_takes_tasks(nameserver, start_worker, job):
+    image, kernels, ref = job
+    start_worker(name="early")
+    joined: list = []
+    release = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        # The early worker's threads park here, so the rest of the job is left to whoever joins.
+        release.wait(30)
+
+    results: list = []
+    with Coordinator(nameserver, local_threads=0, config=fault_config(), min_tasks=20) as coordinator:
+
+        def correlate() -> None:
+            try:
+                results.append(coordinator.correlate(image, kernels, progress=progress))
+            except Exception as error:  # reported by the assertion below, not as a thread warning
+                results.append(error)
+
+        runner = threading.Thread(target=correlate)
+        runner.start()
+        joined.append(start_worker(name="late"))
+        deadline = time.monotonic() + 30
+        while joined[0].worker.info()["tasks_done"] == 0 and time.monotonic() < deadline:
+            runner.join(0.05)
+        release.set()
+        runner.join(60)
+        assert not runner.is_alive()
+        assert isinstance(results[0], np.ndarray), results[0]
+        assert_exact(results[0], ref)
+        assert coordinator.stats().get("late", 0) > 0
+
+
+def test_registry_down_is_a_clear_error_within_seconds():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match=f"127.0.0.1:{port}"):
+        Coordinator(f"127.0.0.1:{port}", config=fault_config(connect_timeout=2.0))
+    assert time.monotonic() - start < 5
+
+
+def test_all_workers_gone_local_pool_finishes(job):
+    image, kernels, ref = job
+    with LocalCluster(workers=2) as cluster, Coordinator(
+        cluster.ns_address, local_threads=1, config=fault_config(), min_tasks=60
+    ) as coordinator:
+        progress = on_progress(3, lambda: [cluster.kill(name) for name in ("w1", "w2")])
+        assert_exact(coordinator.correlate(image, kernels, progress=progress), ref)
+        assert progress.fired.is_set()
+        assert coordinator.stats()["local"] > 0
+        assert registered(cluster.ns_address) == set()
+
+
+def test_all_workers_gone_without_local_pool_is_worker_lost(job):
+    image, kernels, _ = job
+    with LocalCluster(workers=1) as cluster, Coordinator(
+        cluster.ns_address, local_threads=0, config=fault_config(), min_tasks=60
+    ) as coordinator:
+        progress = on_progress(2, lambda: cluster.kill("w1"))
+        with pytest.raises(WorkerLost, match="every worker is gone"):
+            coordinator.correlate(image, kernels, progress=progress)
+
+
+def test_no_worker_at_all_is_worker_lost(nameserver, job):
+    image, kernels, _ = job
+    with Coordinator(nameserver, local_threads=0, config=fault_config()) as coordinator, pytest.raises(
+        WorkerLost, match="no worker"
+    ):
+        coordinator.correlate(image, kernels)
