@@ -44,16 +44,14 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
     if engine == "auto":
         engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
     logger.debug("correlate_valid %s * %s, %d thread(s), %s", image.shape, kernels.shape, n_threads, engine)
-    # Planar (C, H, W) makes every shifted copy a run of contiguous rows; free when C == 1.
-    planar = np.ascontiguousarray(image.transpose(2, 0, 1))
     with blas_pinned():
         if engine == "lowering":
             weights = np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)).reshape(k, channels * kh * kw)
-            correlate_lowering(planar, weights, out, n_threads)
+            correlate_lowering(image, weights, out, n_threads)
         elif engine == "direct":
-            correlate_direct(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
+            correlate_direct(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         elif engine == "fft":
-            correlate_fft(planar, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
+            correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         else:
             raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     return out

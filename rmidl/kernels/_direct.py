@@ -17,8 +17,8 @@ TILE_BYTES = 512 << 10
 """Bytes of one output tile (all kernels); it and its scratch stay in L2 across the kh*kw*C passes."""
 
 
-def correlate_direct(planar: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """Valid correlation of planar image (C, H, W) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
+def correlate_direct(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
     n_kernels, out_h, out_w = out.shape
     _, channels, kh, kw = kernels.shape
     rows = max(1, min(out_h, TILE_BYTES // (n_kernels * out_w * out.itemsize)))
@@ -36,7 +36,7 @@ def correlate_direct(planar: np.ndarray, kernels: np.ndarray, out: np.ndarray, t
         acc = out[:, r0:r1, :]
         term = scratch[:, : r1 - r0]
         for i, (c, a, b) in enumerate(taps):
-            shifted = planar[c, r0 + a : r1 + a, b : b + out_w]
+            shifted = image[r0 + a : r1 + a, b : b + out_w, c]
             if i == 0:
                 np.multiply(weights[i], shifted, out=acc)
             else:

@@ -46,16 +46,16 @@ def _kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int) -
     return np.conjugate(spectra, out=spectra)
 
 
-def correlate_fft(planar: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """Valid correlation of planar image (C, H, W) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
-    channels, height, width = planar.shape
+def correlate_fft(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
+    height, width, channels = image.shape
     n_kernels, _, kh, kw = kernels.shape
     _, out_h, out_w = out.shape
     rows, fh, fw, chunk = fft_plan((height, width), (kh, kw), n_kernels, channels, out.itemsize)
     tiles = split_range(out_h, size=rows)
     shape = (fh, fw)
     # Spectra of every band (channels, fh, fw//2+1), kept for all kernel chunks.
-    bands = {tile: scipy.fft.rfft2(planar[:, tile[0] : tile[1] + kh - 1, :], s=shape, workers=threads)
+    bands = {tile: scipy.fft.rfft2(image[tile[0] : tile[1] + kh - 1], s=shape, axes=(0, 1), workers=threads)
              for tile in tiles}
     # With fewer tiles than threads, kernels of a chunk are split too so that every thread has work.
     parts = max(1, -(-2 * threads // len(tiles))) if threads > 1 else 1
@@ -66,11 +66,11 @@ def correlate_fft(planar: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
         def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: np.ndarray,
                  spectra: np.ndarray = spectra, k0: int = k0) -> None:
             (r0, r1), (g0, g1) = unit
-            band = bands[(r0, r1)]
+            band = bands[(r0, r1)]  # (fh, fw//2+1, C)
             product = scratch[: g1 - g0]
-            np.multiply(spectra[g0:g1, 0], band[0], out=product)
+            np.multiply(spectra[g0:g1, 0], band[:, :, 0], out=product)
             for c in range(1, channels):
-                product += spectra[g0:g1, c] * band[c]
+                product += spectra[g0:g1, c] * band[:, :, c]
             # Inverse by axes, so the last pass transforms only the rows that land in the output.
             columns = scipy.fft.ifft(product, axis=-2, overwrite_x=True)
             result = scipy.fft.irfft(columns[:, : r1 - r0], n=fw, axis=-1, overwrite_x=True)

@@ -28,24 +28,31 @@ def tile_rows(out_hw: tuple[int, int], depth: int, itemsize: int, threads: int) 
     return min(rows, out_h)
 
 
-def correlate_lowering(planar: np.ndarray, weights: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """Valid correlation of planar image (C, H, W) with weights (K, C*kh*kw) ordered (c, a, b) into
+def correlate_lowering(image: np.ndarray, weights: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """Valid correlation of image (H, W, C) with weights (K, C*kh*kw) ordered (c, a, b) into
     out (K, OH, OW), whose rows must be contiguous; `kh` and `kw` are implied by the shapes."""
     k, out_h, out_w = out.shape
-    channels, height, width = planar.shape
+    height, width, channels = image.shape
     kh, kw = height - out_h + 1, width - out_w + 1
     depth = channels * kh * kw
     rows = tile_rows((out_h, out_w), depth, out.itemsize, threads)
     tiles = split_range(out_h, size=rows)
 
-    def make_scratch() -> np.ndarray:
-        return np.empty(depth * rows * out_w, dtype=out.dtype)
+    def make_scratch() -> tuple[np.ndarray, np.ndarray]:
+        # Colour bands are made planar (C, rows, W) per tile, so every shifted copy reads contiguous rows
+        # without a planar copy of the whole image.
+        band_size = channels * (rows + kh - 1) * width if channels > 1 else 0
+        return np.empty(depth * rows * out_w, out.dtype), np.empty(band_size, out.dtype)
 
-    def work(tile: tuple[int, int], scratch: np.ndarray) -> None:
+    def work(tile: tuple[int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
         r0, r1 = tile
         n = (r1 - r0) * out_w
-        cols = scratch[: depth * n].reshape(channels, kh, kw, r1 - r0, out_w)
-        band = planar[:, r0 : r1 + kh - 1, :]
+        cols = scratch[0][: depth * n].reshape(channels, kh, kw, r1 - r0, out_w)
+        band = image[r0 : r1 + kh - 1].transpose(2, 0, 1)
+        if channels > 1:
+            planar = scratch[1][: band.size].reshape(band.shape)
+            np.copyto(planar, band)
+            band = planar
         # windows[c, a, b] is band[c, a:a+rows, b:b+OW]: the kh*kw shifted copies, in one strided copy.
         np.copyto(cols, sliding_window_view(band, (r1 - r0, out_w), axis=(1, 2)))
         target = np.reshape(out[:, r0:r1, :], (k, n), copy=False)
