@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,10 @@ def test_default_image_script_reproduces_the_shipped_file(tmp_path: Path) -> Non
     np.testing.assert_array_equal(load_image(tmp_path / "d.png"), default_image(np.uint8))
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def broken(tmp_path: Path, name: str) -> Path:
     """Write one kind of unreadable image into tmp_path and return its path."""
     rng = np.random.default_rng(3)
@@ -187,6 +193,9 @@ def broken(tmp_path: Path, name: str) -> Path:
         Image.new("L", (4, 4)).save(path)
     elif name == "folder.png":
         path.mkdir()
+    elif name == "bomb.png":  # a valid header claiming 30000x30000 pixels, no data
+        header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b""))
     return path
 
 
@@ -199,6 +208,7 @@ READ_FAILURES = [
     ("truncated.png", "corrupt or truncated"),
     ("truncated.jpg", "corrupt or truncated"),
     ("corrupt.png", "corrupt or truncated"),
+    ("bomb.png", "too large to decode safely"),
 ]
 
 
