@@ -9,6 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, KernelTooLarge, NonFiniteInput, ShapeError
 from rmidl.interface import TaskDict, WireArray
-from rmidl.kernels import available_cores, correlate_valid
+from rmidl.kernels import available_cores, correlate_valid, measure_gflops
 from rmidl.shm import SharedArray, host_id
 from rmidl.wire import pack, unpack, wire_nbytes
 
@@ -337,13 +338,8 @@ def _check_bank_id(bank_id: Any) -> str:
     return bank_id
 
 
+@cache
 def _calibrate(threads: int) -> float:
-    """A first engine rate (GFLOP/s) from a few-millisecond job, refined by every task run later."""
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((96, 96, 1), dtype=np.float32)
-    kernels = rng.standard_normal((8, 5, 5, 1), dtype=np.float32)
-    out = np.empty((8, 92, 92), np.float32)
-    started = time.perf_counter()
-    run_engine(image, kernels, out, threads)
-    seconds = max(time.perf_counter() - started, 1e-6)
-    return 2.0 * out.size * 25 / seconds / 1e9
+    """A first engine rate (GFLOP/s), measured as the coordinator measures its own pool (once per process);
+    every task run later refines it."""
+    return float(measure_gflops(threads=threads))
