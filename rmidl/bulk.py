@@ -69,7 +69,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             sock.sendall(_REPLY.pack(MAGIC, OK, array.nbytes))
             if array.size:
-                sock.sendall(memoryview(array).cast("B"))
+                sock.sendall(array.data.cast("B"))
         except (OSError, ConnectionError, ValueError) as error:
             logger.warning("bulk: transfer to %s failed: %s", self.client_address, error)
 
@@ -193,10 +193,10 @@ def _contiguous_chunks(out: np.ndarray) -> list[memoryview]:
     if not out.flags.writeable:
         raise ShapeError("bulk fetch needs a writable output array")
     if out.flags.c_contiguous:
-        return [memoryview(out).cast("B")] if out.size else []
+        return [out.data.cast("B")] if out.size else []
     if out.ndim == 0 or not all(out[i].flags.c_contiguous for i in range(out.shape[0])):
         raise ShapeError(f"bulk fetch needs out[i] contiguous; got strides {out.strides}, shape {out.shape}")
-    return [memoryview(out[i]).cast("B") for i in range(out.shape[0]) if out[i].size]
+    return [out[i].data.cast("B") for i in range(out.shape[0]) if out[i].size]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -61,7 +61,8 @@ class SharedArray:
     @classmethod
     def create(cls, shape: tuple[int, ...] | list[int], dtype: str | np.dtype = "float32") -> SharedArray:
         """A new zero-filled block for a float32/float64 array of `shape`, owned by the caller."""
-        descriptor = {"name": "", "shape": [int(n) for n in shape], "dtype": np.dtype(dtype).name}
+        dims = [int(n) for n in shape]
+        descriptor: dict[str, Any] = {"name": "", "shape": dims, "dtype": np.dtype(dtype).name}
         nbytes = _checked_nbytes(descriptor)
         name = f"{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)

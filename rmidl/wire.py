@@ -24,7 +24,7 @@ def pack(array: np.ndarray) -> dict[str, Any]:
         raise DTypeError(f"cannot send dtype {array.dtype} (only {', '.join(DTYPES)} travel)")
     array = np.ascontiguousarray(array, dtype=DTYPES[name])
     # msgpack packs any buffer as bin: a memoryview saves one copy of a band or a result.
-    data = memoryview(array).cast("B") if array.size else b""
+    data = array.data.cast("B") if array.size else b""
     return {"dtype": name, "shape": [int(n) for n in array.shape], "data": data}
 
 
