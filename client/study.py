@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from Pyro5.errors import PyroError
 
-from rmidl.errors import ClusterError, RmidlError
+from rmidl.errors import RmidlError
 from rmidl.tiling import output_shape
 
 __all__ = [
@@ -362,11 +363,9 @@ def _engine_runner(threads: int) -> Iterator[Correlate]:
 def _coordinator_runner(config: Configuration, settings: StudySettings) -> Iterator[Correlate]:
     """A Coordinator over a fresh local cluster of `config.count` workers (none: its local pool alone),
     or over the name server given with --ns."""
-    try:
-        from rmidl.client import Coordinator
-        from rmidl.client.localcluster import LocalCluster
-    except ImportError as missing:
-        raise ClusterError(f"worker configurations need the Coordinator ({missing})") from None
+    from rmidl.client import Coordinator
+    from rmidl.client.localcluster import LocalCluster
+
     with contextlib.ExitStack() as stack:
         if config.kind == "cluster":
             ns, local = settings.ns, settings.local_threads
@@ -450,7 +449,8 @@ def run_study(
                 runner=runner,
                 clock=clock,
             )
-        except RmidlError as error:
+        except (RmidlError, PyroError, OSError) as error:
+            # one configuration's cluster trouble is recorded against it; the study goes on
             result.failure = f"{type(error).__name__}: {error}"
             logger.warning("%s failed: %s", config.label, result.failure)
     return StudyResult(machine_info(), job, settings.to_dict(), reference_seconds, results)

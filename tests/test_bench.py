@@ -173,6 +173,24 @@ def test_a_wrong_result_never_counts(rng: np.random.Generator, tmp_path: Path) -
     assert "Not counted: 2 cores" in (tmp_path / "table3.md").read_text()
 
 
+def test_a_failing_configuration_is_recorded_and_the_study_goes_on(rng: np.random.Generator) -> None:
+    image = rng.random((20, 24), dtype=np.float32)
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    import rmidl
+    from rmidl.errors import WorkerLost
+
+    @contextlib.contextmanager
+    def runner(config: Configuration, settings: StudySettings) -> Iterator:
+        if config.count == 1:
+            raise WorkerLost("worker w1 stopped answering")
+        yield lambda img, ker, mode: rmidl.correlate(img, ker, mode=mode, threads=config.threads)
+
+    result = study.run_study(image, kernels, StudySettings(cores=(1, 2), runs=1), runner=runner)
+    assert [r.counted for r in result.results] == [False, True]
+    assert result.results[0].failure == "WorkerLost: worker w1 stopped answering"
+    assert report.baseline(result) == ("reference run (1 thread)", result.reference_seconds)
+
+
 # -- the cost model --------------------------------------------------------------------------------------
 PAPER_JOB = Job((720, 1280, 1), (128, 11, 11, 1), "valid", "float32")
 
