@@ -1,7 +1,7 @@
 """The direct engine: shift-and-accumulate over row tiles small enough to stay in cache.
 
 For tiny kernels (1x1, a few taps) the column matrix of the lowering engine costs more than it saves:
-here each output tile is the sum of kh*kw*C shifted views of the image scaled by every kernel at once.
+here each kernel's output tile is the sum of its kh*kw*C taps times shifted views of the image.
 """
 
 from __future__ import annotations
@@ -13,34 +13,43 @@ from rmidl.tiling import split_range
 
 __all__ = ["correlate_direct"]
 
-TILE_BYTES = 512 << 10
-"""Bytes of one output tile (all kernels); it and its scratch stay in L2 across the kh*kw*C passes."""
+TILE_BYTES = 64 << 10
+"""Bytes of one kernel's output tile: it and its scratch stay in L2 across the kh*kw*C passes."""
 
 
 def correlate_direct(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
     """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
     n_kernels, out_h, out_w = out.shape
     _, channels, kh, kw = kernels.shape
-    rows = max(1, min(out_h, TILE_BYTES // (n_kernels * out_w * out.itemsize)))
+    width = image.shape[1]
+    rows = max(1, min(out_h, TILE_BYTES // (out_w * out.itemsize)))
     if threads > 1:
         rows = min(rows, max(1, -(-out_h // (2 * threads))))
     taps = [(c, a, b) for c in range(channels) for a in range(kh) for b in range(kw)]
-    # weights[i] is the (K, 1, 1) column of tap i: one multiply scales the shifted image by every kernel.
-    weights = np.ascontiguousarray(kernels.reshape(n_kernels, -1).T)[:, :, None, None]
+    # Python floats keep the arithmetic in the image's dtype (numpy float64 scalars would not).
+    weights = kernels.tolist()
 
-    def make_scratch() -> np.ndarray:
-        return np.empty((n_kernels, rows, out_w), out.dtype)
+    def make_scratch() -> tuple[np.ndarray, np.ndarray]:
+        band_size = channels * (rows + kh - 1) * width if channels > 1 else 0
+        return np.empty((rows, out_w), out.dtype), np.empty(band_size, out.dtype)
 
-    def work(tile: tuple[int, int], scratch: np.ndarray) -> None:
+    def work(tile: tuple[int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
         r0, r1 = tile
-        acc = out[:, r0:r1, :]
-        term = scratch[:, : r1 - r0]
-        for i, (c, a, b) in enumerate(taps):
-            shifted = image[r0 + a : r1 + a, b : b + out_w, c]
-            if i == 0:
-                np.multiply(weights[i], shifted, out=acc)
-            else:
-                np.multiply(weights[i], shifted, out=term)
-                acc += term
+        term = scratch[0][: r1 - r0]
+        band = image[r0 : r1 + kh - 1].transpose(2, 0, 1)
+        if channels > 1:  # planar per tile: contiguous shifted rows without a planar copy of the image
+            planar = scratch[1][: band.size].reshape(band.shape)
+            np.copyto(planar, band)
+            band = planar
+        for k in range(n_kernels):
+            acc = out[k, r0:r1]
+            w = weights[k]
+            for i, (c, a, b) in enumerate(taps):
+                shifted = band[c, a : a + r1 - r0, b : b + out_w]
+                if i == 0:
+                    np.multiply(shifted, w[c][a][b], out=acc)
+                else:
+                    np.multiply(shifted, w[c][a][b], out=term)
+                    acc += term
 
     run_tiles(split_range(out_h, size=rows), work, make_scratch, threads)
