@@ -17,15 +17,19 @@ __all__ = ["SCRATCH_BYTES", "correlate_lowering", "tile_rows"]
 
 SCRATCH_BYTES = 2 << 20
 """Column-matrix bytes per thread: small enough to stay in L2/L3 while the GEMM streams it."""
+MIN_TILE_FLOPS = 4_000_000
+"""Below this a tile is not worth handing to another thread (~50 us of work)."""
 
 
-def tile_rows(out_hw: tuple[int, int], depth: int, itemsize: int, threads: int) -> int:
-    """Output rows per tile: a column matrix of about SCRATCH_BYTES, and a few tiles per thread."""
+def tile_rows(out_hw: tuple[int, int], depth: int, n_kernels: int, itemsize: int, threads: int) -> int:
+    """Output rows per tile: a column matrix of about SCRATCH_BYTES, and a few tiles per thread unless
+    that would make tiles too small to be worth a thread (under MIN_TILE_FLOPS)."""
     out_h, out_w = out_hw
     rows = max(1, SCRATCH_BYTES // max(1, depth * out_w * itemsize))
     if threads > 1:
-        rows = min(rows, max(1, -(-out_h // (4 * threads))))
-    return min(rows, out_h)
+        worth = -(-MIN_TILE_FLOPS // (2 * n_kernels * depth * out_w))
+        rows = min(rows, max(worth, -(-out_h // (4 * threads))))
+    return max(1, min(rows, out_h))
 
 
 def correlate_lowering(image: np.ndarray, weights: np.ndarray, out: np.ndarray, threads: int) -> None:
@@ -35,7 +39,7 @@ def correlate_lowering(image: np.ndarray, weights: np.ndarray, out: np.ndarray, 
     height, width, channels = image.shape
     kh, kw = height - out_h + 1, width - out_w + 1
     depth = channels * kh * kw
-    rows = tile_rows((out_h, out_w), depth, out.itemsize, threads)
+    rows = tile_rows((out_h, out_w), depth, k, out.itemsize, threads)
     tiles = split_range(out_h, size=rows)
 
     def make_scratch() -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any, TypeVar
 
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["available_cores", "blas_pinned", "resolve_threads", "run_tiles"]
 
@@ -46,16 +47,21 @@ class _BlasPin:
         self._lock = threading.Lock()
         self._users = 0
         self._limiter: Any = None
+        self._controller: ThreadpoolController | None = None
+        self._modules_seen = -1
 
     def acquire(self) -> None:
         with self._lock:
             if self._users == 0:
-                self._limiter = threadpool_limits(limits=1, user_api="blas")
-                if logger.isEnabledFor(logging.DEBUG):
-                    for lib in threadpool_info():
-                        if lib.get("user_api") == "blas":
-                            logger.debug("BLAS %s %s, %s kernel, pinned to 1 thread", lib.get("internal_api"),
-                                         lib.get("version"), lib.get("architecture"))
+                # Scanning the loaded libraries costs ~1-10 ms; rescan only when imports may have
+                # brought in another BLAS (pinning a cached controller costs ~10 us).
+                if self._controller is None or self._modules_seen != len(sys.modules):
+                    self._controller = ThreadpoolController()
+                    self._modules_seen = len(sys.modules)
+                    for lib in self._controller.select(user_api="blas").lib_controllers:
+                        logger.debug("BLAS %s %s, %s kernel: pinned to 1 thread inside engine calls",
+                                     lib.internal_api, lib.version, getattr(lib, "architecture", "?"))
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
             self._users += 1
 
     def release(self) -> None:
