@@ -6,10 +6,9 @@ import logging
 
 import numpy as np
 
-from rmidl.errors import DTypeError, OptionError, ShapeError
 from rmidl.kernels import correlate_valid
 from rmidl.tiling import pad_for_mode
-from rmidl.validate import check_engine, check_threads, prepare
+from rmidl.validate import check_engine, check_out, check_threads, prepare
 
 __all__ = ["convolve", "correlate"]
 
@@ -40,27 +39,13 @@ def _run(image: object, kernels: object, *, mode: str, threads: int | None, engi
     p = prepare(image, kernels, mode)
     bank = np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]) if flip else p.kernels
     padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
-    result = _check_out(out, p.out_shape, p.dtype)
+    result = np.empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
     # The engines write rows straight into `out`; any other layout gets a temporary and one copy.
     target = result if _rows_contiguous(result) else np.empty(p.out_shape, p.dtype)
     correlate_valid(padded, bank, target, threads=n_threads, engine=engine)
     if target is not result:
         result[...] = target
     return result
-
-
-def _check_out(out: object, shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, dtype)
-    if not isinstance(out, np.ndarray):
-        raise OptionError(f"out must be a numpy array, got {type(out).__name__}")
-    if out.shape != shape:
-        raise ShapeError(f"out has shape {out.shape}, the result needs {shape}")
-    if out.dtype != dtype:
-        raise DTypeError(f"out has dtype {out.dtype}, the result needs {dtype}")
-    if not out.flags.writeable:
-        raise OptionError("out is read-only")
-    return out
 
 
 def _rows_contiguous(array: np.ndarray) -> bool:

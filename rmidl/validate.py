@@ -8,7 +8,7 @@ import numpy as np
 
 from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
 
-__all__ = ["MODES", "Prepared", "check_engine", "check_mode", "check_threads", "prepare"]
+__all__ = ["MODES", "Prepared", "check_engine", "check_mode", "check_out", "check_threads", "prepare"]
 
 MODES = ("valid", "same", "full")
 
@@ -52,6 +52,19 @@ def check_threads(threads: object) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise OptionError(f"threads={threads!r} must be a positive integer or None")
     return int(threads)
+
+
+def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A caller's `out=` buffer: a writeable ndarray of exactly the result's shape and dtype."""
+    if not isinstance(out, np.ndarray):
+        raise OptionError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ShapeError(f"out has shape {out.shape}, the result needs {tuple(shape)}")
+    if out.dtype != dtype:
+        raise DTypeError(f"out has dtype {out.dtype}, the result needs {np.dtype(dtype)}")
+    if not out.flags.writeable:
+        raise OptionError("out is read-only")
+    return out
 
 
 def _as_real_array(value: object, what: str) -> np.ndarray:
