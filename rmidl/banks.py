@@ -45,7 +45,7 @@ def _gabor(args: str, spec: str) -> np.ndarray:
         raise BankError(f"bank spec {spec!r}: expected gabor:K[xS][:sigma]")
     k, size = _sizes(spec, match[1], match[2] or "11")
     _check_budget(spec, k * size * size)
-    sigma = _positive_float(match[3], spec) if match[3] else size / 4.5
+    sigma = _sigma(match[3], spec) if match[3] else size / 4.5
     wavelength = sigma / 0.56  # one-octave bandwidth
     gamma = 0.5  # envelope aspect ratio, as in V1 models
     y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
@@ -70,7 +70,7 @@ def _gaussian(args: str, spec: str) -> np.ndarray:
     (size,) = _sizes(spec, match[1])
     _check_budget(spec, size * size)
     # OpenCV's default sigma for a given size, so `gaussian:5` matches cv2.getGaussianKernel(5, 0)
-    sigma = _positive_float(match[2], spec) if match[2] else 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    sigma = _sigma(match[2], spec) if match[2] else 0.3 * ((size - 1) * 0.5 - 1) + 0.8
     g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
     kernel = np.outer(g, g)
     return (kernel / kernel.sum())[None]
@@ -114,10 +114,11 @@ def _sizes(spec: str, *texts: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_float(text: str, spec: str) -> float:
+def _sigma(text: str, spec: str) -> float:
     value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise BankError(f"bank spec {spec!r}: sigma {text} must be a positive number")
+    # below 0.1 px the envelope underflows to a single pixel; above 1e4 it is flat for any kernel size
+    if not 0.1 <= value <= 1e4:
+        raise BankError(f"bank spec {spec!r}: sigma {text} must lie between 0.1 and 10000")
     return value
 
 
