@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 from typing import Any
 
@@ -19,11 +20,13 @@ from rmidl.interface import WORKER_PREFIX
 __all__ = [
     "SERIALIZER",
     "WORKER_METADATA",
+    "client_ssl_context",
     "configure_pyro",
     "connect_ns",
     "is_refusal",
     "list_workers",
     "parse_address",
+    "server_ssl_context",
     "tls_enabled",
     "worker_proxy",
 ]
@@ -71,6 +74,25 @@ def parse_address(
 def tls_enabled(config: Config) -> bool:
     """True when this process has a certificate, key and CA for 2-way TLS."""
     return bool(config.tls_cert and config.tls_key and config.tls_ca)
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """2-way TLS context for a listening socket (peers must show a certificate signed by tls_ca), or None."""
+    if not tls_enabled(config):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=config.tls_ca)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """2-way TLS context for connecting (checks the server's certificate and host name), or None."""
+    if not tls_enabled(config):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
 
 
 def configure_pyro(config: Config) -> None:

@@ -6,7 +6,6 @@ import argparse
 import hmac
 import ipaddress
 import logging
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import Pyro5.errors
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
-from rmidl.transport import tls_enabled
+from rmidl.transport import client_ssl_context, server_ssl_context, tls_enabled
 
 __all__ = [
     "HANDSHAKE_MAX_BYTES",
@@ -142,25 +141,6 @@ def _peer(conn: Any) -> str:
         return f"{host}:{port}"
     except (OSError, AttributeError, ValueError):
         return "unknown peer"
-
-
-def server_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """2-way TLS context for a listening socket (peers must show a certificate signed by tls_ca), or None."""
-    if not tls_enabled(config):
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=config.tls_ca)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def client_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """2-way TLS context for connecting (checks the server's certificate and host name), or None."""
-    if not tls_enabled(config):
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:

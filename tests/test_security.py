@@ -23,8 +23,8 @@ from rmidl.client.cli import main as cli_main
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
 from rmidl.server.nameserver import start_ns
-from rmidl.server.security import client_ssl_context, read_secret, secured_config
-from rmidl.transport import configure_pyro, connect_ns, list_workers, worker_proxy
+from rmidl.server.security import read_secret, secured_config
+from rmidl.transport import client_ssl_context, configure_pyro, connect_ns, list_workers, worker_proxy
 from rmidl.wire import pack, unpack
 
 SECRET = "correct horse battery staple"
