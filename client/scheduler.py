@@ -65,10 +65,14 @@ class Job:
         self.max_attempts = max(1, max_attempts)
         self.shm_input: dict[str, Any] | None = None
         self.shm_output: dict[str, Any] | None = None
+        self.shm_out_array: np.ndarray | None = None
+        """The shared output block same-host workers write into; each task's part is copied to `out`."""
         self.total = len(tasks)
         self.done = 0
         self.requeued = 0
         self.tasks_by: Counter[str] = Counter()
+        self.moved_bytes = 0
+        self.moving_seconds = 0.0
         self.error: BaseException | None = None
         self._pending: deque[Task] = deque(tasks)
         self._holding: dict[int, str] = {}
@@ -151,6 +155,12 @@ class Job:
                 self.requeued += 1
                 self._check_starved()
             self._cond.notify_all()
+
+    def moved(self, nbytes: int, seconds: float) -> None:
+        """Account result bytes that crossed the data plane (bulk or inline), for MB/s figures."""
+        with self._cond:
+            self.moved_bytes += nbytes
+            self.moving_seconds += seconds
 
     def fail(self, error: BaseException) -> None:
         with self._cond:
@@ -392,7 +402,7 @@ class Scheduler:
                 if worker.name in started or not worker.usable:
                     continue
                 started.add(worker.name)
-                use_shm = shm and worker.same_host and job.shm_output is not None
+                use_shm = shm and worker.same_host and job.shm_out_array is not None
                 for slot in range(max(1, self.config.tasks_in_flight)):
                     args = (job, worker, use_shm)
                     name = f"rmidl-{worker.name}-{slot}"
@@ -497,6 +507,7 @@ class Scheduler:
         else:
             request["input"] = {"array": wire.pack(job.band(task))}
             request["output"] = "bulk" if worker.info.get("bulk_port") else "inline"
+        started = time.perf_counter()
         with worker.proxy() as proxy:
             worker.ensure_bank(proxy, job)
             proxy._pyroTimeout = limit
@@ -508,15 +519,21 @@ class Scheduler:
                 proxy._pyroTimeout = limit
                 reply = proxy.correlate(request)
         view = job.out_view(task)
+        log.debug("%s on %s: %.3f s round trip, %.3f s in the worker", _describe(task), worker.name,
+                  time.perf_counter() - started, float(reply.get("seconds", 0.0)))
         if use_shm:
+            assert job.shm_out_array is not None
+            view[...] = job.shm_out_array[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1], :]
             return
+        moving = time.perf_counter()
         if request["output"] == "bulk":
             from rmidl.bulk import fetch
 
             fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit)
-            return
-        result = wire.unpack(reply["result"], max_bytes=view.nbytes)
-        if result.shape != view.shape:
-            raise RmidlError(f"worker {worker.name} returned shape {result.shape} for {_describe(task)}, "
-                             f"expected {view.shape}")
-        view[...] = result
+        else:
+            result = wire.unpack(reply["result"], max_bytes=view.nbytes)
+            if result.shape != view.shape:
+                raise RmidlError(f"worker {worker.name} returned shape {result.shape} for {_describe(task)}, "
+                                 f"expected {view.shape}")
+            view[...] = result
+        job.moved(view.nbytes, time.perf_counter() - moving)
