@@ -37,6 +37,23 @@ class Config:
 
     __slots__ = tuple(DEFAULTS)
 
+    # Declared for type checkers; values are set from DEFAULTS in __init__.
+    host: str
+    ns_host: str
+    ns_port: int
+    serializer: str
+    max_message_size: int
+    memory_budget: int
+    bank_cache_size: int
+    task_deadline_floor: float
+    max_task_attempts: int
+    tasks_in_flight: int
+    connect_timeout: float
+    secret: str
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+
     def __init__(self, *, environ: dict[str, str] | None = None, **overrides: Any) -> None:
         unknown = set(overrides) - set(DEFAULTS)
         if unknown:

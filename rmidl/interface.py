@@ -46,9 +46,10 @@ class ConvolutionWorkerAPI(Protocol):
         ...
 
     def info(self) -> dict[str, Any]:
-        """Describe the worker: name, host, host_id (same value = shared memory works), pid, cores,
-        threads, version, gflops (measured engine rate), tasks_done, busy (tasks running), banks
-        (ids cached), bulk_port (side channel for "bulk" results, or None)."""
+        """Describe the worker: name, host, hostname, host_id (same value = shared memory works), pid,
+        cores, threads, version, gflops (measured engine rate), tasks_done, busy (tasks running), banks
+        (ids cached), bulk_port (side channel for "bulk" results, or None), max_message_size,
+        memory_budget (bytes), shm_blocks (shared-memory blocks attached)."""
         ...
 
     def put_bank(self, bank_id: str, bank: WireArray) -> None:
