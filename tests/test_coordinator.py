@@ -199,3 +199,18 @@ def test_workers_are_used_in_proportion(nameserver, start_worker, cluster_config
         coordinator.correlate(image, kernels)
         # Both workers pull from one queue: neither is idle for a job of many tasks.
         assert len(coordinator.stats()) == 2
+
+
+def test_shared_blocks_reused_across_jobs_give_fresh_results(nameserver, start_worker, cluster_config, rng):
+    start_worker()
+    with Coordinator(nameserver, local_threads=1, config=cluster_config, min_tasks=6) as coordinator:
+        results, refs = [], []
+        for _ in range(3):
+            image = rng.standard_normal((60, 80)).astype(np.float32)
+            kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
+            results.append(coordinator.correlate(image, kernels))
+            refs.append(ref2d(image, kernels, "valid"))
+            assert coordinator.last_job()["shared_memory"]
+        # Each result is the caller's own array: later jobs through the same blocks leave it alone.
+        for result, ref in zip(results, refs, strict=True):
+            assert_close(result, ref)
