@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rmidl.client.predict import LINK_EFFICIENCY, Calibration, Prediction
 from rmidl.client.study import ConfigurationResult, StudyResult
 
@@ -184,6 +186,9 @@ def _notes(study: StudyResult) -> list[str]:
             f"Marked {OVERSUBSCRIBED_MARK}: oversubscribed, more threads than the "
             f"{machine.get('usable_cores')} usable cores; run and kept, not dropped."
         )
+    busy = busy_note(study)
+    if busy:
+        notes.append(busy)
     notes += [f"Not counted: {r.config.label}: {r.failure}" for r in study.results if not r.counted]
     return notes
 
@@ -396,6 +401,7 @@ def write_results_json(study: StudyResult, path: Path) -> Path:
     """results.json: the study itself plus the derived speed-ups and efficiencies and the paper's figures."""
     data = study.to_dict()
     data["derived"] = {
+        "busy_factor": busy_factor(study),
         "baseline": dict(zip(("label", "seconds"), baseline(study), strict=True)),
         "efficiency": efficiency_rows(study),
         "speedup_matrix": {
@@ -442,7 +448,38 @@ def summary(study: StudyResult) -> str:
         for line in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    busy = busy_note(study)
+    return "\n".join(lines + ([busy] if busy else []))
+
+
+BUSY_THRESHOLD = 1.25
+"""Wall over CPU time of the 1-thread engine above which the machine is called busy."""
+
+
+def busy_factor(study: StudyResult) -> float | None:
+    """Median wall / median CPU seconds of the 1-core engine runs: 1.0 on an idle machine, more when
+    other work held the core (the engine's one thread never waits for anything else)."""
+    for result in study.results:
+        if (
+            result.config.kind == "cores"
+            and result.config.threads == 1
+            and result.counted
+            and result.cpu_times
+        ):
+            cpu = float(np.median(result.cpu_times))
+            return float(np.median(result.times)) / cpu if cpu > 0 else None
+    return None
+
+
+def busy_note(study: StudyResult) -> str | None:
+    """A warning when the machine was busy during the study, or None."""
+    factor = busy_factor(study)
+    if factor is None or factor <= BUSY_THRESHOLD:
+        return None
+    return (
+        f"Warning: the machine was busy: 1-core wall time was {factor:.2f}x its CPU time, so other work "
+        "held the cores; timings are inflated and speed-ups are unreliable. Re-run on a quiet machine."
+    )
 
 
 def prediction_block(cal: Calibration, predictions: Sequence[Prediction]) -> dict[str, Any]:

@@ -191,6 +191,15 @@ def test_a_failing_configuration_is_recorded_and_the_study_goes_on(rng: np.rando
     assert report.baseline(result) == ("reference run (1 thread)", result.reference_seconds)
 
 
+@pytest.mark.parametrize(("wall", "cpu", "busy"), [(1.0, 1.0, False), (1.1, 1.0, False), (2.0, 0.8, True)])
+def test_a_busy_machine_is_called_out(wall: float, cpu: float, busy: bool) -> None:
+    config = Configuration("cores", 1, 1, "1 core")
+    one = ConfigurationResult(config, [wall] * 3, cpu_times=[cpu] * 3, verified=True)
+    result = StudyResult({}, Job((8, 8, 1), (1, 3, 3, 1), "valid", "float32"), {}, wall, [one])
+    assert report.busy_factor(result) == pytest.approx(wall / cpu)
+    assert ("was busy" in report.summary(result)) is busy
+
+
 # -- the cost model --------------------------------------------------------------------------------------
 PAPER_JOB = Job((720, 1280, 1), (128, 11, 11, 1), "valid", "float32")
 
