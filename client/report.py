@@ -186,6 +186,9 @@ def _notes(study: StudyResult) -> list[str]:
             f"Marked {OVERSUBSCRIBED_MARK}: oversubscribed, more threads than the "
             f"{machine.get('usable_cores')} usable cores; run and kept, not dropped."
         )
+    versus = versus_paper(study)
+    if versus:
+        notes.append(versus)
     busy = busy_note(study)
     if busy:
         notes.append(busy)
@@ -448,8 +451,21 @@ def summary(study: StudyResult) -> str:
         for line in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    busy = busy_note(study)
-    return "\n".join(lines + ([busy] if busy else []))
+    extra = [note for note in (versus_paper(study), busy_note(study)) if note]
+    return "\n".join(lines + extra)
+
+
+def versus_paper(study: StudyResult) -> str | None:
+    """How our single core compares with the paper's, when the job is the paper's; otherwise None."""
+    job = study.job
+    if job.image_shape[:2] != (720, 1280) or job.kernels_shape[:3] != (128, 11, 11) or job.channels != 1:
+        return None
+    label, seconds = baseline(study)
+    paper = PAPER["average_seconds"][0]
+    return (
+        f"The paper's job: our single core ({label}) took {format_seconds(seconds)} s against the paper's "
+        f"{paper} s, {paper / seconds:.0f}x faster."
+    )
 
 
 BUSY_THRESHOLD = 1.25

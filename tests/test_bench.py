@@ -266,6 +266,13 @@ def test_gathering_the_output_bounds_the_paper_job_on_slow_links() -> None:
     assert all(p.speedup <= p.ideal_speedup for p in (alone, eight, fast))
 
 
+def test_the_paper_job_is_compared_with_the_paper() -> None:
+    paper_job = _synthetic(PAPER_JOB, 0.5, 0.0, (1,), usable=2)
+    assert "took 0.5 s against the paper's 85.9125 s, 172x faster" in report.summary(paper_job)
+    other = _synthetic(Job((64, 96, 1), (4, 5, 5, 1), "valid", "float32"), 0.5, 0.0, (1,), usable=2)
+    assert report.versus_paper(other) is None
+
+
 def test_kernel_groups_win_for_a_big_bank_on_a_small_image() -> None:
     deep = Job((16, 16, 256), (512, 3, 3, 256), "valid", "float32")
     link = predict.parse_link("10Gbit")
