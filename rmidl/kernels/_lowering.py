@@ -3,6 +3,7 @@
 For output rows [r0, r1) the column matrix holds, for every (channel, a, b), the image rows
 r0 + a ... shifted by b: kh*kw*C contiguous copies of (rows, OW). One GEMM
 (K, kh*kw*C) @ (kh*kw*C, rows*OW) then writes straight into the output view out[:, r0:r1, :].
+Tiles keep the column matrix near SCRATCH_BYTES per thread (rows, or parts of one row for huge kernels).
 """
 
 from __future__ import annotations
@@ -40,26 +41,29 @@ def correlate_lowering(image: np.ndarray, weights: np.ndarray, out: np.ndarray, 
     kh, kw = height - out_h + 1, width - out_w + 1
     depth = channels * kh * kw
     rows = tile_rows((out_h, out_w), depth, k, out.itemsize, threads)
-    tiles = split_range(out_h, size=rows)
+    # A single output row whose column matrix exceeds the budget (huge kernels) is split by columns too.
+    span = min(out_w, max(1, SCRATCH_BYTES // (depth * out.itemsize)))
+    tiles = [(r0, r1, j0, j1) for r0, r1 in split_range(out_h, size=rows)
+             for j0, j1 in split_range(out_w, size=span)]
 
     def make_scratch() -> tuple[np.ndarray, np.ndarray]:
         # Colour bands are made planar (C, rows, W) per tile, so every shifted copy reads contiguous rows
         # without a planar copy of the whole image.
-        band_size = channels * (rows + kh - 1) * width if channels > 1 else 0
-        return np.empty(depth * rows * out_w, out.dtype), np.empty(band_size, out.dtype)
+        band_size = channels * (rows + kh - 1) * (span + kw - 1) if channels > 1 else 0
+        return np.empty(depth * rows * span, out.dtype), np.empty(band_size, out.dtype)
 
-    def work(tile: tuple[int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
-        r0, r1 = tile
-        n = (r1 - r0) * out_w
-        cols = scratch[0][: depth * n].reshape(channels, kh, kw, r1 - r0, out_w)
-        band = image[r0 : r1 + kh - 1].transpose(2, 0, 1)
+    def work(tile: tuple[int, int, int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
+        r0, r1, j0, j1 = tile
+        n = (r1 - r0) * (j1 - j0)
+        cols = scratch[0][: depth * n].reshape(channels, kh, kw, r1 - r0, j1 - j0)
+        band = image[r0 : r1 + kh - 1, j0 : j1 + kw - 1].transpose(2, 0, 1)
         if channels > 1:
             planar = scratch[1][: band.size].reshape(band.shape)
             np.copyto(planar, band)
             band = planar
-        # windows[c, a, b] is band[c, a:a+rows, b:b+OW]: the kh*kw shifted copies, in one strided copy.
-        np.copyto(cols, sliding_window_view(band, (r1 - r0, out_w), axis=(1, 2)))
-        target = np.reshape(out[:, r0:r1, :], (k, n), copy=False)
+        # windows[c, a, b] is band[c, a:a+rows, b:b+span]: the kh*kw shifted copies, in one strided copy.
+        np.copyto(cols, sliding_window_view(band, (r1 - r0, j1 - j0), axis=(1, 2)))
+        target = np.reshape(out[:, r0:r1, j0:j1], (k, n), copy=False)
         np.matmul(weights, cols.reshape(depth, n), out=target)
 
     run_tiles(tiles, work, make_scratch, threads)
