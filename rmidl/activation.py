@@ -10,7 +10,8 @@ import os
 import numexpr
 import numpy as np
 
-from rmidl.errors import DTypeError, OptionError, ShapeError
+from rmidl.errors import DTypeError, OptionError
+from rmidl.validate import check_out
 
 __all__ = ["ACTIVATIONS", "ENGINES", "activate"]
 
@@ -57,18 +58,6 @@ def _check_lam(lam: object) -> float:
     if not math.isfinite(float(lam)):
         raise OptionError(f"lam={lam!r} must be finite")
     return float(lam)
-
-
-def _check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    if not isinstance(out, np.ndarray):
-        raise OptionError(f"out must be a numpy array, got {type(out).__name__}")
-    if out.shape != shape:
-        raise ShapeError(f"out has shape {out.shape} but the input has shape {shape}")
-    if out.dtype != dtype:
-        raise DTypeError(f"out has dtype {out.dtype} but the result is {dtype}")
-    if not out.flags.writeable:
-        raise OptionError("out is read-only")
-    return out
 
 
 def _numpy_passes(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
@@ -136,7 +125,7 @@ def activate(
     if out is None:
         out = np.empty(array.shape, dtype)
     else:
-        out = _check_out(out, array.shape, dtype)
+        out = check_out(out, array.shape, dtype)
         # both engines stream blocks, so an input that only partly overlaps the output would be read
         # after being overwritten; the identical view (out is x, or the same buffer) is safe.
         same_view = (
