@@ -28,6 +28,7 @@ ACTIVATIONS: dict[str, str] = {
     "sigmoid": "1 / (1 + exp(-y))",
 }
 
+
 @functools.cache
 def _pin_numexpr_threads() -> int:
     """Once per process: cap numexpr's pool at the cores this process may run on (not all the host's).
