@@ -171,8 +171,10 @@ def _notes(study: StudyResult) -> list[str]:
     notes = [
         f"Ours: {machine.get('cpu_model')}, {machine.get('usable_cores')} usable cores, "
         f"BLAS {blas or 'unknown'}; "
-        f"image {'x'.join(map(str, job.image_shape))} ({job.image_source}), kernels "
-        f"{'x'.join(map(str, job.kernels_shape))} ({job.kernels_source}), mode {job.mode}, {job.dtype}; "
+        f"image {job.image_shape[1]}x{job.image_shape[0]} px x {job.channels} channel(s) "
+        f"({job.image_source}), "
+        f"kernels {'x'.join(map(str, job.kernels_shape))} (K x kh x kw x C, {job.kernels_source}), "
+        f"mode {job.mode}, {job.dtype}; "
         f"{job.flops / 1e9:.4g} GFLOP per run. Times in seconds.",
         f"Each configuration ran {study.settings.get('warmup', 0)} untimed warm-up run(s) first; every run, "
         "warm-up included, was checked against a single-thread run before its time counted.",
