@@ -355,6 +355,17 @@ def plot_speedup(study: StudyResult, path: Path) -> Path:
     )
     top = max([*PAPER["cores"], *(r.config.count for r in cores)])
     axes.plot([1, top], [1, top], color="gray", linestyle=":", label="ideal")
+    usable = int(study.machine.get("usable_cores") or top)
+    if usable < top:
+        # past the usable cores more threads cannot help: the best this machine can do
+        axes.plot(
+            [1, usable, top],
+            [1, usable, usable],
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label=f"ideal here ({usable} usable cores)",
+        )
     if cores:
         xs = [r.config.count for r in cores]
         ys = [base / r.average for r in cores]
