@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_info
 import rmidl
 from rmidl import kernels as engines
 from rmidl.kernels import _direct, _fft, _lowering
-from rmidl.kernels._threads import blas_pinned
+from rmidl.kernels._threads import blas_pinned, run_tiles
 
 MODES = ("valid", "same", "full")
 
@@ -247,3 +247,24 @@ def test_auto_cost_model_picks_by_shape() -> None:
 def test_measure_gflops_is_quick_and_positive() -> None:
     rate = engines.measure_gflops(threads=1)
     assert 0.1 < rate < 10_000
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_failing_tile_fails_the_call_and_stops_the_rest(threads) -> None:
+    done: list[int] = []
+
+    def work(tile: int, scratch: object) -> None:
+        if tile == 3:
+            raise ZeroDivisionError(f"tile {tile}")
+        done.append(tile)
+
+    with pytest.raises(ZeroDivisionError, match="tile 3"):
+        run_tiles(list(range(1000)), work, lambda: None, threads)
+    assert 3 not in done and len(done) < 999
+
+
+def test_correlate_valid_refuses_an_unknown_engine() -> None:
+    out = np.empty((1, 2, 2), np.float32)
+    with pytest.raises(rmidl.OptionError, match="'gpu'"):
+        engines.correlate_valid(np.ones((3, 3, 1), np.float32), np.ones((1, 2, 2, 1), np.float32), out,
+                                engine="gpu")

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from rmidl.errors import OptionError
 from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
 from rmidl.kernels._direct import correlate_direct
 from rmidl.kernels._fft import correlate_fft
@@ -53,5 +54,5 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
         elif engine == "fft":
             correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         else:
-            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+            raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
     return out

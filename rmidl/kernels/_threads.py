@@ -102,15 +102,20 @@ def run_tiles(tiles: Sequence[T], work: Callable[[T, Any], None], make_scratch: 
         return
     lock = threading.Lock()
     position = iter(tiles)
+    failed = threading.Event()  # one tile's error stops the others from taking more
 
     def loop() -> None:
         scratch = make_scratch()
-        while True:
+        while not failed.is_set():
             with lock:
                 tile = next(position, None)
             if tile is None:
                 return
-            work(tile, scratch)
+            try:
+                work(tile, scratch)
+            except BaseException:
+                failed.set()
+                raise
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmidl-tile") as pool:
         futures = [pool.submit(loop) for _ in range(threads)]
