@@ -82,6 +82,7 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_direct, "TILE_BYTES", 256)
     monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
     monkeypatch.setattr(_fft, "SPECTRA_BYTES", 8192)
+    monkeypatch.setattr(_fft, "BANDS_BYTES", 8192)
 
 
 @pytest.mark.usefixtures("small_tiles")

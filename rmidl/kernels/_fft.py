@@ -17,8 +17,10 @@ __all__ = ["correlate_fft", "fft_plan"]
 
 TILE_ELEMENTS = 1 << 18
 """Real elements of one FFT tile (about 1 MiB in float32): big enough for FFT efficiency."""
-SPECTRA_BYTES = 8 << 20
+SPECTRA_BYTES = 6 << 20
 """Bytes of one chunk of kernel spectra; each thread's scratch is about twice this."""
+BANDS_BYTES = 16 << 20
+"""Bytes of image-band spectra held at once (all of them for images up to about 8 Mpixel)."""
 
 
 def fft_plan(image_hw: tuple[int, int], kernel_hw: tuple[int, int], n_kernels: int, channels: int,
@@ -50,13 +52,25 @@ def correlate_fft(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threa
     """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
     height, width, channels = image.shape
     n_kernels, _, kh, kw = kernels.shape
-    _, out_h, out_w = out.shape
+    out_h = out.shape[1]
     rows, fh, fw, chunk = fft_plan((height, width), (kh, kw), n_kernels, channels, out.itemsize)
     tiles = split_range(out_h, size=rows)
     shape = (fh, fw)
-    # Spectra of every band (channels, fh, fw//2+1), kept for all kernel chunks.
+    band_bytes = channels * fh * (fw // 2 + 1) * 2 * out.itemsize
+    # Band spectra are kept for every kernel chunk, so a group of tiles is bounded by BANDS_BYTES;
+    # a huge image then recomputes kernel spectra once per group.
+    per_group = max(1, BANDS_BYTES // band_bytes)
+    for g0, g1 in split_range(len(tiles), size=per_group):
+        _correlate_tiles(image, kernels, out, tiles[g0:g1], shape=shape, chunk=chunk, threads=threads)
+
+
+def _correlate_tiles(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, tiles: list[tuple[int, int]], *,
+                     shape: tuple[int, int], chunk: int, threads: int) -> None:
+    channels = image.shape[2]
+    n_kernels, _, kh, _ = kernels.shape
+    out_w = out.shape[2]
     bands = {tile: scipy.fft.rfft2(image[tile[0] : tile[1] + kh - 1], s=shape, axes=(0, 1), workers=threads)
-             for tile in tiles}
+             for tile in tiles}  # (fh, fw//2+1, C) each
     # With fewer tiles than threads, kernels of a chunk are split too so that every thread has work.
     parts = max(1, -(-2 * threads // len(tiles))) if threads > 1 else 1
     for k0, k1 in split_range(n_kernels, size=chunk):
@@ -66,14 +80,14 @@ def correlate_fft(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threa
         def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: np.ndarray,
                  spectra: np.ndarray = spectra, k0: int = k0) -> None:
             (r0, r1), (g0, g1) = unit
-            band = bands[(r0, r1)]  # (fh, fw//2+1, C)
+            band = bands[(r0, r1)]
             product = scratch[: g1 - g0]
             np.multiply(spectra[g0:g1, 0], band[:, :, 0], out=product)
             for c in range(1, channels):
                 product += spectra[g0:g1, c] * band[:, :, c]
             # Inverse by axes, so the last pass transforms only the rows that land in the output.
             columns = scipy.fft.ifft(product, axis=-2, overwrite_x=True)
-            result = scipy.fft.irfft(columns[:, : r1 - r0], n=fw, axis=-1, overwrite_x=True)
+            result = scipy.fft.irfft(columns[:, : r1 - r0], n=shape[1], axis=-1, overwrite_x=True)
             out[k0 + g0 : k0 + g1, r0:r1, :] = result[:, :, :out_w]
 
         def make_scratch(spectra: np.ndarray = spectra) -> np.ndarray:
