@@ -32,7 +32,8 @@ class Prepared:
 
 
 def check_mode(mode: object) -> str:
-    if mode not in MODES:
+    """One of MODES."""
+    if not isinstance(mode, str) or mode not in MODES:
         raise OptionError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     return str(mode)
 
@@ -41,12 +42,13 @@ def check_engine(engine: object) -> str:
     """"auto" or one of rmidl.kernels.ENGINES."""
     from rmidl.kernels import ENGINES
 
-    if engine != "auto" and engine not in ENGINES:
+    if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
     return str(engine)
 
 
 def check_threads(threads: object) -> int | None:
+    """A positive integer, or None for every core."""
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
