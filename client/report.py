@@ -90,7 +90,8 @@ def efficiency_rows(study: StudyResult) -> list[dict[str, Any]]:
     base_label, base = baseline(study)
     rows = []
     for result in _counted(study):
-        threads = result.config.threads
+        # a cluster behind --ns reports its threads only once it has run
+        threads = result.config.threads or int(result.details.get("threads") or 0)
         speedup = base / result.average
         rows.append(
             {

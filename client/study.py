@@ -397,7 +397,9 @@ class _CoordinatorCall:
         keep = {
             k: v for k, v in last.items() if isinstance(v, (int, float, str, bool, dict, list)) or v is None
         }
-        return {"workers": len(self.coordinator.workers()), "last_job": keep}
+        workers = self.coordinator.workers()
+        threads = sum(int(w.get("threads") or 0) for w in workers) + int(self.coordinator.local_threads or 0)
+        return {"workers": len(workers), "threads": threads, "last_job": keep}
 
 
 def _runner(config: Configuration, settings: StudySettings) -> contextlib.AbstractContextManager[Correlate]:

@@ -356,4 +356,7 @@ def test_bench_runs_on_the_workers_of_a_given_name_server(tmp_path: Path) -> Non
     configs = _results(tmp_path)["configurations"]
     assert [c["config"]["label"] for c in configs] == ["1 core", f"cluster at {cluster.ns_address}"]
     assert configs[1]["verified"] and configs[1]["details"]["workers"] == 1
+    assert configs[1]["details"]["threads"] == 1  # one worker of one thread, no local threads
+    efficiency = {row["configuration"]: row for row in _csv(tmp_path / "efficiency.csv")}
+    assert efficiency[f"cluster at {cluster.ns_address}"]["threads"] == "1"
     assert f"cluster at {cluster.ns_address}" in _csv(tmp_path / "table3.csv")[0]
