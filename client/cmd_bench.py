@@ -169,7 +169,10 @@ def _progress(total: int) -> Iterator[study.OnRun]:
     """A tqdm bar on a terminal; nothing when stderr is a file or a pipe."""
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+    # the first timed run comes after the untimed single-thread reference, so name that meanwhile
+    with tqdm(
+        total=total, unit="run", desc="reference", file=sys.stderr, disable=not sys.stderr.isatty()
+    ) as bar:
 
         def advance(config: study.Configuration, index: int, seconds: float) -> None:
             bar.set_description(config.label)
