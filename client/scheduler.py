@@ -400,36 +400,44 @@ class Scheduler:
     def _run(self, job: Job, local_threads: int | None, shm: bool) -> None:
         threads: list[threading.Thread] = []
         local = self.local_threads if local_threads is None else local_threads
-        for i in range(local):
-            threads.append(self._start(job, LOCAL, self._local_loop, (job,), f"rmidl-local-{i}"))
         started: set[str] = set()
 
-        def start_remote(workers: Sequence[RemoteWorker]) -> None:
+        def runners(workers: Sequence[RemoteWorker]) -> list[tuple[str, threading.Thread]]:
+            made = []
             for worker in workers:
                 if worker.name in started or not worker.usable:
                     continue
                 started.add(worker.name)
                 use_shm = shm and worker.same_host and job.shm_out_array is not None
                 for slot in range(max(1, self.config.tasks_in_flight)):
-                    args = (job, worker, use_shm)
-                    name = f"rmidl-{worker.name}-{slot}"
-                    threads.append(self._start(job, worker.name, self._remote_loop, args, name))
+                    thread = threading.Thread(target=self._remote_loop, args=(job, worker, use_shm),
+                                              name=f"rmidl-{worker.name}-{slot}", daemon=True)
+                    made.append((worker.name, thread))
+            return made
 
-        start_remote(self.usable_workers())
-        if not threads:
+        def launch(made: list[tuple[str, threading.Thread]]) -> None:
+            # Every runner is counted before any starts: a task failing at once on the first one must not
+            # look as if nobody else could take it.
+            for runner, _ in made:
+                job.enter(runner)
+            for _, thread in made:
+                thread.start()
+                threads.append(thread)
+
+        local_made = [
+            (LOCAL, threading.Thread(target=self._local_loop, args=(job,), name=f"rmidl-local-{i}",
+                                     daemon=True))
+            for i in range(local)
+        ]
+        first = local_made + runners(self.usable_workers())
+        if not first:
             raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+        launch(first)
         while not job.wait(self._poll_interval):
-            start_remote(self.discover())
+            launch(runners(self.discover()))
         self._join(threads, job)
         if job.error is not None:
             raise job.error
-
-    def _start(self, job: Job, runner: str, target: Callable[..., None], args: tuple[Any, ...], name: str,
-               ) -> threading.Thread:
-        job.enter(runner)
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        thread.start()
-        return thread
 
     def _join(self, threads: list[threading.Thread], job: Job) -> None:
         # After a failure some remote calls may still be running; they end at their deadline at the latest.
