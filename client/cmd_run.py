@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rmidl.config import Config
 from rmidl.errors import OptionError
 from rmidl.validate import MODES
 
@@ -30,8 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads of this process's pool (default: all cores without --ns, 0 with)")
     parser.add_argument("--no-shared-memory", action="store_true",
                         help="send data over TCP even to workers on this host")
+    add_connection_arguments(parser)
     parser.add_argument("--out", metavar="PATH",
                         help="PATH.npy / PATH.npz saves the maps; a directory gets PNGs + montage.png")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a client needs to reach a secured cluster (RMIDL_SECRET and RMIDL_TLS_* work as well)."""
+    parser.add_argument("--secret-file", metavar="PATH", help="file holding the cluster secret")
+    parser.add_argument("--tls-cert", metavar="PATH", help="PEM client certificate (2-way TLS)")
+    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", metavar="PATH", help="PEM CA the workers' certificates chain to")
+
+
+def connection_config(args: argparse.Namespace) -> Config:
+    """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
+    from rmidl.server.security import secured_config
+
+    return secured_config(Config(), secret_file=args.secret_file, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
 def _check_out(out: str | None) -> Path | None:
@@ -102,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image, gray=kernels.ndim == 3)
     progress = _Progress()
     shm = not args.no_shared_memory
-    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm) as co:
+    config = connection_config(args)
+    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm, config=config) as co:
         start = time.perf_counter()
         try:
             operation = co.convolve if args.convolve else co.correlate

@@ -8,6 +8,8 @@ from typing import Any
 from rmidl.config import Config
 from rmidl.errors import WorkerNotFound
 
+from .cmd_run import add_connection_arguments, connection_config
+
 HELP = "list the workers of a cluster: name, host, cores, tasks done, busy"
 
 COLUMNS = ("name", "host", "cores", "threads", "gflops", "tasks done", "busy", "banks")
@@ -16,6 +18,7 @@ COLUMNS = ("name", "host", "cores", "threads", "gflops", "tasks done", "busy", "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default 127.0.0.1:9090)")
     parser.add_argument("--name", metavar="NAME", help="show this worker only (error if not registered)")
+    add_connection_arguments(parser)
 
 
 def collect(ns: str | None, config: Config, name: str | None = None) -> list[dict[str, Any]]:
@@ -61,7 +64,7 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = collect(args.ns, Config(), args.name)
+    rows = collect(args.ns, connection_config(args), args.name)
     print(table(rows))
     print(f"{len(rows)} worker(s)")
     return 0

@@ -7,6 +7,9 @@ import signal
 import threading
 from types import FrameType
 
+from rmidl.config import Config
+from rmidl.server.security import secured_config
+
 from .localcluster import LocalCluster
 
 HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
@@ -18,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine threads of each worker (default 1)")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
                         help="name server port (default 0: any free port, printed)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="file holding a cluster secret every child and client must present")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     # Handlers first: a SIGTERM while children start still stops them (LocalCluster cleans up on error).
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with LocalCluster(args.workers, args.threads_per_worker, args.ns_port) as cluster:
+        config = secured_config(Config(), secret_file=args.secret_file)
+        with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config) as cluster:
             assert cluster.ns is not None
             print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():

@@ -125,6 +125,8 @@ class LocalCluster:
         # free to use every core, each task's pin to one thread from a Pyro5 thread cost ~0.1 s (5x).
         single = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **single, **(env or {})}
+        if self.config.secret:  # children read it from the environment, never from the command line
+            self.env["RMIDL_SECRET"] = self.config.secret
         self.ns: Process | None = None
         self.workers: dict[str, Process] = {}
         self.ns_address = ""

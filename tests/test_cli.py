@@ -150,3 +150,21 @@ def test_up_run_status_and_clean_stop(up, picture, tmp_path):
     process.signal(signal.SIGTERM)
     assert process.popen.wait(30) == 0
     assert all(gone(pid) for pid in pids)
+
+
+def test_secured_cluster_needs_the_secret(tmp_path, picture):
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple\n")
+    process = Process("up", ["up", "--workers", "1", "--secret-file", str(secret)], ENV)
+    try:
+        text = "\n".join(process.wait_ready(90))
+        address = re.search(r"name server (\S+)", text).group(1)
+        refused = rmidl_cli("status", "--ns", address)
+        assert refused.returncode == 3
+        assert refused.stderr.startswith("rmidl: error: ") and len(refused.stderr.strip().splitlines()) == 1
+        allowed = rmidl_cli("run", str(picture[0]), "--kernels", "sobel", "--ns", address,
+                            "--secret-file", str(secret))
+        assert allowed.returncode == 0, allowed.stderr
+        assert "tasks per worker: w1=" in allowed.stdout
+    finally:
+        assert process.stop(15) == 0
