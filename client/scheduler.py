@@ -138,7 +138,11 @@ class Job:
             done = self.done
             self._cond.notify_all()
         if self._progress is not None:
-            self._progress(done, self.total)
+            try:
+                self._progress(done, self.total)
+            except Exception as error:  # a broken progress display must not lose the job
+                log.warning("progress callback failed (%r); not calling it again", error)
+                self._progress = None
 
     def retry(self, runner: str, task: Task, error: BaseException, *, runner_gone: bool = False) -> None:
         """Put a failed task back; fail the job once it has failed on max_attempts different workers.
@@ -331,12 +335,18 @@ class Scheduler:
         self._unregister = unregister
         self._poll_interval = poll_interval
         self._host_id: str | None = None
+        self._discover_lock = threading.Lock()
 
     # -- discovery -----------------------------------------------------------------------------------
     def discover(self) -> list[RemoteWorker]:
         """Add workers registered since the last look (probing each); return the new usable ones."""
         if self._registry is None:
             return []
+        with self._discover_lock:  # jobs of one coordinator may run in several threads
+            return self._discover()
+
+    def _discover(self) -> list[RemoteWorker]:
+        assert self._registry is not None
         try:
             found = self._registry()
         except Exception as error:  # a name server blip mid-job must not fail the job

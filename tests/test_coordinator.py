@@ -214,3 +214,31 @@ def test_shared_blocks_reused_across_jobs_give_fresh_results(nameserver, start_w
         # Each result is the caller's own array: later jobs through the same blocks leave it alone.
         for result, ref in zip(results, refs, strict=True):
             assert_close(result, ref)
+
+
+def test_one_coordinator_serves_concurrent_callers(nameserver, start_worker, cluster_config, rng):
+    import threading
+
+    start_worker()
+    inputs = [
+        (rng.standard_normal((50, 60)).astype(np.float32), rng.standard_normal((4, 3, 3)).astype(np.float32))
+        for _ in range(6)
+    ]
+    results: dict[int, object] = {}
+    with Coordinator(nameserver, local_threads=1, config=cluster_config, min_tasks=4) as coordinator:
+
+        def work(indices: range) -> None:
+            for i in indices:
+                try:
+                    results[i] = coordinator.correlate(*inputs[i])
+                except Exception as error:  # reported by the assertions below
+                    results[i] = error
+
+        threads = [threading.Thread(target=work, args=(range(j, 6, 2),)) for j in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    for i, (image, kernels) in enumerate(inputs):
+        assert isinstance(results[i], np.ndarray), results[i]
+        assert_close(results[i], ref2d(image, kernels, "valid"))
