@@ -89,7 +89,7 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("engine", engines.ENGINES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", [((45, 31, 3), (5, 4), 11), ((64, 40, 1), (9, 9), 6),
-                                  ((30, 17, 1), (1, 1), 3)], ids=str)
+                                  ((30, 17, 1), (1, 1), 3), ((64, 40, 3), (3, 2), 5)], ids=str)
 def test_tiled_and_chunked_paths_match_scipy(case, engine, threads) -> None:
     hwc, khw, k = case
     rng = np.random.default_rng(7)

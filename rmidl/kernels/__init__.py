@@ -41,14 +41,12 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
     row is contiguous and rows follow each other (row stride OW * itemsize).
     """
     n_threads = resolve_threads(threads)
-    k, kh, kw, channels = kernels.shape
     if engine == "auto":
         engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
     logger.debug("correlate_valid %s * %s, %d thread(s), %s", image.shape, kernels.shape, n_threads, engine)
     with blas_pinned():
         if engine == "lowering":
-            weights = np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)).reshape(k, channels * kh * kw)
-            correlate_lowering(image, weights, out, n_threads)
+            correlate_lowering(image, kernels, out, n_threads)
         elif engine == "direct":
             correlate_direct(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         elif engine == "fft":

@@ -17,13 +17,15 @@ from rmidl.kernels._fft import fft_plan
 
 __all__ = ["NOMINAL_GFLOPS", "choose_engine", "engine_seconds", "estimate_seconds", "measure_gflops"]
 
-# Lowering, ns per column-matrix element: im2col copy + read, plus GEMM work whose rate falls for small
-# banks (the bank is the GEMM's M); plus ns per output element, larger when the GEMM's inner dim is tiny.
-_IM2COL_NS = 0.35
-_GEMM_GFLOPS = 95.0
-_GEMM_HALF_K = 14.0
+# Lowering, ns per column-matrix element (depth x output pixels): the shifted-row copies (about kh times
+# fewer than a plain im2col) and GEMM work whose rate falls for small banks (the bank is the GEMM's M);
+# plus ns per output element, larger when the GEMM's inner dimension is tiny; plus one GEMM call per row.
+_COPY_NS = 0.04
+_GEMM_GFLOPS = 80.0
+_GEMM_HALF_K = 4.0
 _OUTPUT_NS = 0.8
 _TINY_DEPTH_NS = 2.4
+_ROW_CALL_SECONDS = 3e-6
 # Direct: ns per multiply-add pass element.
 _DIRECT_NS = 0.8
 # FFT: ns per n*log2(n) of one tile transform; a kernel costs a partial forward transform per channel
@@ -52,8 +54,9 @@ def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tu
     n = max(0, h - kh + 1) * max(0, w - kw + 1)
     depth = kh * kw * channels
     if engine == "lowering":
-        per_column = _IM2COL_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
+        per_column = _COPY_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
         ns = n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
+        ns += max(0, h - kh + 1) * _ROW_CALL_SECONDS * 1e9
     elif engine == "direct":
         ns = n * k * depth * _DIRECT_NS
     elif engine == "fft":
