@@ -317,7 +317,12 @@ class RemoteWorker:
 
 
 class Scheduler:
-    """Runs jobs on the local pool and the remote workers it knows, discovering new ones as they appear."""
+    """Runs jobs on the local pool and the remote workers it knows, discovering new ones as they appear.
+
+    Each remote worker gets `config.tasks_in_flight` threads, each with its own proxy: Pyro5 calls are
+    synchronous (no async proxies in Pyro5), so one thread per task in flight is how a worker computes
+    one task while the next one's bytes travel.
+    """
 
     def __init__(
         self,
