@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = secured_config(Config(), secret_file=args.secret_file)
-        with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config) as cluster:
+        with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config,
+                          die_with_parent=True) as cluster:
             assert cluster.ns is not None
             print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 from rmidl.config import Config
@@ -27,12 +28,14 @@ _ADDRESS = re.compile(r"(?:@|\b)((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d{1,5})\b"
 class Process:
     """One child (`python -m rmidl.client.cli ...`) whose output lines are read by a thread."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
+                 die_with_parent: bool = False) -> None:
         self.name = name
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "rmidl.client.cli", *argv],
+            preexec_fn=_parent_death_signal() if die_with_parent else None,  # noqa: PLW1509 (see there)
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -98,6 +101,22 @@ class Process:
         return code
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when the thread that started it dies (even by
+    SIGKILL), or None where prctl is missing. libc is resolved here, before fork, so the child only
+    makes one foreign call between fork and exec."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_signal() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+    return set_signal
+
+
 class LocalCluster:
     """A Pyro5 name server and `workers` worker daemons as subprocesses on 127.0.0.1.
 
@@ -114,11 +133,15 @@ class LocalCluster:
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 60.0,
         config: Config | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         for what, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise OptionError(f"{what}={value!r} must be an integer >= {least}")
         self.config = config or Config()
+        # Children get SIGTERM if the thread that started them dies, even by SIGKILL: for `rmidl up`,
+        # whose main thread lives as long as the cluster (not for clusters started from short threads).
+        self.die_with_parent = die_with_parent
         self.threads_per_worker = threads_per_worker
         self.ready_timeout = ready_timeout
         # Workers run the engine on their own threads, so BLAS must never start its own: with OpenBLAS
@@ -141,7 +164,8 @@ class LocalCluster:
             raise
 
     def _start_ns(self, port: int) -> None:
-        self.ns = Process("ns", ["ns", "--host", "127.0.0.1", "--port", str(port)], self.env)
+        argv = ["ns", "--host", "127.0.0.1", "--port", str(port)]
+        self.ns = Process("ns", argv, self.env, die_with_parent=self.die_with_parent)
         lines = self.ns.wait_ready(self.ready_timeout)
         for line in reversed(lines):
             match = _ADDRESS.search(line)
@@ -155,7 +179,8 @@ class LocalCluster:
         name = name or f"w{self._count}"
         argv = ["worker", "--ns", self.ns_address, "--host", "127.0.0.1", "--port", "0",
                 "--threads", str(self.threads_per_worker), "--name", name]
-        process = Process(f"worker {name}", argv, {**self.env, **(env or {})})
+        process = Process(f"worker {name}", argv, {**self.env, **(env or {})},
+                          die_with_parent=self.die_with_parent)
         self.workers[name] = process
         return process
 

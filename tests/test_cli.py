@@ -168,3 +168,17 @@ def test_secured_cluster_needs_the_secret(tmp_path, picture):
         assert "tasks per worker: w1=" in allowed.stdout
     finally:
         assert process.stop(15) == 0
+
+
+def test_up_killed_with_sigkill_leaves_no_children():
+    process = Process("up", ["up", "--workers", "1"], ENV)
+    try:
+        text = "\n".join(process.wait_ready(90))
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        assert len(pids) == 2
+        process.signal(signal.SIGKILL)
+        process.popen.wait(10)
+        # The kernel sends the children SIGTERM when `up` dies; they unregister and exit.
+        assert all(gone(pid, timeout=20) for pid in pids)
+    finally:
+        process.stop(5)
