@@ -20,6 +20,7 @@ from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
 __all__ = [
     "ENGINES",
     "available_cores",
+    "blas_pinned",
     "choose_engine",
     "correlate_valid",
     "engine_seconds",

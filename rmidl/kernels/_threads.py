@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any, TypeVar
 
+import threadpoolctl
 from threadpoolctl import ThreadpoolController
 
 __all__ = ["available_cores", "blas_pinned", "resolve_threads", "run_tiles"]
@@ -61,6 +62,7 @@ class _BlasPin:
                     for lib in self._controller.select(user_api="blas").lib_controllers:
                         logger.debug("BLAS %s %s, %s kernel: pinned to 1 thread inside engine calls",
                                      lib.internal_api, lib.version, getattr(lib, "architecture", "?"))
+                _claim_openblas_control()
                 self._limiter = self._controller.limit(limits=1, user_api="blas")
             self._users += 1
 
@@ -68,8 +70,22 @@ class _BlasPin:
         with self._lock:
             self._users -= 1
             if self._users == 0:
+                _claim_openblas_control()
                 self._limiter.restore_original_limits()
                 self._limiter = None
+
+
+def _claim_openblas_control() -> None:
+    """Let this thread change OpenBLAS's thread count (threadpoolctl >= 3.8 lets only one thread do so).
+
+    threadpoolctl gives OpenBLAS's process-wide setting to the first thread that limits it and silently
+    ignores every other thread while that one lives; engine calls come from any thread (Pyro5's, our
+    pools), and our own lock already keeps them from fighting, so each pin and unpin claims control.
+    """
+    controller_class = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller_class, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 @cache
