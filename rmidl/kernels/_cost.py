@@ -13,6 +13,7 @@ from functools import cache
 
 import numpy as np
 
+from rmidl.errors import OptionError
 from rmidl.kernels._fft import fft_plan
 
 __all__ = ["NOMINAL_GFLOPS", "choose_engine", "engine_seconds", "estimate_seconds", "measure_gflops"]
@@ -35,7 +36,8 @@ _FFT_KERNEL_FORWARD = 0.45
 _FFT_KERNEL_INVERSE = 0.55
 _FFT_IMAGE = 0.5
 _CALL_SECONDS = 1e-4
-_THREAD_EFFICIENCY = 0.9
+# What each thread beyond the first adds: the fft engine's passes are memory-bound and scale worst.
+_THREAD_EFFICIENCY = {"lowering": 0.9, "direct": 0.8, "fft": 0.5}
 
 NOMINAL_GFLOPS = 60.0
 """One thread's lowering rate on the reference shape implied by the constants above (GFLOP/s)."""
@@ -66,8 +68,12 @@ def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tu
         units = channels * (_FFT_IMAGE + _FFT_KERNEL_FORWARD * k) + _FFT_KERNEL_INVERSE * k
         ns = tiles * units * _FFT_NS * size * math.log2(max(2, size))
     else:
-        raise ValueError(f"unknown engine {engine!r}")
+        raise OptionError(f"engine {engine!r} is not one of lowering, direct, fft")
     return ns * 1e-9
+
+
+def _speedup(engine: str, threads: int) -> float:
+    return 1 + _THREAD_EFFICIENCY[engine] * (max(1, int(threads)) - 1)
 
 
 def engine_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
@@ -76,19 +82,17 @@ def engine_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[i
 
     `gflops` is what `measure_gflops(threads)` returned on the target machine (None: the nominal rate).
     """
-    threads = max(1, int(threads))
-    seconds = _one_thread_seconds(engine, image_hw, kernel_shape)
-    if gflops is None:
-        seconds /= 1 + _THREAD_EFFICIENCY * (threads - 1)
-    else:
-        seconds *= NOMINAL_GFLOPS / max(gflops, 1e-3)
+    seconds = _one_thread_seconds(engine, image_hw, kernel_shape) / _speedup(engine, threads)
+    if gflops is not None:
+        # `gflops` is this machine's lowering rate on `threads` threads; rescale the model's to it.
+        seconds *= NOMINAL_GFLOPS * _speedup("lowering", threads) / max(gflops, 1e-3)
     return seconds + _CALL_SECONDS
 
 
 def choose_engine(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int) -> str:
     """The engine "auto" runs for a valid correlation of an (H, W) input with a (K, kh, kw[, C]) bank."""
     engines = ("lowering", "direct", "fft")
-    return min(engines, key=lambda engine: _one_thread_seconds(engine, image_hw, kernel_shape))
+    return min(engines, key=lambda e: _one_thread_seconds(e, image_hw, kernel_shape) / _speedup(e, threads))
 
 
 def estimate_seconds(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
