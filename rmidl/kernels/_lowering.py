@@ -26,7 +26,7 @@ MIN_TILE_FLOPS = 4_000_000
 
 def plan_tiles(out_hw: tuple[int, int], kernel_shape: tuple[int, int, int, int], itemsize: int,
                threads: int) -> tuple[int, int]:
-    """(output rows, output columns) per tile: a shifted-copy band of about SCRATCH_BYTES, a few tiles
+    """(output rows, output columns) per tile: a shifted-copy band of about SCRATCH_BYTES, ~8 tiles
     per thread unless they would be too small to be worth a thread (under MIN_TILE_FLOPS)."""
     out_h, out_w = out_hw
     k, kh, kw, channels = kernel_shape
@@ -37,7 +37,7 @@ def plan_tiles(out_hw: tuple[int, int], kernel_shape: tuple[int, int, int, int],
     rows = SCRATCH_BYTES // (row_bytes * out_w) - kh + 1
     if threads > 1:
         worth = -(-MIN_TILE_FLOPS // (2 * k * kh * kw * channels * out_w))
-        rows = min(rows, max(worth, -(-out_h // (4 * threads))))
+        rows = min(rows, max(worth, -(-out_h // (8 * threads))))
     return max(1, min(rows, out_h)), out_w
 
 
