@@ -52,7 +52,8 @@ def _size(text: str) -> tuple[int, int]:
 def _best(repeat: int, call: Callable[[], tuple[np.ndarray, dict[str, int]]]) -> tuple[float, np.ndarray,
                                                                                        dict[str, int]]:
     best = float("inf")
-    result, tasks_by = None, {}
+    result: np.ndarray | None = None
+    tasks_by: dict[str, int] = {}
     for _ in range(repeat):
         start = time.perf_counter()
         result, tasks_by = call()

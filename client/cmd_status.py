@@ -41,7 +41,7 @@ def collect(ns: str | None, config: Config, name: str | None = None) -> list[dic
         except Exception as error:
             rows.append({"name": worker, "host": uri.rsplit("@", 1)[-1], "busy": f"unreachable ({error})"})
             continue
-        rows.append({
+        row: dict[str, Any] = {
             "name": worker,
             "host": info.get("host"),
             "cores": info.get("cores"),
@@ -50,7 +50,8 @@ def collect(ns: str | None, config: Config, name: str | None = None) -> list[dic
             "tasks done": info.get("tasks_done"),
             "busy": info.get("busy"),
             "banks": len(info.get("banks") or ()),
-        })
+        }
+        rows.append(row)
     return rows
 
 
