@@ -64,5 +64,13 @@ class ConvolutionWorkerAPI(Protocol):
     def correlate(self, task: TaskDict) -> dict[str, Any]:
         """Run one task (see the module docstring). Returns {"task_id", "seconds"} plus, for
         "inline", "result": wire dict; for "bulk", "ticket": str, "nbytes": int, "shape", "dtype".
-        Raises BankError (unknown bank_id: put it again), ShapeError, KernelTooLarge, BudgetExceeded."""
+        Raises BankError (unknown bank_id: put it again), ShapeError, KernelTooLarge, BudgetExceeded, and
+        WorkerLost when the worker shuts down under the call (a ClusterError: run the task elsewhere)."""
+        ...
+
+    def release_shm(self, names: list[str]) -> int:
+        """Unmap the shared-memory blocks with these names (the coordinator calls it when it closes its
+        blocks: an unlinked block's memory is freed only once every process has unmapped it); returns
+        how many were mapped. Unknown names are ignored. Raises ShapeError if `names` is not a list of
+        str. Workers also bound their mapped blocks by count and by bytes (memory_budget)."""
         ...

@@ -18,7 +18,15 @@ from Pyro5.api import behavior, expose
 import rmidl
 from rmidl.bulk import BulkServer
 from rmidl.config import Config
-from rmidl.errors import BankError, BudgetExceeded, DTypeError, KernelTooLarge, NonFiniteInput, ShapeError
+from rmidl.errors import (
+    BankError,
+    BudgetExceeded,
+    DTypeError,
+    KernelTooLarge,
+    NonFiniteInput,
+    ShapeError,
+    WorkerLost,
+)
 from rmidl.interface import TaskDict, WireArray
 from rmidl.kernels import available_cores, correlate_valid, measure_gflops
 from rmidl.shm import SharedArray, host_id
@@ -29,7 +37,10 @@ __all__ = ["ATTACHMENT_CACHE", "ConvolutionWorker", "HANG_ENV"]
 logger = logging.getLogger(__name__)
 
 ATTACHMENT_CACHE = 8
-"""Shared-memory blocks a worker keeps mapped (a job uses two: padded input and output)."""
+"""Shared-memory blocks a worker keeps mapped (a job uses two: padded input and output); their bytes are
+bounded too, by the worker's memory budget."""
+RATE_MIN_SECONDS = 0.02
+"""Only engine calls at least this long refine the reported rate: shorter ones are mostly call overhead."""
 HANG_ENV = "RMIDL_TEST_HANG_TASKS"
 """Test-only hook: the first N correlate calls of a worker started with this set block until shutdown."""
 
@@ -140,6 +151,18 @@ class ConvolutionWorker:
         with self._lock:
             return self._banks.pop(str(bank_id), None) is not None
 
+    def release_shm(self, names: list[str]) -> int:
+        """Unmap the shared-memory blocks named (their owner is done with them); return how many were."""
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ShapeError(f"release_shm takes a list of block names, not {names!r}")
+        wanted = set(names)
+        with self._lock:
+            keys = [key for key, block in self._attached.items() if block.name in wanted]
+            blocks = [self._attached.pop(key) for key in keys]
+        for block in blocks:
+            block.close()
+        return len(blocks)
+
     def correlate(self, task: TaskDict) -> dict[str, Any]:
         started = time.perf_counter()
         with self._lock:
@@ -150,7 +173,9 @@ class ConvolutionWorker:
             if hang:
                 logger.warning("test hook %s: task %r hangs until shutdown", HANG_ENV, task.get("task_id"))
                 self._stopping.wait()
-                raise BudgetExceeded("worker is shutting down")  # never answered in a real hang
+                # A ClusterError, so a coordinator still waiting re-queues the task (an InputError would
+                # fail its job); a real hang never answers at all.
+                raise WorkerLost(f"worker {self._name} is shutting down (task {task.get('task_id')!r} hung)")
             plan = self._plan(task)
             reply = self._execute(plan)
         finally:
@@ -219,7 +244,7 @@ class ConvolutionWorker:
                     f"[{r0}, {r1}) plus a halo of {kh - 1} (expected {r1 - r0 + kh - 1} rows)"
                 )
         else:
-            image = self._attach(plan.source).array
+            image = self._attach(plan.source)
             if image.ndim != 3 or r1 + kh - 1 > image.shape[0]:
                 raise ShapeError(
                     f"task {plan.task_id}: rows [{r0}, {r1}) with kernel height {kh} exceed the shared image "
@@ -234,7 +259,7 @@ class ConvolutionWorker:
             raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[0]}x{band.shape[1]}")
         out_shape = (n_k, r1 - r0, band.shape[1] - kw + 1)
         if isinstance(plan.output, dict):
-            target = self._attach(plan.output["shm"]).array
+            target = self._attach(plan.output["shm"])
             k1 = plan.k0 + n_k
             fits = target.ndim == 3 and target.shape[2] == out_shape[2]
             if not fits or k1 > target.shape[0] or r1 > target.shape[1]:
@@ -262,14 +287,16 @@ class ConvolutionWorker:
             run_engine(band, kernels, out, self._threads)
             seconds = time.perf_counter() - started
         flops = 2.0 * out.size * kernels[0].size
-        if seconds > 1e-3:
+        if seconds >= RATE_MIN_SECONDS:
             with self._lock:  # a moving average: the rate the coordinator's cost model reads in info()
                 self._gflops = 0.8 * self._gflops + 0.2 * flops / seconds / 1e9
 
     def _reservation(self, nbytes: int, task_id: int) -> _Reservation:
         return _Reservation(self, nbytes, task_id)
 
-    def _attach(self, descriptor: dict[str, Any]) -> SharedArray:
+    def _attach(self, descriptor: dict[str, Any]) -> np.ndarray:
+        """The array of a shared block, mapped once and cached; taken under the lock, so a later eviction
+        cannot close it under the caller (the view keeps the mapping alive)."""
         if not isinstance(descriptor, dict):
             raise ShapeError(f"shared memory descriptor must be a dict, got {type(descriptor).__name__}")
         key = f"{descriptor.get('name')}|{descriptor.get('shape')}|{descriptor.get('dtype')}"
@@ -277,16 +304,24 @@ class ConvolutionWorker:
             block = self._attached.get(key)
             if block is not None:
                 self._attached.move_to_end(key)
-                return block
+                return block.array
         self._prune_attachments()
         block = SharedArray.attach(descriptor)
         with self._lock:
             self._attached[key] = block
-            # Old blocks belong to finished jobs; a task still using one keeps its views (close() defers).
-            while len(self._attached) > ATTACHMENT_CACHE:
-                self._attached.popitem(last=False)[1].close()
-        return block
-
+            array = block.array
+            # Old blocks belong to finished jobs (and pin their memory while mapped, even once unlinked),
+            # so the cache is bounded by count and by bytes; a task still using an evicted block keeps
+            # its views (close() defers). The newest two (a job's input and output) always stay.
+            evicted = []
+            while len(self._attached) > 2 and (
+                len(self._attached) > ATTACHMENT_CACHE
+                or sum(b.array.nbytes for b in self._attached.values()) > self._config.memory_budget
+            ):
+                evicted.append(self._attached.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+        return array
 
     def _prune_attachments(self) -> None:
         """Unmap blocks their owner has unlinked: a finished job's memory is freed only when we let go."""
@@ -340,6 +375,6 @@ def _check_bank_id(bank_id: Any) -> str:
 
 @cache
 def _calibrate(threads: int) -> float:
-    """A first engine rate (GFLOP/s), measured as the coordinator measures its own pool (once per process);
-    every task run later refines it."""
+    """A first engine rate (GFLOP/s) on `threads` threads, measured as the coordinator measures its own
+    pool (~0.15 s, once per process); engine calls long enough to be representative refine it."""
     return float(measure_gflops(threads=threads))

@@ -296,3 +296,92 @@ def test_many_jobs_leave_no_threads_descriptors_or_mappings_behind(worker, clust
     with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
         assert proxy.info()["shm_blocks"] == 0  # blocks of finished jobs are unmapped, not kept
     assert worker.bulk.pending_bytes == 0
+
+
+def test_reported_rate_is_the_engines_measured_rate(worker, proxy):
+    from rmidl.kernels import measure_gflops
+
+    # A cold, tiny calibration once reported ~0.2 GFLOP/s for a worker doing ~40: coordinators then
+    # starved it of tasks and stretched its deadlines. Within 4x of a fresh measurement (a busy machine).
+    measured = measure_gflops(threads=1)
+    assert proxy.info()["gflops"] >= measured / 4, (proxy.info()["gflops"], measured)
+
+
+def test_hung_call_released_at_shutdown_is_a_cluster_error(start_worker, cluster_config, rng):
+    from rmidl.errors import ClusterError, InputError, WorkerLost
+
+    handle = start_worker(hang_tasks=1)
+    image = rng.standard_normal((8, 8, 1)).astype(np.float32)
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(np.ones((1, 3, 3, 1), np.float32)))
+    errors: list[BaseException] = []
+
+    def hung_call() -> None:
+        with worker_proxy(handle.uri, cluster_config, timeout=30) as hung:
+            try:
+                hung.correlate(task(0, (0, 6), (0, 1), band(image, (0, 6), 3)))
+            except BaseException as error:  # examined by the main thread
+                errors.append(error)
+
+    caller = threading.Thread(target=hung_call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while handle.worker.info()["busy"] != 1 and time.monotonic() < deadline:
+        caller.join(0.01)
+    assert handle.worker.info()["busy"] == 1
+    handle.worker.close()  # what the daemon's shutdown does first; the daemon still answers
+    caller.join(30)
+    assert len(errors) == 1
+    # A coordinator re-queues a ClusterError; an InputError would fail its whole job.
+    assert isinstance(errors[0], WorkerLost) and isinstance(errors[0], ClusterError)
+    assert not isinstance(errors[0], InputError)
+
+
+def _shm_task(proxy, task_id: int, image: np.ndarray, shared_in: SharedArray, out: SharedArray) -> None:
+    rows = (0, image.shape[0] - 2)
+    proxy.correlate(task(task_id, rows, (0, 2), {"shm": shared_in.descriptor()},
+                         output={"shm": out.descriptor()}))
+
+
+def test_release_shm_unmaps_blocks_their_owner_still_holds(proxy, rng):
+    image = rng.standard_normal((12, 10, 1)).astype(np.float32)
+    bank = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
+    proxy.put_bank("bank", pack(bank))
+    with SharedArray.create(image.shape, "float32") as src, SharedArray.create((2, 10, 8), "float32") as o:
+        src.array[:] = image
+        _shm_task(proxy, 0, image, src, o)
+        assert proxy.info()["shm_blocks"] == 2
+        assert proxy.release_shm([src.name, "rmidl_unknown"]) == 1
+        assert proxy.info()["shm_blocks"] == 1
+        assert proxy.release_shm([o.name]) == 1 and proxy.release_shm([o.name]) == 0
+        assert proxy.info()["shm_blocks"] == 0
+        o.array[:] = np.nan
+        _shm_task(proxy, 1, image, src, o)  # a released block is mapped again when a task needs it
+        assert_close(o.array, reference(image, bank))
+        with pytest.raises(ShapeError, match="list of block names"):
+            proxy.release_shm("rmidl_x")
+
+
+def test_mapped_blocks_are_bounded_by_bytes(start_worker, rng):
+    # Each job below maps an input of 4800 bytes and an output of 2560; a budget of 16000 holds two jobs.
+    config = Config(environ={}, memory_budget=16_000)
+    handle = start_worker(config=config)
+    image = rng.standard_normal((40, 30, 1)).astype(np.float32)
+    bank = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
+    expected = reference(image, bank)[:, :38]
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(bank))
+        blocks = []
+        try:
+            for task_id in range(4):
+                src = SharedArray.create(image.shape, "float32")
+                out = SharedArray.create(expected.shape, "float32")
+                blocks += [src, out]
+                src.array[:] = image
+                _shm_task(proxy, task_id, image, src, out)
+                assert_close(out.array, expected)
+                mapped = proxy.info()["shm_blocks"]
+                assert mapped <= 4, mapped  # by count alone (8) all 8 blocks would stay mapped
+        finally:
+            for block in blocks:
+                block.close()
