@@ -269,3 +269,14 @@ def test_correlate_valid_refuses_an_unknown_engine() -> None:
     with pytest.raises(rmidl.OptionError, match="'gpu'"):
         engines.correlate_valid(np.ones((3, 3, 1), np.float32), np.ones((1, 2, 2, 1), np.float32), out,
                                 engine="gpu")
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("offset", [255.0, 1e4])
+def test_large_offset_against_zero_mean_kernels_stays_exact(rng, engine, offset) -> None:
+    """8-bit-like pixels (or worse) with edge/Gabor-like zero-mean kernels: float32 sums would cancel."""
+    image = (offset + rng.standard_normal((40, 50, 3))).astype(np.float32)
+    bank = rng.standard_normal((3, 13, 13, 3))
+    bank = (bank - bank.mean(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
+    for mode in MODES:
+        assert_close(rmidl.correlate(image, bank, mode=mode, engine=engine), reference(image, bank, mode))

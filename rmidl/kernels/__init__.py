@@ -45,6 +45,7 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
     if engine == "auto":
         engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
     logger.debug("correlate_valid %s * %s, %d thread(s), %s", image.shape, kernels.shape, n_threads, engine)
+    image, bias = _remove_offset(image, kernels)
     with blas_pinned():
         if engine == "lowering":
             correlate_lowering(image, kernels, out, n_threads)
@@ -54,4 +55,29 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
             correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         else:
             raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
+    if bias is not None:
+        out += bias.astype(out.dtype)[:, None, None]
     return out
+
+
+def _remove_offset(image: np.ndarray, kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Subtract each channel's mean from a float32 image whose mean dominates its spread.
+
+    A large offset (8-bit pixels, say) against zero-mean kernels makes float32 sums cancel, and every
+    engine would lose digits; correlate(I) = correlate(I - m) + m * sum(K) holds exactly for valid
+    correlation, and I - m is exact in float32 for pixels within a factor 2 of m (Sterbenz) and for
+    integer pixels (m has 8 significant bits). Returns the
+    image to run and the per-kernel bias to add back (None when nothing is removed).
+    """
+    if image.dtype != np.float32:
+        return image, None
+    step_h, step_w = max(1, image.shape[0] // 64), max(1, image.shape[1] // 64)
+    sample = image[::step_h, ::step_w]
+    mean = sample.mean(axis=(0, 1), dtype=np.float64)
+    if not np.any(np.abs(mean) > sample.std(axis=(0, 1), dtype=np.float64)):
+        return image, None
+    # Rounded to 8 significant bits, so that integer (8-bit, 16-bit) pixels stay exact after subtraction.
+    fraction, exponent = np.frexp(mean)
+    offset = np.ldexp(np.round(fraction * 256), exponent - 8).astype(np.float32)
+    bias = np.einsum("khwc,c->k", kernels, offset.astype(np.float64), dtype=np.float64)
+    return image - offset, bias
