@@ -61,7 +61,7 @@ class Coordinator:
         self._ns: Any = None
         self._ns_lock = threading.Lock()
         self._last: dict[str, Any] = {}
-        self._shared = _SharedPool()
+        self._shared = _SharedPool(self._release_shm)
         self._scheduler = Scheduler(self.config, local_threads=local_threads)
         if ns is not None:
             self._connect(ns)
@@ -92,14 +92,26 @@ class Coordinator:
             self._ns.remove(WORKER_PREFIX + name)
 
     def close(self) -> None:
-        """Close every proxy and shared block (workers keep running)."""
-        self._scheduler.close()
+        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running)."""
         self._shared.close()
+        self._scheduler.close()
         if self._ns is not None:
             with self._ns_lock:
                 self._ns._pyroClaimOwnership()
                 self._ns._pyroRelease()
             self._ns = None
+
+    def _release_shm(self, names: list[str]) -> None:
+        """Ask same-host workers to unmap blocks we closed: until every mapping goes, their memory stays."""
+        for worker in self._scheduler.usable_workers():
+            if not worker.same_host:
+                continue
+            try:
+                with worker.proxy() as proxy:
+                    proxy._pyroTimeout = self.config.connect_timeout
+                    proxy.release_shm(names)
+            except Exception as error:  # the worker unmaps them later anyway (count/bytes bound, pruning)
+                log.debug("worker %s could not release %s: %r", worker.name, names, error)
 
     def __enter__(self) -> Coordinator:
         return self
@@ -196,9 +208,9 @@ class Coordinator:
         )
         capacities = scheduler.capacities(local)
         itemsize = p.dtype.itemsize
-        max_task = min(64 << 20, self.config.max_message_size // 2)
+        max_task, max_rows = self._message_limits(padded, p.kernels.shape, remote_shm)
         job_plan = plan(shape, p.kernels.shape, capacities, itemsize=itemsize, max_task_bytes=max_task,
-                        min_tasks=self.min_tasks)
+                        max_band_rows=max_rows, min_tasks=self.min_tasks)
         bank_id = _bank_id(p.kernels)
         def reusable() -> bool:
             return all(w.state != "quarantined" for w in scheduler.workers.values())
@@ -227,6 +239,29 @@ class Coordinator:
                 }
         return result
 
+    def _message_limits(self, padded: np.ndarray, kernel_shape: tuple[int, ...],
+                        remote_shm: bool) -> tuple[int, int | None]:
+        """Largest result (bytes) and band (output rows) per task, so that every request and inline reply
+        fits under the smallest max_message_size of this process and of the workers taking arrays over TCP
+        (a bigger message is refused and the task could never succeed)."""
+        tcp = [w for w in self._scheduler.usable_workers() if not (remote_shm and w.same_host)]
+        limit = min([self.config.max_message_size]
+                    + [int(w.info.get("max_message_size") or self.config.max_message_size) for w in tcp])
+        # Room for the rest of the message: Pyro5's header, the task's other fields, msgpack framing.
+        limit -= min(64 << 10, limit // 8)
+        max_task = min(64 << 20, self.config.max_message_size // 2, limit)
+        if not tcp:
+            return max_task, None
+        row_bytes = padded.shape[1] * (padded.shape[2] if padded.ndim == 3 else 1) * padded.itemsize
+        halo = int(kernel_shape[1]) - 1
+        rows = limit // row_bytes - halo
+        if rows < 1:
+            raise BudgetExceeded(
+                f"one output row needs an input band of {halo + 1} rows x {row_bytes} bytes, over the "
+                f"smallest worker message limit of {limit} bytes (raise max_message_size)"
+            )
+        return max_task, rows
+
 
 def _bank_id(kernels: np.ndarray) -> str:
     """Content address of a bank, so a bank already cached by a worker is not sent again."""
@@ -243,9 +278,11 @@ class _SharedPool:
     the coordinator copies each finished task's part into the caller's (anonymous) result.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, released: Callable[[list[str]], None]) -> None:
         self._free: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._released = released
+        """Told the names of blocks once closed, so that workers unmap them too."""
 
     def take(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         from rmidl.shm import SharedArray
@@ -255,7 +292,7 @@ class _SharedPool:
         if block is not None and block.shape == tuple(shape) and block.dtype == np.dtype(dtype).name:
             return block
         if block is not None:
-            block.close()
+            self._close([block])
         return SharedArray.create(shape, dtype)
 
     def give(self, role: str, block: Any, *, reusable: bool) -> None:
@@ -265,13 +302,18 @@ class _SharedPool:
             with self._lock:
                 block, self._free[role] = self._free.get(role), block
         if block is not None:
-            block.close()
+            self._close([block])
 
     def close(self) -> None:
         with self._lock:
             blocks, self._free = list(self._free.values()), {}
+        self._close(blocks)
+
+    def _close(self, blocks: list[Any]) -> None:
         for block in blocks:
             block.close()
+        if blocks:
+            self._released([block.name for block in blocks])
 
 
 @contextmanager

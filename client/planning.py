@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rmidl.errors import BudgetExceeded
 from rmidl.tiling import Task, plan_tasks
 
 __all__ = [
@@ -87,13 +88,15 @@ def plan(
     *,
     itemsize: int = 4,
     max_task_bytes: int = 64 << 20,
+    max_band_rows: int | None = None,
     min_tasks: int = 1,
 ) -> Plan:
     """Cut a (K, OH, OW) output into tasks sized by the consumers' rates and overheads.
 
     The count aims at TASKS_PER_CONSUMER tasks per core of every consumer (load balance, cheap
-    re-runs after a fault), but no more than keeps each task at least ~20 round trips long, and no
-    fewer than keeps each result under `max_task_bytes`. Row bands come first (a band ships its input
+    re-runs after a fault), but no more than keeps each task at least ~20 round trips long. Every task's
+    result stays under `max_task_bytes` and its band under `max_band_rows` output rows (hard limits: a
+    message above a worker's size limit is refused). Row bands come first (a band ships its input
     once for all kernels); kernel groups only when bands would get thinner than MIN_BAND_ROWS.
     """
     k, out_h, out_w = (int(n) for n in out_shape)
@@ -116,12 +119,34 @@ def plan(
         bands, groups = n, 1
     band = math.ceil(out_h / bands)
     group = math.ceil(k / groups)
+    band, group = _within_limits(band, group, out_w * itemsize, max_task_bytes, max_band_rows)
     tasks = plan_tasks(out_h, k, band=band, group=group)
     log.debug(
         "plan: %d tasks (band %d rows x group %d kernels) for %.2f GFLOP on %d cores",
         len(tasks), band, group, flops / 1e9, cores,
     )
     return Plan(tasks, band, group, flops)
+
+
+def _within_limits(band: int, group: int, row_bytes: int, max_task_bytes: int,
+                   max_band_rows: int | None) -> tuple[int, int]:
+    """Shrink (band, group) until one task's result fits `max_task_bytes` and its band `max_band_rows`:
+    bands first down to MIN_BAND_ROWS, then kernel groups, then bands down to one row."""
+    if max_band_rows is not None:
+        band = max(1, min(band, max_band_rows))
+    while band * group * row_bytes > max_task_bytes:
+        if band > MIN_BAND_ROWS:
+            band = max(MIN_BAND_ROWS, band // 2)
+        elif group > 1:
+            group = math.ceil(group / 2)
+        elif band > 1:
+            band = math.ceil(band / 2)
+        else:
+            raise BudgetExceeded(
+                f"one output row of one kernel is {row_bytes} bytes, over the per-task limit of "
+                f"{max_task_bytes} bytes (raise max_message_size)"
+            )
+    return band, group
 
 
 def deadline(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter, deque
@@ -216,6 +217,8 @@ class RemoteWorker:
     same_host: bool = False
     state: str = "ok"  # ok | dead | quarantined
     banks: set[str] = field(default_factory=set)
+    in_flight: int = 0
+    """Tasks of this process's jobs running on it now (jobs of one coordinator may run concurrently)."""
     _idle: list[Any] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -231,9 +234,9 @@ class RemoteWorker:
 
     def capacity(self) -> Capacity:
         threads = int(self.info.get("threads") or self.info.get("cores") or 1)
-        # A worker's first rate comes from a tiny cold run and can be far too low; a rate 10x below this
-        # machine's would stretch deadlines and starve it of tasks, so it is floored there.
-        gflops = max(float(self.info.get("gflops") or 0.0), local_gflops() * threads / 10)
+        # Workers report the engine's measured rate on their threads; an old one without it counts as
+        # this machine's single-thread rate per thread.
+        gflops = float(self.info.get("gflops") or 0.0) or local_gflops() * threads
         if self.same_host:
             rate = None
         elif self.info.get("bulk_port"):
@@ -265,6 +268,17 @@ class RemoteWorker:
             raise
         with self._lock:
             self._idle.append(proxy)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count a task in flight on this worker while the block runs."""
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def probe(self) -> None:
         """Fetch info() and time a ping on a fresh connection (raises Pyro5 errors if unreachable)."""
@@ -418,8 +432,11 @@ class Scheduler:
         started: set[str] = set()
 
         def runners(workers: Sequence[RemoteWorker]) -> list[tuple[str, threading.Thread]]:
+            # The thread started first takes a one-task job: start the least busy worker's first, ties in
+            # random order, or every small job of every coordinator lands on the same worker.
+            order = sorted(workers, key=lambda w: (w.in_flight, random.random()))
             made = []
-            for worker in workers:
+            for worker in order:
                 if worker.name in started or not worker.usable:
                     continue
                 started.add(worker.name)
@@ -538,7 +555,7 @@ class Scheduler:
             request["input"] = {"array": wire.pack(job.band(task))}
             request["output"] = "bulk" if worker.info.get("bulk_port") else "inline"
         started = time.perf_counter()
-        with worker.proxy() as proxy:
+        with worker.proxy() as proxy, worker.running():
             worker.ensure_bank(proxy, job)
             proxy._pyroTimeout = limit
             try:

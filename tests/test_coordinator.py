@@ -242,3 +242,66 @@ def test_one_coordinator_serves_concurrent_callers(nameserver, start_worker, clu
     for i, (image, kernels) in enumerate(inputs):
         assert isinstance(results[i], np.ndarray), results[i]
         assert_close(results[i], ref2d(image, kernels, "valid"))
+
+
+def test_plan_keeps_tasks_under_hard_limits():
+    cores = [Capacity("w", 50.0, cores=2, overhead_s=0.01)]
+    # Left to itself this job is one task; limits on rows and result bytes cut it up.
+    limited = plan((6, 300, 400), (6, 5, 5, 1), cores, max_task_bytes=20_000, max_band_rows=30)
+    assert len(limited.tasks) > 1
+    for task in limited.tasks:
+        assert task.rows[1] - task.rows[0] <= 30
+        assert task.out_elements(400) * 4 <= 20_000
+    with pytest.raises(BudgetExceeded, match="one output row of one kernel is 4000 bytes"):
+        plan((6, 300, 1000), (6, 5, 5, 1), cores, max_task_bytes=3000)
+
+
+def test_tasks_fit_the_smallest_worker_message_limit(nameserver, start_worker, cluster_config, rng):
+    # This worker refuses messages over 64 KiB; the coordinator's own limit is the default 256 MiB. The
+    # image's bands and results would be ~100-240 KB in one task: they must be cut to fit.
+    small = Config(environ={}, max_message_size=64 << 10)
+    start_worker(config=small)
+    image = rng.standard_normal((200, 300)).astype(np.float32)
+    kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config) as coordinator:
+        assert coordinator.workers()[0]["name"] == "w0"
+        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert coordinator.last_job()["tasks"] > 1
+        with pytest.raises(BudgetExceeded, match="over the smallest worker message limit"):
+            coordinator.correlate(rng.standard_normal((40, 9000)).astype(np.float32), kernels)
+
+
+def _mapped_blocks() -> set[str]:
+    """Names of rmidl shared-memory blocks this process has mapped (a worker in-process included)."""
+    with open("/proc/self/maps") as maps:
+        return {line.split("/dev/shm/")[1].split()[0] for line in maps if "/dev/shm/rmidl_" in line}
+
+
+def test_closing_a_coordinator_unmaps_its_blocks_on_workers(nameserver, start_worker, cluster_config, rng):
+    handle = start_worker()
+    before = _mapped_blocks()
+    image = rng.standard_normal((60, 80)).astype(np.float32)
+    kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
+        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert coordinator.last_job()["shared_memory"]
+        assert len(_mapped_blocks() - before) == 2
+        # A job of another shape replaces the blocks: the old ones are released at once too.
+        coordinator.correlate(image[:40], kernels)
+        assert len(_mapped_blocks() - before) == 2
+    # Unlinked but still mapped by the worker, the blocks' memory would stay pinned in /dev/shm.
+    assert _mapped_blocks() - before == set()
+    assert handle.worker.info()["shm_blocks"] == 0
+
+
+def test_one_task_jobs_spread_over_idle_workers(nameserver, start_worker, cluster_config, rng):
+    handles = [start_worker() for _ in range(2)]
+    image = rng.standard_normal((12, 12)).astype(np.float32)
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as coordinator:
+        for _ in range(30):
+            coordinator.correlate(image, kernels)
+            assert coordinator.last_job()["tasks"] == 1
+    done = [h.worker.info()["tasks_done"] for h in handles]
+    # Always the same worker before; at random each gets ~15 (below 5 has odds ~1e-4).
+    assert sum(done) == 30 and min(done) >= 5, done
