@@ -17,7 +17,6 @@ import numpy as np
 from rmidl.config import Config
 from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
 from rmidl.interface import WORKER_PREFIX
-from rmidl.kernels._threads import blas_pinned
 from rmidl.tiling import Task
 
 from .planning import Capacity, deadline, local_gflops
@@ -420,13 +419,11 @@ class Scheduler:
 
     # -- running a job ---------------------------------------------------------------------------------
     def run(self, job: Job, *, local_threads: int | None = None, shm: bool = True) -> None:
-        """Run every task of `job` (raises the job's error); the caller set up job.shm_* when useful."""
-        # Hold the engine's process-wide BLAS pin for the whole job: pinning and unpinning per task from
-        # pool threads costs ~0.1 s of CPU each time (threadpoolctl + OpenBLAS re-threading).
-        with blas_pinned():
-            self._run(job, local_threads, shm)
+        """Run every task of `job` (raises the job's error); the caller set up job.shm_* when useful.
 
-    def _run(self, job: Job, local_threads: int | None, shm: bool) -> None:
+        The engine pins BLAS to one thread around each local task itself (cheap since it holds in any
+        thread), so local pool threads never multiply with BLAS threads.
+        """
         threads: list[threading.Thread] = []
         local = self.local_threads if local_threads is None else local_threads
         started: set[str] = set()
