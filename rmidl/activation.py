@@ -7,7 +7,6 @@ import logging
 import math
 import os
 
-import numexpr
 import numpy as np
 
 from rmidl.errors import DTypeError, OptionError
@@ -36,6 +35,8 @@ def _pin_numexpr_threads() -> int:
     numexpr sizes its pool from the host's core count (up to 16), which oversubscribes a worker confined
     by affinity or a container; NUMEXPR_NUM_THREADS / OMP_NUM_THREADS set by the user win.
     """
+    import numexpr  # imported on first use: it costs ~0.2 s and numpy is the default engine
+
     current = numexpr.get_num_threads()
     if os.environ.get("NUMEXPR_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return current
@@ -92,6 +93,8 @@ def _numpy(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
 
 
 def _numexpr(src: np.ndarray, out: np.ndarray, fn: str, lam: float) -> None:
+    import numexpr
+
     _pin_numexpr_threads()
     expression = ACTIVATIONS[fn]
     operands: dict[str, object] = {"y": src}
