@@ -190,9 +190,19 @@ def test_all_workers_gone_local_pool_finishes(job):
     with LocalCluster(workers=2) as cluster, Coordinator(
         cluster.ns_address, local_threads=1, config=fault_config(), min_tasks=60
     ) as coordinator:
-        progress = on_progress(3, lambda: [cluster.kill(name) for name in ("w1", "w2")])
+        kill = on_progress(3, lambda: [cluster.kill(name) for name in ("w1", "w2")])
+
+        def progress(done: int, total: int) -> None:
+            kill(done, total)
+            # The local thread alone finishes these tiny tasks in milliseconds: hold it until the remote
+            # threads have met their dead workers, or the job may end before they notice.
+            if kill.fired.is_set() and threading.current_thread().name.startswith("rmidl-local"):
+                deadline = time.monotonic() + 30
+                while registered(cluster.ns_address) and time.monotonic() < deadline:
+                    time.sleep(0.02)  # polling the registry with a deadline, not synchronising by sleep
+
         assert_exact(coordinator.correlate(image, kernels, progress=progress), ref)
-        assert progress.fired.is_set()
+        assert kill.fired.is_set()
         assert coordinator.stats()["local"] > 0
         assert registered(cluster.ns_address) == set()
 
