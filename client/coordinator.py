@@ -208,7 +208,7 @@ class Coordinator:
         )
         capacities = scheduler.capacities(local)
         itemsize = p.dtype.itemsize
-        max_task, max_rows = self._message_limits(padded, p.kernels.shape, remote_shm)
+        max_task, max_rows, limit = self._message_limits(padded, p.kernels.shape, remote_shm)
         job_plan = plan(shape, p.kernels.shape, capacities, itemsize=itemsize, max_task_bytes=max_task,
                         max_band_rows=max_rows, min_tasks=self.min_tasks)
         bank_id = _bank_id(p.kernels)
@@ -220,6 +220,7 @@ class Coordinator:
         ) as (result, shm_in, shm_out):
             job = Job(padded, p.kernels, result, job_plan.tasks, bank_id=bank_id,
                       max_attempts=self.config.max_task_attempts, engine=engine, progress=progress)
+            job.message_limit = limit
             if shm_in is not None and shm_out is not None:
                 job.shm_input, job.shm_output = shm_in.descriptor(), shm_out.descriptor()
                 job.shm_out_array = shm_out.array
@@ -240,18 +241,18 @@ class Coordinator:
         return result
 
     def _message_limits(self, padded: np.ndarray, kernel_shape: tuple[int, ...],
-                        remote_shm: bool) -> tuple[int, int | None]:
+                        remote_shm: bool) -> tuple[int, int | None, int]:
         """Largest result (bytes) and band (output rows) per task, so that every request and inline reply
         fits under the smallest max_message_size of this process and of the workers taking arrays over TCP
-        (a bigger message is refused and the task could never succeed)."""
+        (a bigger message is refused and the task could never succeed); and that smallest size."""
         tcp = [w for w in self._scheduler.usable_workers() if not (remote_shm and w.same_host)]
-        limit = min([self.config.max_message_size]
-                    + [int(w.info.get("max_message_size") or self.config.max_message_size) for w in tcp])
+        smallest = min([self.config.max_message_size]
+                       + [int(w.info.get("max_message_size") or self.config.max_message_size) for w in tcp])
         # Room for the rest of the message: Pyro5's header, the task's other fields, msgpack framing.
-        limit -= min(64 << 10, limit // 8)
+        limit = smallest - min(64 << 10, smallest // 8)
         max_task = min(64 << 20, self.config.max_message_size // 2, limit)
         if not tcp:
-            return max_task, None
+            return max_task, None, smallest
         row_bytes = padded.shape[1] * (padded.shape[2] if padded.ndim == 3 else 1) * padded.itemsize
         halo = int(kernel_shape[1]) - 1
         rows = limit // row_bytes - halo
@@ -260,7 +261,7 @@ class Coordinator:
                 f"one output row needs an input band of {halo + 1} rows x {row_bytes} bytes, over the "
                 f"smallest worker message limit of {limit} bytes (raise max_message_size)"
             )
-        return max_task, rows
+        return max_task, rows, smallest
 
 
 def _bank_id(kernels: np.ndarray) -> str:

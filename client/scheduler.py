@@ -68,6 +68,8 @@ class Job:
         self.shm_output: dict[str, Any] | None = None
         self.shm_out_array: np.ndarray | None = None
         """The shared output block same-host workers write into; each task's part is copied to `out`."""
+        self.message_limit: int | None = None
+        """The max_message_size the tasks were sized for: a worker taking arrays over TCP needs as much."""
         self.total = len(tasks)
         self.done = 0
         self.requeued = 0
@@ -438,6 +440,12 @@ class Scheduler:
                     continue
                 started.add(worker.name)
                 use_shm = shm and worker.same_host and job.shm_out_array is not None
+                limit = int(worker.info.get("max_message_size") or 0)
+                if not use_shm and job.message_limit and 0 < limit < job.message_limit:
+                    # It joined after the plan and would refuse these tasks' messages; next job it counts.
+                    log.debug("worker %s (max_message_size %d) sits out a job sized for %d",
+                              worker.name, limit, job.message_limit)
+                    continue
                 for slot in range(max(1, self.config.tasks_in_flight)):
                     thread = threading.Thread(target=self._remote_loop, args=(job, worker, use_shm),
                                               name=f"rmidl-{worker.name}-{slot}", daemon=True)

@@ -305,3 +305,52 @@ def test_one_task_jobs_spread_over_idle_workers(nameserver, start_worker, cluste
     done = [h.worker.info()["tasks_done"] for h in handles]
     # Always the same worker before; at random each gets ~15 (below 5 has odds ~1e-4).
     assert sum(done) == 30 and min(done) >= 5, done
+
+
+def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_worker, cluster_config, rng):
+    import threading
+    import time
+
+    from rmidl.transport import configure_pyro
+
+    start_worker(name="early")
+    image = rng.standard_normal((200, 300)).astype(np.float32)
+    kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
+    release = threading.Event()
+    parked = threading.Semaphore(0)
+    results: list = []
+
+    def progress(done: int, total: int) -> None:
+        # The early worker's threads park here until the late one is known.
+        parked.release()
+        release.wait(30)
+
+    with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config,
+                     min_tasks=8) as coordinator:
+
+        def correlate() -> None:
+            try:
+                results.append(coordinator.correlate(image, kernels, progress=progress))
+            except Exception as error:  # reported by the assertions below
+                results.append(error)
+
+        runner = threading.Thread(target=correlate)
+        runner.start()
+        for _ in range(cluster_config.tasks_in_flight):  # no call in flight while Pyro5's config changes
+            assert parked.acquire(timeout=30)
+        # Tasks of ~50 KB bands were planned; this worker refuses anything over 16 KiB. In its own process
+        # Pyro5 would refuse them; in this one, its unpacking does (after we restore Pyro5's setting).
+        start_worker(name="late", config=Config(environ={}, max_message_size=16 << 10))
+        configure_pyro(cluster_config)
+        deadline = time.monotonic() + 30
+        while "late" not in coordinator._scheduler.workers and time.monotonic() < deadline:
+            runner.join(0.05)  # the job's discovery poll finds it
+        release.set()
+        runner.join(60)
+        assert not runner.is_alive()
+        assert isinstance(results[0], np.ndarray), results[0]
+        assert_close(results[0], ref2d(image, kernels, "valid"))
+        assert coordinator.stats() == {"early": 8}
+        # The next job is sized for both.
+        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert set(coordinator.stats()) <= {"early", "late"}
