@@ -61,6 +61,7 @@ def test_ping_and_info_describe_the_worker(worker, proxy):
     assert info["threads"] == 1 and info["cores"] >= 1
     assert info["tasks_done"] == 0 and info["busy"] == 0 and info["banks"] == []
     assert info["gflops"] > 0 and isinstance(info["bulk_port"], int)
+    assert info["max_message_size"] == worker.config.max_message_size and info["shm_blocks"] == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
