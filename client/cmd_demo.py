@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bank (default %(default)s)")
     parser.add_argument("--size", default="1280x720", metavar="WxH",
                         help="crop of the default image to use (default %(default)s)")
-    parser.add_argument("--repeat", type=int, default=2, metavar="R", help="best of R runs (default 2)")
+    parser.add_argument("--repeat", type=int, default=2, metavar="R",
+                        help="best of R timed runs after a warm-up run (default 2)")
     parser.add_argument("--quick", action="store_true",
                         help="a small run (320x180, random:16x11x11, 1 repeat) to check the set-up")
 
@@ -51,14 +52,13 @@ def _size(text: str) -> tuple[int, int]:
 
 def _best(repeat: int, call: Callable[[], tuple[np.ndarray, dict[str, int]]]) -> tuple[float, np.ndarray,
                                                                                        dict[str, int]]:
+    """Best time of `repeat` calls after one untimed warm-up (first-touch page faults, worker caches)."""
     best = float("inf")
-    result: np.ndarray | None = None
-    tasks_by: dict[str, int] = {}
+    result, tasks_by = call()
     for _ in range(repeat):
         start = time.perf_counter()
         result, tasks_by = call()
         best = min(best, time.perf_counter() - start)
-    assert result is not None
     return best, result, tasks_by
 
 
