@@ -40,8 +40,11 @@ def _run(image: object, kernels: object, *, mode: str, threads: int | None, engi
     bank = np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]) if flip else p.kernels
     padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
     result = np.empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
-    # The engines write rows straight into `out`; any other layout gets a temporary and one copy.
-    target = result if _rows_contiguous(result) else np.empty(p.out_shape, p.dtype)
+    # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs
+    # (engines read input rows after writing earlier outputs), gets a temporary and one copy.
+    direct = _rows_contiguous(result) and not (np.may_share_memory(result, padded)
+                                               or np.may_share_memory(result, bank))
+    target = result if direct else np.empty(p.out_shape, p.dtype)
     correlate_valid(padded, bank, target, threads=n_threads, engine=engine)
     if target is not result:
         result[...] = target
