@@ -119,7 +119,7 @@ def activate(
     numexpr's pool (capped once at this process's cores). numpy 2's SIMD float32 exp/tanh made the numpy
     engine 4-30x faster than numexpr without Intel VML on our 2-core AVX2 machine (see the commit).
     """
-    if fn not in ACTIVATIONS:
+    if not isinstance(fn, str) or fn not in ACTIVATIONS:  # a list would not even hash
         raise OptionError(f"activation {fn!r} is not one of {', '.join(ACTIVATIONS)}")
     if engine not in ENGINES:
         raise OptionError(f"activation engine {engine!r} is not one of {', '.join(ENGINES)}")

@@ -115,6 +115,7 @@ frozen.flags.writeable = False
 BAD = [
     ({"x": x32, "fn": "softmax"}, OptionError, "softmax"),
     ({"x": x32, "fn": "RELU"}, OptionError, "RELU"),
+    ({"x": x32, "fn": ["relu"]}, OptionError, r"\['relu'\]"),
     ({"x": x32, "fn": "relu", "engine": "torch"}, OptionError, "engine 'torch'"),
     ({"x": x32, "fn": "relu", "lam": "2"}, OptionError, "lam='2'"),
     ({"x": x32, "fn": "relu", "lam": float("nan")}, OptionError, "finite"),
