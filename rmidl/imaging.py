@@ -39,6 +39,7 @@ _ROBUST_TAIL = 0.5  # percent of values clipped at each end by scale="robust"
 _ROBUST_SAMPLE = 1 << 18  # values the robust percentiles are estimated from
 _MONTAGE_MAX_SIDE = 4096
 _MONTAGE_GAP = 2
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _pixels(image: Image.Image, where: str) -> np.ndarray:
@@ -117,9 +118,14 @@ def _scaled(array: np.ndarray, bits: int, scale: str) -> np.ndarray:
         else:
             low, high = float(array.min()), float(array.max())
         stretch = scale in ("stretch", "robust") or (scale == "auto" and (low < 0 or high > 1))
+        if stretch and math.isinf(high - low):
+            # float64 values near ±1.8e308: scale by 2**-64 (exact) so that the span and its inverse
+            # are normal numbers
+            array, low, high = array * 2.0**-64, low * 2.0**-64, high * 2.0**-64
         gain = 1 / (high - low) if stretch and high > low else 1.0
-        # float32 work is exact enough for 8/16-bit output and halves float64's memory traffic
-        narrow = array.dtype != np.float64 and gain < 1e30
+        # float32 work is exact enough for 8/16-bit output and halves float64's memory traffic, unless
+        # the span itself overflows float32 (values near ±3.4e38)
+        narrow = array.dtype != np.float64 and gain < 1e30 and high - low < _FLOAT32_MAX
         values = array.astype(np.float32 if narrow else np.float64)
         if stretch:
             values -= values.dtype.type(low)

@@ -109,6 +109,19 @@ def test_float_scaling_rule(tmp_path: Path) -> None:
     np.testing.assert_array_equal(saved(np.ones((3, 3, 1), np.uint8) * 9), np.full((3, 3), 9))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", ["auto", "stretch", "robust"])
+def test_values_near_dtype_limits_stretch_without_overflow(tmp_path: Path, dtype: type, scale: str) -> None:
+    """A span wider than the dtype's largest value (max - min overflows) still stretches as documented."""
+    top = float(np.finfo(dtype).max)
+    fractions = np.array([-1.0, -0.6, 0.1, 0.7, 1.0])  # no pixel lands on a rounding tie
+    low, high = np.percentile(fractions, [0.5, 99.5]) if scale == "robust" else (-1.0, 1.0)
+    want = np.rint(np.clip((fractions - low) / (high - low), 0, 1) * 255)
+    values = (fractions * top).astype(dtype)[None]
+    got = load_image(save_image(tmp_path / "limits.png", values, scale=scale))
+    np.testing.assert_array_equal(got, want[None])
+
+
 def test_save_maps_writes_each_map_and_a_montage(tmp_path: Path, rng: np.random.Generator) -> None:
     maps = rng.standard_normal((5, 20, 30)).astype(np.float32) * np.arange(1, 6)[:, None, None]
     written = save_maps(maps, tmp_path / "out" / "deep", scale="stretch")
