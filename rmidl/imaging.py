@@ -196,11 +196,13 @@ def save_image(
     the other depth of a uint8/uint16 array keeps intensities (v / max). NaN/Inf are refused.
     `quality` is JPEG's. The file is replaced atomically; failures raise InputError naming the path.
     """
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 0 <= quality <= 100:
+        raise OptionError(f"quality={quality!r} must be an integer from 0 to 100")
     target = Path(path)
     fmt = _format_for(target)
     where = f"image {str(target)!r}"
     image = _image_for(np.asarray(array), fmt, bits, scale, where)
-    options: dict[str, object] = {"quality": quality} if fmt == "JPEG" else {}
+    options: dict[str, object] = {"quality": int(quality)} if fmt == "JPEG" else {}
     _write(image, target, fmt, options)
     return target
 

@@ -260,6 +260,8 @@ SAVE_FAILURES = [
     ("x.png", np.zeros((4, 4, 3)), {"bits": 16}, OptionError, "colour files are 8-bit"),
     ("x.png", z, {"bits": 12}, OptionError, "bits=12"),
     ("x.png", z, {"scale": "log"}, OptionError, "scale 'log'"),
+    ("x.jpg", z, {"quality": "high"}, OptionError, "quality='high'"),
+    ("x.jpg", z, {"quality": 101}, OptionError, "quality=101"),
     ("missing/dir/x.png", z, {}, InputError, "cannot write image"),
 ]
 
