@@ -6,6 +6,7 @@ import argparse
 import hmac
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 MIN_SECRET_LENGTH = 8
 HANDSHAKE_MAX_BYTES = 64 * 1024
 """A handshake carries the secret and an object name: anything larger is refused unread."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a new connection has for its TLS and Pyro5 handshakes: a silent one must not hold a thread."""
+DENIED_HANDSHAKE_TIMEOUT = 0.5
+"""Pyro5 reads the handshake it denies (pool full) in its accept loop; a silent peer stalls it this long."""
 
 
 def read_secret(path: str | Path) -> str:
@@ -105,9 +110,27 @@ class SecretHandshake:
     def __init__(self, *args: Any, secret: str = "", **kwargs: Any) -> None:
         self._secret = secret.encode("utf-8")
         super().__init__(*args, **kwargs)
+        listening = getattr(getattr(self, "transportServer", None), "sock", None)
+        if isinstance(listening, ssl.SSLSocket):
+            # Otherwise accept() runs the TLS handshake in the accept loop without a deadline: one silent
+            # TCP connection would lock every client out. `_handshake` runs it in the connection's thread.
+            listening.do_handshake_on_connect = False  # type: ignore[attr-defined]
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
-        return super()._handshake(_CappedConnection(conn, HANDSHAKE_MAX_BYTES), denied_reason)  # type: ignore[misc]
+        # Daemons run without a socket timeout (calls may take long), so the handshake gets its own.
+        previous = conn.sock.gettimeout()
+        conn.sock.settimeout(DENIED_HANDSHAKE_TIMEOUT if denied_reason else HANDSHAKE_TIMEOUT)
+        try:
+            if isinstance(conn.sock, ssl.SSLSocket):
+                conn.sock.do_handshake()
+            accepted = super()._handshake(  # type: ignore[misc]
+                _CappedConnection(conn, HANDSHAKE_MAX_BYTES), denied_reason
+            )
+        except (OSError, ValueError) as error:  # ssl.SSLError and socket timeouts are OSErrors
+            logger.info("handshake with %s failed: %s", _peer(conn), error)
+            return False
+        conn.sock.settimeout(previous)
+        return bool(accepted)
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 (Pyro5's name)
         if self._secret:

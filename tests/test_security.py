@@ -170,6 +170,44 @@ def test_an_oversized_handshake_is_refused_before_its_payload_is_read(start_work
         assert proxy.ping() == "pong"
 
 
+def test_a_silent_connection_is_dropped_after_the_handshake_deadline(
+    start_worker, cluster_config, monkeypatch
+):
+    from rmidl.server import security
+
+    monkeypatch.setattr(security, "HANDSHAKE_TIMEOUT", 0.3)
+    handle = start_worker(ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        reply = raw.makefile("rb").read()  # the worker answers and hangs up on a peer that never says hello
+    assert reply[:4] == b"PYRO" and reply[6] == 3  # MSG_CONNECTFAIL
+    assert b"timeout" in reply
+    with worker_proxy(handle.uri, cluster_config, timeout=10) as proxy:
+        assert proxy.ping() == "pong"
+
+
+def test_silent_connections_filling_the_pool_get_a_prompt_refusal(start_worker, cluster_config, monkeypatch):
+    from Pyro5 import config as pyro_config
+
+    handle = start_worker(ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    size = pyro_config.THREADPOOL_SIZE_MIN
+    monkeypatch.setattr(pyro_config, "THREADPOOL_SIZE", size)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(size)]
+    try:
+        # Pyro5 reads a denied handshake in its accept loop: without a deadline the next silent peer
+        # would stall it, and this client would time out instead of hearing why.
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10),
+            worker_proxy(handle.uri, cluster_config, timeout=8) as proxy,
+            pytest.raises(CommunicationError, match="no free workers"),
+        ):
+            proxy.ping()
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 # --- 2-way TLS ------------------------------------------------------------------------------------
 
 
@@ -290,6 +328,17 @@ def test_tls_refuses_clients_without_a_trusted_certificate(start_worker, tls_con
             if not plain.recv(1024):
                 raise ConnectionError("closed")
     with worker_proxy(handle.uri, tls_config, timeout=10) as proxy:
+        assert proxy.ping() == "pong"
+
+
+def test_a_silent_tcp_peer_does_not_lock_clients_out_of_a_tls_worker(start_worker, tls_config):
+    handle = start_worker(config=tls_config, ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    # Pyro5's TLS accept() would wait for this peer's TLS handshake, blocking every later connection.
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10),
+        worker_proxy(handle.uri, tls_config, timeout=5) as proxy,
+    ):
         assert proxy.ping() == "pong"
 
 
