@@ -281,7 +281,10 @@ def default_image(dtype: type | np.dtype = np.float32) -> np.ndarray:
 
     float dtypes return intensities in [0, 1]; np.uint8 returns the stored 8-bit pixels.
     """
-    wanted = np.dtype(dtype)
+    try:
+        wanted = np.dtype(dtype)
+    except TypeError:
+        raise DTypeError(f"default_image dtype {dtype!r} is not a numpy dtype") from None
     if wanted.kind != "f" and wanted != np.uint8:
         raise DTypeError(f"default_image dtype {wanted} must be a float type or uint8")
     with resources.as_file(resources.files("rmidl") / "data" / "default.png") as path:

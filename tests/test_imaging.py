@@ -174,6 +174,13 @@ def test_default_image_is_photo_like() -> None:
     assert len(np.unique(as_bytes)) > 150
 
 
+@pytest.mark.parametrize(("dtype", "message"), [(np.int32, "int32 must be a float type"),
+                                               ("pixels", "'pixels' is not a numpy dtype")])
+def test_default_image_refuses_other_dtypes(dtype: object, message: str) -> None:
+    with pytest.raises(DTypeError, match=message):
+        default_image(dtype)
+
+
 def test_default_image_script_reproduces_the_shipped_file(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "make_default_image.py"
     subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "d.png")], check=True, timeout=100,
