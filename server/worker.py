@@ -41,6 +41,9 @@ ATTACHMENT_CACHE = 8
 bounded too, by the worker's memory budget."""
 RATE_MIN_SECONDS = 0.02
 """Only engine calls at least this long refine the reported rate: shorter ones are mostly call overhead."""
+REPLY_FRAMING = 512
+"""Bytes an inline reply adds to its result (Pyro5 header and annotations, msgpack keys); the coordinator
+leaves at least this much room when it sizes tasks."""
 HANG_ENV = "RMIDL_TEST_HANG_TASKS"
 """Test-only hook: the first N correlate calls of a worker started with this set block until shutdown."""
 
@@ -272,6 +275,12 @@ class ConvolutionWorker:
             self._compute_into(band, kernels, target[plan.k0 : k1, r0:r1, :])
             return {}
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
+        if plan.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
+            # Pyro5 would refuse the reply after the work and drop the connection: say why, before it.
+            raise BudgetExceeded(
+                f"task {plan.task_id}: inline result of {nbytes} bytes does not fit this worker's "
+                f"max_message_size of {self._config.max_message_size} bytes (use 'bulk' or 'shm' output)"
+            )
         with self._reservation(nbytes, plan.task_id):
             result = np.empty(out_shape, kernels.dtype)
             self._compute_into(band, kernels, result)

@@ -171,6 +171,27 @@ def test_task_output_above_the_memory_budget_is_refused_before_work(start_worker
         assert proxy.info()["tasks_done"] == 3
 
 
+def test_inline_result_above_the_message_size_is_refused_before_work(start_worker, rng):
+    # The band (20x100, 8 kB) fits a 64 KiB message; 16 maps of 18x98 (113 kB) do not. Pyro5 would
+    # refuse the reply after the work and drop the connection (a CommunicationError the caller retries).
+    config = Config(environ={}, max_message_size=64 << 10)
+    handle = start_worker(config=config)
+    image = rng.standard_normal((20, 100, 1)).astype(np.float32)
+    bank = rng.standard_normal((16, 3, 3, 1)).astype(np.float32)
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(bank))
+        with pytest.raises(BudgetExceeded, match=r"task 5: inline result of 112896 bytes does not fit"):
+            proxy.correlate(task(5, (0, 18), (0, 16), band(image, (0, 18), 3)))
+        # Half the kernels fit inline; all of them fit in bulk.
+        half = unpack(proxy.correlate(task(6, (0, 18), (0, 8), band(image, (0, 18), 3)))["result"])
+        assert_close(half, reference(image, bank[:8]))
+        reply = proxy.correlate(task(7, (0, 18), (0, 16), band(image, (0, 18), 3), output="bulk"))
+        out = np.empty((16, 18, 98), np.float32)
+        fetch(handle.host, proxy.info()["bulk_port"], reply["ticket"], out, timeout=10)
+        assert_close(out, reference(image, bank))
+        assert proxy.info()["tasks_done"] == 2
+
+
 def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(proxy, rng):
     image = rng.standard_normal((12, 12, 2)).astype(np.float32)
     bank = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
