@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from rmidl._files import open_failure
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, RmidlError
 
@@ -184,18 +185,13 @@ def _load_file(path: Path) -> np.ndarray:
                 array = np.load(handle, allow_pickle=False)
     except RmidlError:
         raise
-    except FileNotFoundError:
-        raise BankError(f"{where} does not exist") from None
-    except IsADirectoryError:
-        raise BankError(f"{where} is a directory") from None
-    except PermissionError:
-        raise BankError(f"{where} cannot be read: permission denied") from None
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as error:
         # np.load raises ValueError for pickled (object) data and bad headers, EOFError when empty
-        reason = str(error) or type(error).__name__
-        if "pickled" in reason:  # numpy's advice to unpickle does not apply: rmidl never does
-            reason = "not numpy data (or pickled data, which rmidl never loads)"
-        raise BankError(f"{where} is not a valid {path.suffix.lower()} file: {reason}") from None
+        detail = str(error) or type(error).__name__
+        if "pickled" in detail:  # numpy's advice to unpickle does not apply: rmidl never does
+            detail = "not numpy data (or pickled data, which rmidl never loads)"
+        reason = open_failure(error) or f"is not a valid {path.suffix.lower()} file: {detail}"
+        raise BankError(f"{where} {reason}") from None
     if not isinstance(array, np.ndarray):
         raise BankError(f"{where} does not hold an array")
     return _as_bank(array, where)

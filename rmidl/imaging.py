@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from rmidl._files import open_failure
 from rmidl.errors import DTypeError, ImageReadError, InputError, NonFiniteInput, OptionError, ShapeError
 
 __all__ = ["SUFFIXES", "default_image", "load_image", "save_image", "save_maps"]
@@ -78,19 +79,14 @@ def load_image(path: str | os.PathLike[str], *, gray: bool | None = None) -> np.
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)
             array = _pixels(opened, where)
-    except FileNotFoundError:
-        raise ImageReadError(f"{where} does not exist") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{where} is a directory") from None
-    except PermissionError:
-        raise ImageReadError(f"{where} cannot be read: permission denied") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{where} is not a PNG, JPEG, TIFF, BMP or PGM/PPM image") from None
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"{where} is too large to decode safely: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as error:
         # Pillow reports broken PNG chunks as SyntaxError and short data as OSError("... truncated")
-        raise ImageReadError(f"{where} is corrupt or truncated: {error}") from None
+        reason = open_failure(error) or f"is corrupt or truncated: {error}"
+        raise ImageReadError(f"{where} {reason}") from None
     if gray is True and array.ndim == 3:
         luma = array @ _LUMA
         if array.dtype.kind in "iu":

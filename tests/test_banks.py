@@ -206,6 +206,18 @@ def test_bad_file(tmp_path: Path, name: str, message: str) -> None:
     assert name in str(raised.value)
 
 
+def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same words as load_image's; the open is refused by a stub, since root may read any file."""
+    np.save(tmp_path / "locked.npy", np.ones((1, 2, 2)))
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(BankError, match=r"'.*locked\.npy' cannot be read: permission denied$"):
+        load_kernels(tmp_path / "locked.npy")
+
+
 def test_memory_budget_is_checked_before_allocating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.save(tmp_path / "big.npy", np.ones((4, 20, 20)))
     np.savez_compressed(tmp_path / "big.npz", kernels=np.zeros((4, 20, 20)))  # compresses to ~200 bytes
