@@ -17,6 +17,7 @@ import ssl
 import struct
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,26 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     def __init__(self, host: str, bulk: BulkServer) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.bulk = bulk
+        # Anyone who can reach the port may connect before showing a ticket: bound the threads they get.
+        self._slots = threading.BoundedSemaphore(bulk.max_connections)
         super().__init__((host, 0), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            logger.warning("bulk: %d connections open; refused %s", self.bulk.max_connections, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, address = super().get_request()
@@ -85,11 +105,13 @@ class BulkServer:
         ttl: float = 120.0,
         max_bytes: int = 2 << 30,
         timeout: float = 30.0,
+        max_connections: int = 32,
     ) -> None:
         self.ssl_context = ssl_context
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.max_connections = max_connections
         self._lock = threading.Lock()
         self._offers: dict[str, tuple[float, np.ndarray]] = {}
         self._server = _TCPServer(host, self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -195,6 +196,31 @@ def test_bulk_serves_concurrent_fetches(rng):
     assert not errors
     for out, result in zip(outs, results, strict=True):
         np.testing.assert_array_equal(out, result)
+
+
+def test_bulk_connections_beyond_the_cap_are_closed_at_once(rng):
+    result = rng.standard_normal((4, 5)).astype(np.float32)
+    with BulkServer("127.0.0.1", max_connections=2) as server:
+        ticket = server.offer(result)
+        silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            # Each silent peer holds a handler thread (up to the server's 30 s timeout); one more is
+            # hung up on instead of getting a thread of its own.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                assert extra.recv(1) == b""
+        finally:
+            for sock in silent:
+                sock.close()
+        out = np.empty_like(result)
+        deadline = time.monotonic() + 10
+        while True:  # the silent peers' threads free their slots once they see the hang-up
+            try:
+                fetch("127.0.0.1", server.port, ticket, out, timeout=5)
+                break
+            except WorkerLost:
+                if time.monotonic() > deadline:
+                    raise
+    np.testing.assert_array_equal(out, result)
 
 
 def test_bulk_fetch_from_a_closed_port_is_worker_lost():
