@@ -8,7 +8,16 @@ import numpy as np
 
 from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
 
-__all__ = ["MODES", "Prepared", "check_engine", "check_mode", "check_out", "check_threads", "prepare"]
+__all__ = [
+    "MODES",
+    "Prepared",
+    "check_engine",
+    "check_mode",
+    "check_out",
+    "check_threads",
+    "first_non_finite",
+    "prepare",
+]
 
 MODES = ("valid", "same", "full")
 
@@ -109,8 +118,18 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
     img = np.ascontiguousarray(img, dtype=dtype)
     ker = np.ascontiguousarray(ker, dtype=dtype)
     for array, what in ((img, "image"), (ker, "kernels")):
-        if not np.isfinite(array).all():
-            bad = "NaN" if np.isnan(array).any() else "Inf"
-            where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-            raise NonFiniteInput(f"{what} contains {bad} (first at index {where})")
+        problem = first_non_finite(array)
+        if problem is not None:
+            raise NonFiniteInput(f"{what} contains {problem}")
     return Prepared(img, ker, dtype, mode)
+
+
+def first_non_finite(array: np.ndarray) -> str | None:
+    """'NaN (first at index (i, ...))' or 'Inf (...)' for the first non-finite value; None if none."""
+    if array.dtype.kind != "f":
+        return None
+    finite = np.isfinite(array)
+    if finite.all():
+        return None
+    index = tuple(int(i) for i in np.argwhere(~finite)[0])
+    return f"{'NaN' if np.isnan(array[index]) else 'Inf'} (first at index {index})"

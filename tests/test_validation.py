@@ -48,6 +48,8 @@ BAD_INPUT: list[tuple[str, Callable[[], tuple[Any, Any, dict[str, Any]]], type[e
      r"image contains NaN.*\(3, 4, 0\)"),
     ("Inf in image", lambda: (with_value(IMAGE, (0, 1), -np.inf), BANK, {}), errors.NonFiniteInput,
      "image contains Inf"),
+    ("Inf before NaN", lambda: (with_value(with_value(IMAGE, (3, 4), np.nan), (0, 1), np.inf), BANK, {}),
+     errors.NonFiniteInput, r"image contains Inf \(first at index \(0, 1, 0\)\)"),
     ("NaN in kernels", lambda: (IMAGE, with_value(BANK, (1, 2, 0), np.nan), {}), errors.NonFiniteInput,
      r"kernels contain.*NaN.*\(1, 2, 0, 0\)"),
     ("Inf in kernels", lambda: (IMAGE, with_value(BANK, (0, 0, 0), np.inf), {}), errors.NonFiniteInput,
