@@ -16,6 +16,7 @@ import numpy as np
 from rmidl._files import open_failure
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, RmidlError
+from rmidl.validate import first_non_finite
 
 __all__ = ["BANK_NAMES", "describe_bank", "load_kernels"]
 
@@ -141,12 +142,9 @@ def _as_bank(array: np.ndarray, where: str) -> np.ndarray:
         raise BankError(f"{where} has shape {array.shape}; expected (K, kh, kw) or (K, kh, kw, C)")
     if 0 in array.shape:
         raise BankError(f"{where} is empty: shape {array.shape}")
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            index = tuple(int(i) for i in np.argwhere(~finite)[0])
-            bad = "NaN" if np.isnan(array[index]) else "Inf"
-            raise BankError(f"{where} contains {bad} (first at index {index})")
+    problem = first_non_finite(array)
+    if problem is not None:
+        raise BankError(f"{where} contains {problem}")
     peak = float(np.abs(array).max()) if array.dtype.kind == "f" and array.dtype.itemsize > 4 else 0.0
     if peak > _FLOAT32_MAX:
         raise BankError(f"{where} has values beyond the float32 range (max |value| {peak:.3g})")
