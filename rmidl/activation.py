@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from rmidl.errors import DTypeError, OptionError
-from rmidl.validate import check_out
+from rmidl.errors import OptionError
+from rmidl.validate import check_out, check_real
 
 __all__ = ["ACTIVATIONS", "ENGINES", "activate"]
 
@@ -48,9 +48,7 @@ def _pin_numexpr_threads() -> int:
 
 
 def _result_dtype(x: np.ndarray) -> np.dtype:
-    kind = x.dtype.kind
-    if kind not in "iuf":
-        raise DTypeError(f"activation input dtype {x.dtype} is not supported (use an integer or float array)")
+    check_real(x, "activation input")
     return np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
 
 

@@ -6,7 +6,8 @@ import logging
 
 import numpy as np
 
-from rmidl.errors import DTypeError, OptionError, ShapeError
+from rmidl.errors import OptionError, ShapeError
+from rmidl.validate import check_real
 
 __all__ = ["POOL_KINDS", "pool", "pool_shape"]
 
@@ -72,8 +73,7 @@ def pool(
     if kind not in POOL_KINDS:
         raise OptionError(f"pool kind {kind!r} is not one of {', '.join(POOL_KINDS)}")
     array = np.asarray(x)
-    if array.dtype.kind not in "iuf":
-        raise DTypeError(f"pool input dtype {array.dtype} is not supported (use an integer or float array)")
+    check_real(array, "pool input")
     out_shape = pool_shape(array.shape, size, stride)
     ph, pw = _pair(size, "size")
     sh, sw = (ph, pw) if stride is None else _pair(stride, "stride")

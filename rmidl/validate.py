@@ -14,6 +14,7 @@ __all__ = [
     "check_engine",
     "check_mode",
     "check_out",
+    "check_real",
     "check_threads",
     "first_non_finite",
     "prepare",
@@ -78,12 +79,16 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     return out
 
 
+def check_real(array: np.ndarray, what: str) -> None:
+    """Refuse every dtype but integers and floats (bool, complex, object, text), naming `what`."""
+    if array.dtype.kind not in "iuf":
+        raise DTypeError(f"{what} dtype {array.dtype} is not supported (use an integer or float array)")
+
+
 def _as_real_array(value: object, what: str) -> np.ndarray:
     array = np.asarray(value)
-    kind = array.dtype.kind
-    if kind not in "iuf":
-        raise DTypeError(f"{what} dtype {array.dtype} is not supported (use an integer or float array)")
-    if kind == "f" and array.dtype.itemsize < 4:
+    check_real(array, what)
+    if array.dtype.kind == "f" and array.dtype.itemsize < 4:
         array = array.astype(np.float32)
     return array
 
