@@ -469,9 +469,15 @@ class Scheduler:
         first = local_made + runners(self.usable_workers())
         if not first:
             raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
-        launch(first)
-        while not job.wait(self._poll_interval):
-            launch(runners(self.discover()))
+        try:
+            launch(first)
+            while not job.wait(self._poll_interval):
+                launch(runners(self.discover()))
+        except BaseException as error:
+            # Ctrl-C (or any error) while waiting: stop the runners taking tasks, or they would run the
+            # rest of the job in the background; calls in progress end on their own.
+            job.fail(error)
+            raise
         self._join(threads, job)
         if job.error is not None:
             raise job.error

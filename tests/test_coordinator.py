@@ -354,3 +354,37 @@ def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_
         # The next job is sized for both.
         assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
         assert set(coordinator.stats()) <= {"early", "late"}
+
+
+def test_interrupted_job_stops_its_threads_taking_tasks(rng, monkeypatch):
+    """Ctrl-C in the caller (KeyboardInterrupt while it waits) must not leave the pool running the job."""
+    import _thread
+    import threading
+    import time
+
+    from rmidl.client import scheduler
+
+    real = scheduler._correlate_valid
+    calls: list[int] = []
+    released = threading.Event()
+
+    def engine(image, kernels, out, engine):
+        calls.append(1)
+        if len(calls) == 1:
+            _thread.interrupt_main()  # what a Ctrl-C does to the waiting caller
+        released.wait(10)  # hold every task until the caller has seen the interrupt
+        real(image, kernels, out, engine)
+
+    monkeypatch.setattr(scheduler, "_correlate_valid", engine)
+    image = rng.standard_normal((64, 64)).astype(np.float32)
+    with Coordinator(local_threads=2, min_tasks=16) as coordinator:
+        with pytest.raises(KeyboardInterrupt):
+            coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
+        released.set()
+        end = time.monotonic() + 10
+        while any(t.name.startswith("rmidl-local-") for t in threading.enumerate()):
+            assert time.monotonic() < end, "pool threads still running 10 s after the interrupt"
+            threading.Event().wait(0.01)
+        total = coordinator.last_job()["tasks"]
+    assert total >= 16
+    assert len(calls) <= 2, f"{len(calls)} of {total} tasks ran although the caller was interrupted"
