@@ -144,8 +144,9 @@ class LocalCluster:
         self.die_with_parent = die_with_parent
         self.threads_per_worker = threads_per_worker
         self.ready_timeout = ready_timeout
-        # Workers run the engine on their own threads, so BLAS must never start its own: with OpenBLAS
-        # free to use every core, each task's pin to one thread from a Pyro5 thread cost ~0.1 s (5x).
+        # Workers run the engine on their own threads and pin BLAS to one inside each call; starting them
+        # with one BLAS thread still pays: the reference job (1280x720, 128x11x11, 2 workers) took 1.27x
+        # (1 thread each) and 1.15x (2 threads each) as long with BLAS left at every core (Nov 2026).
         single = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **single, **(env or {})}
         if self.config.secret:  # children read it from the environment, never from the command line
