@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from rmidl.errors import OptionError
+from rmidl.kernels import available_cores
 from rmidl.validate import check_out, check_real
 
 __all__ = ["ACTIVATIONS", "ENGINES", "activate"]
@@ -40,7 +41,7 @@ def _pin_numexpr_threads() -> int:
     current = numexpr.get_num_threads()
     if os.environ.get("NUMEXPR_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return current
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     if current > cores:
         numexpr.set_num_threads(cores)
         log.debug("numexpr threads %d -> %d (cores available to this process)", current, cores)
