@@ -10,12 +10,12 @@ import logging
 
 import numpy as np
 
-from rmidl.errors import OptionError
 from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
 from rmidl.kernels._direct import correlate_direct
 from rmidl.kernels._fft import correlate_fft
 from rmidl.kernels._lowering import correlate_lowering
 from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
+from rmidl.validate import check_engine
 
 __all__ = [
     "ENGINES",
@@ -41,6 +41,7 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
     No input checks: `out` may be a view (e.g. rows of a shared-memory output) as long as each output
     row is contiguous and rows follow each other (row stride OW * itemsize).
     """
+    engine = check_engine(engine)  # before any work: the per-task path has no other check
     n_threads = resolve_threads(threads)
     if engine == "auto":
         engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
@@ -51,10 +52,8 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
             correlate_lowering(image, kernels, out, n_threads)
         elif engine == "direct":
             correlate_direct(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
-        elif engine == "fft":
-            correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
         else:
-            raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
+            correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
     if bias is not None:
         out += bias.astype(out.dtype)[:, None, None]
     return out
