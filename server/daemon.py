@@ -31,6 +31,7 @@ from rmidl.server.security import (
     add_security_arguments,
     check_bind,
     config_from_args,
+    probe_bind,
     server_ssl_context,
 )
 from rmidl.server.worker import HANG_ENV, ConvolutionWorker
@@ -143,6 +144,7 @@ def start_worker(
         # A URI must name a reachable address, not the wildcard: advertise this host's outward IP.
         advertised = str(Pyro5.socketutil.get_ip_address("", workaround127=True))
         nat = {"nathost": advertised, "natport": 0}
+    probe_bind(f"worker {name}", host, port)  # the bulk channel binds the same host
     bulk_server = None
     if bulk:
         context = server_ssl_context(config)

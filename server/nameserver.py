@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -12,10 +13,17 @@ from typing import Any
 import Pyro5.errors
 import Pyro5.nameserver
 import Pyro5.server
+from Pyro5 import config as pyro_config
 
 from rmidl.config import Config, MiB
 from rmidl.errors import OptionError
-from rmidl.server.security import SecretHandshake, add_security_arguments, check_bind, config_from_args
+from rmidl.server.security import (
+    SecretHandshake,
+    add_security_arguments,
+    check_bind,
+    config_from_args,
+    probe_bind,
+)
 from rmidl.transport import configure_pyro
 
 __all__ = [
@@ -82,11 +90,18 @@ def start_ns(
         raise OptionError(f"port {port} is outside 0-65535")
     check_bind(host, config, insecure=insecure, what="name server")
     configure_pyro(config)
+    probe_bind("name server", host, port)
     daemon = NameServerDaemon(host=host, port=port, secret=config.secret)
     uri = str(daemon.uriFor(daemon.nameserver))
     if broadcast:
         internal = daemon.uriFor(daemon.nameserver, nat=False)
-        daemon.broadcast = Pyro5.nameserver.BroadcastServer(internal)
+        try:
+            bc_host, bc_port = pyro_config.NS_BCHOST or "0.0.0.0", pyro_config.NS_BCPORT
+            probe_bind("broadcast responder", bc_host, bc_port, socket.SOCK_DGRAM)
+            daemon.broadcast = Pyro5.nameserver.BroadcastServer(internal)
+        except BaseException:
+            daemon.close()
+            raise
         daemon.broadcast_thread = daemon.broadcast.runInThread()
     logger.info("name server at %s", uri)
     return uri, daemon

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import ipaddress
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ __all__ = [
     "client_ssl_context",
     "config_from_args",
     "is_loopback",
+    "probe_bind",
     "read_secret",
     "secured_config",
     "server_ssl_context",
@@ -96,6 +99,23 @@ def check_bind(host: str, config: Config, *, insecure: bool = False, what: str =
         what,
         host,
     )
+
+
+def probe_bind(what: str, host: str, port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> None:
+    """OptionError naming host:port if a daemon could not bind it (in use, not a local address, privileged).
+
+    Probed with a socket of our own, bound as Pyro5 binds (SO_REUSEADDR) and closed again: Pyro5 leaves the
+    socket of a failed bind open, and its OSError would reach the user as a traceback.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise
+            raise OptionError(f"cannot bind {what} to {host}:{port}: {error.strerror}") from None
 
 
 class SecretHandshake:

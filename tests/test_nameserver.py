@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,6 +101,41 @@ def test_bad_worker_names_and_counts_are_refused(start_worker):
         start_worker(threads=0, ns=None)
 
 
+def test_a_port_in_use_is_an_option_error_naming_it(start_worker, capsys):
+    from rmidl.client.cli import main as cli_main
+    from rmidl.server.nameserver import start_ns
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OptionError, match=f"cannot bind name server to 127.0.0.1:{port}: Address"):
+            start_ns("127.0.0.1", port)
+        before = threading.active_count()
+        with pytest.raises(OptionError, match=f"cannot bind worker w-taken to 127.0.0.1:{port}: Address"):
+            start_worker(name="w-taken", port=port, ns=None)
+        assert threading.active_count() == before  # the bulk channel started first is closed again
+        assert cli_main(["ns", "--port", str(port)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"rmidl: error: cannot bind name server to 127.0.0.1:{port}: Address already in use"]
+
+
+def test_a_failed_broadcast_responder_closes_the_name_server(monkeypatch, cluster_config):
+    import Pyro5.nameserver
+
+    from rmidl.server.nameserver import start_ns
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(Pyro5.nameserver, "BroadcastServer", refuse)
+    _, port = _free_port()
+    with pytest.raises(OSError, match="Address already in use"):
+        start_ns("127.0.0.1", port, config=cluster_config, broadcast=True)
+    with socket.socket() as again:  # the name server's socket was closed, not leaked
+        again.bind(("127.0.0.1", port))
+
+
 # --- subprocesses: Pyro5's nsc and our CLI ------------------------------------------------------------
 
 
@@ -146,8 +184,6 @@ def test_cli_worker_without_name_server_fails_with_one_line(children):
 
 
 def _free_port() -> tuple[str, int]:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()
