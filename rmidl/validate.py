@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 MODES = ("valid", "same", "full")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,18 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
     if mode == "valid" and (kh > h or kw > w):
         raise KernelTooLarge(f"kernel {kh}x{kw} does not fit image {h}x{w} in valid mode")
     dtype = np.dtype(np.float64 if img.dtype == np.float64 and ker.dtype == np.float64 else np.float32)
-    img = np.ascontiguousarray(img, dtype=dtype)
-    ker = np.ascontiguousarray(ker, dtype=dtype)
     for array, what in ((img, "image"), (ker, "kernels")):
         problem = first_non_finite(array)
         if problem is not None:
             raise NonFiniteInput(f"{what} contains {problem}")
+        if dtype == np.float32 and array.dtype.kind == "f" and array.dtype.itemsize > 4:
+            # float32 would turn these into Inf (numpy warns on the cast); say why instead
+            peak = max(float(array.max()), -float(array.min()))
+            if peak > _FLOAT32_MAX:
+                raise NonFiniteInput(f"{what} has values beyond the float32 range (max |value| {peak:.3g}); "
+                                     "the work is float64 only if image and kernels both are")
+    img = np.ascontiguousarray(img, dtype=dtype)
+    ker = np.ascontiguousarray(ker, dtype=dtype)
     return Prepared(img, ker, dtype, mode)
 
 
