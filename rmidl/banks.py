@@ -16,13 +16,12 @@ import numpy as np
 from rmidl._files import open_failure
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, RmidlError
-from rmidl.validate import first_non_finite
+from rmidl.validate import first_non_finite, float32_overflow
 
 __all__ = ["BANK_NAMES", "describe_bank", "load_kernels"]
 
 log = logging.getLogger(__name__)
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT = r"(\d+)"
 _FLOAT = r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
 
@@ -145,8 +144,8 @@ def _as_bank(array: np.ndarray, where: str) -> np.ndarray:
     problem = first_non_finite(array)
     if problem is not None:
         raise BankError(f"{where} contains {problem}")
-    peak = float(np.abs(array).max()) if array.dtype.kind == "f" and array.dtype.itemsize > 4 else 0.0
-    if peak > _FLOAT32_MAX:
+    peak = float32_overflow(array)
+    if peak is not None:
         raise BankError(f"{where} has values beyond the float32 range (max |value| {peak:.3g})")
     return np.ascontiguousarray(array, dtype=np.float32)
 

@@ -1,4 +1,4 @@
-"""Input checks shared by the engine and the coordinator: one place turns user arrays into canonical ones."""
+"""Input checks shared by the engine, coordinator, banks, activation and pooling: user arrays -> canonical."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ __all__ = [
     "check_real",
     "check_threads",
     "first_non_finite",
+    "float32_overflow",
     "prepare",
 ]
 
@@ -125,15 +126,22 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
         problem = first_non_finite(array)
         if problem is not None:
             raise NonFiniteInput(f"{what} contains {problem}")
-        if dtype == np.float32 and array.dtype.kind == "f" and array.dtype.itemsize > 4:
-            # float32 would turn these into Inf (numpy warns on the cast); say why instead
-            peak = max(float(array.max()), -float(array.min()))
-            if peak > _FLOAT32_MAX:
-                raise NonFiniteInput(f"{what} has values beyond the float32 range (max |value| {peak:.3g}); "
-                                     "the work is float64 only if image and kernels both are")
+        # float32 would turn these into Inf (numpy warns on the cast); say why instead
+        peak = float32_overflow(array) if dtype == np.float32 else None
+        if peak is not None:
+            raise NonFiniteInput(f"{what} has values beyond the float32 range (max |value| {peak:.3g}); "
+                                 "the work is float64 only if image and kernels both are")
     img = np.ascontiguousarray(img, dtype=dtype)
     ker = np.ascontiguousarray(ker, dtype=dtype)
     return Prepared(img, ker, dtype, mode)
+
+
+def float32_overflow(array: np.ndarray) -> float | None:
+    """The largest |value| of a wider float array when float32 cannot hold it; None otherwise."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
+        return None
+    peak = max(float(array.max()), -float(array.min()))
+    return peak if peak > _FLOAT32_MAX else None
 
 
 def first_non_finite(array: np.ndarray) -> str | None:
