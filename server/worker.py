@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -300,8 +302,22 @@ class ConvolutionWorker:
             with self._lock:  # a moving average: the rate the coordinator's cost model reads in info()
                 self._gflops = 0.8 * self._gflops + 0.2 * flops / seconds / 1e9
 
-    def _reservation(self, nbytes: int, task_id: int) -> _Reservation:
-        return _Reservation(self, nbytes, task_id)
+    @contextmanager
+    def _reservation(self, nbytes: int, task_id: int) -> Iterator[None]:
+        """Count a task's output against the memory budget while it is alive (refused before work)."""
+        with self._lock:
+            budget = self._config.memory_budget
+            if self._reserved + nbytes > budget:
+                raise BudgetExceeded(
+                    f"task {task_id}: output of {nbytes} bytes exceeds the worker's memory budget "
+                    f"({budget} bytes, {self._reserved} in use)"
+                )
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
 
     def _attach(self, descriptor: dict[str, Any]) -> np.ndarray:
         """The array of a shared block, mapped once and cached; taken under the lock, so a later eviction
@@ -339,29 +355,6 @@ class ConvolutionWorker:
             blocks = [self._attached.pop(key) for key in gone]
         for block in blocks:
             block.close()
-
-
-class _Reservation:
-    """Counts a task's output against the worker's memory budget while it is alive (refuses first)."""
-
-    def __init__(self, worker: ConvolutionWorker, nbytes: int, task_id: int) -> None:
-        self._worker, self._nbytes, self._task_id = worker, nbytes, task_id
-
-    def __enter__(self) -> None:
-        worker = self._worker
-        with worker._lock:
-            budget = worker._config.memory_budget
-            if worker._reserved + self._nbytes > budget:
-                raise BudgetExceeded(
-                    f"task {self._task_id}: output of {self._nbytes} bytes exceeds the worker's memory "
-                    "budget "
-                    f"({budget} bytes, {worker._reserved} in use)"
-                )
-            worker._reserved += self._nbytes
-
-    def __exit__(self, *exc: object) -> None:
-        with self._worker._lock:
-            self._worker._reserved -= self._nbytes
 
 
 def _int(value: Any, what: str) -> int:
