@@ -64,6 +64,7 @@ class Task:
     kernels: tuple[int, int]
 
     def out_elements(self, out_w: int) -> int:
+        """Output values this task writes for an output `out_w` columns wide."""
         return (self.rows[1] - self.rows[0]) * (self.kernels[1] - self.kernels[0]) * out_w
 
 

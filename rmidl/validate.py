@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
+from rmidl.tiling import output_shape
 
 __all__ = [
     "MODES",
@@ -36,8 +37,6 @@ class Prepared:
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
-        from rmidl.tiling import output_shape
-
         h, w, _ = self.image.shape
         k, kh, kw, _ = self.kernels.shape
         return (k, *output_shape((h, w), (kh, kw), self.mode))
@@ -52,7 +51,7 @@ def check_mode(mode: object) -> str:
 
 def check_engine(engine: object) -> str:
     """"auto" or one of rmidl.kernels.ENGINES."""
-    from rmidl.kernels import ENGINES
+    from rmidl.kernels import ENGINES  # here, not at the top: rmidl.kernels imports this module
 
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise OptionError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
