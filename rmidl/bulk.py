@@ -95,7 +95,11 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class BulkServer:
-    """Worker side: holds results under one-time tickets and streams each to whoever presents its ticket."""
+    """Worker side: holds results under one-time tickets and streams each to whoever presents its ticket.
+
+    At most `max_connections` connections are served at once (a silent one for at most `timeout` seconds);
+    more are closed at once, before a byte is read.
+    """
 
     def __init__(
         self,

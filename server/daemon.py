@@ -35,7 +35,7 @@ from rmidl.server.security import (
     server_ssl_context,
 )
 from rmidl.server.worker import HANG_ENV, ConvolutionWorker
-from rmidl.transport import WORKER_METADATA, configure_pyro, connect_ns, worker_proxy
+from rmidl.transport import WORKER_METADATA, configure_pyro, connect_ns, parse_address, worker_proxy
 
 __all__ = [
     "HELP",
@@ -249,8 +249,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`rmidl worker`: print the URI and "ready", serve until SIGINT/SIGTERM, unregister and exit 0."""
-    from rmidl.transport import parse_address
-
     config = config_from_args(args)
     ns_host, ns_port = parse_address(args.ns, config.ns_port, default_host=config.ns_host)
     if args.threads is not None and args.threads < 1:

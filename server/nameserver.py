@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 HELP = "start the name server (the registry workers join and coordinators look up)"
 NS_MAX_MESSAGE_SIZE = 1 * MiB
-"""A name server process needs only small messages; Pyro5 reads a handshake up to this size unchecked."""
+"""Largest message `rmidl ns` accepts: a name server sees only registrations and lookups."""
 
 
 class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):

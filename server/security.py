@@ -123,8 +123,9 @@ class SecretHandshake:
 
     Pyro5 calls `validateHandshake` before the client may invoke anything, and answers a raised error
     with a CONNECTFAIL, so unauthenticated clients never reach an object. Pyro5 would first read a
-    handshake of up to MAX_MESSAGE_SIZE (hundreds of MB on a worker) from anyone; the mixin caps it at
-    HANDSHAKE_MAX_BYTES before a byte of the payload is read.
+    handshake of up to MAX_MESSAGE_SIZE (hundreds of MB on a worker) from anyone, and wait for it (and,
+    with TLS, for the TLS handshake in its accept loop) without a deadline; the mixin caps it at
+    HANDSHAKE_MAX_BYTES before a byte of the payload is read and gives both HANDSHAKE_TIMEOUT seconds.
     """
 
     def __init__(self, *args: Any, secret: str = "", **kwargs: Any) -> None:
