@@ -254,6 +254,15 @@ def test_auto_cost_model_picks_by_shape() -> None:
         *reference_job, 2, gflops=20)
 
 
+@pytest.mark.parametrize(("image_hw", "kernel_shape"),
+                         [((5, 5), (1, 6, 6, 1)), ((0, 5), (1, 1, 1)), ((4, 4), (2, 1, 5))])
+def test_cost_model_of_an_empty_output_costs_less_than_one_pixel(image_hw, kernel_shape) -> None:
+    """A kernel that does not fit leaves nothing to compute; the model must say so, not divide by zero."""
+    assert engines.choose_engine(image_hw, kernel_shape, 2) in engines.ENGINES
+    one_pixel = engines.estimate_seconds((1, 1), (1, 1, 1, 1), 2)
+    assert 0 < engines.estimate_seconds(image_hw, kernel_shape, 2) < one_pixel
+
+
 def test_measure_gflops_is_quick_and_positive() -> None:
     rate = engines.measure_gflops(threads=1)
     assert 0.1 < rate < 10_000

@@ -54,6 +54,8 @@ def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tu
     """Model seconds on one thread of the development machine."""
     h, w, k, kh, kw, channels = _dims(image_hw, kernel_shape)
     n = max(0, h - kh + 1) * max(0, w - kw + 1)
+    if n == 0:  # an empty output (kernel taller or wider than the input): nothing to run
+        return 0.0
     depth = kh * kw * channels
     if engine == "lowering":
         per_column = _COPY_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
@@ -97,7 +99,7 @@ def choose_engine(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], thre
 
 def estimate_seconds(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
                      gflops: float | None = None) -> float:
-    """Predicted seconds of the "auto" engine (see `engine_seconds`); coordinators size deadlines with it."""
+    """Predicted seconds of the engine "auto" picks (see `engine_seconds`)."""
     engine = choose_engine(image_hw, kernel_shape, threads)
     return engine_seconds(engine, image_hw, kernel_shape, threads, gflops)
 
