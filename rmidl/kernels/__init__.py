@@ -38,8 +38,9 @@ def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
                     threads: int | None = None, engine: str = "auto") -> np.ndarray:
     """Valid correlation of image (H, W, C) with kernels (K, kh, kw, C) into out (K, OH, OW); returns out.
 
-    No input checks: `out` may be a view (e.g. rows of a shared-memory output) as long as each output
-    row is contiguous and rows follow each other (row stride OW * itemsize).
+    No array checks (only the engine name): `out` may be a view (e.g. rows of a shared-memory output) as
+    long as each output row is contiguous, rows follow each other (row stride OW * itemsize) and it does
+    not overlap the inputs.
     """
     engine = check_engine(engine)  # before any work: the per-task path has no other check
     n_threads = resolve_threads(threads)
