@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     flops = 2.0 * k * kh * kw * (height - kh + 1) * (width - kw + 1)
     print(f"experiment: {width}x{height} image, {k} kernels {kh}x{kw}, valid: {flops / 1e9:.2f} GFLOP; "
           f"starting {args.workers} workers x 1 thread", flush=True)
-    with LocalCluster(workers=args.workers, threads_per_worker=1) as cluster:
+    with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True) as cluster:
         rows = measure(image, kernels, cluster.ns_address, repeat)
     print(render(rows, flops, os.cpu_count() or 1))
     worst = max(row.error for row in rows)

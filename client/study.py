@@ -371,7 +371,8 @@ def _coordinator_runner(config: Configuration, settings: StudySettings) -> Itera
             ns, local = settings.ns, settings.local_threads
         elif config.count:
             cluster = stack.enter_context(
-                LocalCluster(workers=config.count, threads_per_worker=settings.threads_per_worker)
+                LocalCluster(workers=config.count, threads_per_worker=settings.threads_per_worker,
+                             die_with_parent=True)
             )
             ns, local = cluster.ns_address, settings.local_threads
         else:

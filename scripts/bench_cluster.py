@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return timing
 
     moved: dict[str, Any] = {}
-    with LocalCluster(workers=args.workers, threads_per_worker=1) as cluster:
+    with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True) as cluster:
         paths = ((True, "shared memory", "<= 1.25x"), (False, "TCP (bulk channel)", "<= 1.0 s"))
         for shm, name, target in paths:
             with Coordinator(cluster.ns_address, local_threads=0, shared_memory=shm) as coordinator:

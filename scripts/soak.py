@@ -68,7 +68,7 @@ def one_job(coordinator: Coordinator, rng: np.random.Generator, shared_memory_la
 def run_soak(jobs: int = 200, coordinators: int = 4, workers: int = 2, jobs_per_connection: int = 10,
              warmup: int = 8) -> dict[str, Any]:
     """Run the soak on a fresh LocalCluster; return counts, the worst error and per-worker stats."""
-    with LocalCluster(workers=workers, threads_per_worker=1) as cluster:
+    with LocalCluster(workers=workers, threads_per_worker=1, die_with_parent=True) as cluster:
         pids = {name: process.pid for name, process in cluster.workers.items()}
 
         def client(index: int, count: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -184,3 +185,41 @@ def test_up_killed_with_sigkill_leaves_no_children():
         assert all(gone(pid, timeout=20) for pid in pids)
     finally:
         process.stop(5)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(p) for p in listing.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs /proc/PID/task/TID/children (Linux)")
+@pytest.mark.parametrize("argv", [
+    ["demo", "--workers", "1"],
+    ["bench", "--workers", "1", "--cores", "1", "--runs", "1", "--warmup", "0"],
+])
+def test_terminated_command_leaves_no_children(argv, tmp_path):
+    """SIGTERM (the default action: no Python cleanup) on a command running its own local cluster."""
+    process = subprocess.Popen([sys.executable, "-m", "rmidl.client.cli", *argv, *(
+        ["--out", str(tmp_path / "out")] if argv[0] == "bench" else [])], env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        end = time.monotonic() + 60
+        while len(pids) < 2 and process.poll() is None:  # the name server and the worker are started
+            assert time.monotonic() < end, "the command started no cluster in 60 s"
+            pids = children_of(process.pid)
+            time.sleep(0.02)  # polling a condition with a deadline
+        assert len(pids) >= 2, "the command ended before it could be stopped"
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        assert all(gone(pid, timeout=20) for pid in pids), "children outlived their command"
+    finally:
+        process.kill()
+        process.wait(30)
+        for pid in pids:  # only if the test failed: leave no orphan behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
