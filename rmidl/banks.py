@@ -45,6 +45,8 @@ def _gabor(args: str, spec: str) -> np.ndarray:
     if match is None:
         raise BankError(f"bank spec {spec!r}: expected gabor:K[xS][:sigma]")
     k, size = _sizes(spec, match[1], match[2] or "11")
+    if size < 3:  # 1x1 is all zero once zero-mean; 2x2 at orientation 0 is constant, so zero too
+        raise BankError(f"bank spec {spec!r}: Gabor kernels need a size S >= 3, got {size}")
     _check_budget(spec, k * size * size)
     sigma = _sigma(match[3], spec) if match[3] else size / 4.5
     wavelength = sigma / 0.56  # one-octave bandwidth
@@ -57,10 +59,13 @@ def _gabor(args: str, spec: str) -> np.ndarray:
         yr = -x * math.sin(theta) + y * math.cos(theta)
         envelope = np.exp(-(xr**2 + (gamma * yr) ** 2) / (2 * sigma**2))
         kernel = envelope * np.cos(2 * math.pi * xr / wavelength)
-        # remove the DC response under the envelope (flat regions give 0) and keep the kernel local
-        kernel -= envelope * (kernel.sum() / envelope.sum())
-        norm = math.sqrt(float((kernel**2).sum()))
-        bank[i] = kernel / norm if norm > 0 else kernel
+        # Remove the DC response under the envelope (flat regions give 0), keeping the kernel local, and
+        # normalise; twice, because for a narrow envelope (small sigma) what remains after the first pass
+        # is far smaller than the rounding left in its sum.
+        for _ in range(2):
+            kernel -= envelope * (kernel.sum() / envelope.sum())
+            kernel /= math.sqrt(float((kernel**2).sum()))
+        bank[i] = kernel
     return bank
 
 
@@ -204,7 +209,7 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
       (K, C, kh, kw) weights with ``np.moveaxis(w, 1, -1)``.
     - ``random:KxHxW[:SEED]`` or ``random:KxHxWxC[:SEED]`` -- normal values with std 1/sqrt(H·W·C),
       seeded (default seed 0).
-    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S default 11, sigma default S/4.5,
+    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S >= 3, default 11; sigma S/4.5,
       wavelength sigma/0.56, aspect 0.5) at orientations k·π/K from the column axis.
     - ``sobel`` -- 2 kernels 3x3: d/dx then d/dy (positive where brightness grows right / down, under
       correlation).

@@ -89,6 +89,14 @@ def test_gabor_is_zero_mean_unit_norm_and_oriented() -> None:
     assert energy[0] > 10 * energy[2]
 
 
+@pytest.mark.parametrize("spec", ["gabor:4x3:0.1", "gabor:6x11:0.1", "gabor:4x4:0.15", "gabor:8x3"])
+def test_gabor_stays_zero_mean_unit_norm_at_the_edges_of_its_range(spec: str) -> None:
+    """Smallest size and narrowest envelope: every kernel is still zero-mean with unit norm."""
+    bank = load_kernels(spec).astype(np.float64)
+    np.testing.assert_allclose(bank.sum(axis=(1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose((bank**2).sum(axis=(1, 2)), 1, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 5), (2, 3, 4, 3), (7, 1, 1)])
 def test_npy_and_npz_files(tmp_path: Path, rng: np.random.Generator, shape: tuple[int, ...]) -> None:
     array = rng.standard_normal(shape)  # float64 on disk: loaded as float32
@@ -157,6 +165,8 @@ BAD_SPECS = [
     ("random:2x3x3:-1", BankError, "random:2x3x3:-1"),
     ("gabor:", BankError, "expected gabor:K"),
     ("gabor:4x:1", BankError, "gabor:4x:1"),
+    ("gabor:4x1", BankError, "'gabor:4x1': Gabor kernels need a size S >= 3, got 1"),
+    ("gabor:2x2", BankError, "S >= 3, got 2"),
     ("gabor:4x7:0", BankError, "sigma 0 must lie between 0.1 and 10000"),
     ("gabor:4x7:1e-300", BankError, "sigma 1e-300 must lie between"),
     ("gaussian:3:2e4", BankError, "sigma 2e4 must lie between"),
