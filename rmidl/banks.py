@@ -209,8 +209,8 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
       (K, C, kh, kw) weights with ``np.moveaxis(w, 1, -1)``.
     - ``random:KxHxW[:SEED]`` or ``random:KxHxWxC[:SEED]`` -- normal values with std 1/sqrt(H·W·C),
       seeded (default seed 0).
-    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S >= 3, default 11; sigma S/4.5,
-      wavelength sigma/0.56, aspect 0.5) at orientations k·π/K from the column axis.
+    - ``gabor:K[xS][:SIGMA]`` -- K zero-mean, unit-norm SxS Gabor kernels (S >= 3, default 11; sigma
+      default S/4.5; wavelength sigma/0.56, aspect 0.5) at orientations k·π/K from the column axis.
     - ``sobel`` -- 2 kernels 3x3: d/dx then d/dy (positive where brightness grows right / down, under
       correlation).
     - ``gaussian:S[:SIGMA]`` -- 1 kernel SxS summing to 1 (sigma default 0.3·((S-1)/2 - 1) + 0.8,
