@@ -62,7 +62,10 @@ class Coordinator:
         self._ns_lock = threading.Lock()
         self._last: dict[str, Any] = {}
         self._shared = _SharedPool(self._release_shm)
-        self._scheduler = Scheduler(self.config, local_threads=local_threads)
+        remote = ns is not None
+        self._scheduler = Scheduler(self.config, local_threads=local_threads,
+                                    registry=self._list if remote else None,
+                                    unregister=self._remove if remote else None)
         if ns is not None:
             self._connect(ns)
 
@@ -72,9 +75,6 @@ class Coordinator:
 
         configure_pyro(self.config)
         self._ns = connect_ns(ns, self.config)
-        self._scheduler = Scheduler(
-            self.config, local_threads=self.local_threads, registry=self._list, unregister=self._remove
-        )
         self._scheduler.discover()
 
     def _list(self) -> dict[str, str]:
