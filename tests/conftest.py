@@ -74,7 +74,8 @@ def start_worker(request: pytest.FixtureRequest, cluster_config: Config) -> Iter
 
 
 class Child:
-    """A child process whose stdout lines are read by a thread, so waits can have deadlines."""
+    """A child process whose stdout lines are read by a thread, so waits can have deadlines; a second
+    thread drains stderr, so a chatty child never blocks on a full pipe."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
@@ -86,14 +87,23 @@ class Child:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.result: tuple[int, str] | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._drain_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
+
+    def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        self._stderr.extend(self.process.stderr)
 
     def read_until(self, wanted: str, timeout: float = 30.0) -> list[str]:
         seen: list[str] = []
@@ -125,12 +135,12 @@ class Child:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
-        stderr = self.process.stderr.read() if self.process.stderr else ""
+        for reader in self._readers:  # both see EOF once the child is gone
+            reader.join(5)
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
-        self._reader.join(5)
-        self.result = (self.process.returncode, stderr)
+        self.result = (self.process.returncode, "".join(self._stderr))
         return self.result
 
 

@@ -173,6 +173,16 @@ def test_cli_ns_and_worker_start_register_and_stop_cleanly(children, cluster_con
     assert code == 0, stderr
 
 
+def test_a_child_with_a_chatty_stderr_still_gets_to_ready(children):
+    # `python -v` writes ~140 kB of import lines to stderr before "ready": more than a pipe holds, so a
+    # Child that did not drain stderr while waiting would leave the ns blocked in a write.
+    ns = children("rmidl.client.cli", "ns", "--port", "0", env={"PYTHONVERBOSE": "1"})
+    ns.read_until("ready", timeout=60)
+    code, stderr = ns.stop(signal.SIGINT)
+    assert code == 0, stderr[-2000:]
+    assert "import 'rmidl.server.nameserver'" in stderr
+
+
 def test_cli_worker_without_name_server_fails_with_one_line(children):
     _, port = _free_port()
     worker = children("rmidl.client.cli", "worker", "--ns", f"127.0.0.1:{port}")
