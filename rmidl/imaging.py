@@ -79,6 +79,8 @@ def load_image(path: str | os.PathLike[str], *, gray: bool | None = None) -> np.
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)
             array = _pixels(opened, where)
+    except ImageReadError:  # our own (an unsupported pixel mode): a ValueError, but not a corrupt file
+        raise
     except UnidentifiedImageError:
         raise ImageReadError(f"{where} is not a PNG, JPEG, TIFF, BMP or PGM/PPM image") from None
     except Image.DecompressionBombError as error:

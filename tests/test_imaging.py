@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rmidl import DTypeError, ImageReadError, InputError, NonFiniteInput, OptionError, ShapeError
 from rmidl.imaging import _montage, default_image, load_image, save_image, save_maps
@@ -245,6 +245,19 @@ def test_permission_denied(tmp_path: Path) -> None:
     path = save_image(tmp_path / "p.png", np.zeros((2, 2), np.uint8))
     path.chmod(0)
     with pytest.raises(ImageReadError, match="permission denied"):
+        load_image(path)
+
+
+def test_an_unsupported_pixel_mode_is_named_not_called_corrupt(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mode Pillow 13 opens is handled, so a future one is simulated: its message must come through."""
+    path = save_image(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
+
+    def decoded_as_unknown_mode(image: Image.Image, *, in_place: bool) -> None:
+        image._mode = "I;32"  # Pillow's storage behind Image.mode
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", decoded_as_unknown_mode)
+    with pytest.raises(ImageReadError, match=r"^image '[^']*m\.png' has pixel mode I;32, which rmidl"):
         load_image(path)
 
 
