@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import OptionError
+from rmidl.errors import InputError, OptionError
 from rmidl.validate import MODES
 
 from .coordinator import Coordinator
@@ -65,16 +65,20 @@ def _check_out(out: str | None) -> Path | None:
 
 
 def save(maps: np.ndarray, path: Path) -> str:
+    """Write the maps to PATH.npy, PATH.npz or PNGs in a directory; say where they went."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        np.save(path, maps)
-        return str(path)
-    if suffix == ".npz":
-        np.savez(path, maps=maps)
-        return str(path)
-    from rmidl.imaging import save_maps
+    try:
+        if suffix == ".npy":
+            np.save(path, maps)
+            return str(path)
+        if suffix == ".npz":
+            np.savez(path, maps=maps)
+            return str(path)
+        from rmidl.imaging import save_maps
 
-    written = save_maps(maps, path)
+        written = save_maps(maps, path)
+    except OSError as error:  # e.g. a directory named like the file, a full disk: one line, not a traceback
+        raise InputError(f"--out {str(path)!r} cannot be written: {error.strerror or error}") from None
     return f"{len(written)} PNG files in {path}"
 
 

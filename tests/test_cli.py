@@ -69,6 +69,7 @@ def picture(tmp_path, rng):
         (["run", "{picture}", "--kernels", "sobel", "--mode", "diagonal"], 2, "mode 'diagonal'"),
         (["run", "{picture}", "--kernels", "sobel", "--ns", "host:port:x"], 2, "host:port:x"),
         (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/maps.txt"], 2, "maps.txt"),
+        (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/folder.npy"], 2, "folder.npy"),
         (["run", "{picture}", "--kernels", "random:2x50x50"], 2, "50x50"),
         (["run", "{picture}", "--kernels", "sobel", "--local-threads", "-2"], 2, "local_threads=-2"),
         (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
@@ -87,6 +88,7 @@ def test_bad_input_is_one_line_and_an_exit_code(up, picture, tmp_path, capsys, a
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    (tmp_path / "folder.npy").mkdir()  # an --out that passes the checks but cannot be written
     values = {"missing": str(tmp_path / "missing.png"), "picture": str(picture[0]), "tmp": str(tmp_path),
               "ns": up[1], "closed": closed}
     assert main([a.format(**values) for a in argv]) == code
