@@ -18,6 +18,7 @@ from rmidl.errors import AuthenticationError, OptionError, RegistryError, regist
 from rmidl.interface import WORKER_PREFIX
 
 __all__ = [
+    "SECRET_REFUSED",
     "SERIALIZER",
     "WORKER_METADATA",
     "client_ssl_context",
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SERIALIZER = "msgpack"
 """Carries bytes natively and never runs code on load (serpent is ~10x slower for bytes; pickle is unsafe)."""
+SECRET_REFUSED = "cluster secret missing or wrong"
+"""How a daemon words a handshake it refuses for the secret; `is_refusal` looks for it."""
 WORKER_METADATA = frozenset({"rmidl", "role:worker"})
 """Every worker registers with these tags (plus host:, cores:, version:); discovery asks for all of them."""
 
@@ -160,8 +163,11 @@ def connect_ns(address: str | tuple[str, int] | None, config: Config | None = No
 
 
 def is_refusal(error: BaseException) -> bool:
-    """True when a Pyro5 error means the daemon refused us in the handshake (secret), not that it is down."""
-    return isinstance(error, Pyro5.errors.CommunicationError) and " rejected: " in str(error)
+    """True when a Pyro5 error means the daemon refused our secret in the handshake, not that it is down
+    (or that its thread pool is full, which Pyro5 also reports as a rejected connection)."""
+    text = str(error)
+    refused = " rejected: " in text and SECRET_REFUSED in text
+    return isinstance(error, Pyro5.errors.CommunicationError) and refused
 
 
 def worker_proxy(uri: str, config: Config | None = None, *, timeout: float | None = None) -> Pyro5.api.Proxy:

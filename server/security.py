@@ -16,7 +16,7 @@ import Pyro5.errors
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
-from rmidl.transport import client_ssl_context, server_ssl_context, tls_enabled
+from rmidl.transport import SECRET_REFUSED, client_ssl_context, server_ssl_context, tls_enabled
 
 __all__ = [
     "HANDSHAKE_MAX_BYTES",
@@ -158,8 +158,8 @@ class SecretHandshake:
             offered = data.encode("utf-8") if isinstance(data, str) else b""
             if not hmac.compare_digest(offered, self._secret):
                 peer = _peer(conn)
-                logger.warning("refused connection from %s: cluster secret missing or wrong", peer)
-                raise AuthenticationError(f"connection from {peer} refused: cluster secret missing or wrong")
+                logger.warning("refused connection from %s: %s", peer, SECRET_REFUSED)
+                raise AuthenticationError(f"connection from {peer} refused: {SECRET_REFUSED}")
         return super().validateHandshake(conn, data)  # type: ignore[misc]
 
 
