@@ -195,6 +195,14 @@ def _load_earlier(path: str) -> study.StudyResult:
         raise OptionError(f"--from {path!r}: not a results.json of rmidl bench ({error!r})") from None
 
 
+def _make_out(out: Path) -> None:
+    """Create the --out directory, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OptionError(f"--out {str(out)!r} cannot be a directory: {error.strerror or error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or reload) the study, write every file into --out, print the summary; 1 if a run did not count."""
     nodes, links, node_cores = _prediction_options(args)
@@ -205,10 +213,12 @@ def run(args: argparse.Namespace) -> int:
         if not settings.cores and not settings.workers and not settings.ns:
             raise OptionError("nothing to run: give --cores, --workers or --ns")
         image, kernels, job = load_inputs(args)
+        _make_out(Path(args.out))  # before the study: a bad --out must not cost its minutes
         total = len(study.configurations(settings)) * settings.runs
         with _progress(total) as on_run:
             result = study.run_study(image, kernels, settings, job=job, on_run=on_run)
     out = Path(args.out)
+    _make_out(out)
     lines = [report.summary(result)]
     written = report.write_report(result, out)
     if nodes:

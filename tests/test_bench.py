@@ -321,6 +321,21 @@ def test_bad_options_give_one_line_and_a_non_zero_exit(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unusable_out_is_refused_before_the_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> StudyResult:
+        raise AssertionError("the study ran although --out cannot be written")
+
+    monkeypatch.setattr(study, "run_study", never)
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a directory\n")
+    code = cli.main(["bench", *TINY, "--cores", "1", "--out", str(taken)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("rmidl: error:") and str(taken) in err[0], err
+
+
 def test_bench_from_earlier_results_rewrites_the_report(cores_run: tuple[int, Path], tmp_path: Path) -> None:
     _, out = cores_run
     code = cli.main(
