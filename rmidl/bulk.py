@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.errors import BudgetExceeded, ShapeError, WorkerLost
+from rmidl.errors import BudgetExceeded, ClusterError, ShapeError, WorkerLost
 
 __all__ = ["BulkServer", "fetch"]
 
@@ -143,7 +143,10 @@ class BulkServer:
                 del self._offers[ticket]
             pending = sum(a.nbytes for _, a in self._offers.values())
             if pending + array.nbytes > self.max_bytes:
-                raise BudgetExceeded(
+                # Too big on its own is the task's fault; too big beside results still to be fetched
+                # is a busy worker (ClusterError: the caller runs the task again, not fail its job).
+                error = BudgetExceeded if array.nbytes > self.max_bytes else ClusterError
+                raise error(
                     f"bulk result of {array.nbytes} bytes exceeds the worker's bulk budget "
                     f"({self.max_bytes} bytes, {pending} waiting to be fetched)"
                 )

@@ -23,6 +23,7 @@ from rmidl.config import Config
 from rmidl.errors import (
     BankError,
     BudgetExceeded,
+    ClusterError,
     DTypeError,
     KernelTooLarge,
     NonFiniteInput,
@@ -308,7 +309,10 @@ class ConvolutionWorker:
         with self._lock:
             budget = self._config.memory_budget
             if self._reserved + nbytes > budget:
-                raise BudgetExceeded(
+                # Over the budget on its own is the task's fault; beside other tasks' outputs it is a
+                # busy worker (ClusterError: the caller runs the task again instead of failing its job).
+                error = BudgetExceeded if nbytes > budget else ClusterError
+                raise error(
                     f"task {task_id}: output of {nbytes} bytes exceeds the worker's memory budget "
                     f"({budget} bytes, {self._reserved} in use)"
                 )

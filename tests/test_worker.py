@@ -192,6 +192,38 @@ def test_inline_result_above_the_message_size_is_refused_before_work(start_worke
         assert proxy.info()["tasks_done"] == 2
 
 
+def test_a_budget_full_of_other_tasks_is_a_cluster_error_not_the_inputs_fault(start_worker, rng):
+    from rmidl.errors import ClusterError, InputError
+
+    # 6 maps of 23x20 float32: 11040 bytes. The budget holds one result, not two.
+    config = Config(environ={}, memory_budget=20_000)
+    handle = start_worker(config=config)
+    image = rng.standard_normal((25, 22, 1)).astype(np.float32)
+    bank = rng.standard_normal((6, 3, 3, 1)).astype(np.float32)
+    expected = reference(image, bank)
+    one = task(0, (0, 23), (0, 6), band(image, (0, 23), 3))
+    with worker_proxy(handle.uri, config, timeout=30) as proxy:
+        proxy.put_bank("bank", pack(bank))
+        port = proxy.info()["bulk_port"]
+        # An unfetched bulk result holds the bulk budget; a second one must wait, not fail its job.
+        first = proxy.correlate(one | {"output": "bulk"})
+        with pytest.raises(ClusterError, match="11040 waiting to be fetched") as info:
+            proxy.correlate(one | {"task_id": 1, "output": "bulk"})
+        assert not isinstance(info.value, InputError)
+        out = np.empty(expected.shape, np.float32)
+        fetch(handle.host, port, first["ticket"], out, timeout=10)
+        assert_close(out, expected)
+        second = proxy.correlate(one | {"task_id": 2, "output": "bulk"})
+        fetch(handle.host, port, second["ticket"], out, timeout=10)
+        assert_close(out, expected)
+        # The same for the memory another task's output holds while it computes.
+        with handle.worker._reservation(11_040, task_id=99):
+            with pytest.raises(ClusterError, match="11040 in use") as info:
+                proxy.correlate(one | {"task_id": 3})
+            assert not isinstance(info.value, InputError)
+        assert_close(unpack(proxy.correlate(one | {"task_id": 4})["result"]), expected)
+
+
 def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(proxy, rng):
     image = rng.standard_normal((12, 12, 2)).astype(np.float32)
     bank = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
