@@ -64,8 +64,10 @@ class ConvolutionWorkerAPI(Protocol):
     def correlate(self, task: TaskDict) -> dict[str, Any]:
         """Run one task (see the module docstring). Returns {"task_id", "seconds"} plus, for
         "inline", "result": wire dict; for "bulk", "ticket": str, "nbytes": int, "shape", "dtype".
-        Raises BankError (unknown bank_id: put it again), ShapeError, KernelTooLarge, BudgetExceeded, and
-        WorkerLost when the worker shuts down under the call (a ClusterError: run the task elsewhere)."""
+        Raises BankError (unknown bank_id: put it again), ShapeError, DTypeError, KernelTooLarge,
+        BudgetExceeded (the task alone is over a budget or, inline, over max_message_size); and, to be run
+        again or elsewhere, ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker
+        shut down under the call)."""
         ...
 
     def release_shm(self, names: list[str]) -> int:
