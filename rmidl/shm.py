@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.errors import ShapeError
+from rmidl.errors import ClusterError, ShapeError
 from rmidl.wire import DTYPES, wire_nbytes
 
 __all__ = ["NAME_PREFIX", "SharedArray", "host_id"]
@@ -89,6 +89,11 @@ class SharedArray:
             fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
         except FileNotFoundError:
             raise ShapeError(f"shared memory block {name!r} does not exist on this host") from None
+        except PermissionError:
+            # Another user's block (0600): not the input's fault, a worker run as that user could map it.
+            raise ClusterError(
+                f"shared memory block {name!r} belongs to another user (run worker and coordinator as one)"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             if size < nbytes:

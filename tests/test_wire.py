@@ -123,6 +123,23 @@ def test_shared_array_attach_refuses_bad_descriptors(descriptor, match):
         SharedArray.attach(descriptor)
 
 
+def test_shared_array_attach_of_another_users_block_is_a_cluster_error(monkeypatch):
+    from rmidl import shm
+    from rmidl.errors import ClusterError
+
+    with SharedArray.create((2, 2), "float32") as owner:
+        real_open = shm._posixshmem.shm_open
+
+        def as_another_user(path: str, flags: int, mode: int = 0o777) -> int:
+            if path == "/" + owner.name:  # what a 0600 block of another user gives a worker
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, flags, mode=mode)
+
+        monkeypatch.setattr(shm._posixshmem, "shm_open", as_another_user)
+        with pytest.raises(ClusterError, match=f"'{owner.name}' belongs to another user"):
+            SharedArray.attach(owner.descriptor())
+
+
 def test_shared_array_attach_refuses_a_shape_larger_than_the_block():
     with SharedArray.create((2, 2), "float32") as owner:
         descriptor = owner.descriptor() | {"shape": [20, 20]}
