@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import Pyro5.errors
+import Pyro5.serializers
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
@@ -118,6 +119,11 @@ def probe_bind(what: str, host: str, port: int, kind: socket.SocketKind = socket
             raise OptionError(f"cannot bind {what} to {host}:{port}: {error.strerror}") from None
 
 
+_SERIALIZER_AT = 7
+"""Offset of the serializer id in Pyro5's message header ("!4sHBB...": tag, version, type, serializer)."""
+_MARSHAL_ID = Pyro5.serializers.serializers["marshal"].serializer_id
+
+
 class SecretHandshake:
     """Daemon mixin: refuse a connection in Pyro5's handshake unless it carries the cluster secret.
 
@@ -164,16 +170,24 @@ class SecretHandshake:
 
 
 class _CappedConnection:
-    """A Pyro5 SocketConnection whose reads are refused above a size (Pyro5 reads a payload in one call)."""
+    """A Pyro5 SocketConnection whose reads are refused above a size (Pyro5 reads a payload in one call),
+    and whose handshake may not be in marshal: Python documents marshal as unsafe on untrusted data, and
+    Pyro5 would decode a stranger's handshake in whatever serializer its header names."""
 
     def __init__(self, conn: Any, limit: int) -> None:
         self._conn = conn
         self._limit = limit
+        self._header = b""
 
     def recv(self, size: int) -> Any:
         if size > self._limit:
             raise Pyro5.errors.ProtocolError(f"handshake of {size} bytes exceeds the limit of {self._limit}")
-        return self._conn.recv(size)
+        data = self._conn.recv(size)
+        if len(self._header) <= _SERIALIZER_AT:
+            self._header += data
+            if len(self._header) > _SERIALIZER_AT and self._header[_SERIALIZER_AT] == _MARSHAL_ID:
+                raise Pyro5.errors.ProtocolError("handshake in marshal refused (unsafe on untrusted data)")
+        return data
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)

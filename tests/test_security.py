@@ -151,9 +151,11 @@ def test_oversized_message_is_refused_and_the_worker_keeps_serving(nameserver, c
     assert code == 0, stderr
 
 
-def _pyro_header(msgtype: int, data_size: int) -> bytes:
-    """A Pyro5 wire header (protocol 502) announcing `data_size` payload bytes."""
-    return struct.pack("!4sHBBHHII16sHH", b"PYRO", 502, msgtype, 4, 0, 0, data_size, 0, bytes(16), 0, 0x4DC5)
+def _pyro_header(msgtype: int, data_size: int, serializer: int = 4) -> bytes:
+    """A Pyro5 wire header (protocol 502) announcing `data_size` payload bytes (serializer 4: msgpack)."""
+    return struct.pack(
+        "!4sHBBHHII16sHH", b"PYRO", 502, msgtype, serializer, 0, 0, data_size, 0, bytes(16), 0, 0x4DC5
+    )
 
 
 @pytest.mark.parametrize("secret", ["", SECRET])
@@ -166,6 +168,23 @@ def test_an_oversized_handshake_is_refused_before_its_payload_is_read(start_work
         reply = raw.makefile("rb").read()  # the worker answers at once and hangs up
     assert reply[:4] == b"PYRO" and reply[6] == 3  # MSG_CONNECTFAIL
     assert b"exceeds the limit of 65536" in reply
+    with worker_proxy(handle.uri, config, timeout=10) as proxy:
+        assert proxy.ping() == "pong"
+
+
+@pytest.mark.parametrize("secret", ["", SECRET])
+def test_a_handshake_in_marshal_is_refused_unread(start_worker, cluster_config, secret):
+    import marshal
+
+    config = cluster_config.replace(secret=secret or None)
+    handle = start_worker(config=config, ns=None)
+    port = int(handle.uri.rsplit(":", 1)[1])
+    payload = marshal.dumps({"handshake": secret or "hello", "object": handle.object_name})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(_pyro_header(msgtype=1, data_size=len(payload), serializer=2) + payload)
+        reply = raw.makefile("rb").read()
+    assert reply[:4] == b"PYRO" and reply[6] == 3  # MSG_CONNECTFAIL
+    assert b"handshake in marshal refused" in reply
     with worker_proxy(handle.uri, config, timeout=10) as proxy:
         assert proxy.ping() == "pong"
 
