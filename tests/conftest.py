@@ -145,7 +145,8 @@ class Child:
 
 
 @pytest.fixture
-def children():
+def children() -> Iterator[Callable[..., Child]]:
+    """Factory for `python -m ...` child processes (`spawn(*args, env=...)`), all killed after the test."""
     started: list[Child] = []
 
     def spawn(*args: str, env: dict[str, str] | None = None) -> Child:
