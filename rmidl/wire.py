@@ -22,7 +22,8 @@ def pack(array: np.ndarray) -> dict[str, Any]:
     name = array.dtype.name if array.dtype.kind == "f" else ""
     if name not in DTYPES:
         raise DTypeError(f"cannot send dtype {array.dtype} (only {', '.join(DTYPES)} travel)")
-    array = np.ascontiguousarray(array, dtype=DTYPES[name])
+    # astype, not ascontiguousarray: that one turns a 0-d array into shape (1,).
+    array = array.astype(DTYPES[name], order="C", copy=False)
     # msgpack packs any buffer as bin: a memoryview saves one copy of a band or a result.
     data = array.data.cast("B") if array.size else b""
     return {"dtype": name, "shape": [int(n) for n in array.shape], "data": data}
@@ -53,6 +54,8 @@ def unpack(d: dict[str, Any], *, max_bytes: int | None = None) -> np.ndarray:
     data = d.get("data")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ShapeError(f"wire array data must be bytes, got {type(data).__name__}")
+    if not memoryview(data).c_contiguous:
+        raise ShapeError("wire array data must be contiguous, got a strided memoryview")
     size = memoryview(data).nbytes
     if size != nbytes:
         shape = tuple(d["shape"])

@@ -20,7 +20,7 @@ from rmidl.wire import pack, unpack
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 4, 6, 3), (0, 4)])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 4, 6, 3), (0, 4)])
 def test_pack_unpack_round_trip_through_msgpack(rng, dtype, shape):
     array = rng.standard_normal(shape).astype(dtype)
     # What Pyro5's msgpack serializer does with the dict: bytes travel as bin, unchanged.
@@ -62,6 +62,7 @@ def _wire(**changes):
         (_wire(shape=[1] * 9), ShapeError, "at most 8"),
         (_wire(data=bytes(20)), ShapeError, "needs 24 bytes, got 20"),
         (_wire(data="text"), ShapeError, "must be bytes"),
+        (_wire(data=memoryview(bytes(48))[::2]), ShapeError, "must be contiguous"),
         ([1, 2], ShapeError, "list"),
     ],
 )
