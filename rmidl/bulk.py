@@ -9,6 +9,7 @@ authenticated Pyro5 reply; the caller connects, sends the ticket and receives th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -76,10 +77,13 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         bulk: BulkServer = self.server.bulk  # type: ignore[attr-defined]
+        if not bulk._await_ticket(sock):
+            return
         try:
             if isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
             request = _recv_exact(sock, len(MAGIC) + TICKET_CHARS)
+            bulk._got_ticket(sock)
             if request[: len(MAGIC)] != MAGIC:
                 logger.warning("bulk: bad request from %s", self.client_address)
                 return
@@ -92,6 +96,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(array.data.cast("B"))
         except (OSError, ConnectionError, ValueError) as error:
             logger.warning("bulk: transfer to %s failed: %s", self.client_address, error)
+        finally:
+            bulk._got_ticket(sock)
 
 
 class BulkServer:
@@ -118,6 +124,8 @@ class BulkServer:
         self.max_connections = max_connections
         self._lock = threading.Lock()
         self._offers: dict[str, tuple[float, np.ndarray]] = {}
+        self._idle: set[socket.socket] = set()  # connections that have not sent their ticket yet
+        self._closing = False
         self._server = _TCPServer(host, self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="rmidl-bulk", daemon=True
@@ -161,9 +169,27 @@ class BulkServer:
             return None
         return entry[1]
 
+    def _await_ticket(self, sock: socket.socket) -> bool:
+        """Note a connection waiting for its ticket, so close() can hang up on it; False once closing."""
+        with self._lock:
+            if not self._closing:
+                self._idle.add(sock)
+            return not self._closing
+
+    def _got_ticket(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.discard(sock)
+
     def close(self) -> None:
-        """Stop serving, wait for transfers in progress (bounded by `timeout`) and drop every offer."""
+        """Stop serving, hang up on connections that sent no ticket yet, wait for transfers in progress
+        (bounded by `timeout`) and drop every offer."""
         self._server.shutdown()
+        with self._lock:
+            self._closing = True
+            idle, self._idle = list(self._idle), set()
+        for sock in idle:  # their recv returns at once instead of at the socket timeout
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._server.server_close()
         self._thread.join(timeout=self.timeout)
         with self._lock:

@@ -241,6 +241,22 @@ def test_bulk_connections_beyond_the_cap_are_closed_at_once(rng):
     np.testing.assert_array_equal(out, result)
 
 
+def test_bulk_close_hangs_up_on_a_connection_that_sent_no_ticket(rng):
+    result = rng.standard_normal((4, 5)).astype(np.float32)
+    server = BulkServer("127.0.0.1", timeout=30.0)
+    ticket = server.offer(result)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        # Wait until the server holds the connection: a fetch beside it is served.
+        out = np.empty_like(result)
+        fetch("127.0.0.1", server.port, ticket, out, timeout=5)
+        np.testing.assert_array_equal(out, result)
+        started = time.monotonic()
+        server.close()
+        # It used to wait out the silent peer's 30 s socket timeout (a worker's SIGTERM took as long).
+        assert time.monotonic() - started < 5.0
+        assert silent.recv(1) == b""
+
+
 def test_bulk_fetch_from_a_closed_port_is_worker_lost():
     with BulkServer("127.0.0.1") as server:
         port = server.port
