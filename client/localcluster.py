@@ -5,13 +5,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
@@ -23,6 +22,9 @@ __all__ = ["LocalCluster", "Process"]
 log = logging.getLogger(__name__)
 
 _ADDRESS = re.compile(r"(?:@|\b)((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d{1,5})\b")
+_READY = re.compile(r"\bready\b", re.IGNORECASE)
+# Output lines kept per child: enough for the start-up lines and an error's context.
+KEEP_LINES = 200
 
 
 class Process:
@@ -31,8 +33,11 @@ class Process:
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
                  die_with_parent: bool = False) -> None:
         self.name = name
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.lines: deque[str] = deque(maxlen=KEEP_LINES)
+        """The child's last KEEP_LINES output lines (a long-lived `rmidl up` must not hoard them all)."""
+        self._ready = False
+        self._eof = False
+        self._cond = threading.Condition()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "rmidl.client.cli", *argv],
             preexec_fn=_parent_death_signal() if die_with_parent else None,  # noqa: PLW1509 (see there)
@@ -57,28 +62,28 @@ class Process:
             for raw in self.popen.stdout:
                 line = raw.rstrip("\n")
                 log.debug("[%s] %s", self.name, line)
-                self.lines.append(line)
-                self._queue.put(line)
-        self._queue.put(None)
+                with self._cond:
+                    self.lines.append(line)
+                    # Seen here, not by the waiter: more than KEEP_LINES may pass before it looks.
+                    self._ready = self._ready or bool(_READY.search(line))
+                    self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
 
     def wait_ready(self, timeout: float) -> list[str]:
         """Block until the child prints a line saying "ready"; return its lines so far."""
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            try:
-                line = self._queue.get(timeout=max(0.0, left))
-            except queue.Empty:
-                why = f"{self.name} did not get ready in {timeout:.0f} s: {self._tail()}"
-                raise ClusterError(why) from None
-            if line is None:
-                code = self.popen.wait()
-                raise ClusterError(f"{self.name} exited with code {code} before it was ready: {self._tail()}")
-            if re.search(r"\bready\b", line, re.IGNORECASE):
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._eof, timeout)
+            if self._ready:
                 return list(self.lines)
+            if not self._eof:
+                raise ClusterError(f"{self.name} did not get ready in {timeout:.0f} s: {self._tail()}")
+        code = self.popen.wait()
+        raise ClusterError(f"{self.name} exited with code {code} before it was ready: {self._tail()}")
 
     def _tail(self) -> str:
-        return " | ".join(self.lines[-5:]) or "(no output)"
+        return " | ".join(list(self.lines)[-5:]) or "(no output)"
 
     def alive(self) -> bool:
         return self.popen.poll() is None

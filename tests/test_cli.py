@@ -225,3 +225,20 @@ def test_terminated_command_leaves_no_children(argv, tmp_path):
         for pid in pids:  # only if the test failed: leave no orphan behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_keeps_only_its_last_output_lines(tmp_path, monkeypatch):
+    """A long-lived `rmidl up` reads its children's output for days: it keeps a bounded tail of it."""
+    chatty = tmp_path / "chatty"  # stands in for the interpreter: "ready", then many more lines
+    script = "print('ready', flush=True)\nfor i in range(5000): print('line', i)"
+    chatty.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"{script}\"\n")
+    chatty.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(chatty))
+    process = Process("chatty", [], ENV)
+    try:
+        process.wait_ready(30)  # raises unless it saw "ready" (however many lines followed it)
+        assert process.popen.wait(30) == 0
+    finally:
+        process.stop(15)  # joins the reader once the child is done
+    assert len(process.lines) <= 1000, f"kept {len(process.lines)} of 5001 lines"
+    assert process.lines[-1] == "line 4999"
