@@ -112,11 +112,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study
     import rmidl
     from rmidl.validate import prepare
 
+    kernels = rmidl.load_kernels(args.kernels)
     if args.image:
-        image, image_source = rmidl.load_image(args.image), str(args.image)
+        # as `rmidl run` reads it: grayscale for a (K, kh, kw) bank, colour for a (K, kh, kw, C) one
+        image, image_source = rmidl.load_image(args.image, gray=kernels.ndim == 3), str(args.image)
     else:
         image, image_source = _sized_default_image(*parse_size(args.size))
-    kernels = rmidl.load_kernels(args.kernels)
     prepared = prepare(image, kernels, args.mode)
     job = study.job_of(
         prepared.image,

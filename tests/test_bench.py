@@ -321,6 +321,18 @@ def test_bad_options_give_one_line_and_a_non_zero_exit(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_colour_image_with_a_grayscale_bank_is_read_as_grayscale(tmp_path: Path) -> None:
+    """As `rmidl run` does: the default bank is (K, kh, kw), and most photos are colour."""
+    rng = np.random.default_rng(3)
+    picture = tmp_path / "colour.png"
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(picture)
+    out = tmp_path / "out"
+    code = cli.main(["bench", "--image", str(picture), "--kernels", "random:3x5x5", "--cores", "1",
+                     "--runs", "1", "--out", str(out)])
+    assert code == 0
+    assert _results(out)["job"]["image_shape"] == [40, 56, 1]  # canonical (H, W, C)
+
+
 def test_an_unusable_out_is_refused_before_the_study(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
