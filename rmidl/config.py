@@ -31,6 +31,19 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "tls_ca": (str, "", "PEM CA bundle the peer's certificate must chain to"),
 }
 
+# Ranges a setting must lie in (inclusive); a value outside is refused when the Config is made.
+LIMITS: dict[str, tuple[float, float]] = {
+    "ns_port": (0, 65535),
+    "max_message_size": (4096, 1 << 40),
+    "memory_budget": (1, 1 << 50),
+    "bank_cache_size": (1, 1 << 20),
+    "task_deadline_floor": (0.001, 1e6),
+    "max_task_attempts": (1, 1000),
+    "tasks_in_flight": (1, 64),
+    "connect_timeout": (0.001, 1e6),
+}
+SERIALIZERS = ("msgpack", "marshal")  # both carry bytes natively; serpent would base64 arrays
+
 
 class Config:
     """Typed settings; `Config(name=value)` overrides, then RMIDL_<NAME> env vars, then defaults."""
@@ -90,6 +103,13 @@ class Config:
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
     try:
-        return kind(value)
+        coerced = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name}={value!r} is not a valid {kind.__name__}") from None
+    if name in LIMITS:
+        low, high = LIMITS[name]
+        if not low <= coerced <= high:
+            raise ConfigError(f"setting {name}={value!r} is out of range [{low:g}, {high:g}]")
+    if name == "serializer" and coerced not in SERIALIZERS:
+        raise ConfigError(f"setting serializer={value!r} must be one of {', '.join(SERIALIZERS)}")
+    return coerced

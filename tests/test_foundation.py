@@ -66,3 +66,16 @@ def test_config_env_overrides_and_rejects_unknown() -> None:
         Config(bogus=1)
     with pytest.raises(errors.ConfigError, match="ns_port"):
         Config(environ={"RMIDL_NS_PORT": "x"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RMIDL_NS_PORT", "99999"), ("RMIDL_NS_PORT", "-1"), ("RMIDL_CONNECT_TIMEOUT", "-1"),
+     ("RMIDL_TASKS_IN_FLIGHT", "0"), ("RMIDL_MAX_MESSAGE_SIZE", "100"), ("RMIDL_MAX_TASK_ATTEMPTS", "0"),
+     ("RMIDL_SERIALIZER", "serpent"), ("RMIDL_SERIALIZER", "pickle")],
+)
+def test_config_refuses_values_out_of_range(variable: str, value: str) -> None:
+    name = variable.removeprefix("RMIDL_").lower()
+    with pytest.raises(errors.ConfigError, match=name) as raised:
+        Config(environ={variable: value})
+    assert value in str(raised.value)
