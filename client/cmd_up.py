@@ -43,9 +43,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"worker {name} pid {process.pid}", flush=True)
             print(f"ready: {len(cluster.workers)} workers; use --ns {cluster.ns_address}; Ctrl-C stops",
                   flush=True)
+            exited: set[str] = set()
             while not stop.wait(1.0):
-                dead = [name for name, p in cluster.workers.items() if not p.alive()]
-                if dead and len(dead) == len(cluster.workers):
+                for name, process in cluster.workers.items():
+                    if name not in exited and not process.alive():
+                        exited.add(name)  # said once; the others keep serving
+                        print(f"worker {name} exited with code {process.popen.returncode}", flush=True)
+                if exited and len(exited) == len(cluster.workers):
                     print("every worker has exited; stopping", flush=True)
                     return 1
             print("stopping", flush=True)

@@ -242,3 +242,24 @@ def test_a_child_keeps_only_its_last_output_lines(tmp_path, monkeypatch):
         process.stop(15)  # joins the reader once the child is done
     assert len(process.lines) <= 1000, f"kept {len(process.lines)} of 5001 lines"
     assert process.lines[-1] == "line 4999"
+
+
+def test_up_says_when_a_worker_exits_and_stops_when_all_have():
+    process = Process("up", ["up", "--workers", "2"], ENV)
+    try:
+        text = "\n".join(process.wait_ready(90))
+        workers = {name: int(pid) for name, pid in re.findall(r"worker (\w+) pid (\d+)", text)}
+        assert sorted(workers) == ["w1", "w2"]
+        os.kill(workers["w1"], signal.SIGKILL)
+        end = time.monotonic() + 30
+        while "worker w1 exited with code -9" not in process.lines:
+            assert time.monotonic() < end and process.alive(), list(process.lines)
+            time.sleep(0.05)  # polling a condition with a deadline
+        assert process.alive(), "up stopped although w2 still serves"
+        os.kill(workers["w2"], signal.SIGKILL)
+        assert process.popen.wait(30) == 1
+        process.stop(15)  # joins the output reader
+        assert list(process.lines)[-2:] == ["worker w2 exited with code -9",
+                                            "every worker has exited; stopping"]
+    finally:
+        process.stop(15)
