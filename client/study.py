@@ -53,7 +53,8 @@ Correlate = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
 @dataclass(frozen=True)
 class Configuration:
-    """One column of Table III: `kind` "cores" (engine alone) or "workers" (through the coordinator)."""
+    """One column of Table III: `kind` "cores" (engine alone), "workers" (a local cluster through the
+    coordinator) or "cluster" (the workers of the name server given with --ns)."""
 
     kind: str
     count: int
@@ -312,7 +313,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def configurations(settings: StudySettings, available: int | None = None) -> list[Configuration]:
-    """Table III's columns: every core count (oversubscribed ones marked, kept), then every worker count."""
+    """Table III's columns: every core count (oversubscribed ones marked, kept), then every worker count,
+    then the --ns cluster if one was given."""
     available = usable_cores() if available is None else available
     configs = [
         Configuration("cores", c, c, f"{c} core" + ("s" if c != 1 else ""), c > available)
