@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import BudgetExceeded, OptionError, ShapeError
+from rmidl.errors import BudgetExceeded, OptionError
 from rmidl.tiling import pad_for_mode
-from rmidl.validate import Prepared, check_threads, prepare
+from rmidl.validate import Prepared, check_out, check_threads, prepare
 
 from .planning import plan
 from .scheduler import Job, Scheduler
@@ -197,8 +197,8 @@ class Coordinator:
                 f"output {shape[0]}x{shape[1]}x{shape[2]} {p.dtype.name} needs {nbytes / 2**20:.0f} MiB, "
                 f"over the memory budget of {self.config.memory_budget / 2**20:.0f} MiB"
             )
-        if out is not None and (out.shape != shape or out.dtype != p.dtype):
-            raise ShapeError(f"out has shape {out.shape} {out.dtype}, expected {shape} {p.dtype.name}")
+        if out is not None:
+            out = check_out(out, shape, p.dtype)
         padded = pad_for_mode(p.image, p.kernels.shape[1:3], p.mode)
         scheduler = self._scheduler
         if self._ns is not None:

@@ -9,7 +9,7 @@ import scipy.signal
 from rmidl.client import Coordinator
 from rmidl.client.planning import Capacity, deadline, plan
 from rmidl.config import Config
-from rmidl.errors import BudgetExceeded, KernelTooLarge, OptionError, ShapeError, TaskFailed
+from rmidl.errors import BudgetExceeded, InputError, KernelTooLarge, OptionError, ShapeError, TaskFailed
 from rmidl.tiling import Task
 
 
@@ -71,6 +71,25 @@ def test_out_buffer_is_filled(rng):
         with pytest.raises(ShapeError, match="out has shape"):
             coordinator.correlate(image, kernels, out=np.empty((6, 38, 37), np.float32))
     assert_close(out, ref2d(image, kernels, "valid"))
+
+
+@pytest.mark.parametrize(
+    ("make_out", "match"),
+    [
+        (lambda: [0.0], "out must be a numpy array"),
+        (lambda: np.empty((2, 18, 28), np.float64), "out has dtype float64"),
+        (lambda: np.broadcast_to(np.float32(0), (2, 18, 28)), "read-only"),
+    ],
+)
+def test_bad_out_is_refused_as_rmidl_correlate_refuses_it(rng, make_out, match):
+    import rmidl
+
+    image = rng.standard_normal((20, 30)).astype(np.float32)
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    with pytest.raises(InputError, match=match) as expected:
+        rmidl.correlate(image, kernels, out=make_out())
+    with Coordinator(local_threads=2) as coordinator, pytest.raises(expected.type, match=match):
+        coordinator.correlate(image, kernels, out=make_out())
 
 
 def test_budget_refused_before_work(rng):
