@@ -143,6 +143,9 @@ class LocalCluster:
         for what, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise OptionError(f"{what}={value!r} must be an integer >= {least}")
+        if isinstance(ns_port, bool) or not isinstance(ns_port, int) or not 0 <= ns_port <= 65535:
+            # said here as the input error it is, not as a name server that failed to start
+            raise OptionError(f"ns_port={ns_port!r} must be a port number 0-65535 (0: any free port)")
         self.config = config or Config()
         # Children get SIGTERM if the thread that started them dies, even by SIGKILL: for `rmidl up`,
         # whose main thread lives as long as the cluster (not for clusters started from short threads).

@@ -75,6 +75,7 @@ def picture(tmp_path, rng):
         (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
         (["status", "--ns", "{closed}"], 3, "not reachable"),
         (["up", "--workers", "-1"], 2, "workers=-1"),
+        (["up", "--ns-port", "99999"], 2, "ns_port=99999"),
         (["run", "{picture}", "--kernels", "nosuch:3"], 2, "nosuch:3"),
         (["demo", "--size", "9999x1"], 2, "--size '9999x1'"),
     ],
