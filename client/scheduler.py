@@ -404,7 +404,8 @@ class Scheduler:
         return [w for w in self.workers.values() if w.usable]
 
     def capacities(self, local_threads: int) -> list[Capacity]:
-        local = [Capacity(LOCAL, local_gflops())] * local_threads
+        # Calibrating costs ~0.1 s of engine work: only for a job with a local pool.
+        local = [Capacity(LOCAL, local_gflops())] * local_threads if local_threads else []
         return local + [w.capacity() for w in self.usable_workers()]
 
     def close(self) -> None:

@@ -194,6 +194,21 @@ def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_c
         assert coordinator.stats() == {"w0": coordinator.last_job()["tasks"]}
 
 
+def test_no_local_pool_means_no_local_calibration(nameserver, start_worker, cluster_config, rng, monkeypatch):
+    """Calibrating this machine's rate costs ~0.1 s of engine work: only a local pool needs it."""
+    from rmidl.client import scheduler
+
+    def calibrate() -> float:
+        raise AssertionError("calibrated although local_threads=0")
+
+    monkeypatch.setattr(scheduler, "local_gflops", calibrate)
+    start_worker()
+    image = rng.standard_normal((30, 40)).astype(np.float32)
+    kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as coordinator:
+        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+
+
 def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, cluster_config, rng):
     handle = start_worker()
     image = rng.standard_normal((40, 40)).astype(np.float32)
