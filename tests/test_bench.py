@@ -191,6 +191,33 @@ def test_a_failing_configuration_is_recorded_and_the_study_goes_on(rng: np.rando
     assert report.baseline(result) == ("reference run (1 thread)", result.reference_seconds)
 
 
+@pytest.mark.parametrize(("warmup", "seconds"), [(1, 1.0), (0, 10.0)])
+def test_the_reference_is_timed_warm_like_every_configuration(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, warmup: int, seconds: float
+) -> None:
+    """It is the baseline without a 1-core configuration: a cold first call must not be its time."""
+    import rmidl
+
+    real = rmidl.correlate
+    now = [0.0]
+
+    def correlate(*args: object, **kwargs: object) -> np.ndarray:
+        now[0] += 10.0 if now[0] == 0.0 else 1.0  # the first call in a process is the slow one
+        return real(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def runner(config: Configuration, settings: StudySettings) -> Iterator:
+        yield lambda img, ker, mode: real(img, ker, mode=mode, threads=config.threads)
+
+    monkeypatch.setattr(rmidl, "correlate", correlate)
+    image = rng.random((20, 24), dtype=np.float32)
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    settings = StudySettings(cores=(2,), runs=1, warmup=warmup)
+    result = study.run_study(image, kernels, settings, runner=runner, clock=lambda: now[0])
+    assert result.reference_seconds == seconds
+    assert report.baseline(result) == ("reference run (1 thread)", seconds)
+
+
 @pytest.mark.parametrize(("wall", "cpu", "busy"), [(1.0, 1.0, False), (1.1, 1.0, False), (2.0, 0.8, True)])
 def test_a_busy_machine_is_called_out(wall: float, cpu: float, busy: bool) -> None:
     config = Configuration("cores", 1, 1, "1 core")
