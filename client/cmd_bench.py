@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         lines += [
             "",
             report.markdown_table(report.PREDICTION_HEADER, report.prediction_rows(predictions)),
-            f"model error on the measured configurations: at most {calibration.stated_error:.1%}",
+            f"model error on the measured configurations: {report.model_error(calibration)}",
         ]
     lines.append(f"\nwrote {len(written)} files to {out}/")
     print("\n".join(lines))

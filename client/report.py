@@ -26,6 +26,7 @@ __all__ = [
     "efficiency_rows",
     "format_seconds",
     "markdown_table",
+    "model_error",
     "prediction_block",
     "prediction_rows",
     "speedup_matrix",
@@ -553,6 +554,13 @@ PREDICTION_HEADER = [
 ]
 
 
+def model_error(cal: Calibration) -> str:
+    """How far the model is off on the runs it was fitted to, or that no run could check it."""
+    if not cal.fit:
+        return "not checked (no configuration was measured; the model rests on the reference run alone)"
+    return f"at most {cal.stated_error:.1%}, mean {cal.mean_error:.1%}"
+
+
 def write_prediction(cal: Calibration, predictions: Sequence[Prediction], out: Path) -> list[Path]:
     """prediction.md / .csv (each point, what bounds it, which partitioning wins) and its plot."""
     keys = list(predictions[0].to_dict()) if predictions else []
@@ -589,11 +597,9 @@ def write_prediction(cal: Calibration, predictions: Sequence[Prediction], out: P
             f"- links are payload rates: line rate x {LINK_EFFICIENCY} (TCP over 1500-byte Ethernet frames)",
         ]
     )
-    error = (
-        f"Model error on the measured configurations: at most {cal.stated_error:.1%}, "
-        f"mean {cal.mean_error:.1%} "
-        "(fitted to these same runs, so this is the floor of its error elsewhere)."
-    )
+    error = f"Model error on the measured configurations: {model_error(cal)}."
+    if cal.fit:
+        error = error[:-1] + " (fitted to these same runs, so this is the floor of its error elsewhere)."
     written.append(
         _write_markdown(
             out / "prediction.md",

@@ -257,6 +257,18 @@ def _synthetic(
     return StudyResult({"usable_cores": usable}, job, {"shared_memory": False}, t1, results)
 
 
+def test_a_model_no_run_could_check_does_not_claim_zero_error(tmp_path: Path) -> None:
+    config = Configuration("cluster", 0, 0, "cluster at 127.0.0.1:1")
+    failed = ConfigurationResult(config, failure="RegistryError: name server is not reachable")
+    result = StudyResult({"usable_cores": 2}, Job((64, 64, 1), (2, 3, 3, 1), "valid", "float32"), {}, 0.01,
+                         [failed])
+    cal = predict.calibrate(result)
+    report.write_prediction(cal, [predict.predict(cal, 2, 2, predict.parse_link("1Gbit"))], tmp_path)
+    text = (tmp_path / "prediction.md").read_text()
+    assert "Model error on the measured configurations: not checked" in text and "0.0%" not in text
+    assert report.model_error(cal).startswith("not checked")  # the terminal says the same
+
+
 def test_calibration_recovers_a_synthetic_machine_exactly() -> None:
     synthetic = _synthetic(PAPER_JOB, 40.0, 0.07, (1, 2, 4), usable=16, bandwidth=2e9, workers=(1, 2))
     cal = predict.calibrate(synthetic)
