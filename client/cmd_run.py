@@ -59,7 +59,8 @@ def _check_out(out: str | None) -> Path | None:
     path = Path(out)
     if path.suffix.lower() in (".npy", ".npz") or path.is_dir() or not path.suffix:
         if path.suffix and not path.parent.is_dir():
-            raise OptionError(f"--out {out!r}: directory {str(path.parent)!r} does not exist")
+            why = "is not a directory" if path.parent.exists() else "does not exist"
+            raise OptionError(f"--out {out!r}: directory {str(path.parent)!r} {why}")
         return path
     raise OptionError(f"--out {out!r} must end in .npy or .npz, or name a directory")
 

@@ -70,6 +70,7 @@ def picture(tmp_path, rng):
         (["run", "{picture}", "--kernels", "sobel", "--ns", "host:port:x"], 2, "host:port:x"),
         (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/maps.txt"], 2, "maps.txt"),
         (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/folder.npy"], 2, "folder.npy"),
+        (["run", "{picture}", "--kernels", "sobel", "--out", "{picture}/maps.npy"], 2, "is not a directory"),
         (["run", "{picture}", "--kernels", "random:2x50x50"], 2, "50x50"),
         (["run", "{picture}", "--kernels", "sobel", "--local-threads", "-2"], 2, "local_threads=-2"),
         (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
