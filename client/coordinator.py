@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import BudgetExceeded, OptionError
+from rmidl.errors import BudgetExceeded, OptionError, WorkerNotFound
 from rmidl.tiling import pad_for_mode
 from rmidl.validate import Prepared, check_out, check_threads, prepare
 
@@ -30,10 +30,13 @@ class Coordinator:
     """Runs correlations as tasks on its own thread pool and on the ConvolutionWorkers of a name server.
 
     `ns="HOST:PORT"` finds workers by their registration (and keeps looking during a job); `ns=None`
-    uses the local pool alone. `local_threads=None` means every core without a name server and none
-    with one (workers on this machine already use its cores). With `shared_memory=True`, workers on
-    this host read the image from and write their results into shared memory; the others get their
-    input inline and send results over the bulk side channel (or inline).
+    uses the local pool alone. `workers` chooses among the registered workers: None takes all (and those
+    registering later), a list of names only those, an int N the first N in name order (fixed at
+    construction); a name or count the name server cannot supply is a WorkerNotFound before any work.
+    `local_threads=None` means every core without a name server and none with one (workers on this
+    machine already use its cores). With `shared_memory=True`, workers on this host read the image from
+    and write their results into shared memory; the others get their input inline and send results
+    over the bulk side channel (or inline).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class Coordinator:
         config: Config | None = None,
         *,
         min_tasks: int = 1,
+        workers: Sequence[str] | int | None = None,
     ) -> None:
         if local_threads is not None and (
             isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
@@ -53,6 +57,11 @@ class Coordinator:
             local_threads = 0 if ns is not None else (os.cpu_count() or 1)
         if ns is None and local_threads == 0:
             raise OptionError("local_threads=0 without a name server leaves nobody to do the work")
+        selection = _check_selection(workers)
+        if selection is not None and ns is None:
+            raise OptionError(f"workers={workers!r} chooses among registered workers: it needs a name server")
+        if selection == 0 and local_threads == 0:
+            raise OptionError("workers=0 with local_threads=0 leaves nobody to do the work")
         self.config = config or Config()
         self.ns_address = ns
         self.local_threads = local_threads
@@ -67,14 +76,20 @@ class Coordinator:
                                     registry=self._list if remote else None,
                                     unregister=self._remove if remote else None)
         if ns is not None:
-            self._connect(ns)
+            try:
+                self._connect(ns, selection)
+            except BaseException:
+                self.close()
+                raise
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def _connect(self, ns: str) -> None:
+    def _connect(self, ns: str, selection: list[str] | int | None) -> None:
         from rmidl.transport import configure_pyro, connect_ns
 
         configure_pyro(self.config)
         self._ns = connect_ns(ns, self.config)
+        if selection is not None:
+            self._scheduler.only = frozenset(_choose(selection, sorted(self._list()), ns))
         self._scheduler.discover()
 
     def _list(self) -> dict[str, str]:
@@ -262,6 +277,40 @@ class Coordinator:
                 f"smallest worker message limit of {limit} bytes (raise max_message_size)"
             )
         return max_task, rows, smallest
+
+
+def _check_selection(workers: object) -> list[str] | int | None:
+    """The `workers` argument as None, a count or a list of names; OptionError for anything else."""
+    if workers is None:
+        return None
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        if workers < 0:
+            raise OptionError(f"workers={workers!r} must be a non-negative count or a list of names")
+        return workers
+    # A bare string is a Sequence too: refuse it, or "w1" would mean the workers "w" and "1".
+    if isinstance(workers, (str, bytes)) or not isinstance(workers, Sequence):
+        raise OptionError(f"workers={workers!r} must be a list of worker names, a count or None")
+    names = list(workers)
+    if not names:
+        raise OptionError("workers=[] names no worker (None means all of them)")
+    bad = [name for name in names if not isinstance(name, str) or not name]
+    if bad:
+        raise OptionError(f"workers={workers!r}: {bad[0]!r} is not a worker name")
+    return names
+
+
+def _choose(selection: list[str] | int, registered: list[str], ns: str) -> list[str]:
+    """The names `selection` picks out of the sorted `registered` ones; WorkerNotFound if it cannot."""
+    known = ", ".join(registered) or "none"
+    if isinstance(selection, int):
+        if selection > len(registered):
+            raise WorkerNotFound(f"workers={selection} but {len(registered)} registered at {ns}: {known}")
+        return registered[:selection]
+    missing = [name for name in selection if name not in registered]
+    if missing:
+        raise WorkerNotFound(f"no worker {', '.join(map(repr, missing))} registered at {ns} "
+                             f"(registered: {known})")
+    return selection
 
 
 def _bank_id(kernels: np.ndarray) -> str:

@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -347,10 +347,13 @@ class Scheduler:
         registry: Callable[[], dict[str, str]] | None = None,
         unregister: Callable[[str], None] | None = None,
         poll_interval: float = 0.5,
+        only: Collection[str] | None = None,
     ) -> None:
         self.config = config
         self.local_threads = local_threads
         self.workers: dict[str, RemoteWorker] = {}
+        self.only: frozenset[str] | None = None if only is None else frozenset(only)
+        """The only worker names discovery takes (None: every registered one, also those joining later)."""
         self._registry = registry
         self._unregister = unregister
         self._poll_interval = poll_interval
@@ -375,6 +378,8 @@ class Scheduler:
         fresh = []
         for name, uri in found.items():
             short = name.removeprefix(WORKER_PREFIX)
+            if self.only is not None and short not in self.only:
+                continue  # not chosen for this coordinator: never probed, never given a task
             known = self.workers.get(short)
             if known is not None and known.uri == uri:
                 continue

@@ -9,7 +9,15 @@ import scipy.signal
 from rmidl.client import Coordinator
 from rmidl.client.planning import Capacity, deadline, plan
 from rmidl.config import Config
-from rmidl.errors import BudgetExceeded, InputError, KernelTooLarge, OptionError, ShapeError, TaskFailed
+from rmidl.errors import (
+    BudgetExceeded,
+    InputError,
+    KernelTooLarge,
+    OptionError,
+    ShapeError,
+    TaskFailed,
+    WorkerNotFound,
+)
 from rmidl.tiling import Task
 
 
@@ -107,6 +115,13 @@ def test_budget_refused_before_work(rng):
         ({"local_threads": -1}, OptionError, "local_threads=-1"),
         ({"local_threads": 0}, OptionError, "local_threads=0 without a name server"),
         ({"local_threads": True}, OptionError, "local_threads=True"),
+        # Checked before the name server is asked (nothing listens on port 1).
+        ({"workers": ["w0"]}, OptionError, r"workers=\['w0'\] .* needs a name server"),
+        ({"ns": "127.0.0.1:1", "workers": -1}, OptionError, "workers=-1 must be a non-negative"),
+        ({"ns": "127.0.0.1:1", "workers": "w0"}, OptionError, "workers='w0' must be a list"),
+        ({"ns": "127.0.0.1:1", "workers": []}, OptionError, r"workers=\[\] names no worker"),
+        ({"ns": "127.0.0.1:1", "workers": ["w0", ""]}, OptionError, "'' is not a worker name"),
+        ({"ns": "127.0.0.1:1", "workers": 0}, OptionError, "workers=0 with local_threads=0"),
     ],
 )
 def test_bad_options(kwargs, error, match):
@@ -422,3 +437,69 @@ def test_interrupted_job_stops_its_threads_taking_tasks(rng, monkeypatch):
         total = coordinator.last_job()["tasks"]
     assert total >= 16
     assert len(calls) <= 2, f"{len(calls)} of {total} tasks ran although the caller was interrupted"
+
+
+# -- choosing the workers of a job --------------------------------------------------------------------------
+def _job_on(coordinator: Coordinator, rng: np.random.Generator) -> dict[str, int]:
+    """Run one many-task job, check it against the reference, return the tasks each runner did."""
+    image = rng.standard_normal((60, 50)).astype(np.float32)
+    kernels = rng.standard_normal((6, 3, 3)).astype(np.float32)
+    assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+    return coordinator.stats()
+
+
+def test_named_workers_only_are_used(nameserver, start_worker, cluster_config, rng):
+    for name in ("a", "b", "c"):
+        start_worker(name=name)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=24,
+                     workers=["c", "a"]) as coordinator:
+        assert sorted(w["name"] for w in coordinator.workers()) == ["a", "c"]
+        assert set(_job_on(coordinator, rng)) <= {"a", "c"}
+        # Registering later does not widen the choice, even a worker named before the others.
+        start_worker(name="0-early")
+        assert set(_job_on(coordinator, rng)) <= {"a", "c"}
+        assert sorted(w["name"] for w in coordinator.workers()) == ["a", "c"]
+
+
+def test_a_count_takes_the_first_workers_in_name_order(nameserver, start_worker, cluster_config, rng):
+    for name in ("w2", "w0", "w1"):  # registered out of name order
+        start_worker(name=name)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=24,
+                     workers=2) as coordinator:
+        assert sorted(w["name"] for w in coordinator.workers()) == ["w0", "w1"]
+        assert set(_job_on(coordinator, rng)) <= {"w0", "w1"}
+        start_worker(name="a0")  # sorts first, but the count was taken at construction
+        assert set(_job_on(coordinator, rng)) <= {"w0", "w1"}
+        assert sorted(w["name"] for w in coordinator.workers()) == ["w0", "w1"]
+
+
+def test_count_zero_with_a_local_pool_leaves_the_workers_alone(nameserver, start_worker, cluster_config, rng):
+    start_worker(name="w0")
+    with Coordinator(nameserver, local_threads=1, config=cluster_config, min_tasks=4,
+                     workers=0) as coordinator:
+        assert coordinator.workers() == []
+        assert set(_job_on(coordinator, rng)) == {"local"}
+
+
+def test_all_workers_without_a_choice_including_late_ones(nameserver, start_worker, cluster_config, rng):
+    start_worker(name="w0")
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as coordinator:
+        start_worker(name="w1")
+        _job_on(coordinator, rng)
+        assert sorted(w["name"] for w in coordinator.workers()) == ["w0", "w1"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "match"),
+    [
+        (["w0", "nope"], r"no worker 'nope' registered at 127\.0\.0\.1:\d+ \(registered: w0, w1\)"),
+        (3, r"workers=3 but 2 registered at 127\.0\.0\.1:\d+: w0, w1"),
+    ],
+)
+def test_a_choice_the_name_server_cannot_supply_is_refused_up_front(
+    nameserver, start_worker, cluster_config, workers, match
+):
+    for name in ("w0", "w1"):
+        start_worker(name=name)
+    with pytest.raises(WorkerNotFound, match=match):
+        Coordinator(nameserver, local_threads=0, config=cluster_config, workers=workers)
