@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)} (default valid)")
     parser.add_argument("--convolve", action="store_true", help="true convolution (flipped kernels)")
     parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: local pool only)")
+    parser.add_argument("--workers", metavar="NAME[,NAME...]",
+                        help="use only these workers of --ns (default: every registered one)")
     parser.add_argument("--local-threads", type=int, metavar="N",
                         help="threads of this process's pool (default: all cores without --ns, 0 with)")
     parser.add_argument("--no-shared-memory", action="store_true",
@@ -63,6 +65,18 @@ def _check_out(out: str | None) -> Path | None:
             raise OptionError(f"--out {out!r}: directory {str(path.parent)!r} {why}")
         return path
     raise OptionError(f"--out {out!r} must end in .npy or .npz, or name a directory")
+
+
+def parse_workers(text: str | None, ns: str | None) -> list[str] | None:
+    """--workers 'w0,w1' -> ['w0', 'w1'] (None when not given); it chooses among the workers of --ns."""
+    if text is None:
+        return None
+    if ns is None:
+        raise OptionError(f"--workers {text!r} chooses among the workers of a name server: give --ns too")
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise OptionError(f"--workers {text!r} is not a comma-separated list of worker names")
+    return names
 
 
 def save(maps: np.ndarray, path: Path) -> str:
@@ -121,12 +135,14 @@ def run(args: argparse.Namespace) -> int:
 
     mode = check_mode(args.mode)
     out = _check_out(args.out)
+    workers = parse_workers(args.workers, args.ns)
     kernels = load_kernels(args.kernels)
     image = load_image(args.image, gray=kernels.ndim == 3)
     progress = _Progress()
     shm = not args.no_shared_memory
     config = connection_config(args)
-    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm, config=config) as co:
+    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm, config=config,
+                     workers=workers) as co:
         start = time.perf_counter()
         try:
             operation = co.convolve if args.convolve else co.correlate

@@ -308,7 +308,8 @@ def _choose(selection: list[str] | int, registered: list[str], ns: str) -> list[
         return registered[:selection]
     missing = [name for name in selection if name not in registered]
     if missing:
-        raise WorkerNotFound(f"no worker {', '.join(map(repr, missing))} registered at {ns} "
+        which = ", ".join(map(repr, missing))
+        raise WorkerNotFound(f"no worker{'s' if len(missing) > 1 else ''} {which} registered at {ns} "
                              f"(registered: {known})")
     return selection
 

@@ -74,6 +74,11 @@ def picture(tmp_path, rng):
         (["run", "{picture}", "--kernels", "random:2x50x50"], 2, "50x50"),
         (["run", "{picture}", "--kernels", "sobel", "--local-threads", "-2"], 2, "local_threads=-2"),
         (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
+        (["run", "{picture}", "--kernels", "sobel", "--ns", "{ns}", "--workers", "w2,nobody"], 3,
+         "no worker 'nobody' registered at {ns} (registered: w1, w2)"),
+        (["run", "{picture}", "--kernels", "sobel", "--ns", "{ns}", "--workers", "w0,,w1"], 2,
+         "--workers 'w0,,w1' is not a comma-separated list"),
+        (["run", "{picture}", "--kernels", "sobel", "--workers", "w0"], 2, "give --ns too"),
         (["status", "--ns", "{closed}"], 3, "not reachable"),
         (["up", "--workers", "-1"], 2, "workers=-1"),
         (["up", "--ns-port", "99999"], 2, "ns_port=99999"),
@@ -96,7 +101,7 @@ def test_bad_input_is_one_line_and_an_exit_code(up, picture, tmp_path, capsys, a
     assert main([a.format(**values) for a in argv]) == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rmidl: error: "), lines
-    assert message in lines[0]
+    assert message.format(**values) in lines[0]
     # The cluster still serves.
     assert main(["status", "--ns", up[1]]) == 0
 
@@ -119,6 +124,20 @@ def test_ns_and_worker_commands():
         assert "solo" not in rmidl_cli("status", "--ns", address).stdout
     finally:
         assert ns.stop(15) == 0
+
+
+def test_run_on_chosen_workers(up, picture, tmp_path, capsys):
+    """`rmidl run --workers w1` gives every task to w1 (in-process; the module's cluster has w1 and w2)."""
+    from rmidl.client.cli import main
+
+    path, pixels = picture
+    out = tmp_path / "maps.npy"
+    assert main(["run", str(path), "--kernels", "random:3x3x3", "--ns", up[1], "--workers", " w1",
+                 "--out", str(out)]) == 0
+    assert re.search(r"tasks per worker: w1=\d+;", capsys.readouterr().out)
+    bank = rmidl.load_kernels("random:3x3x3").astype(np.float64)
+    expected = rmidl.correlate(pixels.astype(np.float64), bank)
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_demo_quick():
