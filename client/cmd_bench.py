@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cores", default="1,2,4,8", help="core counts for the engine alone (default 1,2,4,8)"
     )
-    parser.add_argument("--workers", default="", help="worker counts through the coordinator, e.g. 0,1,2")
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="worker counts through the coordinator, e.g. 0,1,2: a local cluster of each size, or with --ns "
+        "the first N workers of that name server (default with --ns: all of them, once)",
+    )
     parser.add_argument(
         "--threads-per-worker", type=int, default=1, metavar="T", help="threads of each worker"
     )

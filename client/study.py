@@ -1,8 +1,9 @@
 """The scaling study behind `rmidl bench`: time one job per configuration, checking every result first.
 
 A configuration is either a core count (the in-process engine, `rmidl.correlate(threads=N)`) or a worker
-count (a local cluster driven through the Coordinator). Each run's output is compared with a
-single-thread reference before its time counts, so a fast wrong answer never enters a table.
+count driven through the Coordinator (a local cluster of that size, or the first N workers of --ns).
+Each run's output is compared with a single-thread reference before its time counts, so a fast wrong
+answer never enters a table.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ Correlate = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 @dataclass(frozen=True)
 class Configuration:
     """One column of Table III: `kind` "cores" (engine alone), "workers" (a local cluster through the
-    coordinator) or "cluster" (the workers of the name server given with --ns)."""
+    coordinator) or "cluster" (the workers of the name server given with --ns: the first `count` in name
+    order, or all of them when `count` is 0)."""
 
     kind: str
     count: int
@@ -313,8 +315,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def configurations(settings: StudySettings, available: int | None = None) -> list[Configuration]:
-    """Table III's columns: every core count (oversubscribed ones marked, kept), then every worker count,
-    then the --ns cluster if one was given."""
+    """Table III's columns: every core count (oversubscribed ones marked, kept), then every worker count
+    (local clusters; with --ns, that many workers of its name server), then without worker counts the
+    whole --ns cluster if one was given. Zero workers is the coordinator's local pool alone."""
     available = usable_cores() if available is None else available
     configs = [
         Configuration("cores", c, c, f"{c} core" + ("s" if c != 1 else ""), c > available)
@@ -322,12 +325,16 @@ def configurations(settings: StudySettings, available: int | None = None) -> lis
     ]
     for w in settings.workers:
         local = settings.local_threads if w else max(1, settings.local_threads)
-        threads = w * settings.threads_per_worker + local
         label = f"{w} worker" + ("s" if w != 1 else "")
         if local and w:
             label += f" + {local} local"
+        if settings.ns and w:
+            # The workers' threads are theirs to say (details["threads"]), not --threads-per-worker's.
+            configs.append(Configuration("cluster", w, 0, f"{label} at {settings.ns}"))
+            continue
+        threads = w * settings.threads_per_worker + local
         configs.append(Configuration("workers", w, threads, label, threads > available))
-    if settings.ns:
+    if settings.ns and not settings.workers:
         configs.append(Configuration("cluster", 0, 0, f"cluster at {settings.ns}"))
     return configs
 
@@ -364,13 +371,14 @@ def _engine_runner(threads: int) -> Iterator[Correlate]:
 @contextlib.contextmanager
 def _coordinator_runner(config: Configuration, settings: StudySettings) -> Iterator[Correlate]:
     """A Coordinator over a fresh local cluster of `config.count` workers (none: its local pool alone),
-    or over the name server given with --ns."""
+    or over the first `config.count` workers of the name server given with --ns (0: all of them)."""
     from rmidl.client import Coordinator
     from rmidl.client.localcluster import LocalCluster
 
     with contextlib.ExitStack() as stack:
+        workers = None
         if config.kind == "cluster":
-            ns, local = settings.ns, settings.local_threads
+            ns, local, workers = settings.ns, settings.local_threads, config.count or None
         elif config.count:
             cluster = stack.enter_context(
                 LocalCluster(workers=config.count, threads_per_worker=settings.threads_per_worker,
@@ -380,7 +388,7 @@ def _coordinator_runner(config: Configuration, settings: StudySettings) -> Itera
         else:
             ns, local = None, max(1, settings.local_threads)
         coordinator = stack.enter_context(
-            Coordinator(ns=ns, local_threads=local, shared_memory=settings.shared_memory)
+            Coordinator(ns=ns, local_threads=local, shared_memory=settings.shared_memory, workers=workers)
         )
         yield _CoordinatorCall(coordinator)
 

@@ -9,7 +9,7 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -426,3 +426,31 @@ def test_bench_runs_on_the_workers_of_a_given_name_server(tmp_path: Path) -> Non
     efficiency = {row["configuration"]: row for row in _csv(tmp_path / "efficiency.csv")}
     assert efficiency[f"cluster at {cluster.ns_address}"]["threads"] == "1"
     assert f"cluster at {cluster.ns_address}" in _csv(tmp_path / "table3.csv")[0]
+
+
+def test_worker_counts_with_a_name_server_choose_among_its_workers() -> None:
+    configs = study.configurations(StudySettings(cores=(1,), workers=(0, 2), local_threads=1, ns="h:9"))
+    assert [(c.kind, c.count, c.label) for c in configs] == [
+        ("cores", 1, "1 core"),
+        ("workers", 0, "0 workers"),  # the coordinator's local pool alone, as without --ns
+        ("cluster", 2, "2 workers + 1 local at h:9"),
+    ]
+
+
+def test_bench_runs_each_worker_count_on_the_workers_of_a_name_server(
+    tmp_path: Path, nameserver: str, start_worker: Callable[..., object]
+) -> None:
+    for name in ("w1", "w0"):  # registered out of name order: a count takes the first names
+        start_worker(name=name)
+    code = _bench(tmp_path, "--cores", "", "--ns", nameserver, "--workers", "1,2,3", "--runs", "1")
+    assert code == 1  # the 3-worker configuration cannot be had: reported, not counted
+    configs = _results(tmp_path)["configurations"]
+    assert [c["config"]["label"] for c in configs] == [
+        f"1 worker at {nameserver}", f"2 workers at {nameserver}", f"3 workers at {nameserver}"
+    ]
+    one, two, three = configs
+    assert one["verified"] and one["details"]["workers"] == 1
+    assert set(one["details"]["last_job"]["tasks_by"]) == {"w0"}
+    assert two["verified"] and two["details"]["workers"] == 2
+    assert set(two["details"]["last_job"]["tasks_by"]) <= {"w0", "w1"}
+    assert three["failure"].startswith("WorkerNotFound: workers=3 but 2 registered") and not three["times"]
