@@ -503,3 +503,49 @@ def test_a_choice_the_name_server_cannot_supply_is_refused_up_front(
         start_worker(name=name)
     with pytest.raises(WorkerNotFound, match=match):
         Coordinator(nameserver, local_threads=0, config=cluster_config, workers=workers)
+
+
+def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, cluster_config, rng):
+    import threading
+    import time
+
+    start_worker(name="early")
+    image = rng.standard_normal((120, 80)).astype(np.float32)
+    kernels = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    release = threading.Event()
+    parked = threading.Semaphore(0)
+    results: list = []
+
+    def progress(done: int, total: int) -> None:
+        parked.release()  # the early worker's threads park here until discovery has seen the late one
+        release.wait(30)
+
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=8,
+                     workers=["early"]) as coordinator:
+        scheduler = coordinator._scheduler
+        polls: list[dict[str, str]] = []
+        registry = scheduler._registry
+
+        def counted() -> dict[str, str]:
+            found = registry()
+            polls.append(found)
+            return found
+
+        scheduler._registry = counted
+        runner = threading.Thread(target=lambda: results.append(coordinator.correlate(image, kernels,
+                                                                                      progress=progress)))
+        runner.start()
+        try:
+            assert parked.acquire(timeout=30)
+            start_worker(name="late")
+            deadline = time.monotonic() + 30
+            while not any("late" in found for found in polls) and time.monotonic() < deadline:
+                runner.join(0.05)  # the job's discovery poll lists the late worker
+            assert any("late" in found for found in polls)
+            assert "late" not in scheduler.workers  # listed, yet never probed nor given a task
+        finally:
+            release.set()  # the job ends before the coordinator closes, pass or fail
+            runner.join(60)
+        assert not runner.is_alive()
+        assert_close(results[0], ref2d(image, kernels, "valid"))
+        assert coordinator.stats() == {"early": coordinator.last_job()["tasks"]}
