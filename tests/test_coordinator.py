@@ -356,49 +356,72 @@ def test_one_task_jobs_spread_over_idle_workers(nameserver, start_worker, cluste
     assert sum(done) == 30 and min(done) >= 5, done
 
 
-def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_worker, cluster_config, rng):
-    import threading
-    import time
+class _ParkedJob:
+    """One job in a thread whose tasks park in `progress` until the block ends: lets a test act mid-job."""
 
+    def __init__(self, coordinator: Coordinator, image: np.ndarray, kernels: np.ndarray) -> None:
+        import threading
+
+        self._release = threading.Event()
+        self._parked = threading.Semaphore(0)
+        self.results: list = []
+        self.thread = threading.Thread(target=self._run, args=(coordinator, image, kernels))
+
+    def _progress(self, done: int, total: int) -> None:
+        self._parked.release()
+        self._release.wait(30)
+
+    def _run(self, coordinator: Coordinator, image: np.ndarray, kernels: np.ndarray) -> None:
+        try:
+            self.results.append(coordinator.correlate(image, kernels, progress=self._progress))
+        except Exception as error:  # reported by the test's assertions on `result`
+            self.results.append(error)
+
+    def __enter__(self) -> _ParkedJob:
+        self.thread.start()
+        return self
+
+    def wait_parked(self, threads: int = 1) -> None:
+        for _ in range(threads):
+            assert self._parked.acquire(timeout=30)
+
+    def until(self, condition) -> bool:
+        """Poll `condition` (with a deadline) while the job's discovery keeps polling the name server."""
+        import time
+
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            self.thread.join(0.05)
+        return bool(condition())
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()  # the job ends before the coordinator closes, pass or fail
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+    @property
+    def result(self) -> np.ndarray:
+        assert isinstance(self.results[0], np.ndarray), self.results[0]
+        return self.results[0]
+
+
+def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_worker, cluster_config, rng):
     from rmidl.transport import configure_pyro
 
     start_worker(name="early")
     image = rng.standard_normal((200, 300)).astype(np.float32)
     kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
-    release = threading.Event()
-    parked = threading.Semaphore(0)
-    results: list = []
-
-    def progress(done: int, total: int) -> None:
-        # The early worker's threads park here until the late one is known.
-        parked.release()
-        release.wait(30)
-
     with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config,
                      min_tasks=8) as coordinator:
-
-        def correlate() -> None:
-            try:
-                results.append(coordinator.correlate(image, kernels, progress=progress))
-            except Exception as error:  # reported by the assertions below
-                results.append(error)
-
-        runner = threading.Thread(target=correlate)
-        runner.start()
-        for _ in range(cluster_config.tasks_in_flight):  # no call in flight while Pyro5's config changes
-            assert parked.acquire(timeout=30)
-        # Tasks of ~50 KB bands were planned; this worker refuses anything over 16 KiB. In its own process
-        # Pyro5 would refuse them; in this one, its unpacking does (after we restore Pyro5's setting).
-        start_worker(name="late", config=Config(environ={}, max_message_size=16 << 10))
-        configure_pyro(cluster_config)
-        deadline = time.monotonic() + 30
-        while "late" not in coordinator._scheduler.workers and time.monotonic() < deadline:
-            runner.join(0.05)  # the job's discovery poll finds it
-        release.set()
-        runner.join(60)
-        assert not runner.is_alive()
-        assert isinstance(results[0], np.ndarray), results[0]
-        assert_close(results[0], ref2d(image, kernels, "valid"))
+        with _ParkedJob(coordinator, image, kernels) as job:
+            job.wait_parked(cluster_config.tasks_in_flight)  # no call in flight while Pyro5's config changes
+            # Tasks of ~50 KB bands were planned; this worker refuses anything over 16 KiB. In its own
+            # process Pyro5 would refuse them; in this one, its unpacking does (after we restore Pyro5's
+            # setting).
+            start_worker(name="late", config=Config(environ={}, max_message_size=16 << 10))
+            configure_pyro(cluster_config)
+            assert job.until(lambda: "late" in coordinator._scheduler.workers)  # the job's discovery
+        assert_close(job.result, ref2d(image, kernels, "valid"))
         assert coordinator.stats() == {"early": 8}
         # The next job is sized for both.
         assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
@@ -506,20 +529,9 @@ def test_a_choice_the_name_server_cannot_supply_is_refused_up_front(
 
 
 def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, cluster_config, rng):
-    import threading
-    import time
-
     start_worker(name="early")
     image = rng.standard_normal((120, 80)).astype(np.float32)
     kernels = rng.standard_normal((4, 3, 3)).astype(np.float32)
-    release = threading.Event()
-    parked = threading.Semaphore(0)
-    results: list = []
-
-    def progress(done: int, total: int) -> None:
-        parked.release()  # the early worker's threads park here until discovery has seen the late one
-        release.wait(30)
-
     with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=8,
                      workers=["early"]) as coordinator:
         scheduler = coordinator._scheduler
@@ -532,20 +544,10 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
             return found
 
         scheduler._registry = counted
-        runner = threading.Thread(target=lambda: results.append(coordinator.correlate(image, kernels,
-                                                                                      progress=progress)))
-        runner.start()
-        try:
-            assert parked.acquire(timeout=30)
+        with _ParkedJob(coordinator, image, kernels) as job:
+            job.wait_parked()
             start_worker(name="late")
-            deadline = time.monotonic() + 30
-            while not any("late" in found for found in polls) and time.monotonic() < deadline:
-                runner.join(0.05)  # the job's discovery poll lists the late worker
-            assert any("late" in found for found in polls)
+            assert job.until(lambda: any("late" in found for found in polls))  # the job's discovery saw it
             assert "late" not in scheduler.workers  # listed, yet never probed nor given a task
-        finally:
-            release.set()  # the job ends before the coordinator closes, pass or fail
-            runner.join(60)
-        assert not runner.is_alive()
-        assert_close(results[0], ref2d(image, kernels, "valid"))
+        assert_close(job.result, ref2d(image, kernels, "valid"))
         assert coordinator.stats() == {"early": coordinator.last_job()["tasks"]}
