@@ -192,9 +192,7 @@ class Coordinator:
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Same as `rmidl.convolve`: correlation with every kernel flipped in both spatial axes."""
-        p = prepare(image, kernels, mode)
-        flipped = Prepared(p.image, np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]), p.dtype, p.mode)
-        return self._run(flipped, threads, engine, out, progress)
+        return self._run(prepare(image, kernels, mode).flipped(), threads, engine, out, progress)
 
     def _run(
         self,

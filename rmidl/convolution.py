@@ -37,7 +37,9 @@ def _run(image: object, kernels: object, *, mode: str, threads: int | None, engi
     n_threads = check_threads(threads)
     engine = check_engine(engine)
     p = prepare(image, kernels, mode)
-    bank = np.ascontiguousarray(p.kernels[:, ::-1, ::-1, :]) if flip else p.kernels
+    if flip:
+        p = p.flipped()
+    bank = p.kernels
     padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
     result = np.empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
     # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs

@@ -41,6 +41,11 @@ class Prepared:
         k, kh, kw, _ = self.kernels.shape
         return (k, *output_shape((h, w), (kh, kw), self.mode))
 
+    def flipped(self) -> Prepared:
+        """The same inputs with every kernel flipped in both spatial axes: convolution as correlation."""
+        kernels = np.ascontiguousarray(self.kernels[:, ::-1, ::-1, :])
+        return Prepared(self.image, kernels, self.dtype, self.mode)
+
 
 def check_mode(mode: object) -> str:
     """One of MODES."""
