@@ -15,7 +15,7 @@ import numpy as np
 
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, OptionError, WorkerNotFound
-from rmidl.tiling import pad_for_mode
+from rmidl.geometry import pad_for_mode
 from rmidl.validate import Prepared, check_out, check_threads, prepare
 
 from .planning import plan
@@ -84,7 +84,7 @@ class Coordinator:
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _connect(self, ns: str, selection: list[str] | int | None) -> None:
-        from rmidl.transport import configure_pyro, connect_ns
+        from rmidl.remote.transport import configure_pyro, connect_ns
 
         configure_pyro(self.config)
         self._ns = connect_ns(ns, self.config)
@@ -93,14 +93,14 @@ class Coordinator:
         self._scheduler.discover()
 
     def _list(self) -> dict[str, str]:
-        from rmidl.transport import list_workers
+        from rmidl.remote.transport import list_workers
 
         with self._ns_lock:
             self._ns._pyroClaimOwnership()
             return list_workers(self._ns)
 
     def _remove(self, name: str) -> None:
-        from rmidl.interface import WORKER_PREFIX
+        from rmidl.remote.contract import WORKER_PREFIX
 
         with self._ns_lock:
             self._ns._pyroClaimOwnership()
@@ -334,7 +334,7 @@ class _SharedPool:
         """Told the names of blocks once closed, so that workers unmap them too."""
 
     def take(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        from rmidl.shm import SharedArray
+        from rmidl.remote.shm import SharedArray
 
         with self._lock:
             block = self._free.pop(role, None)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rmidl.errors import BudgetExceeded
-from rmidl.tiling import Task, plan_tasks
+from rmidl.geometry import Task, plan_tasks
 
 __all__ = [
     "Capacity",

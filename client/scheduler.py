@@ -16,8 +16,8 @@ import numpy as np
 
 from rmidl.config import Config
 from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
-from rmidl.interface import WORKER_PREFIX
-from rmidl.tiling import Task
+from rmidl.geometry import Task
+from rmidl.remote.contract import WORKER_PREFIX
 
 from .planning import Capacity, deadline, local_gflops
 
@@ -247,7 +247,7 @@ class RemoteWorker:
         return Capacity(self.name, gflops, threads, self.round_trip_s, rate)
 
     def connect(self) -> Any:
-        from rmidl.transport import worker_proxy
+        from rmidl.remote.transport import worker_proxy
 
         proxy = worker_proxy(self.uri, self.config)
         proxy._pyroTimeout = self.config.connect_timeout
@@ -313,7 +313,7 @@ class RemoteWorker:
             return True
 
     def ensure_bank(self, proxy: Any, job: Job, *, force: bool = False) -> None:
-        from rmidl.wire import pack
+        from rmidl.remote.wire import pack
 
         if force:
             self.banks.discard(job.bank_id)
@@ -400,7 +400,7 @@ class Scheduler:
 
     def host_id(self) -> str:
         if self._host_id is None:
-            from rmidl.shm import host_id
+            from rmidl.remote.shm import host_id
 
             self._host_id = host_id()
         return self._host_id
@@ -554,7 +554,7 @@ class Scheduler:
             job.leave(worker.name)
 
     def _run_remote(self, job: Job, worker: RemoteWorker, task: Task, use_shm: bool) -> None:
-        from rmidl import wire
+        from rmidl.remote import wire
 
         out_w = job.out.shape[2]
         limit = deadline(task, job.kernels.shape, out_w, worker.capacity(),
@@ -591,7 +591,7 @@ class Scheduler:
             return
         moving = time.perf_counter()
         if request["output"] == "bulk":
-            from rmidl.bulk import fetch
+            from rmidl.remote.bulk import fetch
 
             fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit)
         else:

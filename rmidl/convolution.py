@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
+from rmidl.geometry import pad_for_mode
 from rmidl.kernels import correlate_valid
-from rmidl.tiling import pad_for_mode
 from rmidl.validate import check_engine, check_out, check_threads, prepare
 
 __all__ = ["convolve", "correlate"]

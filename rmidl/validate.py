@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rmidl.errors import DTypeError, KernelTooLarge, NonFiniteInput, OptionError, ShapeError
-from rmidl.tiling import output_shape
+from rmidl.geometry import output_shape
 
 __all__ = [
     "MODES",

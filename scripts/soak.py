@@ -20,7 +20,7 @@ import numpy as np
 import scipy.signal
 
 from rmidl.client import Coordinator
-from rmidl.client.cmd_status import collect
+from rmidl.client.cli.status import collect
 from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
 

@@ -21,12 +21,12 @@ import Pyro5.server
 import Pyro5.socketutil
 
 import rmidl
-from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import OptionError, RegistryError
-from rmidl.interface import WORKER_PREFIX
 from rmidl.kernels import available_cores
-from rmidl.server.security import (
+from rmidl.remote.bulk import BulkServer
+from rmidl.remote.contract import WORKER_PREFIX
+from rmidl.remote.security import (
     SecretHandshake,
     add_security_arguments,
     check_bind,
@@ -34,8 +34,8 @@ from rmidl.server.security import (
     probe_bind,
     server_ssl_context,
 )
+from rmidl.remote.transport import WORKER_METADATA, configure_pyro, connect_ns, parse_address, worker_proxy
 from rmidl.server.worker import HANG_ENV, ConvolutionWorker
-from rmidl.transport import WORKER_METADATA, configure_pyro, connect_ns, parse_address, worker_proxy
 
 __all__ = [
     "HELP",

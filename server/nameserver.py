@@ -17,14 +17,14 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config, MiB
 from rmidl.errors import OptionError
-from rmidl.server.security import (
+from rmidl.remote.security import (
     SecretHandshake,
     add_security_arguments,
     check_bind,
     config_from_args,
     probe_bind,
 )
-from rmidl.transport import configure_pyro
+from rmidl.remote.transport import configure_pyro
 
 __all__ = [
     "HELP",

@@ -18,7 +18,6 @@ import numpy as np
 from Pyro5.api import behavior, expose
 
 import rmidl
-from rmidl.bulk import BulkServer
 from rmidl.config import Config
 from rmidl.errors import (
     BankError,
@@ -30,10 +29,11 @@ from rmidl.errors import (
     ShapeError,
     WorkerLost,
 )
-from rmidl.interface import TaskDict, WireArray
 from rmidl.kernels import available_cores, correlate_valid, measure_gflops
-from rmidl.shm import SharedArray, host_id
-from rmidl.wire import pack, unpack, wire_nbytes
+from rmidl.remote.bulk import BulkServer
+from rmidl.remote.contract import TaskDict, WireArray
+from rmidl.remote.shm import SharedArray, host_id
+from rmidl.remote.wire import pack, unpack, wire_nbytes
 
 __all__ = ["ATTACHMENT_CACHE", "ConvolutionWorker", "HANG_ENV"]
 
@@ -72,7 +72,7 @@ class _Plan:
 @expose
 @behavior(instance_mode="single")
 class ConvolutionWorker:
-    """Serves `rmidl.interface.ConvolutionWorkerAPI`; one instance per daemon, safe for concurrent calls."""
+    """Serves `rmidl.remote.contract.ConvolutionWorkerAPI`; one per daemon, safe for concurrent calls."""
 
     def __init__(
         self,

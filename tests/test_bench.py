@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rmidl.client import cli, predict, report, study
-from rmidl.client.study import Configuration, ConfigurationResult, Job, StudyResult, StudySettings
+from rmidl.client import cli
+from rmidl.client.bench import predict, report, study
+from rmidl.client.bench.study import Configuration, ConfigurationResult, Job, StudyResult, StudySettings
 
 TINY = ["--size", "96x64", "--kernels", "random:4x5x5", "--runs", "2"]
 CORE_FILES = {

@@ -18,7 +18,7 @@ from rmidl.errors import (
     TaskFailed,
     WorkerNotFound,
 )
-from rmidl.tiling import Task
+from rmidl.geometry import Task
 
 
 def ref2d(image: np.ndarray, kernels: np.ndarray, mode: str, *, flip: bool = False) -> np.ndarray:
@@ -406,7 +406,7 @@ class _ParkedJob:
 
 
 def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_worker, cluster_config, rng):
-    from rmidl.transport import configure_pyro
+    from rmidl.remote.transport import configure_pyro
 
     start_worker(name="early")
     image = rng.standard_normal((200, 300)).astype(np.float32)

@@ -9,7 +9,7 @@ from Pyro5.serializers import MsgpackSerializer
 
 from rmidl import errors
 from rmidl.config import Config
-from rmidl.tiling import band_rows, output_shape, pad_for_mode, plan_tasks, split_range
+from rmidl.geometry import band_rows, output_shape, pad_for_mode, plan_tasks, split_range
 
 
 @pytest.mark.parametrize("kernel_hw", [(1, 1), (3, 3), (4, 5), (2, 2), (1, 6), (7, 1)])

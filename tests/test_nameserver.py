@@ -13,9 +13,9 @@ import time
 import pytest
 
 from rmidl.errors import AuthenticationError, OptionError, RegistryError
-from rmidl.interface import WORKER_PREFIX
 from rmidl.kernels import available_cores
-from rmidl.transport import connect_ns, list_workers, parse_address, worker_proxy
+from rmidl.remote.contract import WORKER_PREFIX
+from rmidl.remote.transport import connect_ns, list_workers, parse_address, worker_proxy
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from Pyro5.errors import CommunicationError
 
-from rmidl.bulk import fetch
 from rmidl.client.cli import main as cli_main
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
+from rmidl.remote.bulk import fetch
+from rmidl.remote.security import read_secret, secured_config
+from rmidl.remote.transport import client_ssl_context, configure_pyro, connect_ns, list_workers, worker_proxy
+from rmidl.remote.wire import pack, unpack
 from rmidl.server.nameserver import start_ns
-from rmidl.server.security import read_secret, secured_config
-from rmidl.transport import client_ssl_context, configure_pyro, connect_ns, list_workers, worker_proxy
-from rmidl.wire import pack, unpack
 
 SECRET = "correct horse battery staple"
 
@@ -106,7 +106,7 @@ def test_non_loopback_bind_needs_a_secret_or_tls_or_insecure(start_worker, caplo
         start_worker(host="0.0.0.0", ns=None)
     with pytest.raises(OptionError, match=r"refusing to bind name server to 0\.0\.0\.0"):
         start_ns("0.0.0.0", 0, config=Config(environ={}))
-    with caplog.at_level(logging.WARNING, logger="rmidl.server.security"):
+    with caplog.at_level(logging.WARNING, logger="rmidl.remote.security"):
         open_worker = start_worker(host="0.0.0.0", ns=None, insecure=True)
     assert "INSECURE" in caplog.text and "ANYONE" in caplog.text
     # The URI names a reachable address, never the wildcard.
@@ -192,7 +192,7 @@ def test_a_handshake_in_marshal_is_refused_unread(start_worker, cluster_config, 
 def test_a_silent_connection_is_dropped_after_the_handshake_deadline(
     start_worker, cluster_config, monkeypatch
 ):
-    from rmidl.server import security
+    from rmidl.remote import security
 
     monkeypatch.setattr(security, "HANDSHAKE_TIMEOUT", 0.3)
     handle = start_worker(ns=None)

@@ -11,10 +11,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from rmidl.bulk import TICKET_CHARS, BulkServer, fetch
 from rmidl.errors import BudgetExceeded, DTypeError, ShapeError, WorkerLost
-from rmidl.shm import SharedArray, host_id
-from rmidl.wire import pack, unpack
+from rmidl.remote.bulk import TICKET_CHARS, BulkServer, fetch
+from rmidl.remote.shm import SharedArray, host_id
+from rmidl.remote.wire import pack, unpack
 
 # --- wire -----------------------------------------------------------------------------------------
 
@@ -125,8 +125,8 @@ def test_shared_array_attach_refuses_bad_descriptors(descriptor, match):
 
 
 def test_shared_array_attach_of_another_users_block_is_a_cluster_error(monkeypatch):
-    from rmidl import shm
     from rmidl.errors import ClusterError
+    from rmidl.remote import shm
 
     with SharedArray.create((2, 2), "float32") as owner:
         real_open = shm._posixshmem.shm_open

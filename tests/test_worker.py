@@ -12,12 +12,12 @@ import scipy.signal
 from Pyro5.errors import CommunicationError
 from Pyro5.errors import TimeoutError as PyroTimeoutError
 
-from rmidl.bulk import fetch
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
-from rmidl.shm import SharedArray, host_id
-from rmidl.transport import worker_proxy
-from rmidl.wire import pack, unpack
+from rmidl.remote.bulk import fetch
+from rmidl.remote.shm import SharedArray, host_id
+from rmidl.remote.transport import worker_proxy
+from rmidl.remote.wire import pack, unpack
 
 
 def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rmidl.geometry import split_range
 from rmidl.kernels._threads import run_tiles
-from rmidl.tiling import split_range
 
 __all__ = ["correlate_fft", "fft_plan"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from rmidl.geometry import split_range
 from rmidl.kernels._threads import run_tiles
-from rmidl.tiling import split_range
 
 __all__ = ["SCRATCH_BYTES", "correlate_lowering", "plan_tiles"]
 

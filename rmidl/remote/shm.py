@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rmidl.errors import ClusterError, ShapeError
-from rmidl.wire import DTYPES, wire_nbytes
+from rmidl.remote.wire import DTYPES, wire_nbytes
 
 __all__ = ["NAME_PREFIX", "SharedArray", "host_id"]
 

@@ -1,7 +1,7 @@
 """The remote contract of a ConvolutionWorker (the RMI interface), as a typing.Protocol.
 
 Every value crosses Pyro5 with the msgpack serializer, so only dicts, lists, str, int, float, bool,
-None and bytes travel. Arrays travel only as `rmidl.wire` dicts (raw bytes + shape + dtype); nothing
+None and bytes travel. Arrays travel only as `rmidl.remote.wire` dicts (raw bytes + shape + dtype); nothing
 else packs or unpacks them. Every method may raise the `rmidl.errors` classes named in its docstring,
 which arrive at the caller as the same classes (see `rmidl.errors.register_with_pyro`).
 

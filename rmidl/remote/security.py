@@ -17,7 +17,7 @@ import Pyro5.serializers
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
-from rmidl.transport import SECRET_REFUSED, client_ssl_context, server_ssl_context, tls_enabled
+from rmidl.remote.transport import SECRET_REFUSED, client_ssl_context, server_ssl_context, tls_enabled
 
 __all__ = [
     "HANDSHAKE_MAX_BYTES",

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.study import ConfigurationResult, StudyResult
+from rmidl.client.bench.study import ConfigurationResult, StudyResult
 from rmidl.errors import OptionError
-from rmidl.tiling import mode_padding
+from rmidl.geometry import mode_padding
 
 __all__ = [
     "LINK_EFFICIENCY",

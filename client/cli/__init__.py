@@ -17,11 +17,11 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, str] = {
     "ns": "rmidl.server.nameserver",
     "worker": "rmidl.server.daemon",
-    "up": "rmidl.client.cmd_up",
-    "run": "rmidl.client.cmd_run",
-    "status": "rmidl.client.cmd_status",
-    "demo": "rmidl.client.cmd_demo",
-    "bench": "rmidl.client.cmd_bench",
+    "up": "rmidl.client.cli.up",
+    "run": "rmidl.client.cli.run",
+    "status": "rmidl.client.cli.status",
+    "demo": "rmidl.client.cli.demo",
+    "bench": "rmidl.client.cli.bench",
 }
 
 EXIT_INPUT = 2

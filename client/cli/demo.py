@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rmidl.client.coordinator import Coordinator
+from rmidl.client.localcluster import LocalCluster
 from rmidl.errors import OptionError
-
-from .coordinator import Coordinator
-from .localcluster import LocalCluster
 
 HELP = "start a local cluster and time the reference experiment (1280x720, random:128x11x11) on it"
 

@@ -15,7 +15,7 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError, RegistryError, register_with_pyro
-from rmidl.interface import WORKER_PREFIX
+from rmidl.remote.contract import WORKER_PREFIX
 
 __all__ = [
     "SECRET_REFUSED",

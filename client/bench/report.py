@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.predict import LINK_EFFICIENCY, Calibration, Prediction
-from rmidl.client.study import ConfigurationResult, StudyResult
+from rmidl.client.bench.predict import LINK_EFFICIENCY, Calibration, Prediction
+from rmidl.client.bench.study import ConfigurationResult, StudyResult
 
 __all__ = [
     "PAPER",
@@ -516,7 +516,7 @@ def busy_note(study: StudyResult) -> str | None:
 def prediction_block(cal: Calibration, predictions: Sequence[Prediction]) -> dict[str, Any]:
     """What results.json keeps of a prediction: the calibration, its error, and every predicted point."""
     return {
-        "model": "see rmidl.client.predict's module docstring",
+        "model": "see rmidl.client.bench.predict's module docstring",
         "calibration": cal.to_dict(),
         "points": [p.to_dict() for p in predictions],
     }

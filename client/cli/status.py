@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rmidl.client.cli.run import add_connection_arguments, connection_config
 from rmidl.config import Config
 from rmidl.errors import WorkerNotFound
-
-from .cmd_run import add_connection_arguments, connection_config
 
 HELP = "list the workers of a cluster: name, host, cores, tasks done, busy"
 
@@ -23,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(ns: str | None, config: Config, name: str | None = None) -> list[dict[str, Any]]:
     """One row per registered worker; a worker that does not answer shows as unreachable."""
-    from rmidl.transport import configure_pyro, connect_ns, list_workers, worker_proxy
+    from rmidl.remote.transport import configure_pyro, connect_ns, list_workers, worker_proxy
 
     configure_pyro(config)
     with connect_ns(ns, config) as registry:

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from rmidl.client.coordinator import Coordinator
 from rmidl.config import Config
 from rmidl.errors import InputError, OptionError
 from rmidl.validate import MODES
-
-from .coordinator import Coordinator
 
 HELP = "correlate IMAGE with a kernel bank on the cluster and save the feature maps"
 
@@ -48,7 +47,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connection_config(args: argparse.Namespace) -> Config:
     """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
-    from rmidl.server.security import secured_config
+    from rmidl.remote.security import secured_config
 
     return secured_config(Config(), secret_file=args.secret_file, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_ca=args.tls_ca)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmidl.client import predict, report, study
+from rmidl.client.bench import predict, report, study
 from rmidl.errors import ImageReadError, OptionError
 
 __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size", "run"]

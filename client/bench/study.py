@@ -23,7 +23,7 @@ import numpy as np
 from Pyro5.errors import PyroError
 
 from rmidl.errors import RmidlError
-from rmidl.tiling import output_shape
+from rmidl.geometry import output_shape
 
 __all__ = [
     "Configuration",

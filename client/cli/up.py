@@ -7,10 +7,9 @@ import signal
 import threading
 from types import FrameType
 
+from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
-from rmidl.server.security import secured_config
-
-from .localcluster import LocalCluster
+from rmidl.remote.security import secured_config
 
 HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
 

@@ -1,0 +1,1 @@
+"""The scaling study behind `rmidl bench`: run configurations, predict clusters, write tables and plots."""

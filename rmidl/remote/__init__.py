@@ -1,0 +1,2 @@
+"""The remote half of rmidl: the worker contract, the wire format, shared memory, the bulk channel,
+Pyro5 transport and security. Both `rmidl.server` and `rmidl.client` build on it; it imports neither."""
