@@ -222,6 +222,7 @@ class RemoteWorker:
     """Tasks of this process's jobs running on it now (jobs of one coordinator may run concurrently)."""
     _idle: list[Any] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ssl: Any = None
 
     @property
     def host(self) -> str:
@@ -322,6 +323,14 @@ class RemoteWorker:
         proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
         proxy.put_bank(job.bank_id, pack(job.kernels))
         self.banks.add(job.bank_id)
+
+    def bulk_ssl_context(self) -> Any:
+        """The client TLS context the worker's bulk channel expects (2-way TLS), or None; made once."""
+        from rmidl.remote.transport import client_ssl_context, tls_enabled
+
+        if self._ssl is None and tls_enabled(self.config):
+            self._ssl = client_ssl_context(self.config)
+        return self._ssl
 
     def close(self) -> None:
         with self._lock:
@@ -593,7 +602,8 @@ class Scheduler:
         if request["output"] == "bulk":
             from rmidl.remote.bulk import fetch
 
-            fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit)
+            fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit,
+                  ssl_context=worker.bulk_ssl_context())
         else:
             result = wire.unpack(reply["result"], max_bytes=view.nbytes)
             if result.shape != view.shape:

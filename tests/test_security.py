@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.signal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -368,6 +369,34 @@ def test_tls_name_server_registers_and_lists_workers(start_worker, tls_config):
         handle = start_worker(config=tls_config, ns=daemon.locationStr, name="tls-member")
         with connect_ns(daemon.locationStr, tls_config) as registry:
             assert list_workers(registry) == {"tls-member": handle.uri}
+        handle.close()
+    finally:
+        daemon.shutdown()
+        thread.join(5)
+
+
+def test_coordinator_over_tls_fetches_bulk_results_with_its_certificate(start_worker, tls_config, rng):
+    from rmidl.client import Coordinator
+
+    _, daemon = start_ns("127.0.0.1", 0, config=tls_config)
+    thread = daemon.serve_in_thread()
+    try:
+        handle = start_worker(config=tls_config, ns=daemon.locationStr, name="tls-bulk")
+        image = rng.standard_normal((40, 50, 2)).astype(np.float32)
+        bank = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+        # No shared memory: every result crosses the worker's TLS-wrapped bulk channel.
+        with Coordinator(daemon.locationStr, local_threads=0, shared_memory=False, config=tls_config,
+                         min_tasks=4) as coordinator:
+            result = coordinator.correlate(image, bank)
+            job = coordinator.last_job()
+        expected = np.stack([
+            sum(scipy.signal.correlate(image[:, :, c].astype(float), k[:, :, c].astype(float), mode="valid")
+                for c in range(2))
+            for k in bank
+        ])
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+        assert job["tasks_by"] == {"tls-bulk": job["tasks"]} and job["tasks"] >= 4
+        assert job["moved_bytes"] == result.nbytes  # over the bulk channel, not inline
         handle.close()
     finally:
         daemon.shutdown()
