@@ -16,7 +16,7 @@ import numpy as np
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, OptionError, WorkerNotFound
 from rmidl.geometry import pad_for_mode
-from rmidl.validate import Prepared, check_out, check_threads, prepare
+from rmidl.validate import check_engine, check_out, check_threads, prepare
 
 from .planning import plan
 from .scheduler import Job, Scheduler
@@ -178,7 +178,8 @@ class Coordinator:
     ) -> np.ndarray:
         """Same arguments and result as `rmidl.correlate`; `threads` overrides local_threads for this call,
         `progress(done, total)` is called as tasks finish."""
-        return self._run(prepare(image, kernels, mode), threads, engine, out, progress)
+        return self._run(image, kernels, mode=mode, threads=threads, engine=engine, out=out,
+                         progress=progress, flip=False)
 
     def convolve(
         self,
@@ -192,17 +193,30 @@ class Coordinator:
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Same as `rmidl.convolve`: correlation with every kernel flipped in both spatial axes."""
-        return self._run(prepare(image, kernels, mode).flipped(), threads, engine, out, progress)
+        return self._run(image, kernels, mode=mode, threads=threads, engine=engine, out=out,
+                         progress=progress, flip=True)
 
     def _run(
         self,
-        p: Prepared,
+        image: object,
+        kernels: object,
+        *,
+        mode: str,
         threads: int | None,
         engine: str,
         out: np.ndarray | None,
         progress: Callable[[int, int], None] | None,
+        flip: bool,
     ) -> np.ndarray:
+        # Every option first: nothing below (padding, discovery, calibration, shared memory) is wasted on
+        # a job that cannot run, and workers get only names they know.
+        engine = check_engine(engine)
         local = self.local_threads if threads is None else int(check_threads(threads) or 0)
+        if progress is not None and not callable(progress):
+            raise OptionError(f"progress={progress!r} must be a callable (done, total) or None")
+        p = prepare(image, kernels, mode)
+        if flip:
+            p = p.flipped()
         shape = p.out_shape
         nbytes = int(np.prod(shape)) * p.dtype.itemsize
         if nbytes > self.config.memory_budget:

@@ -573,6 +573,7 @@ class Scheduler:
             "bank_id": job.bank_id,
             "kernels": list(task.kernels),
             "rows": list(task.rows),
+            "engine": job.engine,
         }
         if use_shm:
             request["input"] = {"shm": job.shm_input}

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,11 +29,12 @@ from rmidl.errors import (
     ShapeError,
     WorkerLost,
 )
-from rmidl.kernels import available_cores, correlate_valid, measure_gflops
+from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import TaskDict, WireArray
 from rmidl.remote.shm import SharedArray, host_id
 from rmidl.remote.wire import pack, unpack, wire_nbytes
+from rmidl.validate import check_engine
 
 __all__ = ["ATTACHMENT_CACHE", "ConvolutionWorker", "HANG_ENV"]
 
@@ -51,9 +52,9 @@ HANG_ENV = "RMIDL_TEST_HANG_TASKS"
 """Test-only hook: the first N correlate calls of a worker started with this set block until shutdown."""
 
 
-def run_engine(band: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
+def run_engine(band: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int, engine: str) -> None:
     """Valid correlation of band (H, W, C) with kernels (K, kh, kw, C) into out (K, OH, OW)."""
-    correlate_valid(band, kernels, out, threads=threads)
+    correlate_valid(band, kernels, out, threads=threads, engine=engine)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class _Plan:
     source: Any  # wire dict or shm descriptor
     source_kind: str  # "array" | "shm"
     output: Any  # "inline" | "bulk" | shm descriptor
+    engine: str
 
 
 @expose
@@ -98,6 +100,7 @@ class ConvolutionWorker:
         self._attached: OrderedDict[str, SharedArray] = OrderedDict()
         self._reserved = 0
         self._tasks_done = 0
+        self._engines: Counter[str] = Counter()
         self._busy = 0
         self._hangs_left = max(0, int(hang_tasks))
         self._gflops = _calibrate(self._threads)
@@ -122,6 +125,7 @@ class ConvolutionWorker:
                 "gflops": round(self._gflops, 3),
                 "tasks_done": self._tasks_done,
                 "busy": self._busy,
+                "engines": dict(self._engines),
                 "banks": list(self._banks),
                 "bulk_port": self._bulk.port if self._bulk else None,
                 "shm_blocks": len(self._attached),
@@ -236,7 +240,8 @@ class ConvolutionWorker:
             raise ShapeError(f"task {task_id}: output {output!r} is not 'inline', 'bulk' or {{'shm': ...}}")
         if output == "bulk" and self._bulk is None:
             raise ShapeError(f"task {task_id}: worker {self._name} has no bulk channel")
-        return _Plan(task_id, bank[k0:k1], k0, (r0, r1), value, kind, output)
+        engine = check_engine(task.get("engine", "auto"))
+        return _Plan(task_id, bank[k0:k1], k0, (r0, r1), value, kind, output, engine)
 
     def _execute(self, plan: _Plan) -> dict[str, Any]:
         kernels = plan.kernels
@@ -275,7 +280,7 @@ class ConvolutionWorker:
                 )
             if target.dtype != kernels.dtype:
                 raise DTypeError(f"task {plan.task_id}: output is {target.dtype} but bank is {kernels.dtype}")
-            self._compute_into(band, kernels, target[plan.k0 : k1, r0:r1, :])
+            self._compute_into(band, kernels, target[plan.k0 : k1, r0:r1, :], plan.engine)
             return {}
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
         if plan.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
@@ -286,18 +291,22 @@ class ConvolutionWorker:
             )
         with self._reservation(nbytes, plan.task_id):
             result = np.empty(out_shape, kernels.dtype)
-            self._compute_into(band, kernels, result)
+            self._compute_into(band, kernels, result, plan.engine)
             if plan.output == "inline":
                 return {"result": pack(result)}
             assert self._bulk is not None
             ticket = self._bulk.offer(result)
             return {"ticket": ticket, "nbytes": nbytes, "shape": list(out_shape), "dtype": result.dtype.name}
 
-    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray) -> None:
+    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> None:
+        if engine == "auto":  # resolved here, so that info() can say which engine ran
+            engine = choose_engine(band.shape[:2], kernels.shape, self._threads)
         with self._compute:
             started = time.perf_counter()
-            run_engine(band, kernels, out, self._threads)
+            run_engine(band, kernels, out, self._threads, engine)
             seconds = time.perf_counter() - started
+        with self._lock:
+            self._engines[engine] += 1
         flops = 2.0 * out.size * kernels[0].size
         if seconds >= RATE_MIN_SECONDS:
             with self._lock:  # a moving average: the rate the coordinator's cost model reads in info()

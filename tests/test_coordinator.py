@@ -551,3 +551,36 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
             assert "late" not in scheduler.workers  # listed, yet never probed nor given a task
         assert_close(job.result, ref2d(image, kernels, "valid"))
         assert coordinator.stats() == {"early": coordinator.last_job()["tasks"]}
+
+
+# -- options reach the workers ------------------------------------------------------------------------------
+def test_an_unknown_engine_is_refused_before_any_work(nameserver, start_worker, cluster_config, rng,
+                                                      monkeypatch):
+    from rmidl.client import scheduler
+
+    def calibrate() -> float:
+        raise AssertionError("calibrated before the engine was checked")
+
+    monkeypatch.setattr(scheduler, "local_gflops", calibrate)
+    handle = start_worker()
+    image = rng.standard_normal((30, 40)).astype(np.float32)
+    kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
+    for local in (0, 1):  # without a local pool nothing else would ever look at the name
+        with Coordinator(nameserver, local_threads=local, config=cluster_config) as coordinator:
+            with pytest.raises(OptionError, match="engine 'fast' is not one of auto, lowering"):
+                coordinator.correlate(image, kernels, engine="fast")
+            assert coordinator.last_job() == {}
+    info = handle.worker.info()
+    assert info["banks"] == [] and info["tasks_done"] == 0  # no bank sent, no task run
+
+
+@pytest.mark.parametrize("engine", ["direct", "fft", "lowering"])
+def test_the_engine_is_forwarded_to_workers(nameserver, start_worker, cluster_config, rng, engine):
+    handle = start_worker()
+    image = rng.standard_normal((40, 50)).astype(np.float32)
+    kernels = rng.standard_normal((4, 5, 5)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
+        assert_close(coordinator.correlate(image, kernels, engine=engine, mode="same"),
+                     ref2d(image, kernels, "same"))
+        tasks = coordinator.last_job()["tasks"]
+    assert handle.worker.info()["engines"] == {engine: tasks}

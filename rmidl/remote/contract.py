@@ -19,6 +19,7 @@ Task dict (keys):
     output:   "inline" - return the result (k1 - k0, r1 - r0, OW) as a wire dict in the reply
               "bulk"   - keep it under a one-time ticket and fetch it over the bulk side channel
               {"shm": <shm dict of the whole output (K, OH, OW)>} - write out[k0:k1, r0:r1] in place
+    engine:   optional, "auto" (default) or an engine of rmidl.kernels.ENGINES: the engine to run
 
 shm dict: {"name": str, "shape": [..], "dtype": "float32" | "float64"} naming a
 multiprocessing.shared_memory block the coordinator created on the worker's host.
@@ -47,7 +48,8 @@ class ConvolutionWorkerAPI(Protocol):
 
     def info(self) -> dict[str, Any]:
         """Describe the worker: name, host, hostname, host_id (same value = shared memory works), pid,
-        cores, threads, version, gflops (measured engine rate), tasks_done, busy (tasks running), banks
+        cores, threads, version, gflops (measured engine rate), tasks_done, busy (tasks running), engines
+        (tasks run per engine), banks
         (ids cached), bulk_port (side channel for "bulk" results, or None), max_message_size,
         memory_budget (bytes), shm_blocks (shared-memory blocks attached)."""
         ...
