@@ -93,18 +93,18 @@ class Coordinator:
         self._scheduler.discover()
 
     def _list(self) -> dict[str, str]:
-        from rmidl.remote.transport import list_workers
+        from rmidl.remote.naming import list_workers
 
         with self._ns_lock:
             self._ns._pyroClaimOwnership()
             return list_workers(self._ns)
 
     def _remove(self, name: str) -> None:
-        from rmidl.remote.contract import WORKER_PREFIX
+        from rmidl.remote.naming import unregister_worker
 
         with self._ns_lock:
             self._ns._pyroClaimOwnership()
-            self._ns.remove(WORKER_PREFIX + name)
+            unregister_worker(self._ns, name)
 
     def close(self) -> None:
         """Close every shared block (telling workers to unmap them) and every proxy (workers keep running)."""

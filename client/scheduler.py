@@ -17,7 +17,6 @@ import numpy as np
 from rmidl.config import Config
 from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
 from rmidl.geometry import Task
-from rmidl.remote.contract import WORKER_PREFIX
 
 from .planning import Capacity, deadline, local_gflops
 
@@ -385,8 +384,7 @@ class Scheduler:
             log.debug("name server poll failed: %s", error)
             return []
         fresh = []
-        for name, uri in found.items():
-            short = name.removeprefix(WORKER_PREFIX)
+        for short, uri in found.items():
             if self.only is not None and short not in self.only:
                 continue  # not chosen for this coordinator: never probed, never given a task
             known = self.workers.get(short)

@@ -25,7 +25,13 @@ from rmidl.config import Config
 from rmidl.errors import OptionError, RegistryError
 from rmidl.kernels import available_cores
 from rmidl.remote.bulk import BulkServer
-from rmidl.remote.contract import WORKER_PREFIX
+from rmidl.remote.naming import (
+    check_worker_name,
+    object_name,
+    register_worker,
+    unregister_worker,
+    worker_tags,
+)
 from rmidl.remote.security import (
     SecretHandshake,
     add_security_arguments,
@@ -34,7 +40,7 @@ from rmidl.remote.security import (
     probe_bind,
     server_ssl_context,
 )
-from rmidl.remote.transport import WORKER_METADATA, configure_pyro, connect_ns, parse_address, worker_proxy
+from rmidl.remote.transport import configure_pyro, connect_ns, parse_address, worker_proxy
 from rmidl.server.worker import HANG_ENV, ConvolutionWorker
 
 __all__ = [
@@ -53,7 +59,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HELP = "start a ConvolutionWorker daemon and register it with the name server"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -78,7 +83,7 @@ class WorkerHandle:
 
     @property
     def object_name(self) -> str:
-        return WORKER_PREFIX + self.name
+        return object_name(self.name)
 
     def serve_in_thread(self) -> threading.Thread:
         """Run the request loop in a background thread (tests, `rmidl worker`)."""
@@ -95,7 +100,7 @@ class WorkerHandle:
             return
         self._closed = True
         if self.ns_address:
-            _unregister(self.ns_address, self.config, self.object_name, self.uri)
+            _unregister(self.ns_address, self.config, self.name, self.uri)
         self.worker.close()  # first: lets hung test calls return so the daemon's threads can finish
         self.daemon.shutdown()
         if self._thread is not None:
@@ -128,8 +133,7 @@ def start_worker(
     """
     config = config or Config()
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")
-    if not _NAME.match(name):
-        raise OptionError(f"worker name {name!r} must be letters, digits, '_', '.' or '-' (at most 100)")
+    check_worker_name(name)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads={threads!r} must be a positive integer")
     if not 0 <= port <= 65535:
@@ -163,7 +167,7 @@ def start_worker(
         if bulk_server is not None:
             bulk_server.close()
         raise
-    uri = str(daemon.register(worker, objectId=WORKER_PREFIX + name))
+    uri = str(daemon.register(worker, objectId=object_name(name)))
     handle = WorkerHandle(name, uri, advertised, daemon, worker, bulk_server, config)
     if ns is not None:
         try:
@@ -197,34 +201,21 @@ def _hang_tasks_from_env() -> int:
 
 def metadata(handle: WorkerHandle) -> set[str]:
     """The name-server tags by which coordinators discover a worker."""
-    return set(WORKER_METADATA) | {
-        f"host:{handle.host}",
-        f"cores:{available_cores()}",
-        f"version:{rmidl.__version__}",
-    }
+    return set(worker_tags(host=handle.host, cores=available_cores(), version=rmidl.__version__))
 
 
 def _register(ns: str, config: Config, handle: WorkerHandle) -> None:
     with connect_ns(ns, config) as registry:
-        try:
-            registry.register(handle.object_name, handle.uri, safe=True, metadata=sorted(metadata(handle)))
-            return
-        except Pyro5.errors.NamingError:
-            previous = str(registry.lookup(handle.object_name))
-        if _alive(previous, config):
-            raise OptionError(f"worker name {handle.name!r} is taken by a live worker at {previous}")
-        logger.info("replacing stale registration of %s (%s)", handle.name, previous)
-        registry.register(handle.object_name, handle.uri, safe=False, metadata=sorted(metadata(handle)))
+        register_worker(registry, handle.name, handle.uri, sorted(metadata(handle)),
+                        alive=lambda uri: _alive(uri, config))
 
 
-def _unregister(ns: str, config: Config, object_name: str, uri: str) -> None:
+def _unregister(ns: str, config: Config, name: str, uri: str) -> None:
     try:
         with connect_ns(ns, config) as registry:
-            # Only our own entry: a newer worker may have taken the name over.
-            if str(registry.lookup(object_name)) == uri:
-                registry.remove(object_name)
+            unregister_worker(registry, name, uri)
     except (RegistryError, Pyro5.errors.PyroError) as error:
-        logger.warning("could not unregister %s from %s: %s", object_name, ns, error)
+        logger.warning("could not unregister %s from %s: %s", object_name(name), ns, error)
 
 
 def _alive(uri: str, config: Config) -> bool:

@@ -60,7 +60,8 @@ def on_progress(at: int, action):
 
 
 def registered(address: str) -> set[str]:
-    from rmidl.remote.transport import connect_ns, list_workers
+    from rmidl.remote.naming import list_workers
+    from rmidl.remote.transport import connect_ns
 
     with connect_ns(address, fault_config()) as ns:
         return set(list_workers(ns))

@@ -14,8 +14,8 @@ import pytest
 
 from rmidl.errors import AuthenticationError, OptionError, RegistryError
 from rmidl.kernels import available_cores
-from rmidl.remote.contract import WORKER_PREFIX
-from rmidl.remote.transport import connect_ns, list_workers, parse_address, worker_proxy
+from rmidl.remote.naming import WORKER_PREFIX, list_workers
+from rmidl.remote.transport import connect_ns, parse_address, worker_proxy
 
 
 @pytest.mark.parametrize(

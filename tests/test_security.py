@@ -23,8 +23,9 @@ from rmidl.client.cli import main as cli_main
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
 from rmidl.remote.bulk import fetch
+from rmidl.remote.naming import list_workers
 from rmidl.remote.security import read_secret, secured_config
-from rmidl.remote.transport import client_ssl_context, configure_pyro, connect_ns, list_workers, worker_proxy
+from rmidl.remote.transport import client_ssl_context, configure_pyro, connect_ns, worker_proxy
 from rmidl.remote.wire import pack, unpack
 from rmidl.server.nameserver import start_ns
 

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(ns: str | None, config: Config, name: str | None = None) -> list[dict[str, Any]]:
     """One row per registered worker; a worker that does not answer shows as unreachable."""
-    from rmidl.remote.transport import configure_pyro, connect_ns, list_workers, worker_proxy
+    from rmidl.remote.naming import list_workers
+    from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
 
     configure_pyro(config)
     with connect_ns(ns, config) as registry:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["WORKER_PREFIX", "ConvolutionWorkerAPI", "TaskDict", "WireArray"]
-
-WORKER_PREFIX = "rmidl.worker."
-"""Workers register as WORKER_PREFIX + name, with metadata {"rmidl", "role:worker", ...}."""
+__all__ = ["ConvolutionWorkerAPI", "TaskDict", "WireArray"]
 
 WireArray = dict[str, Any]
 TaskDict = dict[str, Any]
