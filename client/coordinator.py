@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +14,8 @@ import numpy as np
 
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, OptionError, WorkerNotFound
-from rmidl.geometry import pad_for_mode
+from rmidl.geometry import max_band_rows, pad_for_mode
+from rmidl.kernels import available_cores
 from rmidl.validate import check_engine, check_out, check_threads, prepare
 
 from .planning import plan
@@ -54,7 +54,7 @@ class Coordinator:
         ):
             raise OptionError(f"local_threads={local_threads!r} must be a non-negative integer")
         if local_threads is None:
-            local_threads = 0 if ns is not None else (os.cpu_count() or 1)
+            local_threads = 0 if ns is not None else available_cores()
         if ns is None and local_threads == 0:
             raise OptionError("local_threads=0 without a name server leaves nobody to do the work")
         selection = _check_selection(workers)
@@ -281,12 +281,11 @@ class Coordinator:
         if not tcp:
             return max_task, None, smallest
         row_bytes = padded.shape[1] * (padded.shape[2] if padded.ndim == 3 else 1) * padded.itemsize
-        halo = int(kernel_shape[1]) - 1
-        rows = limit // row_bytes - halo
+        rows = max_band_rows(limit, row_bytes, int(kernel_shape[1]))
         if rows < 1:
             raise BudgetExceeded(
-                f"one output row needs an input band of {halo + 1} rows x {row_bytes} bytes, over the "
-                f"smallest worker message limit of {limit} bytes (raise max_message_size)"
+                f"one output row needs an input band of {int(kernel_shape[1])} rows x {row_bytes} bytes, "
+                f"over the smallest worker message limit of {limit} bytes (raise max_message_size)"
             )
         return max_task, rows, smallest
 

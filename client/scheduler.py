@@ -16,7 +16,7 @@ import numpy as np
 
 from rmidl.config import Config
 from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
-from rmidl.geometry import Task
+from rmidl.geometry import Task, band_rows
 
 from .planning import Capacity, deadline, local_gflops
 
@@ -90,7 +90,7 @@ class Job:
 
     def band(self, task: Task) -> np.ndarray:
         """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
-        return self.image[task.rows[0] : task.rows[1] + self.kernels.shape[1] - 1]
+        return self.image[slice(*band_rows(task.rows, self.kernels.shape[1]))]
 
     def out_view(self, task: Task) -> np.ndarray:
         return self.out[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1], :]

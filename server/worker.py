@@ -29,6 +29,7 @@ from rmidl.errors import (
     ShapeError,
     WorkerLost,
 )
+from rmidl.geometry import band_rows, halo
 from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import TaskDict, WireArray
@@ -247,21 +248,22 @@ class ConvolutionWorker:
         kernels = plan.kernels
         n_k, kh, kw, channels = kernels.shape
         r0, r1 = plan.rows
+        first, last = band_rows(plan.rows, kh)
         if plan.source_kind == "array":
             band = unpack(plan.source, max_bytes=self._config.max_message_size)
-            if band.ndim != 3 or band.shape[0] != r1 - r0 + kh - 1:
+            if band.ndim != 3 or band.shape[0] != last - first:
                 raise ShapeError(
                     f"task {plan.task_id}: input band shape {band.shape} does not hold rows "
-                    f"[{r0}, {r1}) plus a halo of {kh - 1} (expected {r1 - r0 + kh - 1} rows)"
+                    f"[{r0}, {r1}) plus a halo of {halo(kh)} (expected {last - first} rows)"
                 )
         else:
             image = self._attach(plan.source)
-            if image.ndim != 3 or r1 + kh - 1 > image.shape[0]:
+            if image.ndim != 3 or last > image.shape[0]:
                 raise ShapeError(
                     f"task {plan.task_id}: rows [{r0}, {r1}) with kernel height {kh} exceed the shared image "
                     f"of shape {image.shape}"
                 )
-            band = image[r0 : r1 + kh - 1]
+            band = image[first:last]
         if band.shape[2] != channels:
             raise ShapeError(f"task {plan.task_id}: input has {band.shape[2]} channel(s), kernels {channels}")
         if band.dtype != kernels.dtype:

@@ -28,7 +28,7 @@ import numpy as np
 
 from rmidl.client.bench.study import ConfigurationResult, StudyResult
 from rmidl.errors import OptionError
-from rmidl.geometry import mode_padding
+from rmidl.geometry import halo, mode_padding
 
 __all__ = [
     "LINK_EFFICIENCY",
@@ -166,7 +166,7 @@ def calibrate(study: StudyResult) -> Calibration:
         output_bytes=job.output_bytes,
         n_kernels=job.kernels_shape[0],
         out_h=oh,
-        halo_row_bytes=(job.kernels_shape[1] - 1) * width * job.channels * job.itemsize,
+        halo_row_bytes=halo(job.kernels_shape[1]) * width * job.channels * job.itemsize,
     )
     remote = [r for r in counted if r.config.kind == "workers" and r.config.count > 0]
     if remote:
