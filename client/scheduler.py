@@ -18,7 +18,15 @@ from rmidl.config import Config
 from rmidl.errors import BankError, InputError, RmidlError, TaskFailed, WorkerLost
 from rmidl.geometry import Task, band_rows
 
-from .planning import Capacity, deadline, local_gflops
+from .cost import (
+    BULK_BYTES_PER_S,
+    INLINE_BYTES_PER_S,
+    ROUND_TRIP_S,
+    Capacity,
+    TaskCost,
+    deadline,
+    local_gflops,
+)
 
 __all__ = ["LOCAL", "Job", "RemoteWorker", "Scheduler"]
 
@@ -26,10 +34,6 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"
 """Runner name of the coordinator's own thread pool (one worker, for retry bookkeeping)."""
-
-# Rough data-plane rates for the cost model (measured on the 2-core dev box, see issue 3).
-BULK_BYTES_PER_S = 1.0e9
-INLINE_BYTES_PER_S = 0.25e9
 
 
 def _describe(task: Task) -> str:
@@ -91,6 +95,13 @@ class Job:
     def band(self, task: Task) -> np.ndarray:
         """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
         return self.image[slice(*band_rows(task.rows, self.kernels.shape[1]))]
+
+    def cost(self, task: Task) -> TaskCost:
+        """The task's flops and the bytes of its input band and of its result (for its deadline)."""
+        _, kh, kw, channels = self.kernels.shape
+        out_elements = task.out_elements(self.out.shape[2])
+        return TaskCost(flops=2.0 * kh * kw * channels * out_elements,
+                        input_bytes=self.band(task).nbytes, result_bytes=out_elements * self.out.itemsize)
 
     def out_view(self, task: Task) -> np.ndarray:
         return self.out[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1], :]
@@ -213,7 +224,7 @@ class RemoteWorker:
     uri: str
     config: Config
     info: dict[str, Any] = field(default_factory=dict)
-    round_trip_s: float = 0.002
+    round_trip_s: float = ROUND_TRIP_S
     same_host: bool = False
     state: str = "ok"  # ok | dead | quarantined
     banks: set[str] = field(default_factory=set)
@@ -563,9 +574,7 @@ class Scheduler:
     def _run_remote(self, job: Job, worker: RemoteWorker, task: Task, use_shm: bool) -> None:
         from rmidl.remote import wire
 
-        out_w = job.out.shape[2]
-        limit = deadline(task, job.kernels.shape, out_w, worker.capacity(),
-                         floor=self.config.task_deadline_floor, itemsize=job.out.itemsize)
+        limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
         request: dict[str, Any] = {
             "task_id": task.task_id,
             "bank_id": job.bank_id,

@@ -7,7 +7,8 @@ import pytest
 import scipy.signal
 
 from rmidl.client import Coordinator
-from rmidl.client.planning import Capacity, deadline, plan
+from rmidl.client.cost import Capacity, TaskCost, deadline
+from rmidl.client.planning import plan
 from rmidl.config import Config
 from rmidl.errors import (
     BudgetExceeded,
@@ -18,7 +19,6 @@ from rmidl.errors import (
     TaskFailed,
     WorkerNotFound,
 )
-from rmidl.geometry import Task
 
 
 def ref2d(image: np.ndarray, kernels: np.ndarray, mode: str, *, flip: bool = False) -> np.ndarray:
@@ -168,10 +168,14 @@ def test_plan_balances_and_bounds_tasks():
 
 def test_deadline_has_a_floor_and_grows_with_work():
     consumer = Capacity("w", 1.0, bytes_per_s=1e6)
-    small = Task(0, (0, 1), (0, 1))
-    big = Task(1, (0, 1000), (0, 100))
-    assert deadline(small, (100, 3, 3, 1), 100, consumer, floor=2.0) == 2.0
-    assert deadline(big, (100, 3, 3, 1), 1000, consumer, floor=2.0) > 100
+    small = TaskCost(flops=2 * 9 * 100, result_bytes=400)  # one row of one 3x3 kernel, 100 wide
+    big = TaskCost(flops=2 * 9 * 1000 * 100 * 1000, result_bytes=4 * 1000 * 100 * 1000)
+    assert deadline(small, consumer, floor=2.0) == 2.0
+    assert deadline(big, consumer, floor=2.0) > 100
+    # Moving the bytes counts, at the consumer's data-plane rate (none over shared memory).
+    moving = TaskCost(flops=0, input_bytes=50_000_000, result_bytes=50_000_000)
+    assert deadline(moving, consumer, floor=2.0) == pytest.approx(10 * 100.0)
+    assert deadline(moving, Capacity("shm", 1.0), floor=2.0) == 2.0
 
 
 # -- on real worker daemons (in-process, port 0) ------------------------------------------------------------
