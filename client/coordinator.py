@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -238,14 +237,13 @@ class Coordinator:
         max_task, max_rows, limit = self._message_limits(padded, p.kernels.shape, remote_shm)
         job_plan = plan(shape, p.kernels.shape, capacities, itemsize=itemsize, max_task_bytes=max_task,
                         max_band_rows=max_rows, min_tasks=self.min_tasks)
-        bank_id = _bank_id(p.kernels)
         def reusable() -> bool:
             return all(w.state != "quarantined" for w in scheduler.workers.values())
 
         with _job_buffers(
             self._shared, padded, shape, p.dtype, out=out, shm=remote_shm, reusable=reusable
         ) as (result, shm_in, shm_out):
-            job = Job(padded, p.kernels, result, job_plan.tasks, bank_id=bank_id,
+            job = Job(padded, p.kernels, result, job_plan.tasks,
                       max_attempts=self.config.max_task_attempts, engine=engine, progress=progress)
             job.message_limit = limit
             if shm_in is not None and shm_out is not None:
@@ -323,13 +321,6 @@ def _choose(selection: list[str] | int, registered: list[str], ns: str) -> list[
         raise WorkerNotFound(f"no worker{'s' if len(missing) > 1 else ''} {which} registered at {ns} "
                              f"(registered: {known})")
     return selection
-
-
-def _bank_id(kernels: np.ndarray) -> str:
-    """Content address of a bank, so a bank already cached by a worker is not sent again."""
-    digest = hashlib.blake2b(kernels.tobytes(), digest_size=16)
-    digest.update(repr((kernels.shape, kernels.dtype.str)).encode())
-    return f"bank-{digest.hexdigest()}"
 
 
 class _SharedPool:

@@ -58,13 +58,15 @@ class Job:
         out: np.ndarray,
         tasks: Sequence[Task],
         *,
-        bank_id: str,
         max_attempts: int,
         engine: str = "auto",
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.image, self.kernels, self.out = image, kernels, out
-        self.bank_id = bank_id
+        from rmidl.remote.contract import Blob
+
+        self.bank = Blob.bank(kernels)
+        self.bank_id = self.bank.content_id
         self.engine = engine
         self.max_attempts = max(1, max_attempts)
         self.shm_input: dict[str, Any] | None = None
@@ -324,14 +326,12 @@ class RemoteWorker:
             return True
 
     def ensure_bank(self, proxy: Any, job: Job, *, force: bool = False) -> None:
-        from rmidl.remote.wire import pack
-
         if force:
             self.banks.discard(job.bank_id)
         if job.bank_id in self.banks:
             return
         proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
-        proxy.put_bank(job.bank_id, pack(job.kernels))
+        proxy.put_blob(job.bank_id, job.bank.to_wire())
         self.banks.add(job.bank_id)
 
     def bulk_ssl_context(self) -> Any:
@@ -572,50 +572,47 @@ class Scheduler:
             job.leave(worker.name)
 
     def _run_remote(self, job: Job, worker: RemoteWorker, task: Task, use_shm: bool) -> None:
-        from rmidl.remote import wire
+        from rmidl.remote.contract import BulkTicket, CorrelateTask, ShmRef
 
         limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
-        request: dict[str, Any] = {
-            "task_id": task.task_id,
-            "bank_id": job.bank_id,
-            "kernels": list(task.kernels),
-            "rows": list(task.rows),
-            "engine": job.engine,
-        }
         if use_shm:
-            request["input"] = {"shm": job.shm_input}
-            request["output"] = {"shm": job.shm_output}
+            assert job.shm_input is not None and job.shm_output is not None
+            source: np.ndarray | ShmRef = ShmRef.from_wire(job.shm_input)
+            output: str | ShmRef = ShmRef.from_wire(job.shm_output)
         else:
-            request["input"] = {"array": wire.pack(job.band(task))}
-            request["output"] = "bulk" if worker.info.get("bulk_port") else "inline"
+            source = job.band(task)
+            output = "bulk" if worker.info.get("bulk_port") else "inline"
+        record = CorrelateTask(task.task_id, job.bank_id, task.kernels, task.rows, source, output, job.engine)
         started = time.perf_counter()
         with worker.proxy() as proxy, worker.running():
             worker.ensure_bank(proxy, job)
             proxy._pyroTimeout = limit
             try:
-                reply = proxy.correlate(request)
+                raw = proxy.correlate(record.to_wire())
             except BankError:
                 # The worker evicted or never had the bank (e.g. it restarted): put it again, once.
                 worker.ensure_bank(proxy, job, force=True)
                 proxy._pyroTimeout = limit
-                reply = proxy.correlate(request)
+                raw = proxy.correlate(record.to_wire())
         view = job.out_view(task)
+        reply = record.parse_reply(raw, max_bytes=view.nbytes)
         log.debug("%s on %s: %.3f s round trip, %.3f s in the worker", _describe(task), worker.name,
-                  time.perf_counter() - started, float(reply.get("seconds", 0.0)))
+                  time.perf_counter() - started, reply.seconds)
         if use_shm:
             assert job.shm_out_array is not None
             view[...] = job.shm_out_array[task.kernels[0] : task.kernels[1], task.rows[0] : task.rows[1], :]
             return
         moving = time.perf_counter()
-        if request["output"] == "bulk":
+        if isinstance(reply.result, BulkTicket):
             from rmidl.remote.bulk import fetch
 
-            fetch(worker.host, int(worker.info["bulk_port"]), reply["ticket"], view, timeout=limit,
+            fetch(worker.host, int(worker.info["bulk_port"]), reply.result.ticket, view, timeout=limit,
                   ssl_context=worker.bulk_ssl_context())
         else:
-            result = wire.unpack(reply["result"], max_bytes=view.nbytes)
-            if result.shape != view.shape:
-                raise RmidlError(f"worker {worker.name} returned shape {result.shape} for {_describe(task)}, "
+            result = reply.result
+            if result is None or result.shape != view.shape:
+                got = None if result is None else result.shape
+                raise RmidlError(f"worker {worker.name} returned shape {got} for {_describe(task)}, "
                                  f"expected {view.shape}")
             view[...] = result
         job.moved(view.nbytes, time.perf_counter() - moving)

@@ -41,7 +41,7 @@ from rmidl.remote.security import (
     server_ssl_context,
 )
 from rmidl.remote.transport import configure_pyro, connect_ns, parse_address, worker_proxy
-from rmidl.server.worker import HANG_ENV, ConvolutionWorker
+from rmidl.server.worker import ConvolutionWorker
 
 __all__ = [
     "HELP",
@@ -101,7 +101,7 @@ class WorkerHandle:
         self._closed = True
         if self.ns_address:
             _unregister(self.ns_address, self.config, self.name, self.uri)
-        self.worker.close()  # first: lets hung test calls return so the daemon's threads can finish
+        self.worker.close()  # first: refuses queued tasks, so the daemon's threads can finish
         self.daemon.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -125,11 +125,13 @@ def start_worker(
     config: Config | None = None,
     insecure: bool = False,
     bulk: bool = True,
-    hang_tasks: int | None = None,
+    worker_class: type[ConvolutionWorker] = ConvolutionWorker,
 ) -> WorkerHandle:
     """Create a worker daemon on host:port and register it under `rmidl.worker.<name>` at `ns` (if given).
 
     The daemon is not yet serving: call `handle.serve_in_thread()` or `worker_loop(handle)`.
+    `worker_class` serves a subclass of ConvolutionWorker instead (an instrumented worker, or the test
+    suite's fault-injecting ones); it is built with the same keywords.
     """
     config = config or Config()
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")
@@ -140,8 +142,6 @@ def start_worker(
         raise OptionError(f"port {port} is outside 0-65535")
     check_bind(host, config, insecure=insecure, what=f"worker {name}")
     configure_pyro(config)
-    if hang_tasks is None:
-        hang_tasks = _hang_tasks_from_env()
     advertised = host
     nat: dict[str, Any] = {}
     if host in _WILDCARD_HOSTS:
@@ -154,14 +154,7 @@ def start_worker(
         context = server_ssl_context(config)
         bulk_server = BulkServer(host or "0.0.0.0", context, max_bytes=config.memory_budget)
     try:
-        worker = ConvolutionWorker(
-            name=name,
-            config=config,
-            threads=threads,
-            host=advertised,
-            bulk=bulk_server,
-            hang_tasks=hang_tasks,
-        )
+        worker = worker_class(name=name, config=config, threads=threads, host=advertised, bulk=bulk_server)
         daemon = WorkerDaemon(host=host, port=port, secret=config.secret, **nat)
     except BaseException:
         if bulk_server is not None:
@@ -189,14 +182,6 @@ def worker_loop(handle: WorkerHandle, stop: threading.Event | None = None) -> No
             pass
     finally:
         handle.close()
-
-
-def _hang_tasks_from_env() -> int:
-    value = os.environ.get(HANG_ENV, "0")
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise OptionError(f"{HANG_ENV}={value!r} is not an integer") from None
 
 
 def metadata(handle: WorkerHandle) -> set[str]:

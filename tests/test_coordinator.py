@@ -237,7 +237,7 @@ def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, clu
         banks = handle.worker.info()["banks"]
         assert len(banks) == 1
         for bank_id in banks:
-            handle.worker.drop_bank(bank_id)
+            handle.worker.drop_blob(bank_id)
         # The worker forgot the bank: the coordinator is told (BankError) and puts it again.
         assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
         assert handle.worker.info()["banks"] == banks

@@ -6,9 +6,11 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from worker_doubles import failing
 
 from rmidl.client import Coordinator
 from rmidl.client.localcluster import LocalCluster
@@ -86,10 +88,13 @@ def test_killed_worker_tasks_run_elsewhere(job, caplog):
         assert set(coordinator.stats()) <= {"w1", "w3"}
 
 
-def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog):
+def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog, children):
     image, kernels, ref = job
     with LocalCluster(workers=1) as cluster:
-        cluster.add_worker("hang", env={"RMIDL_TEST_HANG_TASKS": "1"})
+        # A real worker process whose first task hangs (tests/worker_doubles.py).
+        hanging = children("worker_doubles", "--ns", cluster.ns_address, "--name", "hang", "--hang", "1",
+                           env={"PYTHONPATH": str(Path(__file__).parent)})
+        hanging.read_until("ready")
         config = fault_config(task_deadline_floor=1.0)
         with Coordinator(cluster.ns_address, local_threads=0, config=config, min_tasks=12) as coordinator:
             with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
@@ -101,16 +106,9 @@ def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog):
             assert any("hang did not finish" in r.getMessage() for r in caplog.records)
 
 
-def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job, monkeypatch):
-    from rmidl.server import worker as worker_module
-
+def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job):
     image, kernels, _ = job
-    handles = [start_worker() for _ in range(3)]
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("engine fell over")
-
-    monkeypatch.setattr(worker_module, "run_engine", broken)
+    handles = [start_worker(worker_class=failing(RuntimeError("engine fell over"))) for _ in range(3)]
     config = fault_config(max_task_attempts=3)
     with Coordinator(nameserver, local_threads=0, config=config) as coordinator:
         expected = r"task \d+ \(rows \d+:\d+, kernels \d+:\d+\) failed on 3 worker"
@@ -121,26 +119,16 @@ def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, jo
     assert all(h.worker.ping() == "pong" for h in handles)
 
 
-def test_bad_input_from_the_engine_is_not_retried(nameserver, start_worker, rng, monkeypatch):
-    from rmidl.server import worker as worker_module
-
-    # Small enough to be one task, so "not retried" means exactly one engine call.
+def test_bad_input_from_the_worker_is_not_retried(nameserver, start_worker, rng):
+    # Small enough to be one task, so "not retried" means exactly one call.
     image = rng.standard_normal((20, 20)).astype(np.float32)
     kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
-    for _ in range(2):
-        start_worker()
-    calls = []
-
-    def refuses(*args, **kwargs):
-        calls.append(1)
-        raise ShapeError("band 3x4 is too small")
-
-    monkeypatch.setattr(worker_module, "run_engine", refuses)
+    handles = [start_worker(worker_class=failing(ShapeError("band 3x4 is too small"))) for _ in range(2)]
     with Coordinator(nameserver, local_threads=0, config=fault_config()) as coordinator:
         with pytest.raises(ShapeError, match="band 3x4"):
             coordinator.correlate(image, kernels)
         assert coordinator.last_job()["tasks"] == 1
-    assert len(calls) == 1
+    assert sum(handle.worker.calls for handle in handles) == 1
 
 
 def test_worker_joining_mid_job_takes_tasks(nameserver, start_worker, job):

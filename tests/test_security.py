@@ -22,6 +22,7 @@ from Pyro5.errors import CommunicationError
 from rmidl.client.cli import main as cli_main
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
+from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
 from rmidl.remote.naming import list_workers
 from rmidl.remote.security import read_secret, secured_config
@@ -30,6 +31,10 @@ from rmidl.remote.wire import pack, unpack
 from rmidl.server.nameserver import start_ns
 
 SECRET = "correct horse battery staple"
+
+
+def bank_blob(bank: np.ndarray) -> dict:
+    return Blob.bank(bank).to_wire()
 
 
 def _reference(image: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -58,12 +63,12 @@ def test_client_without_the_secret_is_refused_in_the_handshake(start_worker, rng
         with pytest.raises(CommunicationError, match=r"rejected: .*cluster secret missing or wrong"):
             intruder._pyroBind()
         with pytest.raises(CommunicationError, match="cluster secret missing or wrong"):
-            intruder.put_bank("b", pack(np.ones((1, 2, 2, 1), np.float32)))
+            intruder.put_blob("b", bank_blob(np.ones((1, 2, 2, 1), np.float32)))
     # The worker keeps serving clients that know the secret, and never ran the intruder's call.
     image, bank, task = _small_task(rng)
     with worker_proxy(handle.uri, secured, timeout=30) as member:
         assert member.info()["banks"] == []
-        member.put_bank("b", pack(bank))
+        member.put_blob("b", bank_blob(bank))
         result = unpack(member.correlate(task)["result"])
     expected = _reference(image, bank)
     np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
@@ -140,11 +145,11 @@ def test_oversized_message_is_refused_and_the_worker_keeps_serving(nameserver, c
     with worker_proxy(uri, cluster_config, timeout=30) as proxy:
         assert proxy.info()["max_message_size"] == limit
         with pytest.raises(CommunicationError):
-            proxy.put_bank("big", pack(too_big))
+            proxy.put_blob("big", bank_blob(too_big))
     assert worker.process.poll() is None
     image, bank, task = _small_task(rng)
     with worker_proxy(uri, cluster_config, timeout=30) as proxy:
-        proxy.put_bank("b", pack(bank))
+        proxy.put_blob("b", bank_blob(bank))
         assert proxy.info()["banks"] == ["b"]
         expected = _reference(image, bank)
         result = unpack(proxy.correlate(task)["result"])
@@ -314,7 +319,7 @@ def test_tls_round_trip_and_bulk_channel(start_worker, tls_config, rng):
     image, bank, task = _small_task(rng)
     expected = _reference(image, bank)
     with worker_proxy(handle.uri, tls_config, timeout=30) as proxy:
-        proxy.put_bank("b", pack(bank))
+        proxy.put_blob("b", bank_blob(bank))
         result = unpack(proxy.correlate(task)["result"])
         np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
         reply = proxy.correlate(task | {"output": "bulk"})
