@@ -134,17 +134,32 @@ def test_bad_input_is_the_library_error():
         coordinator.correlate(np.ones((8, 640)), np.ones((1, 13, 13)))
 
 
-def test_local_task_failure_fails_job_naming_task(rng, monkeypatch):
-    from rmidl.client import scheduler
+def _run_locally(job, threads: int, config: Config, *, min_tasks: int = 1):
+    """Plan `job` for `threads` local pool threads and run it on a Scheduler of its own; the queue."""
+    from rmidl.client.scheduler import Scheduler
 
-    def broken(image, kernels, out, engine):
-        raise RuntimeError("engine fell over")
+    scheduler = Scheduler(config, local_threads=threads)
+    job.plan_for(scheduler.capacities(threads), [], shared_memory=False, min_tasks=min_tasks)
+    queue = scheduler.queue(job)
+    with job.buffers():
+        scheduler.run(job, queue)
+    return queue
 
-    monkeypatch.setattr(scheduler, "_correlate_valid", broken)
+
+def test_local_task_failure_fails_job_naming_task(rng):
+    from rmidl.client.jobs import CorrelationJob
+    from rmidl.validate import prepare
+
+    class Broken(CorrelationJob):
+        def run_local(self, task, threads):
+            raise RuntimeError("engine fell over")
+
     image = rng.standard_normal((40, 40)).astype(np.float32)
+    config = Config(environ={})
+    job = Broken(prepare(image, rng.standard_normal((3, 3, 3)).astype(np.float32)), config=config)
     expected = r"task \d+ \(rows .*local: RuntimeError: engine fell over"
-    with Coordinator(local_threads=2) as coordinator, pytest.raises(TaskFailed, match=expected):
-        coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
+    with pytest.raises(TaskFailed, match=expected):
+        _run_locally(job, 2, config)
 
 
 def test_plan_balances_and_bounds_tasks():
@@ -432,36 +447,37 @@ def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_
         assert set(coordinator.stats()) <= {"early", "late"}
 
 
-def test_interrupted_job_stops_its_threads_taking_tasks(rng, monkeypatch):
+def test_interrupted_job_stops_its_threads_taking_tasks(rng):
     """Ctrl-C in the caller (KeyboardInterrupt while it waits) must not leave the pool running the job."""
     import _thread
     import threading
     import time
 
-    from rmidl.client import scheduler
+    from rmidl.client.jobs import CorrelationJob
+    from rmidl.validate import prepare
 
-    real = scheduler._correlate_valid
     calls: list[int] = []
     released = threading.Event()
 
-    def engine(image, kernels, out, engine):
-        calls.append(1)
-        if len(calls) == 1:
-            _thread.interrupt_main()  # what a Ctrl-C does to the waiting caller
-        released.wait(10)  # hold every task until the caller has seen the interrupt
-        real(image, kernels, out, engine)
+    class Interrupted(CorrelationJob):
+        def run_local(self, task, threads):
+            calls.append(1)
+            if len(calls) == 1:
+                _thread.interrupt_main()  # what a Ctrl-C does to the waiting caller
+            released.wait(10)  # hold every task until the caller has seen the interrupt
+            super().run_local(task, threads)
 
-    monkeypatch.setattr(scheduler, "_correlate_valid", engine)
     image = rng.standard_normal((64, 64)).astype(np.float32)
-    with Coordinator(local_threads=2, min_tasks=16) as coordinator:
-        with pytest.raises(KeyboardInterrupt):
-            coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
-        released.set()
-        end = time.monotonic() + 10
-        while any(t.name.startswith("rmidl-local-") for t in threading.enumerate()):
-            assert time.monotonic() < end, "pool threads still running 10 s after the interrupt"
-            threading.Event().wait(0.01)
-        total = coordinator.last_job()["tasks"]
+    config = Config(environ={})
+    job = Interrupted(prepare(image, rng.standard_normal((3, 3, 3)).astype(np.float32)), config=config)
+    with pytest.raises(KeyboardInterrupt):
+        _run_locally(job, 2, config, min_tasks=16)
+    released.set()
+    end = time.monotonic() + 10
+    while any(t.name.startswith("rmidl-local-") for t in threading.enumerate()):
+        assert time.monotonic() < end, "pool threads still running 10 s after the interrupt"
+        threading.Event().wait(0.01)
+    total = len(job.tasks())
     assert total >= 16
     assert len(calls) <= 2, f"{len(calls)} of {total} tasks ran although the caller was interrupted"
 

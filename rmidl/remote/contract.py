@@ -163,16 +163,23 @@ def _result_from_wire(record: dict, what: str, max_bytes: int) -> Result:
 class ReplyRecord(Protocol):
     """What every task method answers: the task, the seconds it took in the worker, where its result is."""
 
-    task_id: int
-    seconds: float
-    result: Result
+    @property
+    def task_id(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def result(self) -> Result: ...
 
 
 class TaskRecord(Protocol):
     """A typed task: the worker method it goes to, its wire form, and how its reply is read."""
 
     METHOD: ClassVar[str]
-    task_id: int
+
+    @property
+    def task_id(self) -> int: ...
 
     def to_wire(self) -> WireRecord: ...
 
