@@ -26,7 +26,7 @@ from rmidl.errors import (
     ShapeError,
     WorkerLost,
 )
-from rmidl.geometry import band_rows, halo
+from rmidl.geometry import band_rows, halo, output_shape
 from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import (
@@ -217,7 +217,7 @@ class ConvolutionWorker:
             raise ShapeError(f"task {task.task_id}: worker {self._name} has no bulk channel")
         kernels = bank[k0:k1]
         band = self._band(task, kernels)
-        out_shape = (k1 - k0, r1 - r0, band.shape[1] - kernels.shape[2] + 1)
+        out_shape = (k1 - k0, *output_shape(band.shape[:2], kernels.shape[1:3], "valid"))
         if isinstance(task.output, ShmRef):
             target = self._attach(task.output)
             fits = target.ndim == 3 and target.shape[2] == out_shape[2]
