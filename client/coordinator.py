@@ -97,12 +97,12 @@ class Coordinator:
             self._ns._pyroClaimOwnership()
             return list_workers(self._ns)
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, uri: str) -> None:
         from rmidl.remote.naming import unregister_worker
 
         with self._ns_lock:
             self._ns._pyroClaimOwnership()
-            unregister_worker(self._ns, name)
+            unregister_worker(self._ns, name, uri)
 
     def close(self) -> None:
         """Close every shared block (telling workers to unmap them) and every proxy (workers keep running)."""

@@ -45,7 +45,7 @@ class Scheduler:
         *,
         local_threads: int,
         registry: Callable[[], dict[str, str]] | None = None,
-        unregister: Callable[[str], None] | None = None,
+        unregister: Callable[[str, str], None] | None = None,
         poll_interval: float = 0.5,
         only: Collection[str] | None = None,
     ) -> None:
@@ -86,7 +86,7 @@ class Scheduler:
                 stub.probe()
             except Exception as error:
                 log.warning("worker %s at %s does not answer (%s); dropping it", name, uri, error)
-                self._drop_registration(name)
+                self._drop_registration(name, uri)
                 continue
             if known is not None:
                 known.close()
@@ -113,11 +113,12 @@ class Scheduler:
         for worker in self.workers.values():
             worker.close()
 
-    def _drop_registration(self, name: str) -> None:
+    def _drop_registration(self, name: str, uri: str) -> None:
+        """Remove a dead worker's entry (only while it names `uri`: a restarted worker keeps its own)."""
         if self._unregister is None:
             return
         try:
-            self._unregister(name)
+            self._unregister(name, uri)
         except Exception as error:
             log.debug("could not unregister %s: %s", name, error)
 
@@ -231,7 +232,7 @@ class Scheduler:
                     queue.retry(worker.name, task, error, runner_gone=True)
                     if worker.mark("dead"):
                         log.warning("worker %s lost (%s); its tasks go back to the queue", worker.name, error)
-                        self._drop_registration(worker.name)
+                        self._drop_registration(worker.name, worker.uri)
                     queue.wake()
                     return
                 except InputError as error:
