@@ -126,6 +126,20 @@ def test_ns_and_worker_commands():
         assert ns.stop(15) == 0
 
 
+def test_ns_and_worker_modules_run_the_command_line(capsys):
+    """cli.ns.main / cli.worker.main (once rmidl.server.*.main) are `rmidl ns` / `rmidl worker`."""
+    from rmidl.client.cli import ns, worker
+
+    assert ns.main(["--port", "99999"]) == 2
+    assert worker.main(["--ns", "127.0.0.1:1", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "rmidl: error: port 99999 is outside 0-65535", "rmidl: error: --threads 0 must be at least 1"
+    ]
+    done = subprocess.run([sys.executable, "-m", "rmidl.client.cli.ns", "--port", "99999"],
+                          capture_output=True, text=True, timeout=60, env=ENV, check=False)
+    assert (done.returncode, done.stderr) == (2, "rmidl: error: port 99999 is outside 0-65535\n")
+
+
 def test_run_on_chosen_workers(up, picture, tmp_path, capsys):
     """`rmidl run --workers w1` gives every task to w1 (in-process; the module's cluster has w1 and w2)."""
     from rmidl.client.cli import main
