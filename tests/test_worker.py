@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
-import scipy.signal
 from Pyro5.errors import CommunicationError
 from Pyro5.errors import TimeoutError as PyroTimeoutError
+from reference import assert_close, reference
 
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
@@ -18,19 +18,6 @@ from rmidl.remote.bulk import fetch
 from rmidl.remote.shm import SharedArray, host_id
 from rmidl.remote.transport import worker_proxy
 from rmidl.remote.wire import pack, unpack
-
-
-def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """float64 valid correlation (K, OH, OW) of image (H, W, C) with kernels (K, kh, kw, C), by scipy."""
-    image = image.astype(np.float64)
-    maps = [scipy.signal.correlate(image, k.astype(np.float64), mode="valid")[:, :, 0] for k in kernels]
-    return np.stack(maps)
-
-
-def assert_close(result: np.ndarray, expected: np.ndarray) -> None:
-    assert result.shape == expected.shape
-    tolerance = 1e-5 * max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance)
 
 
 def task(task_id, rows, kernels, source, *, output="inline", bank_id="bank"):
