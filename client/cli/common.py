@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = [
     "EXIT_OK",
     "add_security_arguments",
     "config_from_args",
+    "main_of",
+    "serve_until_stopped",
     "stop_on_signals",
 ]
 
@@ -80,3 +83,20 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def serve_until_stopped(address: str, loop: Callable[[threading.Event], None]) -> int:
+    """Print `address` and "ready" (what LocalCluster and tests wait for), then `loop(stop)` until
+    SIGINT/SIGTERM sets `stop`; EXIT_OK once the loop has closed what it served."""
+    with stop_on_signals() as stop:
+        print(address, flush=True)
+        print("ready", flush=True)
+        loop(stop)
+    return EXIT_OK
+
+
+def main_of(command: str, argv: Sequence[str] | None = None) -> int:
+    """`rmidl COMMAND ARGV...` in-process (argv None: this process's arguments): a command module's main."""
+    from rmidl.client.cli import main
+
+    return main([command, *(sys.argv[1:] if argv is None else argv)])

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args, stop_on_signals
+from rmidl.client.cli.common import add_security_arguments, config_from_args, main_of, serve_until_stopped
 from rmidl.server.nameserver import NS_MAX_MESSAGE_SIZE, address_of, ns_loop, start_ns
 
 __all__ = ["HELP", "add_arguments", "main", "run"]
@@ -28,18 +28,12 @@ def run(args: argparse.Namespace) -> int:
     port = config.ns_port if args.port is None else args.port
     host = args.host or config.ns_host
     _, daemon = start_ns(host, port, config=config, broadcast=args.broadcast, insecure=args.insecure)
-    with stop_on_signals() as stop:
-        print(address_of(daemon), flush=True)
-        print("ready", flush=True)
-        ns_loop(daemon, stop)
-    return EXIT_OK
+    return serve_until_stopped(address_of(daemon), lambda stop: ns_loop(daemon, stop))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rmidl.client.cli.ns ...`: the same as `rmidl ns ...`."""
-    from rmidl.client.cli import main as cli_main
-
-    return cli_main(["ns", *(sys.argv[1:] if argv is None else argv)])
+    return main_of("ns", argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args, stop_on_signals
+from rmidl.client.cli.common import add_security_arguments, config_from_args, main_of, serve_until_stopped
 from rmidl.errors import OptionError
 from rmidl.remote.transport import parse_address
 from rmidl.server.daemon import start_worker, worker_loop
@@ -40,18 +40,12 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         insecure=args.insecure,
     )
-    with stop_on_signals() as stop:
-        print(handle.uri, flush=True)
-        print("ready", flush=True)
-        worker_loop(handle, stop)
-    return EXIT_OK
+    return serve_until_stopped(handle.uri, lambda stop: worker_loop(handle, stop))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rmidl.client.cli.worker ...`: the same as `rmidl worker ...`."""
-    from rmidl.client.cli import main as cli_main
-
-    return cli_main(["worker", *(sys.argv[1:] if argv is None else argv)])
+    return main_of("worker", argv)
 
 
 if __name__ == "__main__":
