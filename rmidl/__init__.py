@@ -28,6 +28,7 @@ from rmidl.errors import (
     WorkerNotFound,
 )
 from rmidl.imaging import load_image, save_image
+from rmidl.mlp import MLP
 from rmidl.pooling import pool
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "ImageReadError",
     "InputError",
     "KernelTooLarge",
+    "MLP",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
