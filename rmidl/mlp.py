@@ -29,6 +29,7 @@ __all__ = [
     "evaluate",
     "gradient_sums",
     "output_scores",
+    "scaling_of",
 ]
 
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
@@ -263,6 +264,13 @@ def _check_seed(seed: object) -> int:
     return int(seed)
 
 
+def scaling_of(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of each feature of a float64 (n, F) array; scale is the spread, 1 where it is 0."""
+    mean = data.mean(axis=0)
+    std = np.sqrt(np.mean(np.square(data - mean), axis=0))
+    return mean, np.where(std > 0, std, 1.0)
+
+
 class MLP:
     """A fully connected classifier: `MLP(sizes=(features, hidden..., classes))`, trained by rmidl.train.
 
@@ -321,10 +329,7 @@ class MLP:
 
     def fit_scaling(self, x: object) -> None:
         """Standardise features by the mean and spread of x (a constant feature keeps scale 1)."""
-        data = self._check_width(as_features(x))
-        self.mean = data.mean(axis=0)
-        std = data.std(axis=0)
-        self.scale = np.where(std > 0, std, 1.0)
+        self.mean, self.scale = scaling_of(self._check_width(as_features(x)))
 
     def _check_width(self, data: np.ndarray, what: str = "X") -> np.ndarray:
         if data.shape[1] != self.spec.features:

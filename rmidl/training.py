@@ -32,7 +32,7 @@ from rmidl.dataparallel import (
 from rmidl.errors import InputError, OptionError
 from rmidl.history import EpochRecord, History, StepRecord
 from rmidl.kernels import blas_pinned
-from rmidl.mlp import ACTIVATIONS, MLP, OUTPUTS, GradientSums, check_choice, evaluate
+from rmidl.mlp import ACTIVATIONS, MLP, OUTPUTS, GradientSums, check_choice, evaluate, scaling_of
 
 __all__ = ["stratified_split", "train"]
 
@@ -174,13 +174,15 @@ def train(
     train_rows, val_rows = stratified_split(targets, len(known), validation, seed)
     model = MLP((x.shape[1], *layers, len(known)), activation=activation, output=output, seed=seed,
                 weight_decay=weight_decay, classes=list(known))
-    model.fit_scaling(x[train_rows])
-    inputs = model.standardise(x)
+    train_x = x[train_rows]  # a copy, scaled in place
+    model.mean, model.scale = scaling_of(train_x)
+    train_x -= model.mean
+    train_x /= model.scale
     step_size = min(batch or len(train_rows), len(train_rows))
     if shards is None:
         shards = min(MAX_AUTO_SHARDS, max(1, step_size // MIN_AUTO_SHARD_ROWS))
-    plan, parts = split_shards(inputs[train_rows], targets[train_rows], shards=shards, batch=step_size,
-                               seed=seed)
+    plan, parts = split_shards(train_x, targets[train_rows], shards=shards, batch=step_size, seed=seed)
+    del train_x  # the shards hold their own copies
     job = TrainingJob(model.spec, plan, tuple(parts))
     history = History(settings={
         "sizes": list(model.sizes), "activation": activation, "output": output, "epochs": epochs,
@@ -191,7 +193,7 @@ def train(
     logger.info("training %s on %d samples (%d held out), %d shards, %d steps/epoch, %r", model,
                 len(train_rows), len(val_rows), plan.shards, plan.steps, executor)
     run = _Run(job, model, SGD(model.spec, lr=lr, momentum=momentum, weight_decay=model.weight_decay),
-               history, (inputs[val_rows], targets[val_rows]))
+               history, ((x[val_rows] - model.mean) / model.scale, targets[val_rows]))
     from tqdm import tqdm  # here: importing tqdm costs rmidl's import time
 
     with tqdm(total=epochs * plan.steps, unit="step", disable=not progress, leave=False) as bar, \
