@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rmidl._checks import whole
 from rmidl.errors import ClusterError, OptionError, ShapeError
 from rmidl.kernels import blas_pinned, resolve_threads
 from rmidl.mlp import GradientSums, MLPSpec, gradient_sums
@@ -50,6 +51,7 @@ __all__ = [
     "StepResult",
     "TrainingJob",
     "Weights",
+    "check_parts",
     "compute_shard",
     "reduce_in_order",
     "shard_gradient",
@@ -260,9 +262,7 @@ class LocalPool:
     """Shards on our own thread pool of `threads` threads (None: every core; 0: in the calling thread)."""
 
     def __init__(self, threads: int | None = None) -> None:
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise OptionError(f"threads={threads!r} must be an integer >= 0 or None")
-        self.threads = resolve_threads(threads) if threads != 0 else 0
+        self.threads = resolve_threads(None) if threads is None else whole("threads", threads, lowest=0)
 
     def __repr__(self) -> str:
         return f"LocalPool(threads={self.threads})"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl._samples import as_features, as_labels, describe_classes, label_indices
+from rmidl._checks import as_features, as_labels, describe_classes, label_indices, number, whole
 from rmidl.errors import OptionError, ShapeError
 
 __all__ = [
@@ -250,20 +250,6 @@ def gradient_sums(spec: MLPSpec, flat: np.ndarray, x: np.ndarray, y: np.ndarray)
     return GradientSums(grad, loss, x.shape[0], correct)
 
 
-def _check_decay(weight_decay: object) -> float:
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float, np.integer, np.floating)):
-        raise OptionError(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if not math.isfinite(float(weight_decay)) or weight_decay < 0:
-        raise OptionError(f"weight_decay={weight_decay!r} must be a finite number >= 0")
-    return float(weight_decay)
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise OptionError(f"seed={seed!r} must be an integer >= 0")
-    return int(seed)
-
-
 def scaling_of(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, scale) of each feature of a float64 (n, F) array; scale is the spread, 1 where it is 0."""
     mean = data.mean(axis=0)
@@ -282,8 +268,8 @@ class MLP:
     def __init__(self, sizes: Sequence[int], *, activation: str = "sigmoid", output: str = "softmax",
                  seed: int = 0, weight_decay: float = 1e-4, classes: Sequence[Any] | None = None) -> None:
         self.spec = MLPSpec(check_sizes(sizes), activation, output)
-        self.seed = _check_seed(seed)
-        self.weight_decay = _check_decay(weight_decay)
+        self.seed = whole("seed", seed, lowest=0)
+        self.weight_decay = number("weight_decay", weight_decay, 0.0, math.inf, open_hi=True)
         self.parameters = self.spec.initial_parameters(self.seed)
         self.classes = self._check_classes(classes)
         self.mean: np.ndarray | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl._samples import as_features, as_labels, describe_classes, label_indices
+from rmidl._checks import as_features, as_labels, describe_classes, label_indices, number, whole
 from rmidl.dataparallel import (
     SGD,
     ComputeShards,
@@ -44,24 +44,6 @@ MIN_AUTO_SHARD_ROWS = 32
 rows enough per shard that its fixed cost (~0.2 ms) stays small next to its arithmetic."""
 
 Callback = Callable[[EpochRecord, MLP], "bool | None"]
-
-
-def _positive_int(name: str, value: object, *, zero: bool = False) -> int:
-    lowest = 0 if zero else 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
-        raise OptionError(f"{name}={value!r} must be an integer >= {lowest}")
-    return int(value)
-
-
-def _real(name: str, value: object, lo: float, hi: float, *, open_lo: bool, open_hi: bool) -> float:
-    text = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise OptionError(f"{name}={value!r} must be a number in {text}")
-    number = float(value)
-    inside = (lo < number if open_lo else lo <= number) and (number < hi if open_hi else number <= hi)
-    if not math.isfinite(number) or not inside:
-        raise OptionError(f"{name}={value!r} must be a number in {text}")
-    return number
 
 
 def _hidden(hidden: object) -> tuple[int, ...]:
@@ -155,16 +137,14 @@ def train(
     layers = _hidden(hidden)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("output", output, OUTPUTS)
-    epochs = _positive_int("epochs", epochs)
-    batch = None if batch is None else _positive_int("batch", batch)
-    lr = _real("lr", lr, 0.0, math.inf, open_lo=True, open_hi=True)
-    momentum = _real("momentum", momentum, 0.0, 1.0, open_lo=False, open_hi=True)
-    validation = _real("validation", validation, 0.0, 1.0, open_lo=False, open_hi=True)
-    if shards is not None:
-        shards = _positive_int("shards", shards)
-    seed = _positive_int("seed", seed, zero=True)
-    if threads is not None:
-        threads = _positive_int("threads", threads, zero=True)
+    epochs = whole("epochs", epochs)
+    batch = None if batch is None else whole("batch", batch)
+    lr = number("lr", lr, 0.0, math.inf, open_lo=True, open_hi=True)
+    momentum = number("momentum", momentum, 0.0, 1.0, open_hi=True)
+    validation = number("validation", validation, 0.0, 1.0, open_hi=True)
+    shards = None if shards is None else whole("shards", shards)
+    seed = whole("seed", seed, lowest=0)
+    number("weight_decay", weight_decay, 0.0, math.inf, open_hi=True)
     if callback is not None and not callable(callback):
         raise OptionError(f"callback={callback!r} is not callable")
     executor = _executor(coordinator, threads)

@@ -264,3 +264,13 @@ def test_bad_training_input_is_one_line_error(blobs, case, change, error, needle
     assert needle in str(caught.value) and "\n" not in str(caught.value)
     if not isinstance(caught.value, errors.ClusterError):
         assert isinstance(caught.value, ValueError)
+
+
+def test_float32_features_train_as_their_float64_values(blobs) -> None:
+    """CNN features arrive as float32; widening is exact, so the weights equal a float64 run's."""
+    x, y = blobs(n=200)
+    narrow = x.astype(np.float32)
+    a, _ = rmidl.train(narrow, y, epochs=2)
+    b, _ = rmidl.train(narrow.astype(np.float64), y, epochs=2)
+    assert np.array_equal(a.parameters, b.parameters)
+    assert a.predict(narrow).tolist() == b.predict(narrow.astype(np.float64)).tolist()

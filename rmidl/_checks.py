@@ -1,13 +1,36 @@
-"""Samples as the classifier takes them: features as finite float64 (n, F), labels as integers or text."""
+"""The classifier's input checks, one line per problem: features (finite float64 (n, F)), labels (integers
+or text) and option values (whole numbers, numbers in a range)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from rmidl.errors import InputError, NonFiniteInput, OptionError, ShapeError
 from rmidl.validate import check_real, first_non_finite
 
-__all__ = ["as_features", "as_labels", "describe_classes", "label_indices"]
+__all__ = ["as_features", "as_labels", "describe_classes", "label_indices", "number", "whole"]
+
+
+def whole(name: str, value: object, *, lowest: int = 1) -> int:
+    """An integer >= lowest (bool refused), for option `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise OptionError(f"{name}={value!r} must be an integer >= {lowest}")
+    return int(value)
+
+
+def number(name: str, value: object, lo: float, hi: float, *, open_lo: bool = False,
+           open_hi: bool = False) -> float:
+    """A finite real number in [lo, hi] (or open at either end), for option `name`."""
+    text = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise OptionError(f"{name}={value!r} must be a number in {text}")
+    result = float(value)
+    inside = (lo < result if open_lo else lo <= result) and (result < hi if open_hi else result <= hi)
+    if not math.isfinite(result) or not inside:
+        raise OptionError(f"{name}={value!r} must be a number in {text}")
+    return result
 
 
 def as_features(x: object, what: str = "X") -> np.ndarray:
