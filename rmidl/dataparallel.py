@@ -114,8 +114,14 @@ class ShardPlan:
         lo, hi = index * self.samples // self.steps, (index + 1) * self.samples // self.steps
         return -(-(lo - shard) // self.shards), -(-(hi - shard) // self.shards)
 
-    def rows(self, step: Step, shard: int) -> np.ndarray:
-        """Row indices into shard `shard`'s data that step `step` uses, in the order they are summed."""
+    def rows(self, step: Step, shard: int) -> np.ndarray | slice:
+        """The rows of shard `shard`'s data that step `step` uses, in the order they are summed.
+
+        With one step per epoch (full batch) every row is used in stored order (a slice: no copy), since
+        shuffling cannot change which rows a full-batch step sees.
+        """
+        if self.steps == 1:
+            return slice(None)
         lo, hi = self.bounds(step.index, shard)
         return _permutation(self.seed, step.epoch, shard, self.sizes[shard])[lo:hi]
 
