@@ -51,7 +51,6 @@ __all__ = [
     "StepResult",
     "TrainingJob",
     "Weights",
-    "check_parts",
     "compute_shard",
     "reduce_in_order",
     "shard_gradient",
@@ -188,6 +187,11 @@ def shard_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, spec: MLPSp
 def compute_shard(params: np.ndarray, data: ShardData, *, plan: ShardPlan, spec: MLPSpec, step: Step,
                   shard: int) -> GradientSums:
     """Shard `shard`'s part of step `step`: what a worker holding that shard's data computes."""
+    if not (0 <= shard < plan.shards and 0 <= step.index < plan.steps and step.epoch >= 0):
+        raise OptionError(f"shard {shard} of step {step} is outside the plan ({plan.shards} shards, "
+                          f"{plan.steps} steps per epoch)")
+    if data.y.shape != (plan.sizes[shard],):
+        raise ShapeError(f"shard {shard} holds {data.y.shape[0]} rows; the plan gives it {plan.sizes[shard]}")
     rows = plan.rows(step, shard)
     return shard_gradient(params, data.x[rows], data.y[rows], spec)
 
@@ -251,6 +255,23 @@ class TrainingJob:
         data = self.shards[shard]
         return compute_shard(params, data, plan=self.plan, spec=self.spec, step=step, shard=shard)
 
+    def check_result(self, step: Step, shard_ids: Sequence[int], result: StepResult) -> None:
+        """Exactly the requested shards, each a float64 gradient of the right size over the rows the plan
+        gives it (a missing, stale or misplaced part would change the sum): ClusterError otherwise."""
+        missing = sorted(set(shard_ids) - set(result.parts))
+        extra = sorted(set(result.parts) - set(shard_ids))
+        if missing or extra:
+            raise ClusterError(f"step {step.number}: shard results {sorted(result.parts)} do not match the "
+                               f"requested shards (missing {missing}, unexpected {extra})")
+        for shard, part in result.parts.items():
+            lo, hi = self.plan.bounds(step.index, shard)
+            grad = part.grad_sum
+            if not isinstance(grad, np.ndarray) or grad.dtype != np.float64 \
+                    or grad.shape != (self.spec.parameter_count,) or part.count != hi - lo:
+                raise ClusterError(f"step {step.number}: shard {shard}'s part does not fit the step "
+                                   f"({part.count} rows, gradient {getattr(grad, 'shape', '?')}; expected "
+                                   f"{hi - lo} rows, ({self.spec.parameter_count},) float64)")
+
 
 class ComputeShards(Protocol):
     """Compute the parts of `shard_ids` for `step` at `weights`; every requested id must be in the result."""
@@ -291,12 +312,3 @@ class LocalPool:
                 return StepResult(parts, compute_seconds=time.perf_counter() - start)
 
             yield compute_shards
-
-
-def check_parts(result: StepResult, shard_ids: Sequence[int], step: Step) -> None:
-    """A step's result must hold exactly the requested shards (a missing one would change the sum)."""
-    missing = sorted(set(shard_ids) - set(result.parts))
-    extra = sorted(set(result.parts) - set(shard_ids))
-    if missing or extra:
-        raise ClusterError(f"step {step.number}: shard results {sorted(result.parts)} do not match the "
-                           f"requested shards (missing {missing}, unexpected {extra})")

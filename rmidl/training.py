@@ -25,7 +25,6 @@ from rmidl.dataparallel import (
     Step,
     TrainingJob,
     Weights,
-    check_parts,
     reduce_in_order,
     split_shards,
 )
@@ -202,7 +201,7 @@ class _Run:
         t0 = time.perf_counter()
         result = compute_shards(step, self.weights, shard_ids)
         t1 = time.perf_counter()
-        check_parts(result, shard_ids, step)
+        self.job.check_result(step, shard_ids, result)
         total = reduce_in_order(result.parts)
         t2 = time.perf_counter()
         self.weights = Weights(step.number + 1, self.optimizer.step(self.weights.vector, total))

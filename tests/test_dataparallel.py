@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from rmidl import errors
+from rmidl import dataparallel, errors
 from rmidl.dataparallel import (
     SGD,
     ShardData,
@@ -15,7 +15,6 @@ from rmidl.dataparallel import (
     Step,
     StepResult,
     Weights,
-    check_parts,
     compute_shard,
     reduce_in_order,
     shard_gradient,
@@ -145,12 +144,34 @@ def test_sgd_step_with_momentum_and_decay_on_weights_only() -> None:
         params = new
 
 
-def test_check_parts_names_missing_and_unexpected_shards() -> None:
-    part = shard_gradient(np.zeros(MLPSpec((2, 2)).parameter_count), np.ones((1, 2)), np.zeros(1, np.int64),
-                          MLPSpec((2, 2)))
-    check_parts(StepResult({0: part, 1: part}), [0, 1], Step(0, 0, 0))
-    with pytest.raises(errors.ClusterError, match=r"step 7: .*missing \[2\], unexpected \[5\]"):
-        check_parts(StepResult({0: part, 5: part}), [0, 2], Step(1, 0, 7))
+def test_job_checks_each_step_result() -> None:
+    spec = MLPSpec((2, 2))
+    plan, parts = split_shards(np.ones((8, 2)), np.arange(8) % 2, shards=2, batch=4, seed=0)
+    job = dataparallel.TrainingJob(spec, plan, tuple(parts))
+    params = np.zeros(spec.parameter_count)
+    step = Step(1, 1, 3)
+    good = {s: job.compute(params, step, s) for s in (0, 1)}
+    job.check_result(step, [0, 1], StepResult(good))
+    with pytest.raises(errors.ClusterError, match=r"step 3: .*missing \[1\], unexpected \[5\]"):
+        job.check_result(step, [0, 1], StepResult({0: good[0], 5: good[1]}))
+    stale = GradientSums(good[0].grad_sum, 0.0, good[0].count + 1, 0)  # another step's rows
+    with pytest.raises(errors.ClusterError, match="shard 0's part does not fit the step"):
+        job.check_result(step, [0, 1], StepResult({0: stale, 1: good[1]}))
+    short = GradientSums(good[0].grad_sum[:-1], 0.0, good[0].count, 0)
+    with pytest.raises(errors.ClusterError, match=r"gradient \(5,\)"):
+        job.check_result(step, [0, 1], StepResult({0: short, 1: good[1]}))
+
+
+def test_compute_shard_refuses_a_task_outside_the_plan() -> None:
+    spec = MLPSpec((2, 2))
+    plan, parts = split_shards(np.ones((8, 2)), np.arange(8) % 2, shards=2, batch=4, seed=0)
+    params = np.zeros(spec.parameter_count)
+    for step, shard in ((Step(0, 2, 2), 0), (Step(0, 0, 0), 2), (Step(-1, 0, 0), 0)):
+        with pytest.raises(errors.OptionError, match="outside the plan"):
+            compute_shard(params, parts[0], plan=plan, spec=spec, step=step, shard=shard)
+    with pytest.raises(errors.ShapeError, match="holds 3 rows; the plan gives it 4"):
+        compute_shard(params, ShardData(parts[0].x[:3], parts[0].y[:3]), plan=plan, spec=spec,
+                      step=Step(0, 0, 0), shard=0)
 
 
 def test_shard_data_is_what_a_worker_holds() -> None:
