@@ -27,8 +27,11 @@ from rmidl.errors import (
     WorkerLost,
     WorkerNotFound,
 )
+from rmidl.history import History
 from rmidl.imaging import load_image, save_image
+from rmidl.mlp import MLP
 from rmidl.pooling import pool
+from rmidl.training import train
 
 __version__ = "0.1.0"
 
@@ -39,9 +42,11 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DTypeError",
+    "History",
     "ImageReadError",
     "InputError",
     "KernelTooLarge",
+    "MLP",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
@@ -58,4 +63,5 @@ __all__ = [
     "load_kernels",
     "pool",
     "save_image",
+    "train",
 ]
