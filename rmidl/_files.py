@@ -1,21 +1,24 @@
-"""Files in, the same way for every rmidl reader: regular files only (a FIFO or a device never hangs a
-read), array headers checked against the bytes behind them before allocating, and file names kept
-short in one-line errors."""
+"""Files in and out, the same way for every rmidl reader and writer: regular files only (a FIFO or a
+device never hangs a read), array headers checked against the bytes behind them before allocating,
+writes through a temporary sibling renamed on success, and file names kept short in one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, BinaryIO
 
 import numpy as np
 
 from rmidl.errors import InputError
 
-__all__ = ["clipped", "open_failure", "open_regular", "read_npy", "read_small", "shown"]
+__all__ = ["atomic_write", "clipped", "open_failure", "open_regular", "read_npy", "read_small", "shown"]
 
 SHOWN_CHARS = 200
 """Longest rendering of a user's string (path, spec, decoder message) inside a one-line error."""
@@ -181,3 +184,45 @@ def _read_into(handle: IO[bytes], buffer: memoryview, where: str, error: type[Ex
         if not got:
             raise error(f"{where} is truncated: {done} of {len(buffer)} bytes of data could be read")
         done += got
+
+
+_TEMPORARY_NAME_CHARS = 160
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], where: str, error: type[Exception] = InputError,
+                 ) -> Iterator[BinaryIO]:
+    """Yield a binary handle whose content replaces `path` only if the block completes.
+
+    The data goes to a hidden temporary sibling (same directory, so the rename is atomic; created with
+    O_EXCL, so nothing existing is followed or clobbered) which is renamed over `path` on success and
+    removed on any failure: a full disk, a refused write or an exception never leaves a truncated file,
+    and an earlier file of that name stays whole. A symlink at `path` is replaced, not written through.
+    An OSError becomes `error(f"cannot write {where}: <reason>")`. (No fsync: a failure the kernel
+    reports is caught; surviving a power cut is the filesystem's rename ordering.)
+    """
+    target = Path(path)
+    # cut so that a target name near NAME_MAX (255 bytes) still leaves room for the temporary's
+    temporary = target.with_name(f".{target.name[:_TEMPORARY_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(temporary, flags, 0o666)  # the umask applies, as for any new file
+    except OSError as failure:
+        raise error(f"cannot write {where}: {_write_reason(failure, target)}") from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+        os.replace(temporary, target)
+    except OSError as failure:
+        raise error(f"cannot write {where}: {_write_reason(failure, target)}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _write_reason(failure: OSError, target: Path) -> str:
+    if isinstance(failure, FileNotFoundError) and not target.parent.exists():
+        return f"directory {shown(target.parent)} does not exist"
+    if isinstance(failure, IsADirectoryError):
+        return "it is a directory"
+    return str(failure.strerror or failure)

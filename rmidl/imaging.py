@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import struct
-import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -25,7 +24,7 @@ from PIL import (  # noqa: F401
     TiffImagePlugin,
 )
 
-from rmidl._files import clipped, open_regular, shown
+from rmidl._files import atomic_write, clipped, open_regular, shown
 from rmidl.config import Config
 from rmidl.errors import (
     DTypeError,
@@ -214,15 +213,9 @@ def _image_for(array: np.ndarray, fmt: str, bits: int | None, scale: str, where:
 
 
 def _write(image: Image.Image, path: Path, fmt: str, options: Mapping[str, object]) -> None:
-    """Save through a temporary sibling and rename, so readers never see a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        image.save(temporary, format=fmt, **options)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise InputError(f"cannot write image {str(path)!r}: {error.strerror or error}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Save through a temporary sibling renamed on success, so readers never see a half-written file."""
+    with atomic_write(path, f"image {shown(path)}") as handle:
+        image.save(handle, format=fmt, **options)
 
 
 def _format_for(path: Path) -> str:

@@ -1,6 +1,6 @@
-"""Inputs that hang or lie (issue 11): special files, array headers claiming more than the file holds,
-oversized bank specs, decompression bombs, and missing files that are also FileNotFoundError (issue 13,
-item 8)."""
+"""Inputs that hang or lie (issue 11) and files written whole: special files, array headers claiming more
+than the file holds, oversized bank specs, decompression bombs, writes failing half-way, and missing
+files that are also FileNotFoundError (issue 13, item 8)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ import pytest
 from PIL import Image
 
 import rmidl
-from rmidl import BankError, BudgetExceeded, ImageReadError, OptionError, load_image, load_kernels
+from rmidl import BankError, BudgetExceeded, ImageReadError, InputError, OptionError, load_image, load_kernels
 from rmidl.client.cli import main
+from rmidl.client.cli.run import save
 from rmidl.errors import BankNotFound, ImageNotFound
-from rmidl.imaging import save_image
+from rmidl.imaging import save_image, save_maps
 from rmidl.remote.security import read_secret
 
 MEMORY_CAP = 4 << 30
@@ -311,6 +312,63 @@ def test_the_cli_prints_one_line_for_a_bomb(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, env=child_env(), check=False)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "too large to decode safely" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writes that fail half-way leave the old file whole and no temporary behind.
+
+
+def half_then_full(*args: object, **kwargs: object) -> None:
+    """A writer (numpy's write_array, a Pillow save handler) that writes part of its output to the stream
+    it was given, then finds the disk full."""
+    stream = next(arg for arg in args if hasattr(arg, "write"))
+    stream.write(b"partial data " * 100)  # type: ignore[attr-defined]
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("name", ["maps.npy", "maps.npz"])
+def test_run_out_failing_half_way_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     name: str) -> None:
+    target = tmp_path / name
+    target.write_bytes(b"the previous result")
+    monkeypatch.setattr(np.lib.format, "write_array", half_then_full)
+    with pytest.raises(InputError, match=rf"^cannot write --out '.*{name}': No space left on device$"):
+        save(np.ones((2, 4, 4), np.float32), target)
+    assert target.read_bytes() == b"the previous result"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_run_out_writes_whole_files(tmp_path: Path) -> None:
+    maps = np.arange(32, dtype=np.float32).reshape(2, 4, 4)
+    assert save(maps, tmp_path / "m.npy") == str(tmp_path / "m.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), maps)
+    save(maps, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as archive:
+        np.testing.assert_array_equal(archive["maps"], maps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy", "m.npz"]
+
+
+def test_an_image_write_failing_half_way_keeps_the_old_file(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    target = save_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    before = target.read_bytes()
+    monkeypatch.setitem(Image.SAVE, "PNG", half_then_full)
+    with pytest.raises(InputError, match=r"cannot write image '.*a\.png': No space left on device$"):
+        save_image(target, np.ones((4, 4), np.uint8))
+    assert target.read_bytes() == before
+    with pytest.raises(InputError, match=r"cannot write image '.*map_000\.png': No space left"):
+        save_maps(np.ones((2, 4, 4)), tmp_path / "maps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "maps"]
+    assert list((tmp_path / "maps").iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs (no new files, even for root)")
+def test_a_directory_nobody_may_write_is_one_line() -> None:
+    """Tests run as root, whom chmod does not stop; sysfs refuses new files to everyone."""
+    with pytest.raises(InputError, match=r"cannot write --out '/sys/rmidl-probe\.npy': Permission denied$"):
+        save(np.ones((1, 2, 2), np.float32), Path("/sys/rmidl-probe.npy"))
+    with pytest.raises(InputError, match=r"cannot write image '/sys/rmidl-probe\.png': Permission denied$"):
+        save_image("/sys/rmidl-probe.png", np.zeros((2, 2), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------
