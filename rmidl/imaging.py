@@ -74,9 +74,9 @@ def _pixels(image: Image.Image, where: str) -> np.ndarray:
     array = np.asarray(image)
     if mode.startswith("I;16"):
         return array.astype(np.uint16)  # native byte order whatever the file's
-    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 0xFFFF:
-        return array.astype(np.uint16)  # Pillow opens 16-bit PGM as 32-bit "I"
-    return array
+    if mode == "I" and image.format == "PPM":
+        return array.astype(np.uint16)  # Pillow opens 16-bit PGM as 32-bit "I"; its maxval is <= 65535
+    return array  # a 32-bit integer TIFF stays int32 whatever its values
 
 
 def _identify(handle: BinaryIO, where: str) -> ImageFile.ImageFile:

@@ -314,6 +314,17 @@ def test_the_cli_prints_one_line_for_a_bomb(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1 and "too large to decode safely" in done.stderr, done.stderr
 
 
+def test_a_32_bit_integer_tiff_stays_int32_whatever_its_values(tmp_path: Path) -> None:
+    """main returned uint16 when the values happened to fit 16 bits: the dtype depended on the data."""
+    for values in ([[0, 5], [100, 7]], [[-5, 70_000], [1, 2]]):
+        Image.fromarray(np.array(values, np.int32)).save(tmp_path / "a.tif")
+        got = load_image(tmp_path / "a.tif")
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, values)
+    sixteen = save_image(tmp_path / "a.pgm", np.array([[0, 65535]], np.uint16))  # Pillow opens it as "I"
+    assert load_image(sixteen).dtype == np.uint16
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writes that fail half-way leave the old file whole and no temporary behind.
 
