@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.bench.study import ConfigurationResult, StudyResult
+from rmidl.client.bench.results import ConfigurationResult, StudyResult
 from rmidl.errors import OptionError
 from rmidl.geometry import mode_padding
 

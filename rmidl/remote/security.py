@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hmac
 import ipaddress
@@ -23,10 +22,8 @@ from rmidl.remote.transport import SECRET_REFUSED, client_ssl_context, server_ss
 __all__ = [
     "HANDSHAKE_MAX_BYTES",
     "SecretHandshake",
-    "add_security_arguments",
     "check_bind",
     "client_ssl_context",
-    "config_from_args",
     "is_loopback",
     "probe_bind",
     "read_secret",
@@ -206,19 +203,3 @@ def _peer(conn: Any) -> str:
     except (OSError, AttributeError, ValueError):
         return "unknown peer"
 
-
-def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every daemon command shares: secret file, TLS files, --insecure."""
-    parser.add_argument("--secret-file", metavar="PATH", help="file holding the cluster secret")
-    parser.add_argument("--tls-cert", metavar="PATH", help="PEM certificate (2-way TLS)")
-    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key (2-way TLS)")
-    parser.add_argument("--tls-ca", metavar="PATH", help="PEM CA certificate peers must chain to")
-    parser.add_argument(
-        "--insecure", action="store_true", help="allow binding a non-loopback address without secret or TLS"
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
-    files = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
-    return secured_config(Config(), secret_file=args.secret_file, **files)
