@@ -16,11 +16,11 @@ import textwrap
 import tracemalloc
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lying_files import header_only_png, lying_npy, write_zip
 from PIL import Image
 
 import rmidl
@@ -141,12 +141,6 @@ def test_a_secret_file_must_be_small(tmp_path: Path) -> None:
 HUGE_SHAPE = (1 << 20, 1 << 20, 1 << 10)  # 4 PiB of float32: numpy would try to allocate it
 
 
-def lying_npy(shape: tuple[int, ...], data: bytes = bytes(16)) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return buffer.getvalue() + data
-
-
 def test_an_npy_header_claiming_more_than_the_file_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "liar.npy"
     path.write_bytes(lying_npy(HUGE_SHAPE))
@@ -156,12 +150,6 @@ def test_an_npy_header_claiming_more_than_the_file_is_one_line(tmp_path: Path) -
     path.write_bytes(lying_npy((64, 64, 64)))  # 1 MiB claimed: within any budget, still a lie
     with pytest.raises(BankError, match=r"truncated or lies.*\(1048576 bytes\), but 16 bytes"):
         load_kernels(str(path))
-
-
-def write_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> None:
-    with zipfile.ZipFile(path, "w", compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
 
 
 def test_an_npz_member_claiming_more_than_it_holds_is_one_line(tmp_path: Path) -> None:
@@ -254,16 +242,6 @@ def test_long_specs_give_short_one_line_errors(spec: str, needle: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Decompression bombs: our one-line error, our setting, never Pillow's warning.
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def header_only_png(path: Path, width: int, height: int) -> Path:
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b""))
-    return path
 
 
 def test_a_bomb_is_our_error_and_no_warning(tmp_path: Path) -> None:
