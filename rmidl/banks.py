@@ -283,8 +283,11 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
     - ``box:S`` -- 1 kernel SxS of 1/S².
 
     A numpy array is checked and converted the same way as a file's content. Raises BankError naming the
-    spec or file (unknown name, malformed number, missing or invalid file, wrong ndim, empty, NaN/Inf,
-    bad dtype) and BudgetExceeded for banks larger than Config().memory_budget.
+    spec or file (unknown name, malformed number, not a regular file, invalid file or a header claiming
+    more data than it holds, wrong ndim, empty, NaN/Inf, bad dtype; a missing file is BankNotFound, also
+    a FileNotFoundError) and BudgetExceeded, before any work, when loading or building needs more than
+    Config().memory_budget (a file: its data plus the float32 copy; a spec: the bank plus one chunk of
+    the builder's float64 work).
     """
     if isinstance(spec, np.ndarray):
         return _as_bank(spec, "kernel bank array")
@@ -303,7 +306,7 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
         )
     bank = builder(args, text)
     log.debug("built bank %s with shape %s", text, bank.shape)
-    return _as_bank(bank, f"kernel bank {text!r}")
+    return _as_bank(bank, f"kernel bank {shown(text)}")
 
 
 def describe_bank(spec: str | os.PathLike[str] | np.ndarray) -> str:
