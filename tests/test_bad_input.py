@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lying_files import header_only_png, lying_npy, write_zip
 from reference import assert_close, reference
 
 import rmidl
@@ -171,6 +172,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         np.save(made[name], array)
     made["bank_object"] = root / "bank_object.npy"
     np.save(made["bank_object"], np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    made["bank_liar"] = root / "bank_liar.npy"  # its header claims 4 PiB
+    made["bank_liar"].write_bytes(lying_npy((1 << 20, 1 << 20, 1 << 10)))
+    tiny = lying_npy((1, 2, 2))
+    made["bank_many"] = write_zip(root / "bank_many.npz", {f"a{i}.npy": tiny for i in range(3000)})
+    made["bomb"] = header_only_png(root / "bomb.png", 10_000, 10_000)  # between Pillow's warning and error
     return made
 
 
@@ -202,6 +208,10 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("bank with NaN", "run {good} --kernels {bank_nan} --ns {ns}", 2, "NaN"),
     ("bank with Inf", "run {good} --kernels {bank_inf} --ns {ns}", 2, "Inf"),
     ("empty bank", "run {good} --kernels {bank_empty} --ns {ns}", 2, "empty"),
+    ("bank whose header claims 4 PiB", "run {good} --kernels {bank_liar}", 2,
+     "bank_liar.npy' is truncated or lies"),
+    ("bank archive of 3000 arrays", "run {good} --kernels {bank_many}", 2, "holds 3000 arrays (a0, a1,"),
+    ("decompression bomb", "run {bomb} --kernels sobel", 2, "bomb.png' is too large to decode safely"),
     ("missing bank file", "run {good} --kernels nowhere.npy --ns {ns}", 2, "nowhere.npy"),
     ("unknown bank name", "run {good} --kernels wavelets:3 --ns {ns}", 2, "wavelets"),
     ("unknown bank kind", "run {good} --kernels nosuch:3", 2, "nosuch:3"),

@@ -86,7 +86,7 @@ def test_secret_files_are_read_and_checked(tmp_path):
     path.write_text("short")
     with pytest.raises(OptionError, match="shorter than 8"):
         read_secret(path)
-    with pytest.raises(OptionError, match=r"cannot read secret file .*missing"):
+    with pytest.raises(OptionError, match=r"secret file .*missing. does not exist"):
         read_secret(tmp_path / "missing")
     with pytest.raises(OptionError, match=r"tls-ca file .*nope\.pem.* does not exist"):
         secured_config(Config(environ={}), tls_ca=str(tmp_path / "nope.pem"))

@@ -13,7 +13,7 @@ import numpy as np
 
 from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
 from rmidl.client.coordinator import Coordinator
-from rmidl.errors import InputError, OptionError
+from rmidl.errors import OptionError
 from rmidl.validate import MODES
 
 HELP = "correlate IMAGE with a kernel bank on the cluster and save the feature maps"
@@ -63,20 +63,25 @@ def parse_workers(text: str | None, ns: str | None) -> list[str] | None:
 
 
 def save(maps: np.ndarray, path: Path) -> str:
-    """Write the maps to PATH.npy, PATH.npz or PNGs in a directory; say where they went."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            np.save(path, maps)
-            return str(path)
-        if suffix == ".npz":
-            np.savez(path, maps=maps)
-            return str(path)
-        from rmidl.imaging import save_maps
+    """Write the maps to PATH.npy, PATH.npz or PNGs in a directory; say where they went.
 
-        written = save_maps(maps, path)
-    except OSError as error:  # e.g. a directory named like the file, a full disk: one line, not a traceback
-        raise InputError(f"--out {str(path)!r} cannot be written: {error.strerror or error}") from None
+    Every file goes through a temporary sibling renamed on success: a full disk or a refused write
+    leaves no truncated file, and an earlier file of the same name stays whole.
+    """
+    from rmidl._files import atomic_write, shown
+
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        # one line, not a traceback, for a directory named like the file or a full disk
+        with atomic_write(path, f"--out {shown(path)}") as handle:
+            if suffix == ".npy":
+                np.save(handle, maps)
+            else:
+                np.savez(handle, maps=maps)
+        return str(path)
+    from rmidl.imaging import save_maps
+
+    written = save_maps(maps, path)
     return f"{len(written)} PNG files in {path}"
 
 
