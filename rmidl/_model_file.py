@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmidl._files import open_failure
+from rmidl._files import atomic_write, open_failure, open_regular, shown
 from rmidl.config import Config
 from rmidl.errors import InputError, RmidlError
 
@@ -40,16 +39,8 @@ def save_model(model: MLP, path: str | os.PathLike[str]) -> Path:
     }
     if model.mean is not None and model.scale is not None:
         arrays["mean"], arrays["scale"] = model.mean, model.scale
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(temporary, target)
-    except OSError as error:
-        reason = open_failure(error) or (error.strerror or str(error))
-        raise InputError(f"cannot write model {str(target)!r}: {reason}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(target, f"model {shown(target)}") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
     return target
 
 
@@ -57,7 +48,7 @@ def _read_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
     budget = Config().memory_budget
     try:
         # our own handle: np.load leaks the one it opens when the file is not a zip
-        with path.open("rb") as handle:
+        with open_regular(path, where) as handle:
             archive = np.load(handle, allow_pickle=False)
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise InputError(f"{where} is a single array, not an rmidl model (.npz)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,29 @@ def test_pickled_member_is_refused(saved, tmp_path) -> None:
 def test_unopenable_model_path(tmp_path, where, needle) -> None:
     with pytest.raises(errors.InputError, match=needle):
         rmidl.MLP.load(tmp_path / where)
+
+
+def test_a_fifo_as_model_file_is_refused_at_once(tmp_path) -> None:
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.InputError, match="FIFO"):  # would wait for a writer forever
+        rmidl.MLP.load(fifo)
+
+
+def test_a_save_failing_half_way_keeps_the_old_file(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "model.npz"
+    rmidl.MLP((2, 2)).save(target)
+    before = target.read_bytes()
+
+    def half_then_fail(handle, **arrays):
+        handle.write(b"PK half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(errors.InputError, match="No space left"):
+        rmidl.MLP((2, 3)).save(target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
 
 
 def test_save_needs_npz_suffix_and_a_directory(tmp_path) -> None:
