@@ -1,19 +1,16 @@
-"""Worker daemons registered with the name server: start one (library), serve it (loop), `rmidl worker`."""
+"""Worker daemons: start one and register it with the name server (library), serve it (loop).
+
+`rmidl worker` (client/cli/worker.py) is the command line over these.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
-import signal
 import socket
-import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import Pyro5.errors
@@ -32,33 +29,14 @@ from rmidl.remote.naming import (
     unregister_worker,
     worker_tags,
 )
-from rmidl.remote.security import (
-    SecretHandshake,
-    add_security_arguments,
-    check_bind,
-    config_from_args,
-    probe_bind,
-    server_ssl_context,
-)
-from rmidl.remote.transport import configure_pyro, connect_ns, parse_address, worker_proxy
+from rmidl.remote.security import SecretHandshake, check_bind, probe_bind, server_ssl_context
+from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
 from rmidl.server.worker import ConvolutionWorker
 
-__all__ = [
-    "HELP",
-    "WorkerDaemon",
-    "WorkerHandle",
-    "add_arguments",
-    "main",
-    "metadata",
-    "run",
-    "start_worker",
-    "stop_on_signals",
-    "worker_loop",
-]
+__all__ = ["WorkerDaemon", "WorkerHandle", "metadata", "start_worker", "worker_loop"]
 
 logger = logging.getLogger(__name__)
 
-HELP = "start a ConvolutionWorker daemon and register it with the name server"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -95,7 +73,7 @@ class WorkerHandle:
         return self._thread
 
     def close(self, timeout: float = 5.0) -> None:
-        """Unregister, stop serving, release hung calls, the bulk channel and shared memory (idempotent)."""
+        """Unregister, stop serving, drop the bulk channel and shared blocks (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -210,67 +188,3 @@ def _alive(uri: str, config: Config) -> bool:
     except Pyro5.errors.PyroError:
         return False
 
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default RMIDL_NS_HOST:RMIDL_NS_PORT)")
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free port)")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads per task (default: cores)")
-    parser.add_argument("--name", default=None, help="worker name (default HOSTNAME-PID)")
-    add_security_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`rmidl worker`: print the URI and "ready", serve until SIGINT/SIGTERM, unregister and exit 0."""
-    config = config_from_args(args)
-    ns_host, ns_port = parse_address(args.ns, config.ns_port, default_host=config.ns_host)
-    if args.threads is not None and args.threads < 1:
-        raise OptionError(f"--threads {args.threads} must be at least 1")
-    handle = start_worker(
-        ns=f"{ns_host}:{ns_port}",
-        host=args.host or config.host,
-        port=args.port,
-        threads=args.threads,
-        name=args.name,
-        config=config,
-        insecure=args.insecure,
-    )
-    with stop_on_signals() as stop:
-        print(handle.uri, flush=True)
-        print("ready", flush=True)
-        worker_loop(handle, stop)
-    return 0
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event SIGINT/SIGTERM set while the block runs (handlers only in the main thread), then restored."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %d: stopping", signum)
-        stop.set()
-
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        yield stop
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rmidl.server.daemon ...`: the same as `rmidl worker ...`."""
-    from rmidl.client.cli import main as cli_main
-
-    return cli_main(["worker", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

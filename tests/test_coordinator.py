@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.signal
+from reference import assert_close, reference
 
 from rmidl.client import Coordinator
 from rmidl.client.cost import Capacity, TaskCost, deadline
@@ -12,34 +12,11 @@ from rmidl.client.planning import plan
 from rmidl.config import Config
 from rmidl.errors import (
     BudgetExceeded,
-    InputError,
-    KernelTooLarge,
     OptionError,
     ShapeError,
     TaskFailed,
     WorkerNotFound,
 )
-
-
-def ref2d(image: np.ndarray, kernels: np.ndarray, mode: str, *, flip: bool = False) -> np.ndarray:
-    """float64 reference: scipy per kernel and channel, summed over channels."""
-    img = np.asarray(image, np.float64)
-    ker = np.asarray(kernels, np.float64)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if ker.ndim == 3:
-        ker = ker[..., None]
-    op = scipy.signal.convolve if flip else scipy.signal.correlate
-    return np.stack([
-        sum(op(img[:, :, c], k[:, :, c], mode=mode) for c in range(img.shape[2])) for k in ker
-    ])
-
-
-def assert_close(result: np.ndarray, ref: np.ndarray) -> None:
-    assert result.shape == ref.shape
-    scale = float(np.abs(ref).max()) or 1.0
-    np.testing.assert_allclose(result, ref, rtol=0, atol=1e-5 * scale)
-
 
 CASES = [
     # (image shape, kernel shape, mode)
@@ -56,8 +33,9 @@ def test_local_pool_matches_reference(rng, image_shape, kernel_shape, mode, thre
     image = rng.standard_normal(image_shape).astype(np.float32)
     kernels = rng.standard_normal(kernel_shape).astype(np.float32)
     with Coordinator(local_threads=threads, min_tasks=6) as coordinator:
-        assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
-        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+        assert_close(coordinator.correlate(image, kernels, mode=mode), reference(image, kernels, mode))
+        assert_close(coordinator.convolve(image, kernels, mode=mode),
+                     reference(image, kernels, mode, flip=True))
         assert sum(coordinator.stats().values()) == coordinator.last_job()["tasks"] >= 6
 
 
@@ -67,7 +45,7 @@ def test_float64_in_float64_out(rng):
     with Coordinator(local_threads=2) as coordinator:
         result = coordinator.correlate(image, kernels)
     assert result.dtype == np.float64
-    np.testing.assert_allclose(result, ref2d(image, kernels, "valid"), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(result, reference(image, kernels, "valid"), rtol=1e-10, atol=1e-10)
 
 
 def test_out_buffer_is_filled(rng):
@@ -78,26 +56,7 @@ def test_out_buffer_is_filled(rng):
         assert coordinator.correlate(image, kernels, out=out) is out
         with pytest.raises(ShapeError, match="out has shape"):
             coordinator.correlate(image, kernels, out=np.empty((6, 38, 37), np.float32))
-    assert_close(out, ref2d(image, kernels, "valid"))
-
-
-@pytest.mark.parametrize(
-    ("make_out", "match"),
-    [
-        (lambda: [0.0], "out must be a numpy array"),
-        (lambda: np.empty((2, 18, 28), np.float64), "out has dtype float64"),
-        (lambda: np.broadcast_to(np.float32(0), (2, 18, 28)), "read-only"),
-    ],
-)
-def test_bad_out_is_refused_as_rmidl_correlate_refuses_it(rng, make_out, match):
-    import rmidl
-
-    image = rng.standard_normal((20, 30)).astype(np.float32)
-    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
-    with pytest.raises(InputError, match=match) as expected:
-        rmidl.correlate(image, kernels, out=make_out())
-    with Coordinator(local_threads=2) as coordinator, pytest.raises(expected.type, match=match):
-        coordinator.correlate(image, kernels, out=make_out())
+    assert_close(out, reference(image, kernels, "valid"))
 
 
 def test_budget_refused_before_work(rng):
@@ -127,11 +86,6 @@ def test_budget_refused_before_work(rng):
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         Coordinator(**kwargs)
-
-
-def test_bad_input_is_the_library_error():
-    with Coordinator(local_threads=1) as coordinator, pytest.raises(KernelTooLarge, match="13x13"):
-        coordinator.correlate(np.ones((8, 640)), np.ones((1, 13, 13)))
 
 
 def _run_locally(job, threads: int, config: Config, *, min_tasks: int = 1):
@@ -210,12 +164,13 @@ def test_cluster_matches_reference(nameserver, start_worker, cluster_config, rng
         for image_shape, kernel_shape, mode in CASES:
             image = rng.standard_normal(image_shape).astype(np.float32)
             kernels = rng.standard_normal(kernel_shape).astype(np.float32)
-            assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
+            assert_close(coordinator.correlate(image, kernels, mode=mode), reference(image, kernels, mode))
             job = coordinator.last_job()
             assert sum(job["tasks_by"].values()) == job["tasks"] >= 8
             assert set(job["tasks_by"]) <= {"local", *(w["name"] for w in coordinator.workers())}
             assert job["shared_memory"] == (shm and workers > 0)
-        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+        assert_close(coordinator.convolve(image, kernels, mode=mode),
+                     reference(image, kernels, mode, flip=True))
 
 
 def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_config, rng):
@@ -224,7 +179,7 @@ def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_c
     kernels = rng.standard_normal((7, 4, 5, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config,
                      min_tasks=5) as coordinator:
-        assert_close(coordinator.correlate(image, kernels, mode="full"), ref2d(image, kernels, "full"))
+        assert_close(coordinator.correlate(image, kernels, mode="full"), reference(image, kernels, "full"))
         assert coordinator.stats() == {"w0": coordinator.last_job()["tasks"]}
 
 
@@ -240,7 +195,7 @@ def test_no_local_pool_means_no_local_calibration(nameserver, start_worker, clus
     image = rng.standard_normal((30, 40)).astype(np.float32)
     kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, config=cluster_config) as coordinator:
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
 
 
 def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, cluster_config, rng):
@@ -254,7 +209,7 @@ def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, clu
         for bank_id in banks:
             handle.worker.drop_blob(bank_id)
         # The worker forgot the bank: the coordinator is told (BankError) and puts it again.
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert handle.worker.info()["banks"] == banks
 
 
@@ -277,7 +232,7 @@ def test_shared_blocks_reused_across_jobs_give_fresh_results(nameserver, start_w
             image = rng.standard_normal((60, 80)).astype(np.float32)
             kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
             results.append(coordinator.correlate(image, kernels))
-            refs.append(ref2d(image, kernels, "valid"))
+            refs.append(reference(image, kernels, "valid"))
             assert coordinator.last_job()["shared_memory"]
         # Each result is the caller's own array: later jobs through the same blocks leave it alone.
         for result, ref in zip(results, refs, strict=True):
@@ -309,7 +264,7 @@ def test_one_coordinator_serves_concurrent_callers(nameserver, start_worker, clu
             thread.join(60)
     for i, (image, kernels) in enumerate(inputs):
         assert isinstance(results[i], np.ndarray), results[i]
-        assert_close(results[i], ref2d(image, kernels, "valid"))
+        assert_close(results[i], reference(image, kernels, "valid"))
 
 
 def test_plan_keeps_tasks_under_hard_limits():
@@ -333,7 +288,7 @@ def test_tasks_fit_the_smallest_worker_message_limit(nameserver, start_worker, c
     kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config) as coordinator:
         assert coordinator.workers()[0]["name"] == "w0"
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert coordinator.last_job()["tasks"] > 1
         with pytest.raises(BudgetExceeded, match="over the smallest worker message limit"):
             coordinator.correlate(rng.standard_normal((40, 9000)).astype(np.float32), kernels)
@@ -351,7 +306,7 @@ def test_closing_a_coordinator_unmaps_its_blocks_on_workers(nameserver, start_wo
     image = rng.standard_normal((60, 80)).astype(np.float32)
     kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert coordinator.last_job()["shared_memory"]
         assert len(_mapped_blocks() - before) == 2
         # A job of another shape replaces the blocks: the old ones are released at once too.
@@ -440,10 +395,10 @@ def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_
             start_worker(name="late", config=Config(environ={}, max_message_size=16 << 10))
             configure_pyro(cluster_config)
             assert job.until(lambda: "late" in coordinator._scheduler.workers)  # the job's discovery
-        assert_close(job.result, ref2d(image, kernels, "valid"))
+        assert_close(job.result, reference(image, kernels, "valid"))
         assert coordinator.stats() == {"early": 8}
         # The next job is sized for both.
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert set(coordinator.stats()) <= {"early", "late"}
 
 
@@ -487,7 +442,7 @@ def _job_on(coordinator: Coordinator, rng: np.random.Generator) -> dict[str, int
     """Run one many-task job, check it against the reference, return the tasks each runner did."""
     image = rng.standard_normal((60, 50)).astype(np.float32)
     kernels = rng.standard_normal((6, 3, 3)).astype(np.float32)
-    assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+    assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
     return coordinator.stats()
 
 
@@ -569,7 +524,7 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
             start_worker(name="late")
             assert job.until(lambda: any("late" in found for found in polls))  # the job's discovery saw it
             assert "late" not in scheduler.workers  # listed, yet never probed nor given a task
-        assert_close(job.result, ref2d(image, kernels, "valid"))
+        assert_close(job.result, reference(image, kernels, "valid"))
         assert coordinator.stats() == {"early": coordinator.last_job()["tasks"]}
 
 
@@ -601,6 +556,6 @@ def test_the_engine_is_forwarded_to_workers(nameserver, start_worker, cluster_co
     kernels = rng.standard_normal((4, 5, 5)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
         assert_close(coordinator.correlate(image, kernels, engine=engine, mode="same"),
-                     ref2d(image, kernels, "same"))
+                     reference(image, kernels, "same"))
         tasks = coordinator.last_job()["tasks"]
     assert handle.worker.info()["engines"] == {engine: tasks}

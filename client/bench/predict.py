@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.bench.study import ConfigurationResult, StudyResult
+from rmidl.client.bench.results import ConfigurationResult, StudyResult
 from rmidl.client.cost import ROUND_TRIP_S, balanced_tasks
 from rmidl.errors import OptionError
 from rmidl.geometry import halo, mode_padding
