@@ -16,11 +16,13 @@ Two more kinds plug in without a change to the scheduler:
   `features(task)` that calls `Network.forward_batch`; `accept` writes the reply's (n, F) rows into
   rows [ids] of the preallocated feature matrix (`stub.receive(reply.result, matrix[i0:i1], ...)`);
   `run_local` runs `forward_batch` on the batch in-process.
-- gradient (issue 10): tasks are shard ids of a fixed number of logical shards (fixed whoever is alive);
-  `blobs()` is each shard's (X, y) as kind "shard" plus the weights of this step; `request` builds a
-  `GradientTask` (shard id, weights version) for `gradient(task)`; `accept` writes the float64 gradient
-  sums and loss of shard i into slot i of a (shards, P) array; the caller sums the slots in shard order
-  after `Scheduler.run` returns, so the weights are the serial ones bit for bit.
+- gradient (issue 10): `Coordinator.training_session(job)` fills rmidl.dataparallel's ShardExecutor
+  seam. Per step it runs a gradient job whose tasks are the step's shard ids; `blobs()` is every
+  `job.shards[s]` as kind "shard" (put once: content ids) plus the step's weights as kind "weights"
+  under `weights.version`; `request` builds a `GradientTask` (step, shard id, weights version) for a
+  worker method `gradient(task)` that calls `rmidl.dataparallel.compute_shard`; `accept` writes the
+  shard's float64 GradientSums into its slot; the StepResult maps each shard id to its part and
+  `reduce_in_order` sums them in shard order, so the weights are the serial ones bit for bit.
 
 Each new record goes in `rmidl.remote.contract` beside `CorrelateTask` (frozen dataclass, METHOD, one
 to_wire/from_wire pair, parse_reply), and each worker method beside `correlate` in server/worker.py.
