@@ -19,7 +19,7 @@ import Pyro5.socketutil
 
 import rmidl
 from rmidl.config import Config
-from rmidl.errors import OptionError, RegistryError
+from rmidl.errors import AuthenticationError, ClusterError, OptionError
 from rmidl.kernels import available_cores
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.naming import (
@@ -29,7 +29,7 @@ from rmidl.remote.naming import (
     unregister_worker,
     worker_tags,
 )
-from rmidl.remote.security import SecretHandshake, check_bind, probe_bind, server_ssl_context
+from rmidl.remote.security import Limits, SecretHandshake, check_bind, probe_bind, server_ssl_context
 from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
 from rmidl.server.worker import ConvolutionWorker
 
@@ -38,6 +38,8 @@ __all__ = ["WorkerDaemon", "WorkerHandle", "metadata", "start_worker", "worker_l
 logger = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+SPARE_HANDLERS = 8
+"""Request threads a worker keeps beyond `worker_max_tasks`, so a full worker still answers pings."""
 
 
 class WorkerDaemon(SecretHandshake, Pyro5.server.Daemon):
@@ -133,7 +135,9 @@ def start_worker(
         bulk_server = BulkServer(host or "0.0.0.0", context, max_bytes=config.memory_budget)
     try:
         worker = worker_class(name=name, config=config, threads=threads, host=advertised, bulk=bulk_server)
-        daemon = WorkerDaemon(host=host, port=port, secret=config.secret, **nat)
+        # Beyond the tasks it admits, handler threads stay free for pings, info and blobs.
+        limits = Limits.from_config(config, handlers=config.worker_max_tasks + SPARE_HANDLERS)
+        daemon = WorkerDaemon(host=host, port=port, secret=config.secret, limits=limits, **nat)
     except BaseException:
         if bulk_server is not None:
             bulk_server.close()
@@ -177,14 +181,15 @@ def _unregister(ns: str, config: Config, name: str, uri: str) -> None:
     try:
         with connect_ns(ns, config) as registry:
             unregister_worker(registry, name, uri)
-    except (RegistryError, Pyro5.errors.PyroError) as error:
+    except (ClusterError, Pyro5.errors.PyroError) as error:
         logger.warning("could not unregister %s from %s: %s", object_name(name), ns, error)
 
 
 def _alive(uri: str, config: Config) -> bool:
+    """Whether a live worker of this cluster answers at `uri` (one that cannot authenticate is not)."""
     try:
         with worker_proxy(uri, config, timeout=config.connect_timeout) as proxy:
             return bool(proxy.ping() == "pong")
-    except Pyro5.errors.PyroError:
+    except (Pyro5.errors.PyroError, AuthenticationError):
         return False
 
