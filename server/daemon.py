@@ -24,6 +24,7 @@ from rmidl.kernels import available_cores
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.naming import (
     check_worker_name,
+    ensure_registered,
     object_name,
     register_worker,
     unregister_worker,
@@ -59,6 +60,8 @@ class WorkerHandle:
     config: Config
     ns_address: str | None = None
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _heartbeat: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -74,11 +77,46 @@ class WorkerHandle:
             self._thread.start()
         return self._thread
 
+    def keep_registered(self) -> None:
+        """Check every `heartbeat_interval` seconds that the registry names this worker, and register it
+        again if not: after a name server restart, or a coordinator that took it for dead (started by
+        `start_worker` when it registers; stopped by `close`)."""
+        if self._heartbeat is None and self.ns_address:
+            self._heartbeat = threading.Thread(target=self._beat, name=f"rmidl-heartbeat-{self.name}",
+                                               daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        assert self.ns_address is not None
+        config = self.config
+        # A hung name server must not keep the beat (or close()) waiting longer than one interval.
+        beat = max(0.5, config.heartbeat_interval)
+        quick = config.replace(connect_timeout=min(config.connect_timeout, beat))
+        refused = False
+        while not self._stop.wait(config.heartbeat_interval):
+            try:
+                with connect_ns(self.ns_address, quick) as registry:
+                    again = ensure_registered(registry, self.name, self.uri, sorted(metadata(self)),
+                                              alive=lambda uri: _alive(uri, quick))
+                if again:
+                    logger.warning("worker %s was not registered at %s; registered again", self.name,
+                                   self.ns_address)
+                refused = False
+            except OptionError as error:  # our name is held by another live worker: say so once
+                if not refused:
+                    logger.warning("worker %s cannot register again: %s", self.name, error)
+                refused = True
+            except Exception as error:  # name server down or restarting: try again next beat
+                logger.debug("heartbeat of %s: %s", self.name, error)
+
     def close(self, timeout: float = 5.0) -> None:
         """Unregister, stop serving, drop the bulk channel and shared blocks (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
         if self.ns_address:
             _unregister(self.ns_address, self.config, self.name, self.uri)
         self.worker.close()  # first: refuses queued tasks, so the daemon's threads can finish
@@ -151,6 +189,7 @@ def start_worker(
             handle.close()
             raise
         handle.ns_address = ns
+        handle.keep_registered()
     logger.info("worker %s serving at %s", name, uri)
     return handle
 

@@ -16,13 +16,15 @@ from Pyro5.errors import CommunicationError
 from reference import assert_close, reference
 from worker_doubles import BlockingWorker
 
+from rmidl.client import Coordinator
+from rmidl.client.stub import WorkerStub
 from rmidl.config import Config
 from rmidl.errors import WorkerBusy
 from rmidl.remote.blobs import Blob
 from rmidl.remote.naming import list_workers
 from rmidl.remote.transport import connect_ns, parse_address, worker_proxy
 from rmidl.remote.wire import pack, unpack
-from rmidl.server.nameserver import start_ns
+from rmidl.server.nameserver import address_of, start_ns
 
 SECRET = "correct horse battery staple"
 
@@ -96,6 +98,25 @@ def test_silent_connections_do_not_stop_the_name_server_serving_status(children,
             sock.close()
 
 
+def test_many_live_coordinators_hold_no_name_server_connection(ns_daemon, start_worker, cluster_config, rng):
+    address = address_of(ns_daemon)
+    start_worker(name="w0", ns=address)
+    coordinators = []
+    try:
+        for _ in range(90):
+            coordinators.append(Coordinator(address, local_threads=0, config=cluster_config))
+        # A coordinator looks at the registry on a short connection and lets go of it.
+        assert ns_daemon.transportServer.connections <= 4
+        with connect_ns(address, cluster_config) as registry:
+            assert set(list_workers(registry)) == {"w0"}
+        image = rng.standard_normal((30, 20)).astype(np.float32)
+        kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
+        assert_close(coordinators[-1].correlate(image, kernels), reference(image, kernels))
+    finally:
+        for coordinator in coordinators:
+            coordinator.close()
+
+
 def test_a_silent_connection_is_dropped_after_the_handshake_deadline(start_worker, cluster_config):
     config = cluster_config.replace(handshake_timeout=0.3)
     handle = start_worker(ns=None, config=config)
@@ -120,6 +141,26 @@ def test_a_peer_that_stalls_mid_message_is_dropped(start_worker, cluster_config)
     assert handle.daemon.transportServer.refused["io timeout"] == 1
     with worker_proxy(handle.uri, config, timeout=10) as member:
         assert member.ping() == "pong"
+
+
+def test_connections_are_bounded_and_the_quietest_make_room(start_worker, cluster_config, rng):
+    config = cluster_config.replace(max_connections=16)  # 4 per peer host; all of ours are 127.0.0.1
+    handle = start_worker(ns=None, config=config)
+    stub = WorkerStub("w", handle.uri, config)
+    assert stub.remote(lambda proxy: proxy.ping()) == "pong"  # one pooled connection, now idle
+    idle = [worker_proxy(handle.uri, config, timeout=10) for _ in range(12)]
+    try:
+        for proxy in idle:
+            proxy._pyroBind()
+        server = handle.daemon.transportServer
+        assert server.connections <= 4 and server.refused["room"] >= 9
+        # A client whose pooled connection made room reconnects without noticing; new ones get in.
+        assert stub.remote(lambda proxy: proxy.ping()) == "pong"
+        run_small_job(handle.uri, config, rng)
+    finally:
+        stub.close()
+        for proxy in idle:
+            proxy._pyroRelease()
 
 
 def test_strangers_make_room_before_members(start_worker, cluster_config):
@@ -229,3 +270,15 @@ def test_a_worker_holds_at_most_worker_max_tasks(start_worker, cluster_config, r
             thread.join(30)
     with worker_proxy(handle.uri, config, timeout=10) as proxy:
         assert_close(unpack(proxy.correlate(task)["result"]), reference(image, bank))
+
+
+def test_a_busy_worker_costs_no_task_attempt(nameserver, start_worker, cluster_config, rng):
+    from worker_doubles import BusyWorker
+
+    handle = start_worker(worker_class=type("Busy", (BusyWorker,), {"busy": 10}))
+    image = rng.standard_normal((40, 30)).astype(np.float32)
+    kernels = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    config = cluster_config.replace(max_task_attempts=3)
+    with Coordinator(nameserver, local_threads=0, config=config, min_tasks=2) as coordinator:
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels))
+    assert handle.worker.refusals >= 10

@@ -511,14 +511,14 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
                      workers=["early"]) as coordinator:
         scheduler = coordinator._scheduler
         polls: list[dict[str, str]] = []
-        registry = scheduler._registry
+        registry = scheduler.discovery._registry
 
         def counted() -> dict[str, str]:
             found = registry()
             polls.append(found)
             return found
 
-        scheduler._registry = counted
+        scheduler.discovery._registry = counted
         with _ParkedJob(coordinator, image, kernels) as job:
             job.wait_parked()
             start_worker(name="late")

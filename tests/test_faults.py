@@ -18,7 +18,7 @@ from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
 from rmidl.errors import RegistryError, ShapeError, TaskFailed, WorkerLost
 
-SCHEDULER_LOG = "rmidl.client.scheduler"
+SCHEDULER_LOG = "rmidl.client.discovery"  # where worker health is judged and logged
 
 
 @pytest.fixture

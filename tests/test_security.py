@@ -73,6 +73,32 @@ def test_client_without_the_secret_is_refused_in_the_handshake(start_worker, rng
     assert_close(result, expected)
 
 
+def test_a_fake_worker_that_does_not_know_the_secret_gets_no_work(nameserver, start_worker, children, rng):
+    # Anyone who can reach a name server without a secret can register a "worker" of their own.
+    secured = Config(environ={}, secret=SECRET)
+    start_worker(name="member", config=secured)
+    fake = children("worker_doubles", "--ns", nameserver, "--name", "0-fake", "--fake",
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    fake_uri = fake.read_until("ready")[0]
+    image = rng.standard_normal((40, 30)).astype(np.float32)
+    kernels = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, shared_memory=False, config=secured,
+                     min_tasks=8) as coordinator:
+        for _ in range(3):
+            assert_close(coordinator.correlate(image, kernels), reference(image, kernels))
+            assert set(coordinator.stats()) == {"member"}
+        states = {w["name"]: w["state"] for w in coordinator.workers()}
+    assert states == {"member": "ok", "0-fake": "untrusted"}
+    with worker_proxy(fake_uri, Config(environ={}), timeout=10) as stranger:
+        seen = stranger.seen()
+    assert seen["correlate_calls"] == 0
+    assert seen["handshakes"] and not any(SECRET in handshake for handshake in seen["handshakes"])
+    # Without a secret nobody can tell the fake from a worker: that is what the secret is for.
+    with Coordinator(nameserver, local_threads=0, shared_memory=False, config=Config(environ={}),
+                     min_tasks=8, workers=["0-fake"]) as open_coordinator:
+        assert not open_coordinator.correlate(image, kernels).any()
+
+
 def test_a_connection_is_served_only_once_the_client_proved_it_knows_the_secret(start_worker):
     from Pyro5.errors import ConnectionClosedError
 
@@ -372,6 +398,7 @@ def test_tls_name_server_registers_and_lists_workers(start_worker, tls_config):
 
 
 def test_coordinator_over_tls_fetches_bulk_results_with_its_certificate(start_worker, tls_config, rng):
+    from rmidl.client import Coordinator
 
     _, daemon = start_ns("127.0.0.1", 0, config=tls_config)
     thread = daemon.serve_in_thread()
