@@ -1,10 +1,11 @@
 """The registry heals: no worker is unregistered without evidence of death, a worker re-registers when
-it finds itself missing (name server restarted, or a coordinator's mistake), and a hung name server holds
-up no job."""
+it finds itself missing (name server restarted, or a coordinator's mistake), a hung name server holds up
+no job, and `rmidl up` restarts a name server that died."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -125,6 +126,20 @@ def test_a_hung_name_server_holds_up_no_job(children, start_worker, cluster_conf
                 assert set(small_job(coordinator, rng)) == {"w0"}
         finally:
             os.kill(ns.process.pid, signal.SIGCONT)
+
+
+def test_up_restarts_its_name_server_and_the_workers_register_again(children):
+    up = children("rmidl.client.cli", "up", "--workers", "2", env=QUICK_BEAT)
+    lines = up.read_until(re.compile(r"^ready: "), timeout=60)
+    match = next(m for line in lines if (m := re.match(r"name server (\S+) pid (\d+)$", line)))
+    address, pid = match.group(1), int(match.group(2))
+    assert registered(address) == {"w1", "w2"}
+    os.kill(pid, signal.SIGKILL)
+    said = up.read_until(re.compile(rf"^name server {re.escape(address)} restarted, pid \d+"), timeout=30)
+    assert any(line.startswith(f"name server pid {pid} exited with code -9") for line in said)
+    assert eventually(lambda: registered(address) == {"w1", "w2"}, timeout=15)
+    code, stderr = up.stop(signal.SIGTERM)
+    assert code == 0, stderr
 
 
 def test_discovery_runs_once_at_a_time_off_the_task_path(nameserver, start_worker, cluster_config):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import time
+from collections import deque
 
 from rmidl.client.cli.common import (
     EXIT_FAILED,
@@ -12,8 +14,12 @@ from rmidl.client.cli.common import (
     stop_on_signals,
 )
 from rmidl.client.localcluster import LocalCluster
+from rmidl.errors import RmidlError
 
-HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
+NS_RESTARTS = 5
+NS_RESTART_WINDOW_S = 60.0
+HELP = ("start a name server and N workers on 127.0.0.1 (a name server that dies is restarted on its port); "
+        "stop them all on Ctrl-C or SIGTERM")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
                         help="engine threads of each worker (default 1)")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
-                        help="name server port (default 0: any free port, printed)")
+                        help="name server port (default 0: any free port, printed). If the name server "
+                        "dies it is restarted on this port and its workers register again within seconds; "
+                        f"if it dies {NS_RESTARTS + 1} times within {NS_RESTART_WINDOW_S:.0f} s or cannot be "
+                        "restarted, up stops everything with exit code 1")
     add_security_arguments(parser, tls=False)  # the children read the secret from their environment
 
 
@@ -38,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"ready: {len(cluster.workers)} workers; use --ns {cluster.ns_address}; Ctrl-C stops",
                   flush=True)
             exited: set[str] = set()
+            restarts: deque[float] = deque(maxlen=NS_RESTARTS)
             while not stop.wait(1.0):
+                if not _keep_ns(cluster, restarts):
+                    return EXIT_FAILED
                 for name, process in cluster.workers.items():
                     if name not in exited and not process.alive():
                         exited.add(name)  # said once; the others keep serving
@@ -48,3 +60,26 @@ def run(args: argparse.Namespace) -> int:
                     return EXIT_FAILED
             print("stopping", flush=True)
     return EXIT_OK
+
+
+def _keep_ns(cluster: LocalCluster, restarts: deque[float]) -> bool:
+    """Restart the name server if it died, saying so; False if it cannot be kept up (then stop)."""
+    assert cluster.ns is not None
+    if cluster.ns.alive():
+        return True
+    print(f"name server pid {cluster.ns.pid} exited with code {cluster.ns.popen.returncode}", flush=True)
+    now = time.monotonic()
+    if len(restarts) == restarts.maxlen and now - restarts[0] < NS_RESTART_WINDOW_S:
+        print(f"the name server died {len(restarts) + 1} times within {NS_RESTART_WINDOW_S:.0f} s; stopping",
+              flush=True)
+        return False
+    restarts.append(now)
+    try:
+        cluster.restart_ns()
+    except RmidlError as error:
+        print(f"could not restart the name server: {error}; stopping", flush=True)
+        return False
+    assert cluster.ns is not None
+    print(f"name server {cluster.ns_address} restarted, pid {cluster.ns.pid}; the workers register again",
+          flush=True)
+    return True
