@@ -28,6 +28,7 @@ from rmidl.errors import (
     WorkerNotFound,
 )
 from rmidl.imaging import load_image, save_image
+from rmidl.network import Network, Stage
 from rmidl.pooling import pool
 
 __version__ = "0.1.0"
@@ -42,11 +43,13 @@ __all__ = [
     "ImageReadError",
     "InputError",
     "KernelTooLarge",
+    "Network",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
     "RmidlError",
     "ShapeError",
+    "Stage",
     "TaskFailed",
     "WorkerLost",
     "WorkerNotFound",
