@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import numpy as np
 from PIL import Image
 
+from rmidl.datasets._prefetch import prefetched
 from rmidl.datasets._sources import FileSource, NpzSource, list_path
 from rmidl.errors import ImageReadError, InputError, OptionError, ShapeError
 from rmidl.pooling import window_pair
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rmidl.dataset"
 VERSION = 1
-_JOIN_SECONDS = 30.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -260,7 +258,7 @@ class Dataset(Sequence[np.ndarray]):
         ranges = [slice(a, min(a + batch_size, len(self))) for a in range(0, len(self), batch_size)]
         if prefetch == 0:
             return (self.read(r, timings=timings) for r in ranges)
-        return _prefetched(lambda r: self.read(r, timings=timings), ranges, int(prefetch))
+        return prefetched(lambda r: self.read(r, timings=timings), ranges, int(prefetch))
 
     # -- description and lifetime ------------------------------------------------------------------
 
@@ -286,50 +284,6 @@ class Dataset(Sequence[np.ndarray]):
         classes = f", {len(self.classes)} classes" if self.classes else ""
         shape = f", {_shape_text(self._shared.shape)}" if self._shared.shape is not None else ""
         return f"<Dataset {self.origin!r}: {len(self)} images{classes}{shape}>"
-
-
-def _prefetched(work: Callable[[T], Batch], items: Sequence[T], depth: int) -> Iterator[Batch]:
-    """work(item) for each item in a background thread, at most `depth` results ahead of the consumer;
-    closing the iterator early stops the thread (after the batch it is decoding) and joins it."""
-    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        for item in items:
-            if stop.is_set():
-                return
-            try:
-                result: tuple[str, Any] = ("batch", work(item))
-            except BaseException as error:  # handed to the consumer, who raises it
-                result = ("error", error)
-            if stop.is_set():
-                return
-            results.put(result)  # the consumer drains the queue after stop, so this cannot block forever
-            if result[0] == "error":
-                return
-        if not stop.is_set():
-            results.put(("done", None))
-
-    thread = threading.Thread(target=produce, name="rmidl-dataset-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = results.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        while True:
-            try:
-                results.get_nowait()
-            except queue.Empty:
-                break
-        thread.join(_JOIN_SECONDS)
-        if thread.is_alive():
-            log.warning("dataset prefetch thread still decoding after %.0f s", _JOIN_SECONDS)
 
 
 def _settings(resize: object, crop: object, skip_bad: object, gray: object) -> dict[str, Any]:
