@@ -271,6 +271,8 @@ def test_bad_forward_options() -> None:
         net.forward_batch(images, threads=0)
     with pytest.raises(ShapeError, match="out has shape"):
         net.forward_batch(images, out=np.zeros((2, 5), np.float32))
+    with pytest.raises(ShapeError, match="same shape"):
+        net.forward_batch([np.zeros((8, 8)), np.zeros((9, 8))])
     with pytest.raises(ShapeError, match=r"\(H, W\) or \(H, W, C\)"):
         net.forward(images[..., None])
     with pytest.raises(ShapeError, match=r"images have 8 channel\(s\)"):

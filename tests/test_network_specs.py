@@ -73,11 +73,14 @@ def test_seeded_banks_are_deterministic_per_stage() -> None:
     np.testing.assert_array_equal(other.stages[0].bank, net.stages[0].bank)  # stage 1 unaffected
     colour = Network.from_spec("4x3x3,5x3x3", seed=7, channels=3)
     assert colour.channels == 3 and colour.stages[0].bank.shape == (4, 3, 3, 3)
-    for stage in net.stages:  # zero-sum kernels with std sqrt(2 / fan-in) (ReLU)
+    # kernels with std sqrt(2 / fan-in) (ReLU); zero-sum on the image, summing to 1 on rectified maps
+    mixed = Network.from_spec("4x3x3,5x3x3:tanh,10x2x2:dw,2x3x3:sigmoid,2x3x3", seed=7)
+    for stage, total in zip(mixed.stages, [0, 1, 0, 1, 1], strict=True):
         bank = stage.bank.astype(np.float64)
         fan_in = int(np.prod(bank.shape[1:]))
-        np.testing.assert_allclose(bank.sum(axis=(1, 2, 3)), 0, atol=1e-5)
-        np.testing.assert_allclose(bank.std(axis=(1, 2, 3)), np.sqrt(2 / fan_in), rtol=1e-5)
+        gain = np.sqrt(2) if stage.activation == "relu" else 1.0
+        np.testing.assert_allclose(bank.sum(axis=(1, 2, 3)), total, atol=1e-5)
+        np.testing.assert_allclose(bank.std(axis=(1, 2, 3)), gain / np.sqrt(fan_in), rtol=1e-5)
     assert Network.from_spec("1x1x1:linear").stages[0].bank.item() != 0  # a lone 1x1 weight is kept
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rmidl.errors import NonFiniteInput, OptionError, ShapeError
-from rmidl.network._spec import parse_spec, seeded_bank
+from rmidl.network._spec import RECTIFIED, parse_spec, seeded_bank
 from rmidl.network._stage import Stage, StageShapes, Timings, add_time
 from rmidl.validate import check_out, check_real, check_threads, first_non_finite, float32_overflow
 
@@ -133,7 +133,8 @@ class Network:
         stages: list[Stage] = []
         maps = int(channels)
         for index, stage_spec in enumerate(parse_spec(spec)):
-            bank = seeded_bank(stage_spec, maps, int(seed), index)
+            rectified = bool(stages) and stages[-1].activation in RECTIFIED
+            bank = seeded_bank(stage_spec, maps, int(seed), index, reads_rectified=rectified)
             stages.append(Stage(bank, **stage_spec.options))  # type: ignore[arg-type]
             maps = stage_spec.kernels
         return cls(stages, channels=int(channels), spec=spec.strip())
@@ -179,7 +180,10 @@ class Network:
 
         Values are taken as they are (uint8 pixels stay 0..255) and computed in float32.
         """
-        batch = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        try:
+            batch = images if isinstance(images, np.ndarray) else np.asarray(images)
+        except ValueError:  # a list of arrays of different shapes
+            raise ShapeError("the images of a batch must all have the same shape") from None
         check_real(batch, "images")
         if batch.ndim == 3 and self.channels == 1:
             batch = batch[..., None]

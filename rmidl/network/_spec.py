@@ -27,6 +27,7 @@ PRESETS: dict[str, str] = {
 _SIZE = re.compile(r"(\d+)[xX](\d+)(?:[xX](\d+))?")
 _POOL = re.compile(r"(max|avg)(\d+)(?:[xX](\d+))?(?:s(\d+)(?:[xX](\d+))?)?")
 _GAIN = {"relu": math.sqrt(2.0)}  # He et al. for ReLU; 1 (Glorot/LeCun-like) for the others and None
+RECTIFIED = ("relu", "abstanh", "sigmoid")  # activations whose maps are never negative
 GRAMMAR = ("KxH[xW] then any of: relu|tanh|abstanh|sigmoid|linear, max<P>[x<P>][s<S>[x<S>]]|avg...|nopool, "
            "valid|same|full, dw")
 
@@ -107,15 +108,20 @@ def parse_spec(spec: str) -> list[StageSpec]:
             for i, part in enumerate(parts)]
 
 
-def seeded_bank(stage: StageSpec, maps_in: int, seed: int, index: int) -> np.ndarray:
-    """Stage `index`'s bank: seeded normal values, each kernel made zero-sum, with std gain / sqrt(fan-in).
+def seeded_bank(stage: StageSpec, maps_in: int, seed: int, index: int, *,
+                reads_rectified: bool = False) -> np.ndarray:
+    """Stage `index`'s bank: seeded normal kernels, each with std gain / sqrt(fan-in) around its mean.
 
     fan-in is kh * kw * C (kh * kw for a depthwise stage); gain is sqrt(2) for ReLU (He) and 1 otherwise.
-    Zero-sum kernels answer texture, not brightness: on positive pixels a kernel with a negative sum
-    would give a map ReLU zeroes everywhere, and under the depthwise rule such a map stays dead in every
-    later stage (with plain He scaling ~85% of seed004's features were 0 on a real image; zero-sum, none
-    of its maps is dead and the maps' RMS stays within a factor ~2 over the four stages). Each stage
-    draws from SeedSequence([seed, index]), so changing one stage's size leaves the others' banks alone.
+    Each kernel is zero-sum, plus 1 / fan-in per weight when the stage reads rectified maps (the
+    previous stage's relu, abstanh or sigmoid): a local average (DC gain 1) with zero-sum texture on top.
+    Why: on positive input a kernel with a negative sum makes a map ReLU zeroes everywhere, and under
+    the depthwise rule such a map stays dead in every later stage (plain He scaling left ~85% of
+    seed004's features at 0 on a real photo); zero-sum kernels keep every map alive but discard the
+    local mean of rectified maps, which is the energy of the responses before (the texture statistic):
+    passing it on raised a logistic classifier's held-out accuracy on seed004's features of
+    make_textures by 5-16 points. Each stage draws from SeedSequence([seed, index]), so changing one
+    stage's size leaves the other stages' banks alone.
     """
     kh, kw = stage.kernel_hw
     depthwise = bool(stage.options.get("depthwise", False))
@@ -128,4 +134,6 @@ def seeded_bank(stage: StageSpec, maps_in: int, seed: int, index: int) -> np.nda
         bank -= bank.mean(axis=(1, 2, 3), keepdims=True)
         bank /= bank.std(axis=(1, 2, 3), keepdims=True)
     bank *= _GAIN.get(str(activation), 1.0) / math.sqrt(fan_in)
+    if reads_rectified and fan_in > 1:
+        bank += 1.0 / fan_in
     return bank.astype(np.float32)
