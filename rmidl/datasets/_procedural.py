@@ -45,8 +45,8 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (math.cos(angle) * x + math.sin(angle) * y) / size - 0.5
     level = rng.uniform(0.4, 0.6)
-    return (level + rng.uniform(0.0, 0.12) * gradient + 0.025 * _noise(rng, size, 0.7)
-            + 0.02 * _noise(rng, size, (0.6, rng.uniform(4, 10))))
+    return (level + rng.uniform(0.0, 0.06) * gradient + 0.015 * _noise(rng, size, 0.7)
+            + 0.01 * _noise(rng, size, (0.6, rng.uniform(4, 10))))
 
 
 def _lines(size: int, starts: np.ndarray, ends: np.ndarray, width: float) -> np.ndarray:
@@ -63,13 +63,12 @@ def _lines(size: int, starts: np.ndarray, ends: np.ndarray, width: float) -> np.
 
 def scratches(rng: np.random.Generator, size: int) -> np.ndarray:
     """A few thin straight scratches, nearly parallel, bright or dark."""
-    count = int(rng.integers(3, 10))
+    count = int(rng.integers(5, 14))
     theta = rng.uniform(0, np.pi) + rng.normal(0, 0.08, count)
     centres = rng.uniform(0, size, (count, 2))
     half = rng.uniform(0.15, 0.5, count)[:, None] * size * np.stack([np.sin(theta), np.cos(theta)], axis=1)
-    lines = _lines(size, centres - half, centres + half, rng.uniform(0.6, 1.3))
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    return background(rng, size) + sign * rng.uniform(0.15, 0.3) * lines
+    lines = _lines(size, centres - half, centres + half, rng.uniform(0.8, 1.5))
+    return background(rng, size) + rng.uniform(0.25, 0.4) * lines
 
 
 def crazing(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -89,7 +88,7 @@ def crazing(rng: np.random.Generator, size: int) -> np.ndarray:
     cracks = map_coordinates(cracks, [y + amount * _noise(rng, size, 6), x + amount * _noise(rng, size, 6)],
                              order=1, mode="reflect")
     cracks *= 0.6 + 0.4 * (_noise(rng, size, 10) > -0.5)  # some crack sections fainter
-    return background(rng, size) - rng.uniform(0.15, 0.3) * cracks
+    return background(rng, size) - rng.uniform(0.25, 0.4) * cracks
 
 
 def pitted(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -97,23 +96,23 @@ def pitted(rng: np.random.Generator, size: int) -> np.ndarray:
     pits = np.zeros((size, size), np.float32)
     for sigma in (0.8, 1.4, 2.2):
         impulses = np.zeros((size, size), np.float32)
-        count = int(rng.integers(10, 60) * (size / 200) ** 2)
+        count = int(rng.integers(40, 120) * (size / 200) ** 2)
         rows, cols = rng.integers(0, size, count), rng.integers(0, size, count)
         impulses[rows, cols] = rng.uniform(0.5, 1.0, count)
         blurred = gaussian_filter(impulses, sigma, mode="wrap") * 2 * np.pi * sigma**2
         np.maximum(pits, np.minimum(blurred, 1.0), out=pits)
-    return background(rng, size) - rng.uniform(0.2, 0.35) * pits
+    return background(rng, size) - rng.uniform(0.3, 0.45) * pits
 
 
 def inclusion(rng: np.random.Generator, size: int) -> np.ndarray:
     """Elongated dark inclusions along the rolling direction."""
     impulses = np.zeros((size, size), np.float32)
-    count = int(rng.integers(4, 14))
+    count = int(rng.integers(6, 16))
     impulses[rng.integers(0, size, count), rng.integers(0, size, count)] = 1.0
     sigma = (rng.uniform(1.0, 2.2), rng.uniform(8, 20))
     streaks = gaussian_filter(impulses, sigma, mode="wrap") * 2 * np.pi * sigma[0] * sigma[1]
     streaks = np.minimum(streaks * rng.uniform(1.5, 3.0), 1.0)
-    return background(rng, size) - rng.uniform(0.2, 0.35) * streaks
+    return background(rng, size) - rng.uniform(0.3, 0.45) * streaks
 
 
 def patches(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -121,15 +120,14 @@ def patches(rng: np.random.Generator, size: int) -> np.ndarray:
     field = _noise(rng, size, rng.uniform(10, 20) * size / 200)
     threshold = rng.uniform(0.0, 0.8)
     blotches = 1 / (1 + np.exp(-(field - threshold) / 0.12))
-    sign = 1.0 if rng.random() < 0.3 else -1.0
-    return background(rng, size) + sign * rng.uniform(0.12, 0.25) * blotches
+    return background(rng, size) - rng.uniform(0.2, 0.35) * blotches
 
 
 def rolled_in_scale(rng: np.random.Generator, size: int) -> np.ndarray:
     """Scale flakes pressed into the surface: many small, stretched, dark flecks."""
     field = _noise(rng, size, (rng.uniform(1.2, 2.5), rng.uniform(2.5, 5)))
-    flakes = 1 / (1 + np.exp(-(field - rng.uniform(1.0, 1.6)) / 0.15))
-    return background(rng, size) - rng.uniform(0.15, 0.3) * flakes
+    flakes = 1 / (1 + np.exp(-(field - rng.uniform(0.8, 1.3)) / 0.15))
+    return background(rng, size) - rng.uniform(0.25, 0.4) * flakes
 
 
 def dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

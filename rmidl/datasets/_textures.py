@@ -68,7 +68,7 @@ def _photo_files() -> dict[str, Path] | None:
 def _jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random contrast and brightness, so grey level alone tells no class; clipped to [0, 1]."""
     mean = float(image.mean())
-    out = (image - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-0.08, 0.08)
+    out = (image - mean) * rng.uniform(0.75, 1.25) + mean + rng.uniform(-0.1, 0.1)
     return np.clip(out, 0.0, 1.0)
 
 
