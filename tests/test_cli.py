@@ -306,3 +306,23 @@ def test_up_says_when_a_worker_exits_and_stops_when_all_have():
                                             "every worker has exited; stopping"]
     finally:
         process.stop(15)
+
+
+def test_a_bare_name_server_with_a_cluster_file(private_cluster_files):
+    """`rmidl ns --cluster-file` generates a secret and writes the file; `worker --ns local` joins it."""
+    ns = Process("ns", ["ns", "--port", "0", "--cluster-file"], env())
+    try:
+        ns.wait_ready(60)
+        (cluster_file,) = private_cluster_files.iterdir()
+        assert len(json.loads(cluster_file.read_text())["secret"]) >= 40
+        worker = Process("worker", ["worker", "--ns", "local", "--name", "solo", "--threads", "1"], env())
+        try:
+            worker.wait_ready(60)
+            status = rmidl_cli("status", "--json")
+            assert status.returncode == 0, status.stderr
+            assert [row["name"] for row in json.loads(status.stdout)] == ["solo"]
+        finally:
+            assert worker.stop(15) == 0
+    finally:
+        assert ns.stop(15) == 0
+    assert not cluster_file.exists()
