@@ -7,6 +7,7 @@ import pytest
 from reference import assert_close, reference
 
 from rmidl.client import Coordinator, LocalCluster
+from rmidl.config import Config
 from rmidl.errors import AuthenticationError
 from rmidl.remote import clusterfile
 
@@ -22,8 +23,19 @@ def test_a_secure_cluster_in_a_with_block(rng) -> None:
         # what a Coordinator takes from it: the address and the config (its secret)
         with Coordinator(cluster.address, config=cluster.config, local_threads=0) as co:
             assert_close(co.correlate(image, bank), reference(image, bank))
-        with pytest.raises(AuthenticationError), Coordinator(cluster.address, local_threads=0) as stranger:
-            stranger.correlate(image, bank)
+        # a Coordinator takes the cluster itself, and finds it alone through the cluster file
+        with Coordinator(cluster, local_threads=0) as co:
+            assert_close(co.correlate(image, bank), reference(image, bank))
+            assert set(co.stats()) <= {"w1", "w2"} and co.stats()
+        with Coordinator(local_threads=0) as found_alone:
+            assert found_alone.ns_address == cluster.address
+            assert found_alone.config.secret == cluster.config.secret
+            assert "2 of 2 worker(s) usable" in repr(found_alone)
+        with Coordinator(cluster.address, local_threads=0) as by_address:  # its secret is borrowed
+            assert_close(by_address.correlate(image, bank), reference(image, bank))
+        wrong = Config(environ={}, secret="not-the-cluster-secret")
+        with pytest.raises(AuthenticationError):
+            Coordinator(cluster.address, config=wrong, local_threads=0)
         (found,) = clusterfile.find()
         assert (found.address, found.secret, found.workers) == (cluster.address, cluster.config.secret, 2)
         cluster.kill("w1")

@@ -10,7 +10,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -18,6 +17,7 @@ from tabulate import tabulate
 
 from rmidl.client.localcluster import LOG_FORMAT
 from rmidl.config import Config
+from rmidl.remote.clusterfile import LOCAL, Resolved
 
 __all__ = [
     "EXIT_CLUSTER",
@@ -136,10 +136,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
                         stralign="left", numalign="right"))
 
 
-LOCAL = "local"
-"""`--ns local`: the running local cluster of this user, from its cluster file."""
-
-
 def add_cluster_arguments(parser: argparse.ArgumentParser, *, fallback: str | None = None) -> None:
     """`--ns` (HOST:PORT or `local`) and, for commands that can work without a cluster (`fallback` says
     how), `--no-cluster`."""
@@ -152,44 +148,21 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, *, fallback: str | No
                             help=f"ignore any running local cluster: {fallback}")
 
 
-@dataclass(frozen=True)
-class Target:
-    """The cluster a command uses: its name server (None: none) and the settings to reach it."""
-
-    ns: str | None
-    config: Config
-    note: str | None = None
-    """What to tell the user on stderr about the choice (when it was not given as HOST:PORT)."""
+Target = Resolved
+"""The cluster a command uses (`rmidl.remote.clusterfile.Resolved`)."""
 
 
 def choose_cluster(args: argparse.Namespace, config: Config, *, fallback: str | None = None) -> Target:
     """Which cluster: `--ns HOST:PORT` as given; `--ns local` (or no `--ns`) the newest running local
     cluster from its cluster file, with its secret; none running and no `--ns`: no cluster when the
-    command has a `fallback` (say so), else a one-line RegistryError. A secret given with
-    `--secret-file` wins over the cluster file's; an explicit HOST:PORT of a local cluster, given no
-    secret, gets that cluster's."""
-    from rmidl.errors import ConfigError
+    command has a `fallback` (say so), else a one-line RegistryError; `--no-cluster`: none. The rule is
+    `rmidl.remote.clusterfile.resolve`, which `Coordinator(ns=...)` follows too."""
     from rmidl.remote import clusterfile
 
     ns = getattr(args, "ns", None)
-    explicit_secret = bool(getattr(args, "secret_file", None))
-    if ns is not None and ns != LOCAL:
-        if not config.secret:
-            try:
-                secret = clusterfile.secret_for(ns, config)
-            except ConfigError as error:  # a refused cluster file must not stop an explicit --ns
-                logger.warning("%s", error)
-                secret = None
-            if secret:
-                logger.info("using the secret of the local cluster at %s", ns)
-                config = config.replace(secret=secret)
-        return Target(ns, config)
-    if ns is None and (getattr(args, "no_cluster", False) or (fallback and not clusterfile.find(config))):
-        return Target(None, config, None if getattr(args, "no_cluster", False) else
-                      f"no local cluster is running (`rmidl up` starts one): {fallback}")
-    cluster = clusterfile.require(config)
-    return Target(cluster.address, config if explicit_secret else cluster.config(config),
-                  f"using {cluster.describe()}")
+    return clusterfile.resolve(ns, config, auto=not getattr(args, "no_cluster", False),
+                               explicit_secret=bool(getattr(args, "secret_file", None)),
+                               fallback=fallback)
 
 
 def add_security_arguments(

@@ -25,7 +25,9 @@ from rmidl.config import Config
 from rmidl.errors import ConfigError, RegistryError
 
 __all__ = [
+    "LOCAL",
     "ClusterFile",
+    "Resolved",
     "cluster_directory",
     "find",
     "find_local_cluster",
@@ -33,6 +35,7 @@ __all__ = [
     "read",
     "remove",
     "require",
+    "resolve",
     "secret_for",
     "write",
 ]
@@ -44,6 +47,8 @@ FORMAT = 1
 MAX_BYTES = 16 * 1024
 _PRIVATE = 0o700
 _SECRET_BYTES = 32
+LOCAL = "local"
+"""The address that means "the running local cluster of this user, from its cluster file"."""
 
 
 @dataclass(frozen=True)
@@ -243,3 +248,42 @@ def secret_for(address: str, config: Config | None = None) -> str | None:
         if cluster.address == address:
             return cluster.secret
     return None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a client goes: a name server (None: no cluster, this process only) and the settings to reach
+    it, with what to tell the user about the choice when it was not given as HOST:PORT."""
+
+    ns: str | None
+    config: Config
+    note: str | None = None
+
+
+def resolve(ns: str | None, config: Config, *, auto: bool, explicit_secret: bool = False,
+            fallback: str | None = None) -> Resolved:
+    """The one rule every client follows (the CLI's `--ns`, `Coordinator(ns=...)`).
+
+    HOST:PORT is used as given; when no secret is configured and it is a local cluster's address, that
+    cluster's secret is borrowed. `local` is the newest running local cluster (RegistryError when none
+    runs). None with `auto` means the same when one runs, else no cluster (`fallback` says what happens
+    then, for the note; without a fallback, none running is a RegistryError). None without `auto`: no
+    cluster. A secret given explicitly wins over the cluster file's.
+    """
+    if ns is not None and ns != LOCAL:
+        if not config.secret:
+            try:
+                secret = secret_for(ns, config)
+            except ConfigError as error:  # a refused cluster file must not stop an explicit address
+                logger.warning("%s", error)
+                secret = None
+            if secret:
+                logger.info("using the secret of the local cluster at %s", ns)
+                config = config.replace(secret=secret)
+        return Resolved(ns, config)
+    if ns is None and (not auto or (fallback is not None and not find(config))):
+        note = None if not auto else f"no local cluster is running (`rmidl up` starts one): {fallback}"
+        return Resolved(None, config, note)
+    cluster = require(config)
+    return Resolved(cluster.address, config if explicit_secret else cluster.config(config),
+                    f"using {cluster.describe()}")
