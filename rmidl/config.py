@@ -30,6 +30,8 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "tls_cert": (str, "", "PEM certificate of this process (2-way TLS)"),
     "tls_key": (str, "", "PEM private key of this process"),
     "tls_ca": (str, "", "PEM CA bundle the peer's certificate must chain to"),
+    "cluster_dir": (str, "", "where cluster files go and are looked for (default $XDG_RUNTIME_DIR/rmidl "
+                    "if that is private, else ~/.cache/rmidl)"),
     # Daemons: what one connection may cost them, and how workers keep their registration.
     "max_connections": (int, 512, "connections a daemon keeps at once (the quietest make room for new ones)"),
     "handshake_timeout": (float, 10.0, "seconds a new connection has for its TLS and Pyro5 handshakes"),
@@ -86,6 +88,7 @@ class Config:
     tls_cert: str
     tls_key: str
     tls_ca: str
+    cluster_dir: str
     max_connections: int
     handshake_timeout: float
     io_timeout: float

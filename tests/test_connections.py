@@ -199,7 +199,7 @@ def test_one_way_calls_of_methods_not_declared_one_way_are_refused(children, nam
     with worker_proxy(uri, cluster_config, timeout=10) as member:
         assert member.ping() == "pong"
         assert member.info()["busy"] == 0  # none of them ran
-    assert process_threads(worker.process.pid) <= before + 4
+    assert process_threads(worker.process.pid) <= before + 8  # a few request threads, not one per call
 
 
 @pytest.mark.parametrize("how", ["batch", "serpent after msgpack", "marshal after msgpack",

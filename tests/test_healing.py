@@ -24,10 +24,11 @@ from rmidl.remote.transport import connect_ns
 from rmidl.server.nameserver import start_ns
 
 QUICK_BEAT = {"RMIDL_HEARTBEAT_INTERVAL": "0.3"}
+SECRET = "correct horse battery staple"
 
 
-def registered(address: str) -> set[str]:
-    with connect_ns(address, Config(environ={})) as ns:
+def registered(address: str, config: Config | None = None) -> set[str]:
+    with connect_ns(address, config or Config(environ={})) as ns:
         return set(list_workers(ns))
 
 
@@ -128,16 +129,19 @@ def test_a_hung_name_server_holds_up_no_job(children, start_worker, cluster_conf
             os.kill(ns.process.pid, signal.SIGCONT)
 
 
-def test_up_restarts_its_name_server_and_the_workers_register_again(children):
-    up = children("rmidl.client.cli", "up", "--workers", "2", env=QUICK_BEAT)
+def test_up_restarts_its_name_server_and_the_workers_register_again(children, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    up = children("rmidl.client.cli", "up", "--workers", "2", "--secret-file", str(secret), env=QUICK_BEAT)
     lines = up.read_until(re.compile(r"^ready: "), timeout=60)
     match = next(m for line in lines if (m := re.match(r"name server (\S+) pid (\d+)$", line)))
     address, pid = match.group(1), int(match.group(2))
-    assert registered(address) == {"w1", "w2"}
+    member = Config(environ={}, secret=SECRET)
+    assert registered(address, member) == {"w1", "w2"}
     os.kill(pid, signal.SIGKILL)
     said = up.read_until(re.compile(rf"^name server {re.escape(address)} restarted, pid \d+"), timeout=30)
     assert any(line.startswith(f"name server pid {pid} exited with code -9") for line in said)
-    assert eventually(lambda: registered(address) == {"w1", "w2"}, timeout=15)
+    assert eventually(lambda: registered(address, member) == {"w1", "w2"}, timeout=15)
     code, stderr = up.stop(signal.SIGTERM)
     assert code == 0, stderr
 

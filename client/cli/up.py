@@ -18,19 +18,27 @@ from rmidl.errors import RmidlError
 
 NS_RESTARTS = 5
 NS_RESTART_WINDOW_S = 60.0
-HELP = ("start a name server and N workers on 127.0.0.1 (a name server that dies is restarted on its port); "
-        "stop them all on Ctrl-C or SIGTERM")
+HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
+DESCRIPTION = HELP + f""".
+
+The daemons require a cluster secret, freshly generated unless --secret-file (or RMIDL_SECRET) gives
+one, so other users of this machine cannot use them. The address and the secret go to a cluster file
+readable by you alone ($XDG_RUNTIME_DIR/rmidl/ or ~/.cache/rmidl/, removed on exit), through which
+`rmidl status`, `rmidl run` and `--ns local` find this cluster without --ns or a secret typed.
+
+A name server that dies is restarted on its port, and said so: its workers register again within
+seconds (their heartbeat), coordinators find it on their next look. If it dies {NS_RESTARTS + 1} times
+within {NS_RESTART_WINDOW_S:.0f} s, or cannot be restarted, up stops everything with exit code 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    parser.description = DESCRIPTION
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes")
     parser.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
-                        help="engine threads of each worker (default 1)")
+                        help="engine threads of each worker")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
-                        help="name server port (default 0: any free port, printed). If the name server "
-                        "dies it is restarted on this port and its workers register again within seconds; "
-                        f"if it dies {NS_RESTARTS + 1} times within {NS_RESTART_WINDOW_S:.0f} s or cannot be "
-                        "restarted, up stops everything with exit code 1")
+                        help="name server port (0: any free port, printed); a name server that dies is "
+                        "restarted on it")
     add_security_arguments(parser, tls=False)  # the children read the secret from their environment
 
 
@@ -39,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         config = config_from_args(args)
         with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config,
-                          die_with_parent=True) as cluster:
+                          die_with_parent=True, secure=True, cluster_file=True) as cluster:
             assert cluster.ns is not None
             print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():
                 print(f"worker {name} pid {process.pid}", flush=True)
-            print(f"ready: {len(cluster.workers)} workers; use --ns {cluster.ns_address}; Ctrl-C stops",
-                  flush=True)
+            print(f"cluster file {cluster.cluster_file} (address and secret, for you alone)", flush=True)
+            print(f"ready: {len(cluster.workers)} workers at {cluster.ns_address}; `rmidl status` and "
+                  "`rmidl run` find them; Ctrl-C stops", flush=True)
             exited: set[str] = set()
             restarts: deque[float] = deque(maxlen=NS_RESTARTS)
             while not stop.wait(1.0):

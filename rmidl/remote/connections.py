@@ -229,11 +229,14 @@ class Connection(Pyro5.socketutil.SocketConnection):
 
 
 class _Handlers:
-    """Up to `size` daemon threads, started as work arrives, each running `work(conn)` for queued ones."""
+    """Up to `size` daemon threads, started as work arrives, each running `work(conn)` for queued ones
+    and then `done(conn)` (once it counts as free again, so sequential requests reuse one thread)."""
 
-    def __init__(self, size: int, work: Callable[[Connection], None], name: str) -> None:
+    def __init__(self, size: int, work: Callable[[Connection], None], done: Callable[[Connection], None],
+                 name: str) -> None:
         self.size = size
         self.work = work
+        self.done = done
         self.name = name
         self._queue: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -259,6 +262,7 @@ class _Handlers:
             finally:
                 with self._lock:
                     self._free += 1
+                self.done(conn)
 
     def stop(self) -> None:
         with self._lock:
@@ -291,7 +295,8 @@ class ConnectionServer:
         self._conns: set[Connection] = set()
         self._per_peer: Counter[str] = Counter()
         self._returned: queue.SimpleQueue[Connection] = queue.SimpleQueue()
-        self._handlers = _Handlers(max(1, limits.handlers), self._handle, f"rmidl-{location}-handler")
+        self._handlers = _Handlers(max(1, limits.handlers), self._handle, self._give_back,
+                                   f"rmidl-{location}-handler")
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._done.set()
@@ -574,8 +579,10 @@ class ConnectionServer:
             conn.close()
         finally:
             conn.finish()
-            self._returned.put(conn)
-            self.wakeup()
+
+    def _give_back(self, conn: Connection) -> None:
+        self._returned.put(conn)
+        self.wakeup()
 
     def _gate(self, conn: Connection) -> None:
         """Before authentication only the daemon's `authenticate` is served; a one-way call only for a
