@@ -138,7 +138,7 @@ def test_a_peer_that_stalls_mid_message_is_dropped(start_worker, cluster_config)
     sock.sendall(b"PYRO" + struct.pack("!H", 502) + bytes(10))
     assert sock.recv(1) == b""  # closed by the worker
     proxy._pyroRelease()
-    assert handle.daemon.transportServer.refused["io timeout"] == 1
+    assert handle.daemon.transportServer.dropped["io timeout"] == 1
     with worker_proxy(handle.uri, config, timeout=10) as member:
         assert member.ping() == "pong"
 
@@ -153,7 +153,7 @@ def test_connections_are_bounded_and_the_quietest_make_room(start_worker, cluste
         for proxy in idle:
             proxy._pyroBind()
         server = handle.daemon.transportServer
-        assert server.connections <= 4 and server.refused["room"] >= 9
+        assert server.connections <= 4 and server.dropped["room"] >= 9
         # A client whose pooled connection made room reconnects without noticing; new ones get in.
         assert stub.remote(lambda proxy: proxy.ping()) == "pong"
         run_small_job(handle.uri, config, rng)

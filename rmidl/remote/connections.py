@@ -303,8 +303,8 @@ class ConnectionServer:
         self._closed = False
         self._accept_paused_until = 0.0
         self._tick = max(0.01, min(1.0, limits.handshake_timeout / 4, limits.io_timeout / 4))
-        self.refused: Counter[str] = Counter()
-        """Connections closed by reason ("room", "handshake timeout", ...), for logs and tests."""
+        self.dropped: Counter[str] = Counter()
+        """Connections closed by reason ("room", "idle", "io timeout", "refused", ...): for logs and tests."""
 
     @classmethod
     def adopting(cls, server: Any, daemon: Any, limits: Limits) -> ConnectionServer:
@@ -403,7 +403,7 @@ class ConnectionServer:
                 return
             peer = str(address[0]) if isinstance(address, tuple) else "local"
             if self._stopping.is_set() or not self._make_room(peer):
-                self.refused["full"] += 1
+                self.dropped["full"] += 1
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -512,7 +512,7 @@ class ConnectionServer:
         if self._per_peer[conn.peer] <= 0:
             del self._per_peer[conn.peer]
         if reason is not None:
-            self.refused[reason] += 1
+            self.dropped[reason] += 1
             log.debug("closing connection from %s (%s)", conn.peer, reason)
         if not conn.busy:
             with contextlib.suppress(KeyError, ValueError, OSError):
