@@ -24,7 +24,6 @@ import queue
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter
@@ -34,29 +33,31 @@ from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
-import Pyro5.serializers
-import Pyro5.socketutil
 from Pyro5 import protocol
 
 from rmidl.config import Config
+from rmidl.remote.framing import (
+    HANDSHAKE_MAX_BYTES,
+    HELLO,
+    READY,
+    SERIALIZER_IDS,
+    TLS,
+    Connection,
+    Header,
+    Refused,
+    connect_fail,
+    flag_names,
+    serializer_names,
+)
 
-__all__ = ["HANDSHAKE_MAX_BYTES", "Connection", "ConnectionServer", "Header", "Limits", "SERIALIZER_IDS"]
+__all__ = ["HANDSHAKE_MAX_BYTES", "ConnectionServer", "Limits"]
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_MAX_BYTES = 64 * 1024
-"""A handshake carries a challenge and an object name: anything larger is refused unread."""
-SERIALIZER_IDS = {name: s.serializer_id for name, s in Pyro5.serializers.serializers.items()}
 _MARSHAL = SERIALIZER_IDS["marshal"]
-_HEADER = struct.Struct("!4sHBBHHII16sHH")  # Pyro5's wire header (its protocol module's docstring)
-_MAGIC = 0x4DC5
 _REQUEST_FLAGS = protocol.FLAGS_CORR_ID | protocol.FLAGS_ONEWAY
 """Flags a request may carry: compressed (a zlib bomb), batched and kept-serialized (unpickled by marshal)
 calls are no part of any contract here."""
-_FLAG_NAMES = {protocol.FLAGS_COMPRESSED: "compressed", protocol.FLAGS_BATCH: "batch",
-               protocol.FLAGS_KEEPSERIALIZED: "keep-serialized", protocol.FLAGS_ONEWAY: "one-way",
-               protocol.FLAGS_EXCEPTION: "exception", protocol.FLAGS_ITEMSTREAMRESULT: "item-stream"}
-_SEND_CHUNK = 1 << 20
 _ACCEPTS_PER_WAKE = 64
 _HOUSEKEEPING_S = 5.0
 
@@ -84,148 +85,6 @@ class Limits:
                    handshake_timeout=config.handshake_timeout, io_timeout=config.io_timeout,
                    idle_timeout=config.idle_timeout, handlers=handlers, max_message=config.max_message_size,
                    serializers=frozenset(SERIALIZER_IDS[name] for name in serializers))
-
-
-@dataclass(frozen=True)
-class Header:
-    """The fields of a Pyro5 message header that decide whether the message is read at all."""
-
-    msgtype: int
-    serializer_id: int
-    flags: int
-    seq: int
-    data_size: int
-    annotations_size: int
-
-    @property
-    def size(self) -> int:
-        return self.data_size + self.annotations_size
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Header:
-        tag, version, msgtype, serializer_id, flags, seq, data_size, ann_size, *_, magic = _HEADER.unpack(raw)
-        if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != _MAGIC:
-            raise _Refused(f"not a Pyro5 message of protocol version {protocol.PROTOCOL_VERSION}")
-        return cls(msgtype, serializer_id, flags, seq, data_size, ann_size)
-
-
-class _Refused(Exception):
-    """A message refused by its header; `reply` says whether the peer is told why (handshakes only)."""
-
-    def __init__(self, reason: str, *, reply: bool = False) -> None:
-        super().__init__(reason)
-        self.reply = reply
-
-
-_TLS, _HELLO, _READY = "tls", "hello", "ready"
-
-
-class Connection(Pyro5.socketutil.SocketConnection):
-    """One client connection: the selector thread fills its buffer, a handler thread lets Pyro5's daemon
-    read the whole message from it (`recv`) and answer (`send`, dropped after `io_timeout` s without
-    progress). `authenticated` is the daemon's to set; until then only its authentication is served."""
-
-    def __init__(self, sock: socket.socket, peer: str, io_timeout: float) -> None:
-        super().__init__(sock)
-        self.peer = peer
-        self.state = _TLS if isinstance(sock, ssl.SSLSocket) else _HELLO
-        self.created = self.active = time.monotonic()
-        self.busy = False
-        self.closed = False
-        self.authenticated = False
-        self.expected_proof = ""
-        self.serializer_id: int | None = None
-        self.header: Header | None = None
-        self._io_timeout = io_timeout
-        self._head = bytearray()
-        self._body: bytearray | None = None
-        self._got = 0
-        self._message: tuple[bytes, bytearray] | None = None
-        self._pos = 0
-
-    @property
-    def mid_message(self) -> bool:
-        return bool(self._head)
-
-    # -- the selector thread -------------------------------------------------------------------------
-    def fill(self, check: Callable[[Connection, Header], None]) -> bool:
-        """Read what the socket holds into the current message (never blocking); True once it is whole.
-        `check` sees the header before a byte of the body is read (and raises to refuse it)."""
-        try:
-            while True:
-                if self._body is None:
-                    chunk = self.sock.recv(_HEADER.size - len(self._head))
-                    if not chunk:
-                        raise Pyro5.errors.ConnectionClosedError("peer closed the connection")
-                    self._head += chunk
-                    self.active = time.monotonic()
-                    if len(self._head) < _HEADER.size:
-                        continue
-                    self.header = Header.parse(bytes(self._head))
-                    check(self, self.header)
-                    self._body, self._got = bytearray(self.header.size), 0
-                if self._got < len(self._body):
-                    view = memoryview(self._body)[self._got:]
-                    count = self.sock.recv_into(view, min(len(view), _SEND_CHUNK))
-                    if not count:
-                        raise Pyro5.errors.ConnectionClosedError("peer closed the connection mid-message")
-                    self._got += count
-                    self.active = time.monotonic()
-                    continue
-                self._message, self._pos = (bytes(self._head), self._body), 0
-                self._head, self._body = bytearray(), None
-                return True
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return False
-
-    def send_nowait(self, data: bytes) -> None:
-        """Best effort from the selector thread (a short refusal before hanging up)."""
-        with contextlib.suppress(OSError, ValueError):
-            self.sock.send(data)
-
-    # -- a handler thread: what Pyro5's daemon calls -------------------------------------------------
-    def recv(self, size: int) -> Any:
-        if self._message is None:
-            raise Pyro5.errors.ConnectionClosedError("receiving: no message")
-        head, body = self._message
-        start, end = self._pos, self._pos + size
-        if end > len(head) + len(body):
-            raise Pyro5.errors.ConnectionClosedError("receiving: not enough data")
-        self._pos = end
-        if end <= len(head):
-            return head[start:end]
-        if start >= len(head):
-            return memoryview(body)[start - len(head) : end - len(head)]  # the payload: no copy
-        return head[start:] + bytes(body[: end - len(head)])
-
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            self.sock.settimeout(self._io_timeout)
-            while view:
-                view = view[self.sock.send(view[:_SEND_CHUNK]) :]
-        except TimeoutError as error:  # socket.timeout: no byte went out for io_timeout seconds
-            raise Pyro5.errors.TimeoutError(f"sending: no progress for {self._io_timeout:g} s") from error
-        except (OSError, ValueError) as error:
-            raise Pyro5.errors.ConnectionClosedError(f"sending: connection lost: {error}") from error
-
-    def call(self) -> tuple[str, str]:
-        """(object id, method) of the whole request in the buffer, decoded by its serializer."""
-        assert self._message is not None and self.header is not None
-        data = memoryview(self._message[1])[self.header.annotations_size :]
-        serializer = Pyro5.serializers.serializers_by_id[self.header.serializer_id]
-        object_id, method, _, _ = serializer.loadsCall(data)
-        return str(object_id), str(method)
-
-    def finish(self) -> None:
-        """Drop the handled message (its buffer may be large)."""
-        self._message, self._pos = None, 0
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._message = None
-            super().close()
 
 
 class _Handlers:
@@ -411,7 +270,7 @@ class ConnectionServer:
             self._conns.add(conn)
             self._per_peer[peer] += 1
             self._selector.register(sock, selectors.EVENT_READ, conn)
-            if conn.state == _TLS:
+            if conn.state == TLS:
                 self._tls_step(conn)
 
     def _make_room(self, peer: str) -> bool:
@@ -442,17 +301,17 @@ class ConnectionServer:
             log.info("TLS handshake with %s failed: %s", conn.peer, error)
             self._drop(conn, "tls")
             return
-        conn.state = _HELLO
+        conn.state = HELLO
         self._selector.modify(sock, selectors.EVENT_READ, conn)
         self._on_readable(conn)  # the Pyro5 handshake may already be in the TLS buffer
 
     def _on_readable(self, conn: Connection) -> None:
-        if conn.state == _TLS:
+        if conn.state == TLS:
             self._tls_step(conn)
             return
         try:
             whole = conn.fill(self._check)
-        except _Refused as refusal:
+        except Refused as refusal:
             self._refuse(conn, str(refusal), reply=refusal.reply)
             return
         except (OSError, ValueError, Pyro5.errors.CommunicationError) as error:
@@ -466,40 +325,40 @@ class ConnectionServer:
 
     def _check(self, conn: Connection, header: Header) -> None:
         """Refuse a message its header shows to be no part of the protocol here, before reading it."""
-        if conn.state == _HELLO:
+        if conn.state == HELLO:
             if header.msgtype != protocol.MSG_CONNECT:
-                raise _Refused(f"expected a handshake, got message type {header.msgtype}")
+                raise Refused(f"expected a handshake, got message type {header.msgtype}")
             if header.size > HANDSHAKE_MAX_BYTES:
-                raise _Refused(f"handshake of {header.size} bytes exceeds the limit of {HANDSHAKE_MAX_BYTES}",
+                raise Refused(f"handshake of {header.size} bytes exceeds the limit of {HANDSHAKE_MAX_BYTES}",
                                reply=True)
             if header.serializer_id not in self.limits.serializers:
                 if header.serializer_id == _MARSHAL:
-                    raise _Refused("handshake in marshal refused (unsafe on untrusted data)", reply=True)
-                raise _Refused(f"handshake in serializer {header.serializer_id} refused (this daemon "
-                               f"speaks {_names(self.limits.serializers)})", reply=True)
+                    raise Refused("handshake in marshal refused (unsafe on untrusted data)", reply=True)
+                raise Refused(f"handshake in serializer {header.serializer_id} refused (this daemon "
+                               f"speaks {serializer_names(self.limits.serializers)})", reply=True)
             if header.flags & ~protocol.FLAGS_CORR_ID:
-                raise _Refused(f"handshake with flags {_flag_names(header.flags)} refused", reply=True)
+                raise Refused(f"handshake with flags {flag_names(header.flags)} refused", reply=True)
             return
         if header.msgtype == protocol.MSG_PING:  # answered without decoding anything
             if header.size > HANDSHAKE_MAX_BYTES:
-                raise _Refused(f"ping of {header.size} bytes")
+                raise Refused(f"ping of {header.size} bytes")
             return
         if header.msgtype != protocol.MSG_INVOKE:
-            raise _Refused(f"message type {header.msgtype} is not a request")
+            raise Refused(f"message type {header.msgtype} is not a request")
         if header.size > self.limits.max_message:
             limit = self.limits.max_message
-            raise _Refused(f"request of {header.size} bytes exceeds max_message_size={limit}")
+            raise Refused(f"request of {header.size} bytes exceeds max_message_size={limit}")
         if header.serializer_id != conn.serializer_id:
-            raise _Refused(f"request in serializer {header.serializer_id} on a connection that shook hands "
+            raise Refused(f"request in serializer {header.serializer_id} on a connection that shook hands "
                            f"in {conn.serializer_id} (one serializer per connection)")
         if header.flags & ~_REQUEST_FLAGS:
-            raise _Refused(f"request with flags {_flag_names(header.flags & ~_REQUEST_FLAGS)} refused")
+            raise Refused(f"request with flags {flag_names(header.flags & ~_REQUEST_FLAGS)} refused")
 
     def _refuse(self, conn: Connection, reason: str, *, reply: bool = False,
                 level: int = logging.WARNING) -> None:
         log.log(level, "refused %s: %s", conn.peer, reason)
         if reply:
-            conn.send_nowait(_connect_fail(conn.header, reason))
+            conn.send_nowait(connect_fail(conn.header, reason))
         self._drop(conn, "refused")
 
     def _drop(self, conn: Connection, reason: str | None) -> None:
@@ -517,7 +376,7 @@ class ConnectionServer:
         if not conn.busy:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(conn.sock)
-        if conn.state == _READY:
+        if conn.state == READY:
             with contextlib.suppress(Exception):
                 self.daemon._clientDisconnect(conn)
         conn.close()
@@ -551,10 +410,10 @@ class ConnectionServer:
         for conn in list(self._conns):
             if conn.busy:
                 continue
-            if conn.state != _READY or not conn.authenticated:
+            if conn.state != READY or not conn.authenticated:
                 if now - conn.created > limits.handshake_timeout:
                     reason = f"handshake timeout after {limits.handshake_timeout:g} s"
-                    self._refuse(conn, reason, reply=conn.state == _HELLO, level=logging.INFO)
+                    self._refuse(conn, reason, reply=conn.state == HELLO, level=logging.INFO)
             elif conn.mid_message:
                 if now - conn.active > limits.io_timeout:
                     self._drop(conn, "io timeout")
@@ -564,10 +423,10 @@ class ConnectionServer:
     # -- handler threads -----------------------------------------------------------------------------
     def _handle(self, conn: Connection) -> None:
         try:
-            if conn.state == _HELLO:
+            if conn.state == HELLO:
                 assert conn.header is not None
                 if self.daemon._handshake(conn):
-                    conn.state, conn.serializer_id = _READY, conn.header.serializer_id
+                    conn.state, conn.serializer_id = READY, conn.header.serializer_id
                 else:
                     conn.close()
             else:
@@ -604,26 +463,6 @@ class ConnectionServer:
                 declared = set()
             if method not in declared:
                 raise Pyro5.errors.SecurityError(f"one-way call of {method!r}, which is not declared one-way")
-
-
-def _connect_fail(header: Header | None, reason: str) -> bytes:
-    """A MSG_CONNECTFAIL answering `header`'s handshake (in its serializer when that one is known)."""
-    serializer_id = header.serializer_id if header else SERIALIZER_IDS["msgpack"]
-    serializer = Pyro5.serializers.serializers_by_id.get(serializer_id)
-    if serializer is None:
-        serializer = Pyro5.serializers.serializers["msgpack"]
-    message = protocol.SendingMessage(protocol.MSG_CONNECTFAIL, 0, header.seq if header else 0,
-                                      serializer.serializer_id, serializer.dumps(reason))
-    return bytes(message.data)
-
-
-def _names(ids: frozenset[int]) -> str:
-    by_id = {number: name for name, number in SERIALIZER_IDS.items()}
-    return ", ".join(sorted(by_id.get(i, str(i)) for i in ids))
-
-
-def _flag_names(flags: int) -> str:
-    return "+".join(name for bit, name in sorted(_FLAG_NAMES.items()) if flags & bit) or hex(flags)
 
 
 def _within_fd_limit(wanted: int) -> int:
