@@ -44,7 +44,8 @@ SPARE_HANDLERS = 8
 
 
 class WorkerDaemon(SecretHandshake, Pyro5.server.Daemon):
-    """A Pyro5 daemon that refuses connections without the cluster secret (when one is set)."""
+    """A Pyro5 daemon that serves through rmidl's bounded connection server and, with a cluster secret,
+    only clients that proved they know it (`SecretHandshake`)."""
 
 
 @dataclass

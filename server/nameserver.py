@@ -33,7 +33,8 @@ NS_SERIALIZERS = ("msgpack", "serpent", "json")
 
 
 class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
-    """Pyro5's name server daemon, with the cluster-secret handshake and an optional broadcast responder."""
+    """Pyro5's name server daemon, served like every rmidl daemon (`SecretHandshake`: bounded connections,
+    mutual authentication with a secret), with an optional broadcast responder."""
 
     broadcast: Pyro5.nameserver.BroadcastServer | None = None
     broadcast_thread: threading.Thread | None = None

@@ -207,8 +207,8 @@ def connect_ns(address: str | tuple[str, int] | None, config: Config | None = No
 
 
 def is_refusal(error: BaseException) -> bool:
-    """True when a Pyro5 error means the daemon refused our secret in the handshake, not that it is down
-    (or that its thread pool is full, which Pyro5 also reports as a rejected connection)."""
+    """True when a Pyro5 error means the daemon refused us in the handshake for the secret (we offered
+    none, or no challenge of our scheme), not that it is down or refused us for another reason."""
     text = str(error)
     refused = " rejected: " in text and SECRET_REFUSED in text
     return isinstance(error, Pyro5.errors.CommunicationError) and refused
