@@ -50,7 +50,8 @@ def _dims(image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> tuple[int
     return h, w, k, kh, kw, channels
 
 
-def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> float:
+def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...],
+                        batch: int = 1) -> float:
     """Model seconds on one thread of the development machine."""
     h, w, k, kh, kw, channels = _dims(image_hw, kernel_shape)
     n = max(0, h - kh + 1) * max(0, w - kw + 1)
@@ -61,14 +62,16 @@ def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tu
         per_column = _COPY_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
         ns = n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
         ns += max(0, h - kh + 1) * _ROW_CALL_SECONDS * 1e9
+        ns *= batch
     elif engine == "direct":
-        ns = n * k * depth * _DIRECT_NS
+        ns = n * k * depth * _DIRECT_NS * batch
     elif engine == "fft":
-        rows, fh, fw, _ = fft_plan((h, w), (kh, kw), k, channels, 4)
-        tiles = -(-(h - kh + 1) // rows)
-        size = fh * fw
-        units = channels * (_FFT_IMAGE + _FFT_KERNEL_FORWARD * k) + _FFT_KERNEL_INVERSE * k
-        ns = tiles * units * _FFT_NS * size * math.log2(max(2, size))
+        plan = fft_plan(batch, (h, w), (k, kh, kw, channels), 4)
+        size = plan.fh * plan.fw
+        transform = _FFT_NS * size * math.log2(max(2, size))
+        per_tile = (channels * _FFT_IMAGE + k * _FFT_KERNEL_INVERSE) * transform
+        spectra = channels * k * _FFT_KERNEL_FORWARD * transform
+        ns = plan.tiles * per_tile + spectra * -(-plan.tiles // plan.group)
     else:
         raise OptionError(f"engine {engine!r} is not one of lowering, direct, fft")
     return ns * 1e-9
@@ -79,29 +82,31 @@ def _speedup(engine: str, threads: int) -> float:
 
 
 def engine_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
-                   gflops: float | None = None) -> float:
-    """Predicted seconds of `engine` for a valid correlation of an (H, W) input with a (K, kh, kw[, C]) bank.
-
-    `gflops` is what `measure_gflops(threads)` returned on the target machine (None: the nominal rate).
+                   gflops: float | None = None, *, batch: int = 1) -> float:
+    """Predicted seconds of `engine` for a valid correlation of `batch` (H, W) inputs with a (K, kh, kw[, C])
+    bank. `gflops` is what `measure_gflops(threads)` returned on the target machine (None: the nominal rate).
     """
-    seconds = _one_thread_seconds(engine, image_hw, kernel_shape) / _speedup(engine, threads)
+    seconds = _one_thread_seconds(engine, image_hw, kernel_shape, batch) / _speedup(engine, threads)
     if gflops is not None:
         # `gflops` is this machine's lowering rate on `threads` threads; rescale the model's to it.
         seconds *= NOMINAL_GFLOPS * _speedup("lowering", threads) / max(gflops, 1e-3)
     return seconds + _CALL_SECONDS
 
 
-def choose_engine(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int) -> str:
-    """The engine "auto" runs for a valid correlation of an (H, W) input with a (K, kh, kw[, C]) bank."""
+def choose_engine(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int, *,
+                  batch: int = 1) -> str:
+    """The engine "auto" runs for a valid correlation of `batch` (H, W) inputs with a (K, kh, kw[, C])
+    bank."""
     engines = ("lowering", "direct", "fft")
-    return min(engines, key=lambda e: _one_thread_seconds(e, image_hw, kernel_shape) / _speedup(e, threads))
+    return min(engines,
+               key=lambda e: _one_thread_seconds(e, image_hw, kernel_shape, batch) / _speedup(e, threads))
 
 
 def estimate_seconds(image_hw: tuple[int, int], kernel_shape: tuple[int, ...], threads: int,
-                     gflops: float | None = None) -> float:
+                     gflops: float | None = None, *, batch: int = 1) -> float:
     """Predicted seconds of the engine "auto" picks (see `engine_seconds`)."""
-    engine = choose_engine(image_hw, kernel_shape, threads)
-    return engine_seconds(engine, image_hw, kernel_shape, threads, gflops)
+    engine = choose_engine(image_hw, kernel_shape, threads, batch=batch)
+    return engine_seconds(engine, image_hw, kernel_shape, threads, gflops, batch=batch)
 
 
 @cache
