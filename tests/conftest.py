@@ -33,7 +33,6 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_direct, "TILE_BYTES", 256)
     monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
     monkeypatch.setattr(_fft, "TEMP_BYTES", 64 << 10)
-    monkeypatch.setattr(_fft, "BINS_PER_UNIT", 7)
 
 
 @pytest.fixture

@@ -14,13 +14,15 @@ from functools import cache
 import numpy as np
 
 from rmidl.errors import OptionError
-from rmidl.kernels._fft import fft_plan
+from rmidl.kernels._fft import fft_plan, sums_by_matmul
+from rmidl.kernels._lowering import plan_tiles
 
 __all__ = ["NOMINAL_GFLOPS", "choose_engine", "engine_seconds", "estimate_seconds", "measure_gflops"]
 
 # Lowering, ns per column-matrix element (depth x output pixels): the shifted-row copies (about kh times
 # fewer than a plain im2col) and GEMM work whose rate falls for small banks (the bank is the GEMM's M);
-# plus ns per output element, larger when the GEMM's inner dimension is tiny; plus one GEMM call per row.
+# plus ns per output element, larger when the GEMM's inner dimension is tiny; plus one GEMM call per row
+# of a tile (a tile holds several narrow images side by side).
 _COPY_NS = 0.04
 _GEMM_GFLOPS = 80.0
 _GEMM_HALF_K = 4.0
@@ -29,15 +31,20 @@ _TINY_DEPTH_NS = 2.4
 _ROW_CALL_SECONDS = 3e-6
 # Direct: ns per multiply-add pass element.
 _DIRECT_NS = 0.8
-# FFT: ns per n*log2(n) of one tile transform; a kernel costs a partial forward transform per channel
-# plus a partial inverse, the image a full forward transform per channel.
-_FFT_NS = 0.74
-_FFT_KERNEL_FORWARD = 0.45
-_FFT_KERNEL_INVERSE = 0.55
-_FFT_IMAGE = 0.5
+# FFT: ns per n*log2(n) of one (fh x fw) real transform, forward (per tile and channel) and inverse (per
+# tile and kernel, pruned to the output rows); kernel spectra per kernel and channel; the per-bin
+# channel sums: ns per matmul call and per complex multiply-add (or per element of plain products when
+# there is a single channel); ns per spectrum element copied between phases.
+_FFT_FORWARD_NS = 0.37
+_FFT_INVERSE_NS = 0.42
+_FFT_KERNEL_NS = 0.2
+_FFT_CALL_NS = 700.0
+_FFT_MAC_NS = 0.06
+_FFT_PRODUCT_NS = 0.9
+_FFT_COPY_NS = 0.25
 _CALL_SECONDS = 1e-4
-# What each thread beyond the first adds: the fft engine's passes are memory-bound and scale worst.
-_THREAD_EFFICIENCY = {"lowering": 0.9, "direct": 0.8, "fft": 0.5}
+# What each thread beyond the first adds.
+_THREAD_EFFICIENCY = {"lowering": 0.9, "direct": 0.8, "fft": 0.8}
 
 NOMINAL_GFLOPS = 60.0
 """One thread's lowering rate on the reference shape implied by the constants above (GFLOP/s)."""
@@ -54,27 +61,41 @@ def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tu
                         batch: int = 1) -> float:
     """Model seconds on one thread of the development machine."""
     h, w, k, kh, kw, channels = _dims(image_hw, kernel_shape)
-    n = max(0, h - kh + 1) * max(0, w - kw + 1)
+    batch = max(1, int(batch))
+    out_h, out_w = max(0, h - kh + 1), max(0, w - kw + 1)
+    n = out_h * out_w
     if n == 0:  # an empty output (kernel taller or wider than the input): nothing to run
         return 0.0
     depth = kh * kw * channels
     if engine == "lowering":
+        images, _, _ = plan_tiles(batch, (out_h, out_w), (k, kh, kw, channels), 4, 1)
         per_column = _COPY_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
-        ns = n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
-        ns += max(0, h - kh + 1) * _ROW_CALL_SECONDS * 1e9
-        ns *= batch
+        ns = batch * n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
+        ns += -(-batch // images) * out_h * _ROW_CALL_SECONDS * 1e9
     elif engine == "direct":
-        ns = n * k * depth * _DIRECT_NS * batch
+        ns = batch * n * k * depth * _DIRECT_NS
     elif engine == "fft":
-        plan = fft_plan(batch, (h, w), (k, kh, kw, channels), 4)
-        size = plan.fh * plan.fw
-        transform = _FFT_NS * size * math.log2(max(2, size))
-        per_tile = (channels * _FFT_IMAGE + k * _FFT_KERNEL_INVERSE) * transform
-        spectra = channels * k * _FFT_KERNEL_FORWARD * transform
-        ns = plan.tiles * per_tile + spectra * -(-plan.tiles // plan.group)
+        ns = _fft_ns(batch, h, w, k, kh, kw, channels)
     else:
         raise OptionError(f"engine {engine!r} is not one of lowering, direct, fft")
     return ns * 1e-9
+
+
+def _fft_ns(batch: int, h: int, w: int, k: int, kh: int, kw: int, channels: int) -> float:
+    """The fft engine's work as `correlate_fft` plans it (one thread, spectra not cached)."""
+    plan = fft_plan(batch, (h, w), (k, kh, kw, channels), 4)
+    size = plan.fh * plan.fw
+    transform = size * math.log2(max(2, size))
+    groups, chunks = -(-plan.tiles // plan.group), -(-k // plan.chunk)
+    ns = plan.tiles * transform * (channels * _FFT_FORWARD_NS + k * _FFT_INVERSE_NS)
+    ns += plan.tiles * plan.bins * (channels + 2 * k) * _FFT_COPY_NS
+    ns += k * channels * (kh * plan.fw + plan.bins * kh) * _FFT_KERNEL_NS * (groups if chunks > 1 else 1)
+    if sums_by_matmul(plan.unit_tiles, channels, plan.unit_kernels):  # as the engine decides
+        calls = -(-plan.tiles // plan.unit_tiles) * -(-k // plan.unit_kernels) * plan.bins
+        ns += calls * _FFT_CALL_NS + plan.tiles * plan.bins * channels * k * _FFT_MAC_NS
+    else:
+        ns += plan.tiles * plan.bins * channels * k * _FFT_PRODUCT_NS
+    return ns
 
 
 def _speedup(engine: str, threads: int) -> float:

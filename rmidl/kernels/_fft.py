@@ -22,28 +22,34 @@ from rmidl.errors import OptionError
 from rmidl.geometry import split_range
 from rmidl.kernels._threads import run_tiles
 
-__all__ = ["KernelSpectra", "FFTPlan", "correlate_fft", "fft_plan", "kernel_spectra"]
+__all__ = ["FFTPlan", "KernelSpectra", "correlate_fft", "fft_plan", "kernel_spectra", "sums_by_matmul"]
 
 TEMP_BYTES = 64 << 20
 """Bytes of temporaries one call may hold beyond its inputs and output (uncached kernel spectra included)."""
 TILE_ELEMENTS = 1 << 18
 """Real elements of one FFT tile of a large image (about 1 MiB in float32): big enough for FFT efficiency."""
-BINS_PER_UNIT = 256
-"""Frequency bins per product work unit: each unit is that many small matmuls."""
+MATMUL_WORK = 800
+"""Complex multiply-adds per bin from which a matmul per bin beats plain products."""
+TILES_PER_CALL = 2
+"""Tiles one forward or inverse transform call covers at most."""
 SPECTRA_CACHE_BYTES = 256 << 20
 """Default bound of one bank's cached spectra (all FFT sizes together)."""
 
 
 @dataclass(frozen=True)
 class FFTPlan:
-    """How one batch runs: output rows per tile, the FFT size, tiles per group, kernels per chunk."""
+    """How one batch runs: output rows per tile, the FFT size, tiles per group (whose image spectra are
+    held at once), kernels per chunk (whose spectra are held at once), and the (tiles x kernels) of one
+    product-and-inverse work unit."""
 
     rows: int
     fh: int
     fw: int
+    tiles: int
     group: int
     chunk: int
-    tiles: int
+    unit_tiles: int
+    unit_kernels: int
 
     @property
     def bins(self) -> int:
@@ -55,7 +61,8 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
              threads: int = 1, *, cached: bool = False) -> FFTPlan:
     """The plan for a valid correlation of `batch` images (H, W) with a (K, kh, kw[, C]) bank.
 
-    `cached`: the kernel spectra live in a `KernelSpectra` and do not count against TEMP_BYTES.
+    Temporaries: kernel spectra of a chunk (3/8 of TEMP_BYTES, none if `cached`: a `KernelSpectra`
+    holds them), image spectra of a group (3/8) and each thread's unit of products (the rest).
     """
     import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
 
@@ -67,24 +74,30 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
     tiles_per_image = -(-out_h // rows)
     if batch * tiles_per_image < threads and out_h >= 2 * kh:
         # Too few tiles to keep every thread busy: cut bands, as long as the halo stays under the band.
-        want = -(-threads // batch)
-        rows = max(kh, -(-out_h // want))
+        rows = max(kh, -(-out_h // -(-threads // batch)))
         tiles_per_image = -(-out_h // rows)
     fh = scipy.fft.next_fast_len(rows + kh - 1, real=True)
-    complex_size = 2 * itemsize
-    spectrum = fh * (fw // 2 + 1) * complex_size  # bytes of one map's spectrum
+    spectrum = fh * (fw // 2 + 1) * 2 * itemsize  # bytes of one map's spectrum
     n_tiles = batch * tiles_per_image
-    # Kernel spectra take at most 3/8 of the budget when they are ours to hold; chunks are even.
-    chunk = n_kernels
-    if not cached:
-        chunk = max(1, min(n_kernels, (3 * TEMP_BYTES // 8) // (channels * spectrum)))
-        chunk = -(-n_kernels // -(-n_kernels // chunk))
-    held = 0 if cached else chunk * channels * spectrum
-    scratch = threads * (fh * fw * channels * itemsize + 2 * spectrum * max(channels, chunk))
-    per_tile = (channels + chunk) * spectrum  # its image spectra and its products
-    group = max(1, min(n_tiles, (TEMP_BYTES - held - scratch) // per_tile))
-    group = -(-n_tiles // -(-n_tiles // group))  # even groups
-    return FFTPlan(rows=rows, fh=fh, fw=fw, group=group, chunk=chunk, tiles=n_tiles)
+    share = 3 * TEMP_BYTES // 8
+    chunk = n_kernels if cached else _even(n_kernels, share // (channels * spectrum))
+    group = _even(n_tiles, share // (channels * spectrum))
+    # A unit's products (and its inverse transform's output, about half as big) in each thread's share.
+    pairs = max(1, (TEMP_BYTES - 2 * share) // (threads * spectrum * 5 // 2))
+    unit_kernels = _even(chunk, pairs)
+    unit_tiles = _even(group, pairs // unit_kernels)
+    # Enough units per chunk for every thread (twice over, for balance), as long as units stay whole tiles.
+    units = -(-group // unit_tiles) * -(-chunk // unit_kernels)
+    if units < 2 * threads:
+        unit_tiles = _even(group, -(-group // (2 * threads)))
+    return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk,
+                   unit_tiles=unit_tiles, unit_kernels=unit_kernels)
+
+
+def _even(n: int, most: int) -> int:
+    """The size of near-equal parts of n, each at most `most` (at least 1)."""
+    parts = -(-n // max(1, min(n, most)))
+    return -(-n // parts)
 
 
 def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
@@ -95,11 +108,22 @@ def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1
     import scipy.fft
 
     fh, fw = shape
-    n_kernels, _, _, channels = kernels.shape
-    planar = kernels.transpose(1, 2, 3, 0)  # (kh, kw, C, K): the matmul's C x K at every bin
-    spectra = scipy.fft.rfft(planar, n=fw, axis=1, workers=threads)
-    spectra = scipy.fft.fft(spectra, n=fh, axis=0, overwrite_x=True, workers=threads)
-    np.conjugate(spectra, out=spectra)
+    n_kernels, kh, _, channels = kernels.shape
+    half = fw // 2 + 1
+    spectra = np.empty((fh, half, channels, n_kernels), np.result_type(kernels.dtype, np.complex64))
+    # The column transform of kh non-zero rows is a (fh x kh) @ (kh x the rest) matmul: far cheaper than
+    # fh-point FFTs of mostly zeros. Conjugated, as correlation needs: exp(+i...) on conjugated rows.
+    angles = (2 * np.pi / fh) * np.outer(np.arange(fh), np.arange(kh))
+    dft = (np.cos(angles) + 1j * np.sin(angles)).astype(spectra.dtype)
+
+    def work(part: tuple[int, int], scratch: None) -> None:
+        k0, k1 = part
+        planar = kernels[k0:k1].transpose(1, 2, 3, 0)  # (kh, kw, C, k): the matmul's C x K at every bin
+        rows = scipy.fft.rfft(planar, n=fw, axis=1)  # (kh, half, C, k)
+        np.conjugate(rows, out=rows)
+        spectra[..., k0:k1] = np.matmul(dft, rows.reshape(kh, -1)).reshape(fh, half, channels, k1 - k0)
+
+    run_tiles(split_range(n_kernels, threads), work, lambda: None, threads)
     return spectra.reshape(-1, channels, n_kernels)
 
 
@@ -180,79 +204,90 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
                 s = cached.chunk((plan.fh, plan.fw), k0, k1, threads)
                 if len(chunks) == 1:  # one chunk serves every group; more would break the budget
                     held[(k0, k1)] = s
-            y = _products(x, s, threads)
+            _products_and_inverse(x, s, group, out, k0, plan, threads=threads)
             del s
-            _inverse(y, group, out, k0, plan, threads=threads)
         del x
+
+
+def sums_by_matmul(tiles: int, channels: int, kernels: int) -> bool:
+    """Whether the channel sums of a (tiles x kernels) unit run as one matmul per bin (each call costs
+    ~0.7 us) rather than as C passes of plain products over all bins (~1 ns per multiply-add)."""
+    return channels > 1 and tiles * channels * kernels >= MATMUL_WORK
+
+
+def _units(n_tiles: int, threads: int) -> list[tuple[int, int]]:
+    """Tile ranges transformed per call: a few tiles amortise the per-call cost, ~4 units per thread."""
+    return split_range(n_tiles, size=max(1, min(TILES_PER_CALL, n_tiles // (4 * threads))))
 
 
 def _forward(images: np.ndarray, tiles: list[tuple[int, int, int]], plan: FFTPlan, kh: int,
              threads: int) -> np.ndarray:
-    """Spectra (tiles, fh, fw//2+1, C) of zero-padded input bands, one tile per work unit."""
+    """Spectra (tiles, fh, fw//2+1, C) of zero-padded input bands, a few tiles per work unit."""
     import scipy.fft
 
     _, _, width, channels = images.shape
     spectrum_type = np.result_type(images.dtype, np.complex64)
     x = np.empty((len(tiles), plan.fh, plan.fw // 2 + 1, channels), spectrum_type)
+    units = _units(len(tiles), threads)
+    per_unit = max(i1 - i0 for i0, i1 in units)
 
     def make_scratch() -> np.ndarray:
-        return np.zeros((plan.fh, plan.fw, channels), images.dtype)
+        return np.zeros((per_unit, plan.fh, plan.fw, channels), images.dtype)
 
-    def work(i: int, padded: np.ndarray) -> None:
-        n, r0, r1 = tiles[i]
-        rows = r1 - r0 + kh - 1
-        padded[:rows, :width] = images[n, r0 : r0 + rows]
-        padded[rows:] = 0  # a shorter last band must not see the rows of the previous tile
-        half = scipy.fft.rfft(padded[:rows], axis=1)  # the padding rows transform to zeros: skip them
-        x[i] = scipy.fft.fft(half, n=plan.fh, axis=0, overwrite_x=True)
+    def work(unit: tuple[int, int], padded: np.ndarray) -> None:
+        i0, i1 = unit
+        tallest = 0
+        for j, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            rows = r1 - r0 + kh - 1
+            padded[j, :rows, :width] = images[n, r0 : r0 + rows]
+            padded[j, rows:] = 0  # a shorter last band must not see the rows of the previous tile
+            tallest = max(tallest, rows)
+        # The padding rows transform to zeros: the row pass skips them, the column pass pads.
+        half = scipy.fft.rfft(padded[: i1 - i0, :tallest], axis=2)
+        x[i0:i1] = scipy.fft.fft(half, n=plan.fh, axis=1, overwrite_x=True)
 
-    run_tiles(range(len(tiles)), work, make_scratch, threads)
+    run_tiles(units, work, make_scratch, threads)
     return x
 
 
-def _products(x: np.ndarray, spectra: np.ndarray, threads: int) -> np.ndarray:
-    """Products (tiles, fh, fw//2+1, k) summed over channels: one (tiles x C) @ (C x k) matmul per bin."""
+def _products_and_inverse(x: np.ndarray, spectra: np.ndarray, tiles: list[tuple[int, int, int]],
+                          out: np.ndarray, k0: int, plan: FFTPlan, *, threads: int) -> None:
+    """Output maps of a group's tiles for one chunk of kernels, a (tiles x kernels) unit per work item:
+    the channel sums at every bin, then inverse transforms by axes so the last pass computes output rows
+    only."""
+    import scipy.fft
+
     n_tiles, fh, half, channels = x.shape
     n_kernels = spectra.shape[2]
     bins = fh * half
-    y = np.empty((n_tiles, fh, half, n_kernels), x.dtype)
-    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C): BLAS reads it in place
-    yb = y.reshape(n_tiles, bins, n_kernels).transpose(1, 0, 2)
-    # A matmul per bin pays ~1 us of call overhead; below this much work per bin plain products are faster.
-    by_matmul = n_tiles * channels * n_kernels >= 512 and channels > 1
-
-    def work(unit: tuple[int, int], scratch: np.ndarray | None) -> None:
-        f0, f1 = unit
-        if by_matmul:
-            np.matmul(xb[f0:f1], spectra[f0:f1], out=yb[f0:f1])
-            return
-        target = yb[f0:f1]
-        np.multiply(xb[f0:f1, :, 0, None], spectra[f0:f1, None, 0, :], out=target)
-        for c in range(1, channels):
-            assert scratch is not None
-            term = scratch[: f1 - f0]
-            np.multiply(xb[f0:f1, :, c, None], spectra[f0:f1, None, c, :], out=term)
-            target += term
-
-    def make_scratch() -> np.ndarray | None:
-        return None if by_matmul or channels == 1 else np.empty((BINS_PER_UNIT, n_tiles, n_kernels), x.dtype)
-
-    run_tiles(split_range(bins, size=BINS_PER_UNIT), work, make_scratch, threads)
-    return y
-
-
-def _inverse(y: np.ndarray, tiles: list[tuple[int, int, int]], out: np.ndarray, k0: int, plan: FFTPlan, *,
-             threads: int) -> None:
-    """Inverse transforms of the products, by axes so that the last pass computes output rows only."""
-    import scipy.fft
-
-    n_kernels = y.shape[3]
     out_w = out.shape[3]
+    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C): BLAS reads it in place
+    by_matmul = sums_by_matmul(plan.unit_tiles, channels, plan.unit_kernels)
+    units = [(i, j) for i in split_range(n_tiles, size=plan.unit_tiles)
+             for j in split_range(n_kernels, size=plan.unit_kernels)]
 
-    def work(i: int, scratch: None) -> None:
-        n, r0, r1 = tiles[i]
-        columns = scipy.fft.ifft(y[i], axis=0, overwrite_x=True)[: r1 - r0]
-        maps = scipy.fft.irfft(columns, n=plan.fw, axis=1)  # (rows, fw, k)
-        out[n, k0 : k0 + n_kernels, r0:r1, :] = maps[:, :out_w].transpose(2, 0, 1)
+    def make_scratch() -> tuple[np.ndarray, np.ndarray]:
+        term = np.empty(0 if by_matmul or channels == 1 else bins * plan.unit_kernels, x.dtype)
+        return np.empty(plan.unit_tiles * bins * plan.unit_kernels, x.dtype), term
 
-    run_tiles(range(len(tiles)), work, lambda: None, threads)
+    def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: tuple[np.ndarray, np.ndarray]) -> None:
+        (i0, i1), (j0, j1) = unit
+        m, k = i1 - i0, j1 - j0
+        y = scratch[0][: m * bins * k].reshape(m, fh, half, k)
+        if by_matmul:
+            np.matmul(xb[:, i0:i1], spectra[:, :, j0:j1], out=y.reshape(m, bins, k).transpose(1, 0, 2))
+        else:  # tile by tile: every pass over contiguous (bins x k) products
+            for t in range(m):
+                xt, yt = xb[:, i0 + t], y[t].reshape(bins, k)
+                np.multiply(xt[:, 0, None], spectra[:, 0, j0:j1], out=yt)
+                for c in range(1, channels):
+                    term = scratch[1][: bins * k].reshape(bins, k)
+                    np.multiply(xt[:, c, None], spectra[:, c, j0:j1], out=term)
+                    yt += term
+        rows = max(r1 - r0 for _, r0, r1 in tiles[i0:i1])
+        columns = scipy.fft.ifft(y, axis=1, overwrite_x=True)[:, :rows]
+        maps = scipy.fft.irfft(columns, n=plan.fw, axis=2)  # (m, rows, fw, k)
+        for t, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            out[n, k0 + j0 : k0 + j1, r0:r1, :] = maps[t, : r1 - r0, :out_w].transpose(2, 0, 1)
+
+    run_tiles(units, work, make_scratch, threads)

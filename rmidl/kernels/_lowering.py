@@ -39,7 +39,10 @@ def plan_tiles(batch: int, out_hw: tuple[int, int], kernel_shape: tuple[int, int
     if kh * row_bytes * out_w > SCRATCH_BYTES:
         # Huge kernels: even one output row's band is too big, so split it by columns.
         return 1, 1, max(1, min(out_w, SCRATCH_BYTES // (kh * row_bytes)))
-    images = max(1, min(batch, -(-GEMM_COLUMNS // out_w), SCRATCH_BYTES // (kh * row_bytes * out_w)))
+    # Images share GEMMs only while each keeps a band of 4*kh output rows: thinner bands would repeat
+    # the kh - 1 halo rows of shifted copies more often than wider GEMMs save.
+    band = min(out_h, 4 * kh) + kh - 1
+    images = max(1, min(batch, -(-GEMM_COLUMNS // out_w), SCRATCH_BYTES // (band * row_bytes * out_w)))
     columns = images * out_w
     rows = SCRATCH_BYTES // (row_bytes * columns) - kh + 1
     if threads > 1:
