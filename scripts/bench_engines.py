@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 48 x (95x95x25) * (25, 11, 11, 25) layer instead of the reference job")
     parser.add_argument("--map", action="store_true", help="with --multichannel: the crossover map too")
     parser.add_argument("--json", help="with --map: write every timing to this file")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --map: time CPU seconds (use with --threads 1 on a loaded machine)")
     args = parser.parse_args(argv)
     repeat = max(3, args.repeat)
     if args.multichannel:
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
         layer_table(args.threads, repeat)
         if args.map:
-            crossover_map(max(args.threads), args.json)
+            clock = time.process_time if args.cpu_time else time.perf_counter
+            crossover_map(max(args.threads), args.json, clock)
         return 0
 
     rng = np.random.default_rng(1)

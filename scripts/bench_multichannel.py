@@ -22,6 +22,7 @@ N, H, W, C, K, KH, KW = 48, 95, 95, 25, 25, 11, 11
 OH, OW = H - KH + 1, W - KW + 1
 GFLOP = 2 * N * K * C * KH * KW * OH * OW / 1e9
 SGEMM_N = 2048
+Runs = dict[tuple[str, int], Callable[[], object]]
 
 
 def _torch() -> object | None:
@@ -41,9 +42,9 @@ def layer_table(thread_counts: list[int], repeat: int) -> None:
     spectra = KernelSpectra(bank)
     a = rng.standard_normal((SGEMM_N, SGEMM_N)).astype(np.float32)
     torch = _torch()
-    runs: dict[tuple[str, int], Callable[[], object]] = {}
+    runs: Runs = {}
     for t in thread_counts:
-        runs[("SGEMM %d^3" % SGEMM_N, t)] = lambda t=t: _sgemm(a, t)
+        runs[(f"SGEMM {SGEMM_N}^3", t)] = lambda t=t: _sgemm(a, t)
         runs[("rmidl auto", t)] = lambda t=t: correlate_valid_batch(images, bank, out, threads=t)
         runs[("rmidl fft, spectra cached (worker)", t)] = lambda t=t: correlate_valid_batch(
             images, bank, out, threads=t, engine="fft", spectra=spectra)
@@ -55,7 +56,7 @@ def layer_table(thread_counts: list[int], repeat: int) -> None:
             runs[("torch conv2d", t)] = lambda t=t, x=x, w=w: _torch_conv(torch, x, w, t)
     seconds = _interleaved(runs, repeat)
     picks = {t: choose_engine((H, W), bank.shape, t, batch=N) for t in thread_counts}
-    versions = f"torch {torch.__version__}" if torch is not None else "torch not installed (pip install torch)"
+    versions = f"torch {torch.__version__}" if torch is not None else "torch not installed (bench extra)"
     print(f"\nlayer: {N} x ({H}x{W}x{C}) * ({K}, {KH}, {KW}, {C}), valid, float32; {GFLOP:.2f} GFLOP "
           f"(direct count); {versions}; auto picks {picks}")
     print(f"median of {repeat} interleaved rounds; GFLOP/s counts the direct method's flops for every row")
@@ -81,7 +82,7 @@ def _torch_conv(torch: object, x: object, w: object, threads: int) -> None:
         torch.nn.functional.conv2d(x, w)  # type: ignore[attr-defined]
 
 
-def _interleaved(runs: dict[tuple[str, int], Callable[[], object]], repeat: int) -> dict[tuple[str, int], float]:
+def _interleaved(runs: Runs, repeat: int) -> dict[tuple[str, int], float]:
     """Median seconds per run over `repeat` rounds, each round running every run once (after a warm-up)."""
     for fn in runs.values():
         fn()
@@ -106,11 +107,16 @@ HOPELESS = 3.0
 the best time so far is not timed: it cannot win, and would take minutes on the largest shapes."""
 
 
-def crossover_map(threads: int, json_path: str | None) -> None:
-    """Time every engine on every shape of the grid; print the fastest engine, auto's pick and its cost."""
+def crossover_map(threads: int, json_path: str | None,
+                  clock: Callable[[], float] = time.perf_counter) -> None:
+    """Time every engine on every shape of the grid; print the fastest engine, auto's pick and its cost.
+
+    `clock=time.process_time` times CPU seconds instead (sound at 1 thread on a loaded machine: other
+    processes' time slices are not counted; the cost model's constants were fitted so).
+    """
     rng = np.random.default_rng(15)
     a = rng.standard_normal((SGEMM_N, SGEMM_N)).astype(np.float32)
-    sgemm = min(_timed(lambda: _sgemm(a, threads)) for _ in range(3))
+    sgemm = min(_timed(lambda: _sgemm(a, threads), clock) for _ in range(3))
     peak = 2 * SGEMM_N**3 / sgemm  # flop/s
     rows = []
     print(f"\ncrossover map at {threads} thread(s): fastest engine (auto's pick if different, its slowdown)",
@@ -130,35 +136,38 @@ def crossover_map(threads: int, json_path: str | None) -> None:
                     for engine in sorted(ENGINES, key=bounds.__getitem__):
                         if times and bounds[engine] > HOPELESS * min(times.values()):
                             continue
-                        times[engine] = _best_time(images, bank, out, threads, engine)
+                        times[engine] = _best_time(images, bank, out, threads=threads, engine=engine,
+                                                   clock=clock)
                     pick = choose_engine((size, size), bank.shape, threads, batch=batch)
                     best = min(times, key=times.__getitem__)
                     if pick not in times:
-                        times[pick] = _best_time(images, bank, out, threads, pick)
+                        times[pick] = _best_time(images, bank, out, threads=threads, engine=pick, clock=clock)
                     row = {"size": size, "batch": batch, "channels": channels, "kernels": k, "kernel": ks,
                            "threads": threads, "seconds": times, "best": best, "auto": pick,
                            "auto_over_best": times[pick] / times[best]}
                     rows.append(row)
+                    if json_path:  # kept after every shape: a long run stopped early still counts
+                        with open(json_path, "w") as file:
+                            json.dump(rows, file, indent=1)
                     print(f"  {batch}x{size}x{size}x{channels} * {k}x{ks}x{ks}: "
                           + ", ".join(f"{e} {v * 1e3:.1f} ms" for e, v in times.items())
                           + f"; auto {pick} ({row['auto_over_best']:.2f})", file=sys.stderr)
     _print_map(rows)
-    if json_path:
-        with open(json_path, "w") as file:
-            json.dump(rows, file, indent=1)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def _best_time(images: np.ndarray, bank: np.ndarray, out: np.ndarray, threads: int, engine: str) -> float:
+def _best_time(images: np.ndarray, bank: np.ndarray, out: np.ndarray, *, threads: int, engine: str,
+               clock: Callable[[], float]) -> float:
     """Best of 3 runs (1 when the first is over BUDGET_SECONDS)."""
     best = float("inf")
     for attempt in range(3):
-        best = min(best, _timed(lambda: correlate_valid_batch(images, bank, out, threads=threads, engine=engine)))
+        best = min(best, _timed(lambda: correlate_valid_batch(images, bank, out, threads=threads,
+                                                              engine=engine), clock))
         if attempt == 0 and best > BUDGET_SECONDS:
             break
     return best
@@ -183,7 +192,8 @@ def _print_map(rows: list[dict]) -> None:
             for k in BANKS:
                 cells = []
                 for ks in sizes:
-                    row = next(r for r in mine if (r["channels"], r["kernels"], r["kernel"]) == (channels, k, ks))
+                    row = next(r for r in mine
+                               if (r["channels"], r["kernels"], r["kernel"]) == (channels, k, ks))
                     cell = letter[row["best"]]
                     if row["auto"] != row["best"]:
                         cell += f" [{letter[row['auto']]} {row['auto_over_best']:.2f}]"

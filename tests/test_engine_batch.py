@@ -238,3 +238,26 @@ def test_spectra_cache_is_bounded_and_evicts_the_oldest_size(rng) -> None:
     assert spectra.nbytes == one_size
     spectra.chunk((10, 10), 0, 3)  # a second size pushes the first one out
     assert 0 < spectra.nbytes < one_size
+
+
+def test_auto_picks_fft_for_multichannel_layers_and_keeps_lowering_for_the_reference_job() -> None:
+    layer = ((95, 95), (25, 11, 11, 25))
+    for threads in (1, 2):
+        assert engines.choose_engine(*layer, threads, batch=48) == "fft"
+        assert engines.choose_engine((720, 1280), (128, 11, 11, 1), threads) == "lowering"
+        # Small kernels over few channels: the column matrix is cheap, FFT's transforms per map are not.
+        assert engines.choose_engine((42, 42), (25, 3, 3, 3), threads, batch=32) == "lowering"
+    # A batch costs more than one image, and less than that many single calls (shared overheads).
+    one = engines.estimate_seconds(*layer, 2, batch=1)
+    many = engines.estimate_seconds(*layer, 2, batch=48)
+    assert one < many < 48 * one
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_cost_terms_grow_with_the_batch_and_vanish_for_an_empty_output(engine) -> None:
+    small = engines.engine_seconds(engine, (42, 42), (8, 5, 5, 3), 1, batch=2)
+    large = engines.engine_seconds(engine, (42, 42), (8, 5, 5, 3), 1, batch=20)
+    assert 0 < small < large
+    from rmidl.kernels._cost import work_terms
+
+    assert work_terms(engine, (4, 4), (2, 5, 5, 3), 7) == {}

@@ -17,31 +17,32 @@ from rmidl.errors import OptionError
 from rmidl.kernels._fft import fft_plan, sums_by_matmul
 from rmidl.kernels._lowering import plan_tiles
 
-__all__ = ["NOMINAL_GFLOPS", "choose_engine", "engine_seconds", "estimate_seconds", "measure_gflops"]
+__all__ = [
+    "DIRECT_NS",
+    "FFT_NS",
+    "LOWERING_NS",
+    "NOMINAL_GFLOPS",
+    "choose_engine",
+    "engine_seconds",
+    "estimate_seconds",
+    "measure_gflops",
+    "work_terms",
+]
 
-# Lowering, ns per column-matrix element (depth x output pixels): the shifted-row copies (about kh times
-# fewer than a plain im2col) and GEMM work whose rate falls for small banks (the bank is the GEMM's M);
-# plus ns per output element, larger when the GEMM's inner dimension is tiny; plus one GEMM call per row
-# of a tile (a tile holds several narrow images side by side).
-_COPY_NS = 0.04
-_GEMM_GFLOPS = 80.0
-_GEMM_HALF_K = 4.0
-_OUTPUT_NS = 0.8
-_TINY_DEPTH_NS = 2.4
-_ROW_CALL_SECONDS = 3e-6
-# Direct: ns per multiply-add pass element.
-_DIRECT_NS = 0.8
-# FFT: ns per n*log2(n) of one (fh x fw) real transform, forward (per tile and channel) and inverse (per
-# tile and kernel, pruned to the output rows); kernel spectra per kernel and channel; the per-bin
-# channel sums: ns per matmul call and per complex multiply-add (or per element of plain products when
-# there is a single channel); ns per spectrum element copied between phases.
-_FFT_FORWARD_NS = 0.37
-_FFT_INVERSE_NS = 0.42
-_FFT_KERNEL_NS = 0.2
-_FFT_CALL_NS = 700.0
-_FFT_MAC_NS = 0.06
-_FFT_PRODUCT_NS = 0.9
-_FFT_COPY_NS = 0.25
+# Each engine's one-thread time is a sum of work terms (counted as the engine plans the work) times ns
+# per unit of each. Lowering: column-matrix elements (depth x output pixels: shifted-row copies and the
+# GEMM's fixed cost per element), GEMM multiply-adds (the bank is the GEMM's M), output elements (more
+# when the GEMM's inner dimension is tiny), GEMM calls (one per row of a tile, which holds several narrow
+# images side by side).
+LOWERING_NS = {"columns": 0.14, "gemm": 0.025, "outputs": 0.8, "tiny": 2.4, "calls": 3000.0}
+# Direct: multiply-add pass elements.
+DIRECT_NS = {"passes": 0.8}
+# FFT: n*log2(n) of (fh x fw) transforms, forward per tile and channel and inverse per tile and kernel
+# (pruned to the output rows); spectrum elements copied between phases; kernel spectra (row transforms
+# and the DFT matmul of the column pass); per-bin matmul calls and their complex multiply-adds, or the
+# multiply-adds of plain products.
+FFT_NS = {"forward": 0.37, "inverse": 0.42, "copies": 0.25, "kernels": 0.2, "calls": 700.0,
+          "macs": 0.06, "products": 0.9}
 _CALL_SECONDS = 1e-4
 # What each thread beyond the first adds.
 _THREAD_EFFICIENCY = {"lowering": 0.9, "direct": 0.8, "fft": 0.8}
@@ -57,45 +58,56 @@ def _dims(image_hw: tuple[int, int], kernel_shape: tuple[int, ...]) -> tuple[int
     return h, w, k, kh, kw, channels
 
 
-def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...],
-                        batch: int = 1) -> float:
-    """Model seconds on one thread of the development machine."""
+def work_terms(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...],
+               batch: int = 1) -> dict[str, float]:
+    """The work terms of `engine` (keys of LOWERING_NS, DIRECT_NS or FFT_NS), as the engine plans it.
+
+    Empty for an empty output (a kernel taller or wider than the input): nothing to run.
+    """
     h, w, k, kh, kw, channels = _dims(image_hw, kernel_shape)
     batch = max(1, int(batch))
     out_h, out_w = max(0, h - kh + 1), max(0, w - kw + 1)
-    n = out_h * out_w
-    if n == 0:  # an empty output (kernel taller or wider than the input): nothing to run
-        return 0.0
+    pixels = batch * out_h * out_w
+    if pixels == 0:
+        return {}
     depth = kh * kw * channels
     if engine == "lowering":
         images, _, _ = plan_tiles(batch, (out_h, out_w), (k, kh, kw, channels), 4, 1)
-        per_column = _COPY_NS + 2.0 * (k + _GEMM_HALF_K) / _GEMM_GFLOPS
-        ns = batch * n * (depth * per_column + k * (_OUTPUT_NS + _TINY_DEPTH_NS / depth))
-        ns += -(-batch // images) * out_h * _ROW_CALL_SECONDS * 1e9
-    elif engine == "direct":
-        ns = batch * n * k * depth * _DIRECT_NS
-    elif engine == "fft":
-        ns = _fft_ns(batch, h, w, k, kh, kw, channels)
-    else:
-        raise OptionError(f"engine {engine!r} is not one of lowering, direct, fft")
-    return ns * 1e-9
+        return {"columns": pixels * depth, "gemm": pixels * depth * k, "outputs": pixels * k,
+                "tiny": pixels * k / depth, "calls": -(-batch // images) * out_h}
+    if engine == "direct":
+        return {"passes": pixels * k * depth}
+    if engine == "fft":
+        return _fft_terms(batch, h, w, k, kh, channels=channels)
+    raise OptionError(f"engine {engine!r} is not one of lowering, direct, fft")
 
 
-def _fft_ns(batch: int, h: int, w: int, k: int, kh: int, kw: int, channels: int) -> float:
-    """The fft engine's work as `correlate_fft` plans it (one thread, spectra not cached)."""
-    plan = fft_plan(batch, (h, w), (k, kh, kw, channels), 4)
+def _fft_terms(batch: int, h: int, w: int, k: int, kh: int, *, channels: int) -> dict[str, float]:
+    plan = fft_plan(batch, (h, w), (k, kh, kh, channels), 4)
     size = plan.fh * plan.fw
-    transform = size * math.log2(max(2, size))
+    transform = plan.tiles * size * math.log2(max(2, size))
     groups, chunks = -(-plan.tiles // plan.group), -(-k // plan.chunk)
-    ns = plan.tiles * transform * (channels * _FFT_FORWARD_NS + k * _FFT_INVERSE_NS)
-    ns += plan.tiles * plan.bins * (channels + 2 * k) * _FFT_COPY_NS
-    ns += k * channels * (kh * plan.fw + plan.bins * kh) * _FFT_KERNEL_NS * (groups if chunks > 1 else 1)
+    macs = plan.tiles * plan.bins * channels * k
+    terms = {"forward": transform * channels, "inverse": transform * k,
+             "copies": plan.tiles * plan.bins * (channels + 2 * k),
+             "kernels": k * channels * (kh * plan.fw + plan.bins * kh) * (groups if chunks > 1 else 1)}
     if sums_by_matmul(plan.unit_tiles, channels, plan.unit_kernels):  # as the engine decides
-        calls = -(-plan.tiles // plan.unit_tiles) * -(-k // plan.unit_kernels) * plan.bins
-        ns += calls * _FFT_CALL_NS + plan.tiles * plan.bins * channels * k * _FFT_MAC_NS
+        terms["calls"] = -(-plan.tiles // plan.unit_tiles) * -(-k // plan.unit_kernels) * plan.bins
+        terms["macs"] = macs
     else:
-        ns += plan.tiles * plan.bins * channels * k * _FFT_PRODUCT_NS
-    return ns
+        terms["products"] = macs
+    return terms
+
+
+_NS = {"lowering": LOWERING_NS, "direct": DIRECT_NS, "fft": FFT_NS}
+
+
+def _one_thread_seconds(engine: str, image_hw: tuple[int, int], kernel_shape: tuple[int, ...],
+                        batch: int = 1) -> float:
+    """Model seconds on one thread of the development machine."""
+    terms = work_terms(engine, image_hw, kernel_shape, batch)
+    ns = _NS[engine]
+    return sum(ns[name] * amount for name, amount in terms.items()) * 1e-9
 
 
 def _speedup(engine: str, threads: int) -> float:

@@ -28,7 +28,7 @@ TEMP_BYTES = 64 << 20
 """Bytes of temporaries one call may hold beyond its inputs and output (uncached kernel spectra included)."""
 TILE_ELEMENTS = 1 << 18
 """Real elements of one FFT tile of a large image (about 1 MiB in float32): big enough for FFT efficiency."""
-MATMUL_WORK = 800
+MATMUL_WORK = 32
 """Complex multiply-adds per bin from which a matmul per bin beats plain products."""
 TILES_PER_CALL = 2
 """Tiles one forward or inverse transform call covers at most."""
@@ -204,14 +204,14 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
                 s = cached.chunk((plan.fh, plan.fw), k0, k1, threads)
                 if len(chunks) == 1:  # one chunk serves every group; more would break the budget
                     held[(k0, k1)] = s
-            _products_and_inverse(x, s, group, out, k0, plan, threads=threads)
+            _products_and_inverse(x, s, group, out, k0=k0, plan=plan, threads=threads)
             del s
         del x
 
 
 def sums_by_matmul(tiles: int, channels: int, kernels: int) -> bool:
     """Whether the channel sums of a (tiles x kernels) unit run as one matmul per bin (each call costs
-    ~0.7 us) rather than as C passes of plain products over all bins (~1 ns per multiply-add)."""
+    ~0.7 us) rather than as C passes of plain products over all bins (~8 ns per multiply-add, strided)."""
     return channels > 1 and tiles * channels * kernels >= MATMUL_WORK
 
 
@@ -251,7 +251,7 @@ def _forward(images: np.ndarray, tiles: list[tuple[int, int, int]], plan: FFTPla
 
 
 def _products_and_inverse(x: np.ndarray, spectra: np.ndarray, tiles: list[tuple[int, int, int]],
-                          out: np.ndarray, k0: int, plan: FFTPlan, *, threads: int) -> None:
+                          out: np.ndarray, *, k0: int, plan: FFTPlan, threads: int) -> None:
     """Output maps of a group's tiles for one chunk of kernels, a (tiles x kernels) unit per work item:
     the channel sums at every bin, then inverse transforms by axes so the last pass computes output rows
     only."""
