@@ -13,7 +13,8 @@ all at 1 and 2 threads, interleaved in one run; --map adds the crossover map of 
 C in {1,3,8,25,64}, K in {8,25,128}, kernels 3..15 and images 200, 95, 42, 16 (and --json FILE keeps it).
 
 Usage: .venv/bin/python scripts/bench_engines.py [--repeat 3] [--threads 1 2] [--crossover]
-       .venv/bin/python scripts/bench_engines.py --multichannel [--map] [--json FILE]
+       .venv/bin/python scripts/bench_engines.py --multichannel [--map [--cpu-time] --json FILE]
+       .venv/bin/python scripts/bench_engines.py --fit FILE   (the cost model's constants from a map)
 """
 
 from __future__ import annotations
@@ -95,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 48 x (95x95x25) * (25, 11, 11, 25) layer instead of the reference job")
     parser.add_argument("--map", action="store_true", help="with --multichannel: the crossover map too")
     parser.add_argument("--json", help="with --map: write every timing to this file")
+    parser.add_argument("--fit", metavar="FILE", help="refit the cost model to a --map --json FILE and stop")
     parser.add_argument("--cpu-time", action="store_true",
                         help="with --map: time CPU seconds (use with --threads 1 on a loaded machine)")
     args = parser.parse_args(argv)
     repeat = max(3, args.repeat)
+    if args.fit:
+        from bench_multichannel import fit
+
+        fit(args.fit)
+        return 0
     if args.multichannel:
         from bench_multichannel import crossover_map, layer_table
 

@@ -107,6 +107,11 @@ HOPELESS = 3.0
 the best time so far is not timed: it cannot win, and would take minutes on the largest shapes."""
 
 
+REFERENCE_SHAPES = ((128, 11), (64, 3), (16, 17), (32, 25), (32, 41))
+"""(K, kernel size) on the single-channel 720x1280 image: the reference job and its neighbours, so that a
+refit keeps choosing for them what is fastest."""
+
+
 def crossover_map(threads: int, json_path: str | None,
                   clock: Callable[[], float] = time.perf_counter) -> None:
     """Time every engine on every shape of the grid; print the fastest engine, auto's pick and its cost.
@@ -118,7 +123,18 @@ def crossover_map(threads: int, json_path: str | None,
     a = rng.standard_normal((SGEMM_N, SGEMM_N)).astype(np.float32)
     sgemm = min(_timed(lambda: _sgemm(a, threads), clock) for _ in range(3))
     peak = 2 * SGEMM_N**3 / sgemm  # flop/s
-    rows = []
+    rows: list[dict] = []
+    image = rng.standard_normal((1, 720, 1280, 1)).astype(np.float32)
+    for k, ks in REFERENCE_SHAPES:
+        bank = rng.standard_normal((k, ks, ks, 1)).astype(np.float32)
+        out = np.empty((1, k, 721 - ks, 1281 - ks), np.float32)
+        times = {engine: _best_time(image, bank, out, threads=threads, engine=engine, clock=clock)
+                 for engine in ENGINES if engine != "direct" or ks <= 3}
+        best = min(times, key=times.__getitem__)
+        pick = choose_engine((720, 1280), bank.shape, threads)
+        rows.append({"size": [720, 1280], "batch": 1, "channels": 1, "kernels": k, "kernel": ks,
+                     "threads": threads, "seconds": times, "best": best, "auto": pick,
+                     "auto_over_best": times[pick] / times[best]})
     print(f"\ncrossover map at {threads} thread(s): fastest engine (auto's pick if different, its slowdown)",
           file=sys.stderr)
     for size, batch in SIZES.items():
@@ -131,7 +147,9 @@ def crossover_map(threads: int, json_path: str | None,
                     bank = rng.standard_normal((k, ks, ks, channels)).astype(np.float32)
                     out = np.empty((batch, k, size - ks + 1, size - ks + 1), np.float32)
                     flops = 2.0 * bank.size * batch * (size - ks + 1) ** 2
-                    bounds = {"fft": 0.0, "lowering": flops / peak, "direct": 30 * flops / peak}
+                    # direct: a numpy pass (~1 us at least) per tap, kernel and image
+                    bounds = {"fft": 0.0, "lowering": flops / peak,
+                              "direct": max(30 * flops / peak, 1e-6 * batch * bank.size)}
                     times: dict[str, float] = {}
                     for engine in sorted(ENGINES, key=bounds.__getitem__):
                         if times and bounds[engine] > HOPELESS * min(times.values()):
@@ -180,6 +198,12 @@ def _print_map(rows: list[dict]) -> None:
     within = sum(row["auto_over_best"] <= 1.05 for row in rows)
     print(f"\ncrossover map (L lowering, D direct, F fft = fastest; [X 1.23] = auto picked X, 1.23x slower); "
           f"auto within 5 % of the best on {within}/{len(rows)} shapes, worst {worst:.2f}x")
+    reference = [row for row in rows if isinstance(row["size"], list)]
+    if reference:
+        print("\n1 image 720x1280x1 (the reference job is 128 x 11x11): "
+              + ", ".join(f"{row['kernels']} x {row['kernel']}x{row['kernel']} {letter[row['best']]}"
+                          + (f" [{letter[row['auto']]} {row['auto_over_best']:.2f}]"
+                             if row["auto"] != row["best"] else "") for row in reference))
     for size, batch in SIZES.items():
         mine = [row for row in rows if row["size"] == size]
         if not mine:
@@ -199,3 +223,59 @@ def _print_map(rows: list[dict]) -> None:
                         cell += f" [{letter[row['auto']]} {row['auto_over_best']:.2f}]"
                     cells.append(cell)
                 print(f"| {channels} | {k} | " + " | ".join(cells) + " |")
+
+
+FIXED = {"fft": {"copies": 1.0}, "lowering": {"tiny": 2.4}}
+"""Terms held at a set value in the fit: copies and inverse transforms grow alike, so a free fit trades
+one for the other; the map has no kernel of depth under 9, which is where "tiny" counts (1x1 kernels:
+fitted on the single-channel crossover, `--crossover`)."""
+
+
+def fit(json_path: str) -> None:
+    """Refit the cost model's ns per work term to a crossover map (--map --cpu-time --threads 1 --json).
+
+    Non-negative least squares on relative error, engine by engine; prints the constants for
+    rmidl/kernels/_cost.py and how often auto, so refitted, lands within 5 % of the fastest engine.
+    """
+    from scipy.optimize import nnls
+
+    from rmidl.kernels import _cost
+
+    with open(json_path) as file:
+        rows = json.load(file)
+    tables = {"lowering": _cost.LOWERING_NS, "direct": _cost.DIRECT_NS, "fft": _cost.FFT_NS}
+    for engine, table in tables.items():
+        fixed = FIXED.get(engine, {})
+        free = [name for name in table if name not in fixed]
+        matrix, target = [], []
+        for row in rows:
+            seconds = row["seconds"].get(engine)
+            if seconds is None:
+                continue
+            terms = _cost.work_terms(engine, *_shape(row))
+            matrix.append([terms.get(name, 0.0) * 1e-9 / seconds for name in free])
+            target.append(1 - sum(fixed[name] * terms.get(name, 0.0) * 1e-9 for name in fixed) / seconds)
+        if not matrix:
+            continue
+        a = np.array(matrix)
+        used = a.sum(axis=0) > 0  # a term no shape exercised keeps its value
+        values, _ = nnls(a[:, used], np.array(target))
+        table.update(dict(zip(np.array(free)[used].tolist(), values.tolist(), strict=True)))
+        table.update(fixed)
+        print(f"{engine.upper()}_NS = {{{', '.join(f'{k!r}: {v:.4g}' for k, v in table.items())}}}  "
+              f"({len(matrix)} shapes)")
+    within, worst = 0, 1.0
+    for row in rows:
+        pick = _cost.choose_engine(*_shape(row)[:2], row["threads"], batch=row["batch"])
+        times = row["seconds"]
+        if pick in times:
+            ratio = times[pick] / min(times.values())
+            within += ratio <= 1.05
+            worst = max(worst, ratio)
+    print(f"refitted auto: within 5 % of the fastest on {within}/{len(rows)} shapes, worst {worst:.2f}x")
+
+
+def _shape(row: dict) -> tuple[tuple[int, int], tuple[int, int, int, int], int]:
+    size = row["size"]
+    hw = (size[0], size[1]) if isinstance(size, list) else (size, size)
+    return hw, (row["kernels"], row["kernel"], row["kernel"], row["channels"]), row["batch"]

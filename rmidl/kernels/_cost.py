@@ -1,8 +1,10 @@
 """The "auto" cost model: predicted seconds per engine, and a quick calibration of this machine's rate.
 
-The constants were fitted to single-thread timings on the development machine (Xeon 2.8 GHz, AVX-512,
-OpenBLAS SkylakeX; `scripts/bench_engines.py --crossover` re-measures them). Only their ratios decide
-the engine; `measure_gflops` rescales absolute times to the machine at hand.
+The constants were fitted to single-thread CPU-time measurements on the development machine (Xeon,
+AVX-512, OpenBLAS) over the crossover map of `scripts/bench_engines.py --multichannel --map --cpu-time
+--threads 1 --json FILE` (C in 1..64, K in 8..128, kernels 3..15, images 16..200 in batches, and the
+single-channel 720x1280 reference job), refitted with `--fit FILE`. Only their ratios decide the
+engine; `measure_gflops` rescales absolute times to the machine at hand.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ __all__ = [
 # GEMM's fixed cost per element), GEMM multiply-adds (the bank is the GEMM's M), output elements (more
 # when the GEMM's inner dimension is tiny), GEMM calls (one per row of a tile, which holds several narrow
 # images side by side).
-LOWERING_NS = {"columns": 0.14, "gemm": 0.025, "outputs": 0.8, "tiny": 2.4, "calls": 3000.0}
+LOWERING_NS = {"columns": 0.3431, "gemm": 0.03018, "outputs": 0.5634, "tiny": 2.4, "calls": 3993.0}
 # Direct: multiply-add pass elements.
-DIRECT_NS = {"passes": 0.8}
+DIRECT_NS = {"passes": 1.068}
 # FFT: n*log2(n) of (fh x fw) transforms, forward per tile and channel and inverse per tile and kernel
 # (pruned to the output rows); spectrum elements copied between phases; kernel spectra (row transforms
 # and the DFT matmul of the column pass); per-bin matmul calls and their complex multiply-adds, or the
 # multiply-adds of plain products.
-FFT_NS = {"forward": 0.37, "inverse": 0.42, "copies": 0.25, "kernels": 0.2, "calls": 700.0,
-          "macs": 0.06, "products": 0.9}
+FFT_NS = {"forward": 0.4459, "inverse": 0.5473, "copies": 1.0, "kernels": 0.05991, "calls": 657.3,
+          "macs": 0.4405, "products": 3.116}
 _CALL_SECONDS = 1e-4
 # What each thread beyond the first adds.
 _THREAD_EFFICIENCY = {"lowering": 0.9, "direct": 0.8, "fft": 0.8}

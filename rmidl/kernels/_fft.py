@@ -30,6 +30,8 @@ TILE_ELEMENTS = 1 << 18
 """Real elements of one FFT tile of a large image (about 1 MiB in float32): big enough for FFT efficiency."""
 MATMUL_WORK = 32
 """Complex multiply-adds per bin from which a matmul per bin beats plain products."""
+UNIT_TILES = 6
+"""Tiles of one product-and-inverse unit at most (measured best for 95x95 tiles of 25 channels)."""
 TILES_PER_CALL = 2
 """Tiles one forward or inverse transform call covers at most."""
 SPECTRA_CACHE_BYTES = 256 << 20
@@ -63,6 +65,7 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
 
     Temporaries: kernel spectra of a chunk (3/8 of TEMP_BYTES, none if `cached`: a `KernelSpectra`
     holds them), image spectra of a group (3/8) and each thread's unit of products (the rest).
+    Bigger units mean fewer, larger matmuls per bin (M = the unit's tiles) and fewer passes over S.
     """
     import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
 
@@ -79,16 +82,23 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
     fh = scipy.fft.next_fast_len(rows + kh - 1, real=True)
     spectrum = fh * (fw // 2 + 1) * 2 * itemsize  # bytes of one map's spectrum
     n_tiles = batch * tiles_per_image
-    share = 3 * TEMP_BYTES // 8
-    chunk = n_kernels if cached else _even(n_kernels, share // (channels * spectrum))
-    group = _even(n_tiles, share // (channels * spectrum))
-    # A unit's products (and its inverse transform's output, about half as big) in each thread's share.
-    pairs = max(1, (TEMP_BYTES - 2 * share) // (threads * spectrum * 5 // 2))
-    unit_kernels = _even(chunk, pairs)
-    unit_tiles = _even(group, pairs // unit_kernels)
+    chunk = n_kernels if cached else _even(n_kernels, (3 * TEMP_BYTES // 8) // (channels * spectrum))
+    held = 0 if cached else chunk * channels * spectrum
+    # Each thread's unit: its products and its inverse transform's output (about half as big), for up to
+    # UNIT_TILES tiles (the M of the matmuls; more spills the products out of L2); a quarter of the
+    # budget at least stays for the group's image spectra.
+    unit_tiles = min(UNIT_TILES, n_tiles)
+    unit_kernels = chunk
+    while unit_kernels > 1 and held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4:
+        unit_kernels = -(-unit_kernels // 2)
+    while unit_tiles > 1 and held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4:
+        unit_tiles -= 1
+    unit_kernels = _even(chunk, unit_kernels)
+    rest = TEMP_BYTES - held - threads * unit_tiles * unit_kernels * spectrum * 2
+    group = _even(n_tiles, rest // (channels * spectrum))
+    unit_tiles = _even(group, unit_tiles)
     # Enough units per chunk for every thread (twice over, for balance), as long as units stay whole tiles.
-    units = -(-group // unit_tiles) * -(-chunk // unit_kernels)
-    if units < 2 * threads:
+    if -(-group // unit_tiles) * -(-chunk // unit_kernels) < 2 * threads:
         unit_tiles = _even(group, -(-group // (2 * threads)))
     return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk,
                    unit_tiles=unit_tiles, unit_kernels=unit_kernels)
