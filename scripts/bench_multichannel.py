@@ -216,8 +216,11 @@ def _print_map(rows: list[dict]) -> None:
             for k in BANKS:
                 cells = []
                 for ks in sizes:
-                    row = next(r for r in mine
-                               if (r["channels"], r["kernels"], r["kernel"]) == (channels, k, ks))
+                    row = next((r for r in mine
+                                if (r["channels"], r["kernels"], r["kernel"]) == (channels, k, ks)), None)
+                    if row is None:  # not measured (a run stopped early)
+                        cells.append("-")
+                        continue
                     cell = letter[row["best"]]
                     if row["auto"] != row["best"]:
                         cell += f" [{letter[row['auto']]} {row['auto_over_best']:.2f}]"

@@ -89,9 +89,12 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
     # budget at least stays for the group's image spectra.
     unit_tiles = min(UNIT_TILES, n_tiles)
     unit_kernels = chunk
-    while unit_kernels > 1 and held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4:
+    def too_big() -> bool:
+        return held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4
+
+    while unit_kernels > 1 and too_big():
         unit_kernels = -(-unit_kernels // 2)
-    while unit_tiles > 1 and held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4:
+    while unit_tiles > 1 and too_big():
         unit_tiles -= 1
     unit_kernels = _even(chunk, unit_kernels)
     rest = TEMP_BYTES - held - threads * unit_tiles * unit_kernels * spectrum * 2
@@ -113,14 +116,15 @@ def _even(n: int, most: int) -> int:
 def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
     """Conjugate spectra (fh * (fw//2 + 1), C, K) of kernels (K, kh, kw, C) zero-padded to `shape`.
 
-    The row transform runs on the kh kernel rows only, not on the fh - kh rows of padding zeros.
+    The row transform runs on the kh kernel rows only, not on the fh - kh rows of padding zeros. Each
+    bin's C x K matrix is contiguous: the per-bin matmuls run ~40 % slower on a transposed one.
     """
     import scipy.fft
 
     fh, fw = shape
     n_kernels, kh, _, channels = kernels.shape
     half = fw // 2 + 1
-    spectra = np.empty((fh, half, channels, n_kernels), np.result_type(kernels.dtype, np.complex64))
+    spectra = np.empty((fh, half * channels, n_kernels), np.result_type(kernels.dtype, np.complex64))
     # The column transform of kh non-zero rows is a (fh x kh) @ (kh x the rest) matmul: far cheaper than
     # fh-point FFTs of mostly zeros. Conjugated, as correlation needs: exp(+i...) on conjugated rows.
     angles = (2 * np.pi / fh) * np.outer(np.arange(fh), np.arange(kh))
@@ -128,13 +132,13 @@ def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1
 
     def work(part: tuple[int, int], scratch: None) -> None:
         k0, k1 = part
-        planar = kernels[k0:k1].transpose(1, 2, 3, 0)  # (kh, kw, C, k): the matmul's C x K at every bin
-        rows = scipy.fft.rfft(planar, n=fw, axis=1)  # (kh, half, C, k)
+        rows = scipy.fft.rfft(kernels[k0:k1], n=fw, axis=2)  # (k, kh, half, C)
         np.conjugate(rows, out=rows)
-        spectra[..., k0:k1] = np.matmul(dft, rows.reshape(kh, -1)).reshape(fh, half, channels, k1 - k0)
+        spectra[:, :, k0:k1] = np.matmul(dft, rows.reshape(k1 - k0, kh, half * channels)).transpose(1, 2, 0)
 
-    run_tiles(split_range(n_kernels, threads), work, lambda: None, threads)
-    return spectra.reshape(-1, channels, n_kernels)
+    # Parts of at most a quarter of the bank: each part's spectra are a temporary before they are placed.
+    run_tiles(split_range(n_kernels, max(4, threads)), work, lambda: None, threads)
+    return spectra.reshape(fh * half, channels, n_kernels)
 
 
 class KernelSpectra:
@@ -252,9 +256,13 @@ def _forward(images: np.ndarray, tiles: list[tuple[int, int, int]], plan: FFTPla
             padded[j, :rows, :width] = images[n, r0 : r0 + rows]
             padded[j, rows:] = 0  # a shorter last band must not see the rows of the previous tile
             tallest = max(tallest, rows)
-        # The padding rows transform to zeros: the row pass skips them, the column pass pads.
-        half = scipy.fft.rfft(padded[: i1 - i0, :tallest], axis=2)
-        x[i0:i1] = scipy.fft.fft(half, n=plan.fh, axis=1, overwrite_x=True)
+        # The padding rows transform to zeros: the row pass skips them; the column pass runs in place.
+        target = x[i0:i1]
+        target[:, :tallest] = scipy.fft.rfft(padded[: i1 - i0, :tallest], axis=2)
+        target[:, tallest:] = 0
+        result = scipy.fft.fft(target, axis=1, overwrite_x=True)
+        if result.ctypes.data != target.ctypes.data:  # scipy may decline to work in place
+            target[...] = result
 
     run_tiles(units, work, make_scratch, threads)
     return x
