@@ -261,3 +261,25 @@ def test_cost_terms_grow_with_the_batch_and_vanish_for_an_empty_output(engine) -
     from rmidl.kernels._cost import work_terms
 
     assert work_terms(engine, (4, 4), (2, 5, 5, 3), 7) == {}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fft_temporaries_stay_within_the_budget(rng, monkeypatch, threads) -> None:
+    """Spectra of every image and kernel would take ~28 MiB here; the plan must keep within 4 MiB."""
+    import tracemalloc
+
+    from rmidl.kernels import _fft
+
+    monkeypatch.setattr(_fft, "TEMP_BYTES", 4 << 20)
+    images = rng.standard_normal((24, 64, 64, 16)).astype(np.float32)
+    bank = rng.standard_normal((32, 7, 7, 16)).astype(np.float32)
+    out = np.empty((24, 32, 58, 58), np.float32)
+    correlate_valid_batch(images[:1], bank[:1], out[:1, :1], engine="fft")  # imports, FFT plans: not ours
+    tracemalloc.start()
+    try:
+        correlate_valid_batch(images, bank, out, threads=threads, engine="fft")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.25 * (4 << 20), f"peak temporaries {peak / 2**20:.1f} MiB"
+    assert_close(out[::5, ::7], batch_reference(images[::5], bank[::7], "valid"))

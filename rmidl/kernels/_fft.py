@@ -3,11 +3,11 @@
 Every tile (an image, or a row band of a large one) is transformed once per input map, every kernel once
 per bank (`KernelSpectra`, which a worker keeps beside its cached bank); output map k of a tile is then
 sum_c X[c] * conj(S[c, k]) in the frequency domain - at each bin a (tiles x C) @ (C x K) complex matmul
-over a whole group of tiles - followed by one inverse transform per output map, pruned to the rows that
+over a unit of a few tiles - followed by one inverse transform per output map, pruned to the rows that
 land in the output. A circular correlation at least as large as the tile has no wrap-around in the valid
-region, so tiles overlap by the kernel's halo only. Work runs in three phases per group of tiles
-(forward transforms by tile, products by bin range, inverse transforms by tile), each split over our
-threads, with temporaries bounded by TEMP_BYTES.
+region, so tiles overlap by the kernel's halo only. Per group of tiles, two phases split over our
+threads: forward transforms (a few tiles per work item), then products and inverse transforms (a
+(tiles x kernels) unit per work item, in that thread's scratch); temporaries stay within TEMP_BYTES.
 """
 
 from __future__ import annotations
@@ -208,16 +208,15 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
     tiles = [(n, r0, r1) for n in range(batch) for r0, r1 in split_range(out_h, size=plan.rows)]
     cached = spectra if spectra is not None else KernelSpectra(kernels, max_bytes=0)
     chunks = split_range(n_kernels, size=plan.chunk)
-    held: dict[tuple[int, int], np.ndarray] = {}
+    shape = (plan.fh, plan.fw)
+    # One chunk serves every group (made before the first group's spectra: a lower peak); several are
+    # made again for each group, or they would break the budget.
+    whole = cached.chunk(shape, 0, n_kernels, threads) if len(chunks) == 1 else None
     for g0, g1 in split_range(len(tiles), size=plan.group):
         group = tiles[g0:g1]
         x = _forward(images, group, plan, kh, threads)
         for k0, k1 in chunks:
-            s = held.get((k0, k1))
-            if s is None:
-                s = cached.chunk((plan.fh, plan.fw), k0, k1, threads)
-                if len(chunks) == 1:  # one chunk serves every group; more would break the budget
-                    held[(k0, k1)] = s
+            s = whole if whole is not None else cached.chunk(shape, k0, k1, threads)
             _products_and_inverse(x, s, group, out, k0=k0, plan=plan, threads=threads)
             del s
         del x
