@@ -1,4 +1,5 @@
-"""rmidl.client: the coordinator (the stub side) and the `rmidl` command line."""
+"""rmidl.client: coordination only: the Coordinator (the stub side: discovery, scheduling, retries) and
+LocalCluster. The command line has its own room (`cli/`), and so has the scaling study (`bench/`)."""
 
 from __future__ import annotations
 

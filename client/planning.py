@@ -1,8 +1,7 @@
-"""Partitioning by cost model: how many tasks, row bands or kernel groups, and per-task deadlines."""
+"""Cutting a correlation into tasks by the cost model (`rmidl.client.cost`): row bands, kernel groups."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -11,41 +10,16 @@ from dataclasses import dataclass
 from rmidl.errors import BudgetExceeded
 from rmidl.geometry import Task, plan_tasks
 
-__all__ = [
-    "Capacity",
-    "Plan",
-    "deadline",
-    "local_gflops",
-    "plan",
-    "task_flops",
-    "task_out_bytes",
-]
+from .cost import FALLBACK_GFLOPS, Capacity, balanced_tasks
+
+__all__ = ["MIN_BAND_ROWS", "MIN_GROUP", "Plan", "plan"]
 
 log = logging.getLogger(__name__)
 
-# Fallback rate (GFLOP/s per core) when the engine cannot measure one; deliberately modest so that
-# deadlines derived from it err on the long side.
-FALLBACK_GFLOPS = 10.0
-# Below this many rows a band spends too much on its halo and on per-call overhead: split kernels instead.
 MIN_BAND_ROWS = 8
-# Kernel groups smaller than this starve the engine's GEMM of columns.
+"""Below this many rows a band spends too much on its halo and on per-call overhead: split kernels instead."""
 MIN_GROUP = 8
-# Tasks per consumer: enough that a slow or lost consumer costs a fraction of the job, not half of it.
-TASKS_PER_CONSUMER = 4
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """One consumer of the pull queue: a local thread, or a remote worker (all its cores)."""
-
-    name: str
-    gflops: float
-    """Engine rate of the consumer (GFLOP/s), over all its cores."""
-    cores: int = 1
-    overhead_s: float = 0.0
-    """Fixed cost of one task on it (a Pyro5 round trip), which small tasks must amortise."""
-    bytes_per_s: float | None = None
-    """Data-plane rate for its results; None = shared memory (nothing to move)."""
+"""Kernel groups smaller than this starve the engine's GEMM of columns."""
 
 
 @dataclass(frozen=True)
@@ -55,30 +29,6 @@ class Plan:
     group: int
     flops: float
     """Floating-point operations of the whole job (2 per multiply-add)."""
-
-
-@functools.cache
-def local_gflops() -> float:
-    """This machine's single-thread engine rate, measured once per process (a machine constant)."""
-    try:
-        from rmidl.kernels import measure_gflops
-    except ImportError:
-        return FALLBACK_GFLOPS
-    try:
-        return float(measure_gflops(threads=1))
-    except Exception as error:  # a failed calibration must not fail a job: fall back to a modest rate
-        log.debug("calibration failed (%s); assuming %.0f GFLOP/s", error, FALLBACK_GFLOPS)
-        return FALLBACK_GFLOPS
-
-
-def task_flops(task: Task, kernel_shape: Sequence[int], out_w: int) -> float:
-    """Operations of one task on a (K, kh, kw, C) bank: 2 per multiply-add."""
-    _, kh, kw, c = kernel_shape
-    return 2.0 * kh * kw * c * task.out_elements(out_w)
-
-
-def task_out_bytes(task: Task, out_w: int, itemsize: int) -> int:
-    return task.out_elements(out_w) * itemsize
 
 
 def plan(
@@ -93,8 +43,8 @@ def plan(
 ) -> Plan:
     """Cut a (K, OH, OW) output into tasks sized by the consumers' rates and overheads.
 
-    The count aims at TASKS_PER_CONSUMER tasks per core of every consumer (load balance, cheap
-    re-runs after a fault), but no more than keeps each task at least ~20 round trips long. Every task's
+    The count is the cost model's `balanced_tasks` (TASKS_PER_CORE per core of every consumer, but no
+    more than keeps each task MIN_ROUND_TRIPS round trips long). Every task's
     result stays under `max_task_bytes` and its band under `max_band_rows` output rows (hard limits: a
     message above a worker's size limit is refused). Row bands come first (a band ships its input
     once for all kernels); kernel groups only when bands would get thinner than MIN_BAND_ROWS.
@@ -103,13 +53,11 @@ def plan(
     flops = 2.0 * math.prod(int(n) for n in kernel_shape[1:]) * k * out_h * out_w
     cores = sum(max(1, c.cores) for c in consumers) or 1
     rate = sum(c.gflops for c in consumers) * 1e9 or FALLBACK_GFLOPS * 1e9
-    # Job time on all consumers if nothing but compute counted; a task on one core takes cores/n of it.
+    # Job time on all consumers if nothing but compute counted.
     job_s = flops / rate
     overhead = max((c.overhead_s for c in consumers), default=0.0)
-    balance = TASKS_PER_CONSUMER * cores
-    worth_it = math.floor(job_s * cores / (20 * overhead)) if overhead > 0 else balance
     by_size = math.ceil(k * out_h * out_w * itemsize / max(1, max_task_bytes))
-    n = max(1, min_tasks, by_size, min(balance, max(1, worth_it)))
+    n = max(1, min_tasks, by_size, balanced_tasks(job_s, cores, overhead))
     n = min(n, k * out_h)
 
     bands = min(n, max(1, out_h // MIN_BAND_ROWS))
@@ -148,21 +96,3 @@ def _within_limits(band: int, group: int, row_bytes: int, max_task_bytes: int,
             )
     return band, group
 
-
-def deadline(
-    task: Task,
-    kernel_shape: Sequence[int],
-    out_w: int,
-    consumer: Capacity,
-    *,
-    floor: float,
-    itemsize: int = 4,
-    factor: float = 10.0,
-) -> float:
-    """Seconds one task may take on `consumer` before it counts as hung: `factor` x the cost model
-    (compute at its rate + moving its result + a round trip), never below `floor`."""
-    compute = task_flops(task, kernel_shape, out_w) / max(consumer.gflops * 1e9, 1.0)
-    moving = 0.0
-    if consumer.bytes_per_s:
-        moving = task_out_bytes(task, out_w, itemsize) / consumer.bytes_per_s
-    return max(floor, factor * (compute + moving + consumer.overhead_s))

@@ -11,10 +11,12 @@ from rmidl.convolution import convolve, correlate
 from rmidl.errors import (
     AuthenticationError,
     BankError,
+    BankNotFound,
     BudgetExceeded,
     ClusterError,
     ConfigError,
     DTypeError,
+    ImageNotFound,
     ImageReadError,
     InputError,
     KernelTooLarge,
@@ -27,26 +29,36 @@ from rmidl.errors import (
     WorkerLost,
     WorkerNotFound,
 )
+from rmidl.history import History
 from rmidl.imaging import load_image, save_image
+from rmidl.mlp import MLP
+from rmidl.network import Network, Stage
 from rmidl.pooling import pool
+from rmidl.training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
     "BankError",
+    "BankNotFound",
     "BudgetExceeded",
     "ClusterError",
     "ConfigError",
     "DTypeError",
+    "History",
+    "ImageNotFound",
     "ImageReadError",
     "InputError",
     "KernelTooLarge",
+    "MLP",
+    "Network",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
     "RmidlError",
     "ShapeError",
+    "Stage",
     "TaskFailed",
     "WorkerLost",
     "WorkerNotFound",
@@ -58,4 +70,5 @@ __all__ = [
     "load_kernels",
     "pool",
     "save_image",
+    "train",
 ]

@@ -13,9 +13,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from rmidl._files import open_failure
+from rmidl._files import clipped, open_regular, read_npy, shown
 from rmidl.config import Config
-from rmidl.errors import BankError, BudgetExceeded, RmidlError
+from rmidl.errors import BankError, BankNotFound, BudgetExceeded, RmidlError
 from rmidl.validate import first_non_finite, float32_overflow
 
 __all__ = ["BANK_NAMES", "describe_bank", "load_kernels"]
@@ -29,72 +29,97 @@ _FLOAT = r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
 def _random(args: str, spec: str) -> np.ndarray:
     match = re.fullmatch(rf"{_INT}[xX]{_INT}[xX]{_INT}(?:[xX]{_INT})?(?::(\d+))?", args)
     if match is None:
-        raise BankError(f"bank spec {spec!r}: expected random:KxHxW[:seed] or random:KxHxWxC[:seed]")
+        raise BankError(f"bank spec {shown(spec)}: expected random:KxHxW[:seed] or random:KxHxWxC[:seed]")
     k, h, w = _sizes(spec, match[1], match[2], match[3])
     c = _sizes(spec, match[4])[0] if match[4] else None
     shape = (k, h, w) if c is None else (k, h, w, c)
-    _check_budget(spec, math.prod(shape))
-    seed = int(match[5]) if match[5] else 0
+    _check_budget(spec, 4 * math.prod(shape))
+    seed = _sizes(spec, match[5], least=0)[0] if match[5] else 0
     # scaled so that a kernel's response to unit-variance input has unit variance, like He/Glorot init
-    scale = np.float32(1.0 / math.sqrt(h * w * (c or 1)))
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * scale
+    bank = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    bank *= np.float32(1.0 / math.sqrt(h * w * (c or 1)))
+    return bank
+
+
+_WORK_BYTES = 32 << 20
+"""Most float64 working memory a builder uses at a time (chunks of kernels or rows), within the budget."""
+_GABOR_ARRAYS = 6  # float64 arrays of one chunk alive at once in _gabor_chunk
 
 
 def _gabor(args: str, spec: str) -> np.ndarray:
     match = re.fullmatch(rf"{_INT}(?:[xX]{_INT})?(?::{_FLOAT})?", args)
     if match is None:
-        raise BankError(f"bank spec {spec!r}: expected gabor:K[xS][:sigma]")
+        raise BankError(f"bank spec {shown(spec)}: expected gabor:K[xS][:sigma]")
     k, size = _sizes(spec, match[1], match[2] or "11")
     if size < 3:  # 1x1 is all zero once zero-mean; 2x2 at orientation 0 is constant, so zero too
-        raise BankError(f"bank spec {spec!r}: Gabor kernels need a size S >= 3, got {size}")
-    _check_budget(spec, k * size * size)
+        raise BankError(f"bank spec {shown(spec)}: Gabor kernels need a size S >= 3, got {size}")
+    chunk = _work_chunk(spec, 4 * k * size * size, _GABOR_ARRAYS * 8 * size * size, k, "float64 work arrays")
     sigma = _sigma(match[3], spec) if match[3] else size / 4.5
+    y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
+    bank = np.empty((k, size, size), np.float32)
+    for first in range(0, k, chunk):
+        bank[first : first + chunk] = _gabor_chunk(x, y, range(first, min(k, first + chunk)), k, sigma)
+    return bank
+
+
+def _gabor_chunk(x: np.ndarray, y: np.ndarray, indices: range, k: int, sigma: float) -> np.ndarray:
+    """Gabor kernels number `indices` of `k` (orientation i*pi/k), float64, zero-mean and unit-norm."""
     wavelength = sigma / 0.56  # one-octave bandwidth
     gamma = 0.5  # envelope aspect ratio, as in V1 models
-    y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
-    bank = np.empty((k, size, size), np.float64)
-    for i in range(k):
-        theta = i * math.pi / k
-        xr = x * math.cos(theta) + y * math.sin(theta)
-        yr = -x * math.sin(theta) + y * math.cos(theta)
-        envelope = np.exp(-(xr**2 + (gamma * yr) ** 2) / (2 * sigma**2))
-        kernel = envelope * np.cos(2 * math.pi * xr / wavelength)
-        # Remove the DC response under the envelope (flat regions give 0), keeping the kernel local, and
-        # normalise; twice, because for a narrow envelope (small sigma) what remains after the first pass
-        # is far smaller than the rounding left in its sum.
-        for _ in range(2):
-            kernel -= envelope * (kernel.sum() / envelope.sum())
-            kernel /= math.sqrt(float((kernel**2).sum()))
-        bank[i] = kernel
-    return bank
+    cos = np.array([math.cos(i * math.pi / k) for i in indices])[:, None, None]
+    sin = np.array([math.sin(i * math.pi / k) for i in indices])[:, None, None]
+    xr = x * cos + y * sin
+    yr = -x * sin + y * cos
+    yr *= gamma
+    yr **= 2
+    envelope = xr**2
+    envelope += yr
+    del yr
+    envelope /= -(2 * sigma**2)
+    np.exp(envelope, out=envelope)
+    xr *= 2 * math.pi
+    xr /= wavelength
+    kernel = np.cos(xr, out=xr)
+    kernel *= envelope
+    # Remove the DC response under the envelope (flat regions give 0), keeping the kernel local, and
+    # normalise; twice, because for a narrow envelope (small sigma) what remains after the first pass
+    # is far smaller than the rounding left in its sum.
+    weight = envelope.sum(axis=(1, 2), keepdims=True)
+    for _ in range(2):
+        kernel -= envelope * (kernel.sum(axis=(1, 2), keepdims=True) / weight)
+        kernel /= np.sqrt((kernel**2).sum(axis=(1, 2), keepdims=True))
+    return kernel
 
 
 def _gaussian(args: str, spec: str) -> np.ndarray:
     match = re.fullmatch(rf"{_INT}(?::{_FLOAT})?", args)
     if match is None:
-        raise BankError(f"bank spec {spec!r}: expected gaussian:S[:sigma]")
+        raise BankError(f"bank spec {shown(spec)}: expected gaussian:S[:sigma]")
     (size,) = _sizes(spec, match[1])
-    _check_budget(spec, size * size)
+    rows = _work_chunk(spec, 4 * size * size, 8 * size, size, "float64 work rows")
     # OpenCV's default sigma for a given size, so `gaussian:5` matches cv2.getGaussianKernel(5, 0)
     sigma = _sigma(match[2], spec) if match[2] else 0.3 * ((size - 1) * 0.5 - 1) + 0.8
     g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
-    kernel = np.outer(g, g)
-    return (kernel / kernel.sum())[None]
+    g /= g.sum()  # the outer product then sums to 1
+    kernel = np.empty((1, size, size), np.float32)
+    for first in range(0, size, rows):
+        kernel[0, first : first + rows] = np.outer(g[first : first + rows], g)
+    return kernel
 
 
 def _box(args: str, spec: str) -> np.ndarray:
     match = re.fullmatch(_INT, args)
     if match is None:
-        raise BankError(f"bank spec {spec!r}: expected box:S")
+        raise BankError(f"bank spec {shown(spec)}: expected box:S")
     (size,) = _sizes(spec, match[1])
-    _check_budget(spec, size * size)
-    return np.full((1, size, size), 1.0 / (size * size))
+    _check_budget(spec, 4 * size * size)
+    return np.full((1, size, size), 1.0 / (size * size), np.float32)
 
 
 def _fixed(kernels: list[list[list[float]]]) -> Callable[[str, str], np.ndarray]:
     def build(args: str, spec: str) -> np.ndarray:
         if args:
-            raise BankError(f"bank spec {spec!r}: {spec.partition(':')[0]} takes no arguments")
+            raise BankError(f"bank spec {shown(spec)}: {spec.partition(':')[0]} takes no arguments")
         return np.array(kernels, np.float64)
 
     return build
@@ -113,10 +138,15 @@ _BUILDERS: dict[str, Callable[[str, str], np.ndarray]] = {
 BANK_NAMES = tuple(_BUILDERS)
 
 
-def _sizes(spec: str, *texts: str) -> tuple[int, ...]:
+_MAX_DIGITS = 15  # no size, count or seed needs more; int() of thousands of digits is slow, then refused
+
+
+def _sizes(spec: str, *texts: str, least: int = 1) -> tuple[int, ...]:
+    if max(len(text) for text in texts) > _MAX_DIGITS:
+        raise BankError(f"bank spec {shown(spec)}: numbers must have at most {_MAX_DIGITS} digits")
     values = tuple(int(text) for text in texts)
-    if min(values) < 1:
-        raise BankError(f"bank spec {spec!r}: sizes and counts must be >= 1, got {min(values)}")
+    if min(values) < least:
+        raise BankError(f"bank spec {shown(spec)}: sizes and counts must be >= {least}, got {min(values)}")
     return values
 
 
@@ -124,26 +154,40 @@ def _sigma(text: str, spec: str) -> float:
     value = float(text)
     # below 0.1 px the envelope underflows to a single pixel; above 1e4 it is flat for any kernel size
     if not 0.1 <= value <= 1e4:
-        raise BankError(f"bank spec {spec!r}: sigma {text} must lie between 0.1 and 10000")
+        raise BankError(f"bank spec {shown(spec)}: sigma {clipped(text, 40)} must lie between 0.1 and 10000")
     return value
 
 
-def _check_budget(what: str, elements: int) -> None:
+def _check_budget(spec: str, nbytes: int, counted: str = "") -> int:
+    """Refuse a named bank from its spec alone, before any work, if building it needs over the budget;
+    return the budget."""
     budget = Config().memory_budget
-    if elements * 4 > budget:
+    if nbytes > budget:
+        detail = f" (the float32 bank and {counted})" if counted else ""
         raise BudgetExceeded(
-            f"kernel bank {what} needs {elements * 4} bytes, more than memory_budget={budget}"
+            f"kernel bank {clipped(spec)} needs {nbytes} bytes{detail}, more than memory_budget={budget}"
         )
+    return budget
+
+
+def _work_chunk(spec: str, bank_bytes: int, item_bytes: int, items: int, counted: str) -> int:
+    """How many items (kernels, rows) a builder computes at a time in float64 beside its float32 bank:
+    as many as _WORK_BYTES and the rest of the budget hold, at least one (else BudgetExceeded)."""
+    budget = _check_budget(spec, bank_bytes + item_bytes, counted)
+    return max(1, min(items, _WORK_BYTES // item_bytes, (budget - bank_bytes) // item_bytes))
 
 
 def _as_bank(array: np.ndarray, where: str) -> np.ndarray:
     """Check a loaded array and return it as a C-contiguous float32 (K, kh, kw[, C]) bank."""
     if array.dtype.kind not in "iuf":
-        raise BankError(f"{where} has dtype {array.dtype}; a bank must be a real (integer or float) array")
+        raise BankError(
+            f"{where} has dtype {clipped(array.dtype, 40)}; a bank must be a real (integer or float) array"
+        )
     if array.ndim == 2:
         array = array[None]
     if array.ndim not in (3, 4):
-        raise BankError(f"{where} has shape {array.shape}; expected (K, kh, kw) or (K, kh, kw, C)")
+        shape = clipped(array.shape, 80)
+        raise BankError(f"{where} has shape {shape}; expected (K, kh, kw) or (K, kh, kw, C)")
     if 0 in array.shape:
         raise BankError(f"{where} is empty: shape {array.shape}")
     problem = first_non_finite(array)
@@ -155,47 +199,67 @@ def _as_bank(array: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+# zipfile raises NotImplementedError for an unknown compression method, RuntimeError for an encrypted member
+_UNREADABLE = (ValueError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError, RuntimeError)
+_LISTED_MEMBERS = 5  # names an error lists of an archive holding several arrays
+
+
+def _fits(where: str, budget: int) -> Callable[[tuple[int, ...], np.dtype], None]:
+    """The check read_npy makes before allocating: the array as stored plus its float32 copy."""
+
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
+        count = math.prod(shape)
+        need = count * dtype.itemsize + (0 if dtype == np.float32 else 4 * count)
+        if need > budget:
+            raise BudgetExceeded(
+                f"{where} needs {need} bytes to load (shape {clipped(shape, 60)} of {clipped(dtype, 40)} "
+                f"and its float32 copy), more than memory_budget={budget}"
+            )
+
+    return check
+
+
 def _from_npz(handle: BinaryIO, where: str, budget: int) -> tuple[np.ndarray, str]:
-    with np.load(handle, allow_pickle=False) as archive:
-        names = list(archive.files)
-        if "kernels" in names:
+    """The bank member of an .npz archive (the only one, or 'kernels'), read through read_npy."""
+    with zipfile.ZipFile(handle) as archive:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        if "kernels" in members:
             name = "kernels"
-        elif len(names) == 1:
-            name = names[0]
-        elif not names:
+        elif len(members) == 1:
+            (name,) = members
+        elif not members:
             raise BankError(f"{where} holds no arrays")
         else:
-            raise BankError(f"{where} holds arrays {', '.join(names)}; name the bank 'kernels'")
-        # a compressed member can inflate far beyond the file's size: check before reading it
-        size = archive.zip.getinfo(f"{name}.npy").file_size
-        if size > budget:
-            raise BudgetExceeded(f"{where}: array {name!r} is larger than memory_budget={budget} bytes")
-        return archive[name], f"{where} (array {name!r})"
+            names = ", ".join(clipped(n, 40) for n in list(members)[:_LISTED_MEMBERS])
+            many = len(members) > _LISTED_MEMBERS
+            listed = f"{len(members)} arrays ({names}, ...)" if many else f"arrays {names}"
+            raise BankError(f"{where} holds {listed}; name the bank 'kernels'")
+        info = members[name]
+        where = f"{where} (array {shown(name, 40)})"
+        # a compressed member can inflate far beyond the file's size: its stated size is checked first,
+        # its header next (read_npy), and a stream that ends early or fails its CRC is an error
+        if info.file_size > budget:
+            raise BudgetExceeded(f"{where} is larger than memory_budget={budget} bytes")
+        with archive.open(info) as stream:
+            return read_npy(stream, where, info.file_size, BankError, _fits(where, budget)), where
 
 
 def _load_file(path: Path) -> np.ndarray:
-    where = f"kernel bank file {str(path)!r}"
+    where = f"kernel bank file {shown(path)}"
+    suffix = path.suffix.lower()
     budget = Config().memory_budget
-    try:
-        if path.stat().st_size > budget and path.suffix.lower() == ".npy":
-            raise BudgetExceeded(f"{where} is larger than memory_budget={budget} bytes")
-        # our own handle: np.load leaks the one it opens when a .npz is not a zip file
-        with path.open("rb") as handle:
-            if path.suffix.lower() == ".npz":
+    with open_regular(path, where, BankError, BankNotFound) as handle:
+        try:
+            if suffix == ".npz":
                 array, where = _from_npz(handle, where, budget)
             else:
-                array = np.load(handle, allow_pickle=False)
-    except RmidlError:
-        raise
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as error:
-        # np.load raises ValueError for pickled (object) data and bad headers, EOFError when empty
-        detail = str(error) or type(error).__name__
-        if "pickled" in detail:  # numpy's advice to unpickle does not apply: rmidl never does
-            detail = "not numpy data (or pickled data, which rmidl never loads)"
-        reason = open_failure(error) or f"is not a valid {path.suffix.lower()} file: {detail}"
-        raise BankError(f"{where} {reason}") from None
-    if not isinstance(array, np.ndarray):
-        raise BankError(f"{where} does not hold an array")
+                size = os.fstat(handle.fileno()).st_size
+                array = read_npy(handle, where, size, BankError, _fits(where, budget))
+        except RmidlError:
+            raise
+        except _UNREADABLE as error:
+            detail = clipped(error) or type(error).__name__
+            raise BankError(f"{where} is not a valid {suffix} file: {detail}") from None
     return _as_bank(array, where)
 
 
@@ -219,8 +283,11 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
     - ``box:S`` -- 1 kernel SxS of 1/S².
 
     A numpy array is checked and converted the same way as a file's content. Raises BankError naming the
-    spec or file (unknown name, malformed number, missing or invalid file, wrong ndim, empty, NaN/Inf,
-    bad dtype) and BudgetExceeded for banks larger than Config().memory_budget.
+    spec or file (unknown name, malformed number, not a regular file, invalid file or a header claiming
+    more data than it holds, wrong ndim, empty, NaN/Inf, bad dtype; a missing file is BankNotFound, also
+    a FileNotFoundError) and BudgetExceeded, before any work, when loading or building needs more than
+    Config().memory_budget (a file: its data plus the float32 copy; a spec: the bank plus one chunk of
+    the builder's float64 work).
     """
     if isinstance(spec, np.ndarray):
         return _as_bank(spec, "kernel bank array")
@@ -235,11 +302,11 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
     builder = _BUILDERS.get(name.lower())
     if builder is None:
         raise BankError(
-            f"unknown kernel bank {spec!r}: expected a .npy/.npz file or one of {', '.join(BANK_NAMES)}"
+            f"unknown kernel bank {shown(spec)}: expected a .npy/.npz file or one of {', '.join(BANK_NAMES)}"
         )
     bank = builder(args, text)
     log.debug("built bank %s with shape %s", text, bank.shape)
-    return _as_bank(bank, f"kernel bank {text!r}")
+    return _as_bank(bank, f"kernel bank {shown(text)}")
 
 
 def describe_bank(spec: str | os.PathLike[str] | np.ndarray) -> str:

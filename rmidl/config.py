@@ -21,6 +21,7 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "max_message_size": (int, 256 * MiB, "largest Pyro5 message a daemon or proxy accepts"),
     "memory_budget": (int, 8 * GiB, "largest output (bytes) a job or worker task may allocate"),
     "bank_cache_size": (int, 8, "kernel banks a worker keeps (LRU)"),
+    "image_max_pixels": (int, 89_478_485, "largest image (W x H) load_image decodes; Pillow's bomb limit"),
     "task_deadline_floor": (float, 10.0, "seconds a task may take at the least before it is re-queued"),
     "max_task_attempts": (int, 3, "workers a task may fail on before the job fails"),
     "tasks_in_flight": (int, 2, "tasks the coordinator keeps in flight per remote worker"),
@@ -37,6 +38,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_message_size": (4096, 1 << 40),
     "memory_budget": (1, 1 << 50),
     "bank_cache_size": (1, 1 << 20),
+    "image_max_pixels": (1, 1 << 40),
     "task_deadline_floor": (0.001, 1e6),
     "max_task_attempts": (1, 1000),
     "tasks_in_flight": (1, 64),
@@ -58,6 +60,7 @@ class Config:
     max_message_size: int
     memory_budget: int
     bank_cache_size: int
+    image_max_pixels: int
     task_deadline_floor: float
     max_task_attempts: int
     tasks_in_flight: int

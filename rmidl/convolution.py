@@ -8,7 +8,7 @@ import numpy as np
 
 from rmidl.errors import OptionError
 from rmidl.geometry import mode_padding
-from rmidl.kernels import correlate_valid_batch
+from rmidl.kernels import correlate_valid, correlate_valid_batch
 from rmidl.validate import check_engine, check_out, check_threads, prepare, prepare_batch
 
 __all__ = ["convolve", "correlate"]
@@ -58,7 +58,10 @@ def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int
     direct = _rows_contiguous(target4) and not (np.may_share_memory(result, padded)
                                                 or np.may_share_memory(result, bank))
     target = target4 if direct else np.empty(target4.shape, dtype)
-    correlate_valid_batch(padded, bank, target, threads=n_threads, engine=engine)
+    if batch:
+        correlate_valid_batch(padded, bank, target, threads=n_threads, engine=engine)
+    else:
+        correlate_valid(padded[0], bank, target[0], threads=n_threads, engine=engine)
     if target is not target4:
         target4[...] = target
     return result

@@ -7,13 +7,16 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BankError",
+    "BankNotFound",
     "BudgetExceeded",
     "ClusterError",
     "ConfigError",
     "DTypeError",
+    "ImageNotFound",
     "ImageReadError",
     "InputError",
     "KernelTooLarge",
+    "MissingFile",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
@@ -60,6 +63,21 @@ class ImageReadError(InputError):
 
 class BankError(InputError):
     """A kernel-bank spec or file that cannot be turned into a (K, kh, kw[, C]) bank."""
+
+
+class MissingFile(FileNotFoundError):
+    """Mixin: also a FileNotFoundError (with errno and filename set), as open() would raise; str() stays
+    rmidl's one-line message, where OSError would print "[Errno 2] ..."."""
+
+    __str__ = BaseException.__str__
+
+
+class ImageNotFound(ImageReadError, MissingFile):
+    """An image file that does not exist."""
+
+
+class BankNotFound(BankError, MissingFile):
+    """A kernel-bank file that does not exist."""
 
 
 class BudgetExceeded(InputError):

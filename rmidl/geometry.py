@@ -1,4 +1,9 @@
-"""Pure partitioning helpers: output shapes, mode padding, row bands with halos, kernel groups, tasks."""
+"""The one owner of shapes: output shapes, mode padding, row bands and their halos, kernel groups, tasks.
+
+Everything distributed is a valid correlation of a padded image (see `pad_for_mode`); a task's output
+rows [r0, r1) need the input rows [r0, r1 + halo) with halo = kh - 1 (`band_rows`): the coordinator
+slices bands with it, the worker checks bands with it, the planner sizes bands with it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Task", "band_rows", "output_shape", "pad_for_mode", "plan_tasks", "split_range"]
+__all__ = [
+    "Task",
+    "band_rows",
+    "halo",
+    "max_band_rows",
+    "mode_padding",
+    "output_shape",
+    "pad_for_mode",
+    "plan_tasks",
+    "split_range",
+]
 
 
 def output_shape(image_hw: tuple[int, int], kernel_hw: tuple[int, int], mode: str) -> tuple[int, int]:
@@ -50,9 +65,19 @@ def split_range(n: int, parts: int | None = None, *, size: int | None = None) ->
     return [(edges[i], edges[i + 1]) for i in range(parts)]
 
 
+def halo(kernel_h: int) -> int:
+    """Input rows beyond its output rows that a band needs for kernels `kernel_h` tall."""
+    return int(kernel_h) - 1
+
+
 def band_rows(rows: tuple[int, int], kernel_h: int) -> tuple[int, int]:
-    """Input rows [r0, r1 + kh - 1) a valid correlation needs for output rows [r0, r1) (the halo)."""
-    return rows[0], rows[1] + kernel_h - 1
+    """Input rows [r0, r1 + halo) a valid correlation needs for output rows [r0, r1)."""
+    return rows[0], rows[1] + halo(kernel_h)
+
+
+def max_band_rows(limit_bytes: int, input_row_bytes: int, kernel_h: int) -> int:
+    """Most output rows whose input band (with its halo) fits in `limit_bytes` (< 1: not even one)."""
+    return limit_bytes // max(1, input_row_bytes) - halo(kernel_h)
 
 
 @dataclass(frozen=True)

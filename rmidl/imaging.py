@@ -5,17 +5,36 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
+import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (  # noqa: F401
+    BmpImagePlugin,
+    Image,
+    ImageFile,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    PpmImagePlugin,
+    TiffImagePlugin,
+)
 
-from rmidl._files import open_failure
-from rmidl.errors import DTypeError, ImageReadError, InputError, NonFiniteInput, OptionError, ShapeError
+from rmidl._files import atomic_write, clipped, open_regular, shown
+from rmidl.config import Config
+from rmidl.errors import (
+    DTypeError,
+    ImageNotFound,
+    ImageReadError,
+    InputError,
+    NonFiniteInput,
+    OptionError,
+    ShapeError,
+)
 
 __all__ = ["SUFFIXES", "default_image", "load_image", "save_image", "save_maps"]
 
@@ -55,9 +74,46 @@ def _pixels(image: Image.Image, where: str) -> np.ndarray:
     array = np.asarray(image)
     if mode.startswith("I;16"):
         return array.astype(np.uint16)  # native byte order whatever the file's
-    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 0xFFFF:
-        return array.astype(np.uint16)  # Pillow opens 16-bit PGM as 32-bit "I"
-    return array
+    if mode == "I" and image.format == "PPM":
+        return array.astype(np.uint16)  # Pillow opens 16-bit PGM as 32-bit "I"; its maxval is <= 65535
+    return array  # a 32-bit integer TIFF stays int32 whatever its values
+
+
+def _identify(handle: BinaryIO, where: str) -> ImageFile.ImageFile:
+    """Pillow's Image.open for our formats, without its decompression-bomb check: that one warns on
+    stderr (DecompressionBombWarning) beside our error, and its limit is a process-wide global.
+    The plugins imported above registered their formats in Image.OPEN."""
+    prefix = handle.read(16)
+    for fmt in _READ_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str names a variant Pillow cannot read
+            continue
+        handle.seek(0)
+        try:
+            return factory(handle, "")  # type: ignore[no-any-return]
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this one"
+            continue
+    raise ImageReadError(f"{where} is not a PNG, JPEG, TIFF, BMP or PGM/PPM image")
+
+
+def _check_pixels(opened: ImageFile.ImageFile, where: str) -> None:
+    """Refuse, before decoding, an image whose header declares more pixels than image_max_pixels."""
+    width, height = opened.size
+    pixels = max(1, width) * max(1, height)
+    limit = Config().image_max_pixels
+    if pixels > limit:
+        raise ImageReadError(
+            f"{where} is too large to decode safely: {width}x{height} (W x H) is over "
+            f"image_max_pixels={limit}; raise RMIDL_IMAGE_MAX_PIXELS to read it"
+        )
+    pillows = Image.MAX_IMAGE_PIXELS
+    if opened.format == "TIFF" and pillows is not None and pixels > pillows:
+        # Pillow checks TIFF frames again while decoding, against its own process-wide limit
+        raise ImageReadError(
+            f"{where} is too large to decode safely: a {width}x{height} TIFF is over Pillow's own "
+            f"limit PIL.Image.MAX_IMAGE_PIXELS={pillows}; convert it to PNG or raise that limit"
+        )
 
 
 def load_image(path: str | os.PathLike[str], *, gray: bool | None = None) -> np.ndarray:
@@ -68,27 +124,28 @@ def load_image(path: str | os.PathLike[str], *, gray: bool | None = None) -> np.
     float TIFF, int32 for 32-bit integer TIFF (Pillow reads 16-bit colour files as 8-bit).
     `gray=True` always returns (H, W) luminance (0.299 R + 0.587 G + 0.114 B, rounded for integer
     types); `gray=False` always returns (H, W, 3). Raises ImageReadError naming the path and the reason:
-    missing, unreadable, not an image of these formats, corrupt or truncated (decoding is forced here,
-    since Pillow otherwise decodes lazily), or too large to decode safely.
+    not a regular file, unreadable, not an image of these formats, corrupt or truncated (decoding is
+    forced here, since Pillow otherwise decodes lazily), or more pixels than Config().image_max_pixels
+    (RMIDL_IMAGE_MAX_PIXELS); a missing file is an ImageNotFound, which is also a FileNotFoundError.
     """
     if gray not in (None, True, False):
         raise OptionError(f"gray={gray!r} must be True, False or None")
-    where = f"image {os.fspath(path)!r}"
-    try:
-        with Image.open(path, formats=_READ_FORMATS) as opened:
-            opened.load()
-            ImageOps.exif_transpose(opened, in_place=True)
-            array = _pixels(opened, where)
-    except ImageReadError:  # our own (an unsupported pixel mode): a ValueError, but not a corrupt file
-        raise
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{where} is not a PNG, JPEG, TIFF, BMP or PGM/PPM image") from None
-    except Image.DecompressionBombError as error:
-        raise ImageReadError(f"{where} is too large to decode safely: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as error:
-        # Pillow reports broken PNG chunks as SyntaxError and short data as OSError("... truncated")
-        reason = open_failure(error) or f"is corrupt or truncated: {error}"
-        raise ImageReadError(f"{where} {reason}") from None
+    where = f"image {shown(path)}"
+    with open_regular(path, where, ImageReadError, ImageNotFound) as handle:
+        try:
+            with _identify(handle, where) as opened:
+                _check_pixels(opened, where)
+                opened.load()
+                ImageOps.exif_transpose(opened, in_place=True)
+                array = _pixels(opened, where)
+        except ImageReadError:  # our own (e.g. an unsupported pixel mode): a ValueError, but not corrupt
+            raise
+        except Image.DecompressionBombError as error:  # a TIFF frame larger than its first
+            raise ImageReadError(f"{where} is too large to decode safely: {clipped(error)}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as error:
+            # Pillow reports broken PNG chunks as SyntaxError and short data as OSError("... truncated")
+            detail = clipped(error) or type(error).__name__
+            raise ImageReadError(f"{where} is corrupt or truncated: {detail}") from None
     if gray is True and array.ndim == 3:
         luma = array @ _LUMA
         if array.dtype.kind in "iu":
@@ -156,15 +213,9 @@ def _image_for(array: np.ndarray, fmt: str, bits: int | None, scale: str, where:
 
 
 def _write(image: Image.Image, path: Path, fmt: str, options: Mapping[str, object]) -> None:
-    """Save through a temporary sibling and rename, so readers never see a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        image.save(temporary, format=fmt, **options)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise InputError(f"cannot write image {str(path)!r}: {error.strerror or error}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Save through a temporary sibling renamed on success, so readers never see a half-written file."""
+    with atomic_write(path, f"image {shown(path)}") as handle:
+        image.save(handle, format=fmt, **options)
 
 
 def _format_for(path: Path) -> str:

@@ -65,11 +65,19 @@ def check_engine(engine: object) -> str:
 
 
 def check_threads(threads: object) -> int | None:
-    """A positive integer, or None for every core."""
+    """A positive integer, None for every core, or -1 for every core too (joblib's and scipy.fft's
+    habit), which becomes this process's core count so that callers see a positive integer."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise OptionError(f"threads={threads!r} must be a positive integer or None")
+    refused = OptionError(f"threads={threads!r} must be a positive integer, -1 (every core) or None")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise refused
+    if threads == -1:
+        from rmidl.kernels import available_cores  # here, not at the top: rmidl.kernels imports this module
+
+        return available_cores()
+    if threads < 1:
+        raise refused
     return int(threads)
 
 

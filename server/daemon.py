@@ -1,19 +1,16 @@
-"""Worker daemons registered with the name server: start one (library), serve it (loop), `rmidl worker`."""
+"""Worker daemons: start one and register it with the name server (library), serve it (loop).
+
+`rmidl worker` (client/cli/worker.py) is the command line over these.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
-import signal
 import socket
-import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import Pyro5.errors
@@ -25,35 +22,21 @@ from rmidl.config import Config
 from rmidl.errors import OptionError, RegistryError
 from rmidl.kernels import available_cores
 from rmidl.remote.bulk import BulkServer
-from rmidl.remote.contract import WORKER_PREFIX
-from rmidl.remote.security import (
-    SecretHandshake,
-    add_security_arguments,
-    check_bind,
-    config_from_args,
-    probe_bind,
-    server_ssl_context,
+from rmidl.remote.naming import (
+    check_worker_name,
+    object_name,
+    register_worker,
+    unregister_worker,
+    worker_tags,
 )
-from rmidl.remote.transport import WORKER_METADATA, configure_pyro, connect_ns, parse_address, worker_proxy
-from rmidl.server.worker import HANG_ENV, ConvolutionWorker
+from rmidl.remote.security import SecretHandshake, check_bind, probe_bind, server_ssl_context
+from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
+from rmidl.server.worker import ConvolutionWorker
 
-__all__ = [
-    "HELP",
-    "WorkerDaemon",
-    "WorkerHandle",
-    "add_arguments",
-    "main",
-    "metadata",
-    "run",
-    "start_worker",
-    "stop_on_signals",
-    "worker_loop",
-]
+__all__ = ["WorkerDaemon", "WorkerHandle", "metadata", "start_worker", "worker_loop"]
 
 logger = logging.getLogger(__name__)
 
-HELP = "start a ConvolutionWorker daemon and register it with the name server"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -78,7 +61,7 @@ class WorkerHandle:
 
     @property
     def object_name(self) -> str:
-        return WORKER_PREFIX + self.name
+        return object_name(self.name)
 
     def serve_in_thread(self) -> threading.Thread:
         """Run the request loop in a background thread (tests, `rmidl worker`)."""
@@ -90,13 +73,13 @@ class WorkerHandle:
         return self._thread
 
     def close(self, timeout: float = 5.0) -> None:
-        """Unregister, stop serving, release hung calls, the bulk channel and shared memory (idempotent)."""
+        """Unregister, stop serving, drop the bulk channel and shared blocks (idempotent)."""
         if self._closed:
             return
         self._closed = True
         if self.ns_address:
-            _unregister(self.ns_address, self.config, self.object_name, self.uri)
-        self.worker.close()  # first: lets hung test calls return so the daemon's threads can finish
+            _unregister(self.ns_address, self.config, self.name, self.uri)
+        self.worker.close()  # first: refuses queued tasks, so the daemon's threads can finish
         self.daemon.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -120,24 +103,23 @@ def start_worker(
     config: Config | None = None,
     insecure: bool = False,
     bulk: bool = True,
-    hang_tasks: int | None = None,
+    worker_class: type[ConvolutionWorker] = ConvolutionWorker,
 ) -> WorkerHandle:
     """Create a worker daemon on host:port and register it under `rmidl.worker.<name>` at `ns` (if given).
 
     The daemon is not yet serving: call `handle.serve_in_thread()` or `worker_loop(handle)`.
+    `worker_class` serves a subclass of ConvolutionWorker instead (an instrumented worker, or the test
+    suite's fault-injecting ones); it is built with the same keywords.
     """
     config = config or Config()
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")
-    if not _NAME.match(name):
-        raise OptionError(f"worker name {name!r} must be letters, digits, '_', '.' or '-' (at most 100)")
+    check_worker_name(name)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads={threads!r} must be a positive integer")
     if not 0 <= port <= 65535:
         raise OptionError(f"port {port} is outside 0-65535")
     check_bind(host, config, insecure=insecure, what=f"worker {name}")
     configure_pyro(config)
-    if hang_tasks is None:
-        hang_tasks = _hang_tasks_from_env()
     advertised = host
     nat: dict[str, Any] = {}
     if host in _WILDCARD_HOSTS:
@@ -150,20 +132,13 @@ def start_worker(
         context = server_ssl_context(config)
         bulk_server = BulkServer(host or "0.0.0.0", context, max_bytes=config.memory_budget)
     try:
-        worker = ConvolutionWorker(
-            name=name,
-            config=config,
-            threads=threads,
-            host=advertised,
-            bulk=bulk_server,
-            hang_tasks=hang_tasks,
-        )
+        worker = worker_class(name=name, config=config, threads=threads, host=advertised, bulk=bulk_server)
         daemon = WorkerDaemon(host=host, port=port, secret=config.secret, **nat)
     except BaseException:
         if bulk_server is not None:
             bulk_server.close()
         raise
-    uri = str(daemon.register(worker, objectId=WORKER_PREFIX + name))
+    uri = str(daemon.register(worker, objectId=object_name(name)))
     handle = WorkerHandle(name, uri, advertised, daemon, worker, bulk_server, config)
     if ns is not None:
         try:
@@ -187,44 +162,23 @@ def worker_loop(handle: WorkerHandle, stop: threading.Event | None = None) -> No
         handle.close()
 
 
-def _hang_tasks_from_env() -> int:
-    value = os.environ.get(HANG_ENV, "0")
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise OptionError(f"{HANG_ENV}={value!r} is not an integer") from None
-
-
 def metadata(handle: WorkerHandle) -> set[str]:
     """The name-server tags by which coordinators discover a worker."""
-    return set(WORKER_METADATA) | {
-        f"host:{handle.host}",
-        f"cores:{available_cores()}",
-        f"version:{rmidl.__version__}",
-    }
+    return set(worker_tags(host=handle.host, cores=available_cores(), version=rmidl.__version__))
 
 
 def _register(ns: str, config: Config, handle: WorkerHandle) -> None:
     with connect_ns(ns, config) as registry:
-        try:
-            registry.register(handle.object_name, handle.uri, safe=True, metadata=sorted(metadata(handle)))
-            return
-        except Pyro5.errors.NamingError:
-            previous = str(registry.lookup(handle.object_name))
-        if _alive(previous, config):
-            raise OptionError(f"worker name {handle.name!r} is taken by a live worker at {previous}")
-        logger.info("replacing stale registration of %s (%s)", handle.name, previous)
-        registry.register(handle.object_name, handle.uri, safe=False, metadata=sorted(metadata(handle)))
+        register_worker(registry, handle.name, handle.uri, sorted(metadata(handle)),
+                        alive=lambda uri: _alive(uri, config))
 
 
-def _unregister(ns: str, config: Config, object_name: str, uri: str) -> None:
+def _unregister(ns: str, config: Config, name: str, uri: str) -> None:
     try:
         with connect_ns(ns, config) as registry:
-            # Only our own entry: a newer worker may have taken the name over.
-            if str(registry.lookup(object_name)) == uri:
-                registry.remove(object_name)
+            unregister_worker(registry, name, uri)
     except (RegistryError, Pyro5.errors.PyroError) as error:
-        logger.warning("could not unregister %s from %s: %s", object_name, ns, error)
+        logger.warning("could not unregister %s from %s: %s", object_name(name), ns, error)
 
 
 def _alive(uri: str, config: Config) -> bool:
@@ -234,67 +188,3 @@ def _alive(uri: str, config: Config) -> bool:
     except Pyro5.errors.PyroError:
         return False
 
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default RMIDL_NS_HOST:RMIDL_NS_PORT)")
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free port)")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads per task (default: cores)")
-    parser.add_argument("--name", default=None, help="worker name (default HOSTNAME-PID)")
-    add_security_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`rmidl worker`: print the URI and "ready", serve until SIGINT/SIGTERM, unregister and exit 0."""
-    config = config_from_args(args)
-    ns_host, ns_port = parse_address(args.ns, config.ns_port, default_host=config.ns_host)
-    if args.threads is not None and args.threads < 1:
-        raise OptionError(f"--threads {args.threads} must be at least 1")
-    handle = start_worker(
-        ns=f"{ns_host}:{ns_port}",
-        host=args.host or config.host,
-        port=args.port,
-        threads=args.threads,
-        name=args.name,
-        config=config,
-        insecure=args.insecure,
-    )
-    with stop_on_signals() as stop:
-        print(handle.uri, flush=True)
-        print("ready", flush=True)
-        worker_loop(handle, stop)
-    return 0
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event SIGINT/SIGTERM set while the block runs (handlers only in the main thread), then restored."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %d: stopping", signum)
-        stop.set()
-
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        yield stop
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rmidl.server.daemon ...`: the same as `rmidl worker ...`."""
-    from rmidl.client.cli import main as cli_main
-
-    return cli_main(["worker", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,13 @@
-"""The name server (RMI registry): start it (library), serve it (loop) and `rmidl ns` (CLI)."""
+"""The name server (the RMI registry): start it (library) and serve it (loop).
+
+`rmidl ns` (client/cli/ns.py) is the command line over these.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
-import sys
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import Pyro5.errors
@@ -17,30 +17,13 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config, MiB
 from rmidl.errors import OptionError
-from rmidl.remote.security import (
-    SecretHandshake,
-    add_security_arguments,
-    check_bind,
-    config_from_args,
-    probe_bind,
-)
+from rmidl.remote.security import SecretHandshake, check_bind, probe_bind
 from rmidl.remote.transport import configure_pyro
 
-__all__ = [
-    "HELP",
-    "NS_MAX_MESSAGE_SIZE",
-    "NameServerDaemon",
-    "add_arguments",
-    "address_of",
-    "main",
-    "ns_loop",
-    "run",
-    "start_ns",
-]
+__all__ = ["NS_MAX_MESSAGE_SIZE", "NameServerDaemon", "address_of", "ns_loop", "start_ns"]
 
 logger = logging.getLogger(__name__)
 
-HELP = "start the name server (the registry workers join and coordinators look up)"
 NS_MAX_MESSAGE_SIZE = 1 * MiB
 """Largest message `rmidl ns` accepts: a name server sees only registrations and lookups."""
 
@@ -123,36 +106,3 @@ def ns_loop(daemon: NameServerDaemon, stop: threading.Event | None = None) -> No
         daemon.shutdown()
         thread.join(5.0)
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port to bind (default 9090, 0: any free)")
-    parser.add_argument("--broadcast", action="store_true", help="answer Pyro5 broadcast lookups")
-    add_security_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`rmidl ns`: print the address and "ready", serve until SIGINT/SIGTERM, exit 0."""
-    from rmidl.server.daemon import stop_on_signals
-
-    config = config_from_args(args)
-    config = config.replace(max_message_size=min(config.max_message_size, NS_MAX_MESSAGE_SIZE))
-    port = config.ns_port if args.port is None else args.port
-    host = args.host or config.ns_host
-    _, daemon = start_ns(host, port, config=config, broadcast=args.broadcast, insecure=args.insecure)
-    with stop_on_signals() as stop:
-        print(address_of(daemon), flush=True)
-        print("ready", flush=True)
-        ns_loop(daemon, stop)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rmidl.server.nameserver ...`: the same as `rmidl ns ...`."""
-    from rmidl.client.cli import main as cli_main
-
-    return cli_main(["ns", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

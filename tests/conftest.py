@@ -169,3 +169,21 @@ def children() -> Iterator[Callable[..., Child]]:
     yield spawn
     for child in reversed(started):
         child.stop(signal.SIGKILL)
+
+
+def gaussian_blobs(n: int = 600, features: int = 12, classes: int = 3, spread: float = 1.0,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled Gaussian clusters (centres 4 apart on random axes, unit noise times spread), raw scale."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, features))
+    centres *= 4.0 / np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.arange(n) % classes
+    rng.shuffle(y)
+    x = centres[y] + spread * rng.standard_normal((n, features))
+    return 50.0 + 10.0 * x, y  # offset and scale: features as they come, not standardised
+
+
+@pytest.fixture
+def blobs() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """Factory of synthetic classification data: blobs(n=600, features=12, classes=3, spread=1.0, seed=0)."""
+    return gaussian_blobs

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from reference import assert_close, reference
 
 import rmidl
 from rmidl.client.localcluster import Process
@@ -37,10 +38,10 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def up():
-    """`rmidl up --workers 2` in the foreground; yields (process, ns address, child pids); stopped after.
-    Shared by this module's tests; the last test stops it with SIGTERM and checks that nothing is left."""
+    """`rmidl up --workers 2` in the foreground for one test (which may stop it); yields (process,
+    ns address, child pids); stopped after the test if it still runs."""
     process = Process("up", ["up", "--workers", "2"], ENV)
     try:
         lines = process.wait_ready(90)
@@ -60,50 +61,6 @@ def picture(tmp_path, rng):
     pixels = rng.integers(0, 256, (40, 60), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path, pixels
-
-
-@pytest.mark.parametrize(
-    ("argv", "code", "message"),
-    [
-        (["run", "{missing}", "--kernels", "sobel"], 2, "missing.png"),
-        (["run", "{picture}", "--kernels", "sobel", "--mode", "diagonal"], 2, "mode 'diagonal'"),
-        (["run", "{picture}", "--kernels", "sobel", "--ns", "host:port:x"], 2, "host:port:x"),
-        (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/maps.txt"], 2, "maps.txt"),
-        (["run", "{picture}", "--kernels", "sobel", "--out", "{tmp}/folder.npy"], 2, "folder.npy"),
-        (["run", "{picture}", "--kernels", "sobel", "--out", "{picture}/maps.npy"], 2, "is not a directory"),
-        (["run", "{picture}", "--kernels", "random:2x50x50"], 2, "50x50"),
-        (["run", "{picture}", "--kernels", "sobel", "--local-threads", "-2"], 2, "local_threads=-2"),
-        (["status", "--ns", "{ns}", "--name", "nobody"], 3, "no worker named 'nobody'"),
-        (["run", "{picture}", "--kernels", "sobel", "--ns", "{ns}", "--workers", "w2,nobody"], 3,
-         "no worker 'nobody' registered at {ns} (registered: w1, w2)"),
-        (["run", "{picture}", "--kernels", "sobel", "--ns", "{ns}", "--workers", "w0,,w1"], 2,
-         "--workers 'w0,,w1' is not a comma-separated list"),
-        (["run", "{picture}", "--kernels", "sobel", "--workers", "w0"], 2, "give --ns too"),
-        (["status", "--ns", "{closed}"], 3, "not reachable"),
-        (["up", "--workers", "-1"], 2, "workers=-1"),
-        (["up", "--ns-port", "99999"], 2, "ns_port=99999"),
-        (["run", "{picture}", "--kernels", "nosuch:3"], 2, "nosuch:3"),
-        (["demo", "--size", "9999x1"], 2, "--size '9999x1'"),
-    ],
-)
-def test_bad_input_is_one_line_and_an_exit_code(up, picture, tmp_path, capsys, argv, code, message):
-    """In-process through cli.main (the subprocess path is smoke-tested below): one line, an exit code."""
-    import socket
-
-    from rmidl.client.cli import main
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"127.0.0.1:{probe.getsockname()[1]}"
-    (tmp_path / "folder.npy").mkdir()  # an --out that passes the checks but cannot be written
-    values = {"missing": str(tmp_path / "missing.png"), "picture": str(picture[0]), "tmp": str(tmp_path),
-              "ns": up[1], "closed": closed}
-    assert main([a.format(**values) for a in argv]) == code
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rmidl: error: "), lines
-    assert message.format(**values) in lines[0]
-    # The cluster still serves.
-    assert main(["status", "--ns", up[1]]) == 0
 
 
 def test_ns_and_worker_commands():
@@ -126,18 +83,32 @@ def test_ns_and_worker_commands():
         assert ns.stop(15) == 0
 
 
-def test_run_on_chosen_workers(up, picture, tmp_path, capsys):
-    """`rmidl run --workers w1` gives every task to w1 (in-process; the module's cluster has w1 and w2)."""
+def test_ns_and_worker_modules_run_the_command_line(capsys):
+    """cli.ns.main / cli.worker.main (once rmidl.server.*.main) are `rmidl ns` / `rmidl worker`."""
+    from rmidl.client.cli import ns, worker
+
+    assert ns.main(["--port", "99999"]) == 2
+    assert worker.main(["--ns", "127.0.0.1:1", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "rmidl: error: port 99999 is outside 0-65535", "rmidl: error: --threads 0 must be at least 1"
+    ]
+    done = subprocess.run([sys.executable, "-m", "rmidl.client.cli.ns", "--port", "99999"],
+                          capture_output=True, text=True, timeout=60, env=ENV, check=False)
+    assert (done.returncode, done.stderr) == (2, "rmidl: error: port 99999 is outside 0-65535\n")
+
+
+def test_run_on_chosen_workers(nameserver, start_worker, picture, tmp_path, capsys):
+    """`rmidl run --workers w1` gives every task to w1 (in-process, on in-process workers w1 and w2)."""
     from rmidl.client.cli import main
 
+    for name in ("w1", "w2"):
+        start_worker(name=name)
     path, pixels = picture
     out = tmp_path / "maps.npy"
-    assert main(["run", str(path), "--kernels", "random:3x3x3", "--ns", up[1], "--workers", " w1",
+    assert main(["run", str(path), "--kernels", "random:3x3x3", "--ns", nameserver, "--workers", " w1",
                  "--out", str(out)]) == 0
     assert re.search(r"tasks per worker: w1=\d+;", capsys.readouterr().out)
-    bank = rmidl.load_kernels("random:3x3x3").astype(np.float64)
-    expected = rmidl.correlate(pixels.astype(np.float64), bank)
-    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert_close(np.load(out), reference(pixels, rmidl.load_kernels("random:3x3x3")))
 
 
 def test_demo_quick():
@@ -163,9 +134,7 @@ def test_up_run_status_and_clean_stop(up, picture, tmp_path):
     done = rmidl_cli("run", str(path), "--kernels", "random:5x3x4", "--ns", address, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert re.search(r"5 maps of 38x57 \(valid\): [\d.]+ s, [\d.]+ GFLOP/s, tasks per worker: w", done.stdout)
-    bank = rmidl.load_kernels("random:5x3x4").astype(np.float64)
-    expected = rmidl.correlate(pixels.astype(np.float64), bank)
-    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert_close(np.load(out), reference(pixels, rmidl.load_kernels("random:5x3x4")))
 
     folder = tmp_path / "pngs"
     done = rmidl_cli("run", str(path), "--kernels", "sobel", "--mode", "same", "--ns", address,

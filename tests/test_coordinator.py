@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.signal
+from reference import assert_close, reference
 
 from rmidl.client import Coordinator
-from rmidl.client.planning import Capacity, deadline, plan
+from rmidl.client.cost import Capacity, TaskCost, deadline
+from rmidl.client.planning import plan
 from rmidl.config import Config
 from rmidl.errors import (
     BudgetExceeded,
-    InputError,
-    KernelTooLarge,
     OptionError,
     ShapeError,
     TaskFailed,
     WorkerNotFound,
 )
-from rmidl.geometry import Task
-
-
-def ref2d(image: np.ndarray, kernels: np.ndarray, mode: str, *, flip: bool = False) -> np.ndarray:
-    """float64 reference: scipy per kernel and channel, summed over channels."""
-    img = np.asarray(image, np.float64)
-    ker = np.asarray(kernels, np.float64)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if ker.ndim == 3:
-        ker = ker[..., None]
-    op = scipy.signal.convolve if flip else scipy.signal.correlate
-    return np.stack([
-        sum(op(img[:, :, c], k[:, :, c], mode=mode) for c in range(img.shape[2])) for k in ker
-    ])
-
-
-def assert_close(result: np.ndarray, ref: np.ndarray) -> None:
-    assert result.shape == ref.shape
-    scale = float(np.abs(ref).max()) or 1.0
-    np.testing.assert_allclose(result, ref, rtol=0, atol=1e-5 * scale)
-
 
 CASES = [
     # (image shape, kernel shape, mode)
@@ -56,8 +33,9 @@ def test_local_pool_matches_reference(rng, image_shape, kernel_shape, mode, thre
     image = rng.standard_normal(image_shape).astype(np.float32)
     kernels = rng.standard_normal(kernel_shape).astype(np.float32)
     with Coordinator(local_threads=threads, min_tasks=6) as coordinator:
-        assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
-        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+        assert_close(coordinator.correlate(image, kernels, mode=mode), reference(image, kernels, mode))
+        assert_close(coordinator.convolve(image, kernels, mode=mode),
+                     reference(image, kernels, mode, flip=True))
         assert sum(coordinator.stats().values()) == coordinator.last_job()["tasks"] >= 6
 
 
@@ -67,7 +45,7 @@ def test_float64_in_float64_out(rng):
     with Coordinator(local_threads=2) as coordinator:
         result = coordinator.correlate(image, kernels)
     assert result.dtype == np.float64
-    np.testing.assert_allclose(result, ref2d(image, kernels, "valid"), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(result, reference(image, kernels, "valid"), rtol=1e-10, atol=1e-10)
 
 
 def test_out_buffer_is_filled(rng):
@@ -78,26 +56,7 @@ def test_out_buffer_is_filled(rng):
         assert coordinator.correlate(image, kernels, out=out) is out
         with pytest.raises(ShapeError, match="out has shape"):
             coordinator.correlate(image, kernels, out=np.empty((6, 38, 37), np.float32))
-    assert_close(out, ref2d(image, kernels, "valid"))
-
-
-@pytest.mark.parametrize(
-    ("make_out", "match"),
-    [
-        (lambda: [0.0], "out must be a numpy array"),
-        (lambda: np.empty((2, 18, 28), np.float64), "out has dtype float64"),
-        (lambda: np.broadcast_to(np.float32(0), (2, 18, 28)), "read-only"),
-    ],
-)
-def test_bad_out_is_refused_as_rmidl_correlate_refuses_it(rng, make_out, match):
-    import rmidl
-
-    image = rng.standard_normal((20, 30)).astype(np.float32)
-    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
-    with pytest.raises(InputError, match=match) as expected:
-        rmidl.correlate(image, kernels, out=make_out())
-    with Coordinator(local_threads=2) as coordinator, pytest.raises(expected.type, match=match):
-        coordinator.correlate(image, kernels, out=make_out())
+    assert_close(out, reference(image, kernels, "valid"))
 
 
 def test_budget_refused_before_work(rng):
@@ -129,22 +88,32 @@ def test_bad_options(kwargs, error, match):
         Coordinator(**kwargs)
 
 
-def test_bad_input_is_the_library_error():
-    with Coordinator(local_threads=1) as coordinator, pytest.raises(KernelTooLarge, match="13x13"):
-        coordinator.correlate(np.ones((8, 640)), np.ones((1, 13, 13)))
+def _run_locally(job, threads: int, config: Config, *, min_tasks: int = 1):
+    """Plan `job` for `threads` local pool threads and run it on a Scheduler of its own; the queue."""
+    from rmidl.client.scheduler import Scheduler
+
+    scheduler = Scheduler(config, local_threads=threads)
+    job.plan_for(scheduler.capacities(threads), [], shared_memory=False, min_tasks=min_tasks)
+    queue = scheduler.queue(job)
+    with job.buffers():
+        scheduler.run(job, queue)
+    return queue
 
 
-def test_local_task_failure_fails_job_naming_task(rng, monkeypatch):
-    from rmidl.client import scheduler
+def test_local_task_failure_fails_job_naming_task(rng):
+    from rmidl.client.jobs import CorrelationJob
+    from rmidl.validate import prepare
 
-    def broken(image, kernels, out, engine):
-        raise RuntimeError("engine fell over")
+    class Broken(CorrelationJob):
+        def run_local(self, task, threads):
+            raise RuntimeError("engine fell over")
 
-    monkeypatch.setattr(scheduler, "_correlate_valid", broken)
     image = rng.standard_normal((40, 40)).astype(np.float32)
+    config = Config(environ={})
+    job = Broken(prepare(image, rng.standard_normal((3, 3, 3)).astype(np.float32)), config=config)
     expected = r"task \d+ \(rows .*local: RuntimeError: engine fell over"
-    with Coordinator(local_threads=2) as coordinator, pytest.raises(TaskFailed, match=expected):
-        coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
+    with pytest.raises(TaskFailed, match=expected):
+        _run_locally(job, 2, config)
 
 
 def test_plan_balances_and_bounds_tasks():
@@ -168,10 +137,14 @@ def test_plan_balances_and_bounds_tasks():
 
 def test_deadline_has_a_floor_and_grows_with_work():
     consumer = Capacity("w", 1.0, bytes_per_s=1e6)
-    small = Task(0, (0, 1), (0, 1))
-    big = Task(1, (0, 1000), (0, 100))
-    assert deadline(small, (100, 3, 3, 1), 100, consumer, floor=2.0) == 2.0
-    assert deadline(big, (100, 3, 3, 1), 1000, consumer, floor=2.0) > 100
+    small = TaskCost(flops=2 * 9 * 100, result_bytes=400)  # one row of one 3x3 kernel, 100 wide
+    big = TaskCost(flops=2 * 9 * 1000 * 100 * 1000, result_bytes=4 * 1000 * 100 * 1000)
+    assert deadline(small, consumer, floor=2.0) == 2.0
+    assert deadline(big, consumer, floor=2.0) > 100
+    # Moving the bytes counts, at the consumer's data-plane rate (none over shared memory).
+    moving = TaskCost(flops=0, input_bytes=50_000_000, result_bytes=50_000_000)
+    assert deadline(moving, consumer, floor=2.0) == pytest.approx(10 * 100.0)
+    assert deadline(moving, Capacity("shm", 1.0), floor=2.0) == 2.0
 
 
 # -- on real worker daemons (in-process, port 0) ------------------------------------------------------------
@@ -191,12 +164,13 @@ def test_cluster_matches_reference(nameserver, start_worker, cluster_config, rng
         for image_shape, kernel_shape, mode in CASES:
             image = rng.standard_normal(image_shape).astype(np.float32)
             kernels = rng.standard_normal(kernel_shape).astype(np.float32)
-            assert_close(coordinator.correlate(image, kernels, mode=mode), ref2d(image, kernels, mode))
+            assert_close(coordinator.correlate(image, kernels, mode=mode), reference(image, kernels, mode))
             job = coordinator.last_job()
             assert sum(job["tasks_by"].values()) == job["tasks"] >= 8
             assert set(job["tasks_by"]) <= {"local", *(w["name"] for w in coordinator.workers())}
             assert job["shared_memory"] == (shm and workers > 0)
-        assert_close(coordinator.convolve(image, kernels, mode=mode), ref2d(image, kernels, mode, flip=True))
+        assert_close(coordinator.convolve(image, kernels, mode=mode),
+                     reference(image, kernels, mode, flip=True))
 
 
 def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_config, rng):
@@ -205,7 +179,7 @@ def test_inline_results_without_bulk_channel(nameserver, start_worker, cluster_c
     kernels = rng.standard_normal((7, 4, 5, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config,
                      min_tasks=5) as coordinator:
-        assert_close(coordinator.correlate(image, kernels, mode="full"), ref2d(image, kernels, "full"))
+        assert_close(coordinator.correlate(image, kernels, mode="full"), reference(image, kernels, "full"))
         assert coordinator.stats() == {"w0": coordinator.last_job()["tasks"]}
 
 
@@ -221,7 +195,7 @@ def test_no_local_pool_means_no_local_calibration(nameserver, start_worker, clus
     image = rng.standard_normal((30, 40)).astype(np.float32)
     kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, config=cluster_config) as coordinator:
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
 
 
 def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, cluster_config, rng):
@@ -233,9 +207,9 @@ def test_bank_sent_once_and_put_again_when_evicted(nameserver, start_worker, clu
         banks = handle.worker.info()["banks"]
         assert len(banks) == 1
         for bank_id in banks:
-            handle.worker.drop_bank(bank_id)
+            handle.worker.drop_blob(bank_id)
         # The worker forgot the bank: the coordinator is told (BankError) and puts it again.
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert handle.worker.info()["banks"] == banks
 
 
@@ -258,7 +232,7 @@ def test_shared_blocks_reused_across_jobs_give_fresh_results(nameserver, start_w
             image = rng.standard_normal((60, 80)).astype(np.float32)
             kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
             results.append(coordinator.correlate(image, kernels))
-            refs.append(ref2d(image, kernels, "valid"))
+            refs.append(reference(image, kernels, "valid"))
             assert coordinator.last_job()["shared_memory"]
         # Each result is the caller's own array: later jobs through the same blocks leave it alone.
         for result, ref in zip(results, refs, strict=True):
@@ -290,7 +264,7 @@ def test_one_coordinator_serves_concurrent_callers(nameserver, start_worker, clu
             thread.join(60)
     for i, (image, kernels) in enumerate(inputs):
         assert isinstance(results[i], np.ndarray), results[i]
-        assert_close(results[i], ref2d(image, kernels, "valid"))
+        assert_close(results[i], reference(image, kernels, "valid"))
 
 
 def test_plan_keeps_tasks_under_hard_limits():
@@ -314,7 +288,7 @@ def test_tasks_fit_the_smallest_worker_message_limit(nameserver, start_worker, c
     kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, shared_memory=False, config=cluster_config) as coordinator:
         assert coordinator.workers()[0]["name"] == "w0"
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert coordinator.last_job()["tasks"] > 1
         with pytest.raises(BudgetExceeded, match="over the smallest worker message limit"):
             coordinator.correlate(rng.standard_normal((40, 9000)).astype(np.float32), kernels)
@@ -332,7 +306,7 @@ def test_closing_a_coordinator_unmaps_its_blocks_on_workers(nameserver, start_wo
     image = rng.standard_normal((60, 80)).astype(np.float32)
     kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
     with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert coordinator.last_job()["shared_memory"]
         assert len(_mapped_blocks() - before) == 2
         # A job of another shape replaces the blocks: the old ones are released at once too.
@@ -421,43 +395,44 @@ def test_joining_worker_with_a_smaller_message_limit_sits_out(nameserver, start_
             start_worker(name="late", config=Config(environ={}, max_message_size=16 << 10))
             configure_pyro(cluster_config)
             assert job.until(lambda: "late" in coordinator._scheduler.workers)  # the job's discovery
-        assert_close(job.result, ref2d(image, kernels, "valid"))
+        assert_close(job.result, reference(image, kernels, "valid"))
         assert coordinator.stats() == {"early": 8}
         # The next job is sized for both.
-        assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
         assert set(coordinator.stats()) <= {"early", "late"}
 
 
-def test_interrupted_job_stops_its_threads_taking_tasks(rng, monkeypatch):
+def test_interrupted_job_stops_its_threads_taking_tasks(rng):
     """Ctrl-C in the caller (KeyboardInterrupt while it waits) must not leave the pool running the job."""
     import _thread
     import threading
     import time
 
-    from rmidl.client import scheduler
+    from rmidl.client.jobs import CorrelationJob
+    from rmidl.validate import prepare
 
-    real = scheduler._correlate_valid
     calls: list[int] = []
     released = threading.Event()
 
-    def engine(image, kernels, out, engine):
-        calls.append(1)
-        if len(calls) == 1:
-            _thread.interrupt_main()  # what a Ctrl-C does to the waiting caller
-        released.wait(10)  # hold every task until the caller has seen the interrupt
-        real(image, kernels, out, engine)
+    class Interrupted(CorrelationJob):
+        def run_local(self, task, threads):
+            calls.append(1)
+            if len(calls) == 1:
+                _thread.interrupt_main()  # what a Ctrl-C does to the waiting caller
+            released.wait(10)  # hold every task until the caller has seen the interrupt
+            super().run_local(task, threads)
 
-    monkeypatch.setattr(scheduler, "_correlate_valid", engine)
     image = rng.standard_normal((64, 64)).astype(np.float32)
-    with Coordinator(local_threads=2, min_tasks=16) as coordinator:
-        with pytest.raises(KeyboardInterrupt):
-            coordinator.correlate(image, rng.standard_normal((3, 3, 3)).astype(np.float32))
-        released.set()
-        end = time.monotonic() + 10
-        while any(t.name.startswith("rmidl-local-") for t in threading.enumerate()):
-            assert time.monotonic() < end, "pool threads still running 10 s after the interrupt"
-            threading.Event().wait(0.01)
-        total = coordinator.last_job()["tasks"]
+    config = Config(environ={})
+    job = Interrupted(prepare(image, rng.standard_normal((3, 3, 3)).astype(np.float32)), config=config)
+    with pytest.raises(KeyboardInterrupt):
+        _run_locally(job, 2, config, min_tasks=16)
+    released.set()
+    end = time.monotonic() + 10
+    while any(t.name.startswith("rmidl-local-") for t in threading.enumerate()):
+        assert time.monotonic() < end, "pool threads still running 10 s after the interrupt"
+        threading.Event().wait(0.01)
+    total = len(job.tasks())
     assert total >= 16
     assert len(calls) <= 2, f"{len(calls)} of {total} tasks ran although the caller was interrupted"
 
@@ -467,7 +442,7 @@ def _job_on(coordinator: Coordinator, rng: np.random.Generator) -> dict[str, int
     """Run one many-task job, check it against the reference, return the tasks each runner did."""
     image = rng.standard_normal((60, 50)).astype(np.float32)
     kernels = rng.standard_normal((6, 3, 3)).astype(np.float32)
-    assert_close(coordinator.correlate(image, kernels), ref2d(image, kernels, "valid"))
+    assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
     return coordinator.stats()
 
 
@@ -549,5 +524,38 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
             start_worker(name="late")
             assert job.until(lambda: any("late" in found for found in polls))  # the job's discovery saw it
             assert "late" not in scheduler.workers  # listed, yet never probed nor given a task
-        assert_close(job.result, ref2d(image, kernels, "valid"))
+        assert_close(job.result, reference(image, kernels, "valid"))
         assert coordinator.stats() == {"early": coordinator.last_job()["tasks"]}
+
+
+# -- options reach the workers ------------------------------------------------------------------------------
+def test_an_unknown_engine_is_refused_before_any_work(nameserver, start_worker, cluster_config, rng,
+                                                      monkeypatch):
+    from rmidl.client import scheduler
+
+    def calibrate() -> float:
+        raise AssertionError("calibrated before the engine was checked")
+
+    monkeypatch.setattr(scheduler, "local_gflops", calibrate)
+    handle = start_worker()
+    image = rng.standard_normal((30, 40)).astype(np.float32)
+    kernels = rng.standard_normal((3, 3, 3)).astype(np.float32)
+    for local in (0, 1):  # without a local pool nothing else would ever look at the name
+        with Coordinator(nameserver, local_threads=local, config=cluster_config) as coordinator:
+            with pytest.raises(OptionError, match="engine 'fast' is not one of auto, lowering"):
+                coordinator.correlate(image, kernels, engine="fast")
+            assert coordinator.last_job() == {}
+    info = handle.worker.info()
+    assert info["banks"] == [] and info["tasks_done"] == 0  # no bank sent, no task run
+
+
+@pytest.mark.parametrize("engine", ["direct", "fft", "lowering"])
+def test_the_engine_is_forwarded_to_workers(nameserver, start_worker, cluster_config, rng, engine):
+    handle = start_worker()
+    image = rng.standard_normal((40, 50)).astype(np.float32)
+    kernels = rng.standard_normal((4, 5, 5)).astype(np.float32)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
+        assert_close(coordinator.correlate(image, kernels, engine=engine, mode="same"),
+                     reference(image, kernels, "same"))
+        tasks = coordinator.last_job()["tasks"]
+    assert handle.worker.info()["engines"] == {engine: tasks}

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-import scipy.signal
+from reference import assert_close, reference
 from threadpoolctl import threadpool_info
 
 import rmidl
@@ -14,32 +14,6 @@ from rmidl import kernels as engines
 from rmidl.kernels._threads import blas_pinned, run_tiles
 
 MODES = ("valid", "same", "full")
-
-
-def reference(image: np.ndarray, kernels: np.ndarray, mode: str, flip: bool = False) -> np.ndarray:
-    """float64 scipy.signal correlate/convolve per kernel, summed over channels: (K, OH, OW)."""
-    fn = scipy.signal.convolve if flip else scipy.signal.correlate
-    image = np.asarray(image, np.float64)
-    kernels = np.asarray(kernels, np.float64)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if kernels.ndim == 2:
-        kernels = kernels[None]
-    if kernels.ndim == 3:
-        kernels = kernels[..., None]
-    return np.stack([
-        sum(fn(image[:, :, c], kernel[:, :, c], mode=mode) for c in range(image.shape[2]))
-        for kernel in kernels
-    ])
-
-
-def assert_close(got: np.ndarray, want: np.ndarray) -> None:
-    """float32 within 1e-5 x max|reference| (float64 within 1e-12 x), same shape."""
-    assert got.shape == want.shape
-    scale = max(float(np.abs(want).max()), 1e-30)
-    tolerance = 1e-5 if got.dtype == np.float32 else 1e-12
-    error = float(np.abs(got - want).max())
-    assert error <= tolerance * scale, f"max error {error:.3g} > {tolerance:g} x {scale:.3g}"
 
 
 def random_cases(count: int, seed: int) -> list[tuple[tuple[int, int, int], tuple[int, int], int]]:

@@ -6,9 +6,12 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import assert_close, reference
+from worker_doubles import failing
 
 from rmidl.client import Coordinator
 from rmidl.client.localcluster import LocalCluster
@@ -16,23 +19,6 @@ from rmidl.config import Config
 from rmidl.errors import RegistryError, ShapeError, TaskFailed, WorkerLost
 
 SCHEDULER_LOG = "rmidl.client.scheduler"
-
-
-def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """float64 valid correlation by a plain loop over kernel offsets."""
-    img = image.astype(np.float64)
-    ker = kernels.astype(np.float64)
-    kh, kw = ker.shape[1:]
-    oh, ow = img.shape[0] - kh + 1, img.shape[1] - kw + 1
-    out = np.zeros((len(ker), oh, ow))
-    for a in range(kh):
-        for b in range(kw):
-            out += ker[:, a, b, None, None] * img[None, a : a + oh, b : b + ow]
-    return out
-
-
-def assert_exact(result: np.ndarray, ref: np.ndarray) -> None:
-    np.testing.assert_allclose(result, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
 
 
 @pytest.fixture
@@ -60,7 +46,8 @@ def on_progress(at: int, action):
 
 
 def registered(address: str) -> set[str]:
-    from rmidl.remote.transport import connect_ns, list_workers
+    from rmidl.remote.naming import list_workers
+    from rmidl.remote.transport import connect_ns
 
     with connect_ns(address, fault_config()) as ns:
         return set(list_workers(ns))
@@ -75,41 +62,37 @@ def test_killed_worker_tasks_run_elsewhere(job, caplog):
         with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
             result = coordinator.correlate(image, kernels, progress=progress)
         assert progress.fired.is_set()
-        assert_exact(result, ref)
+        assert_close(result, ref)
         lost = [r for r in caplog.records if r.name == SCHEDULER_LOG and "w2 lost" in r.getMessage()]
         assert len(lost) == 1
         assert "w2" not in registered(cluster.ns_address)
         assert {w["name"]: w["state"] for w in coordinator.workers()}["w2"] == "dead"
         # The next job runs on the survivors.
-        assert_exact(coordinator.correlate(image, kernels), ref)
+        assert_close(coordinator.correlate(image, kernels), ref)
         assert set(coordinator.stats()) <= {"w1", "w3"}
 
 
-def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog):
+def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog, children):
     image, kernels, ref = job
     with LocalCluster(workers=1) as cluster:
-        cluster.add_worker("hang", env={"RMIDL_TEST_HANG_TASKS": "1"})
+        # A real worker process whose first task hangs (tests/worker_doubles.py).
+        hanging = children("worker_doubles", "--ns", cluster.ns_address, "--name", "hang", "--hang", "1",
+                           env={"PYTHONPATH": str(Path(__file__).parent)})
+        hanging.read_until("ready")
         config = fault_config(task_deadline_floor=1.0)
         with Coordinator(cluster.ns_address, local_threads=0, config=config, min_tasks=12) as coordinator:
             with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
                 result = coordinator.correlate(image, kernels)
-            assert_exact(result, ref)
+            assert_close(result, ref)
             assert coordinator.last_job()["requeued"] >= 1
             states = {w["name"]: w["state"] for w in coordinator.workers()}
             assert states == {"hang": "quarantined", "w1": "ok"}
             assert any("hang did not finish" in r.getMessage() for r in caplog.records)
 
 
-def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job, monkeypatch):
-    from rmidl.server import worker as worker_module
-
+def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job):
     image, kernels, _ = job
-    handles = [start_worker() for _ in range(3)]
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("engine fell over")
-
-    monkeypatch.setattr(worker_module, "run_engine", broken)
+    handles = [start_worker(worker_class=failing(RuntimeError("engine fell over"))) for _ in range(3)]
     config = fault_config(max_task_attempts=3)
     with Coordinator(nameserver, local_threads=0, config=config) as coordinator:
         expected = r"task \d+ \(rows \d+:\d+, kernels \d+:\d+\) failed on 3 worker"
@@ -120,26 +103,16 @@ def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, jo
     assert all(h.worker.ping() == "pong" for h in handles)
 
 
-def test_bad_input_from_the_engine_is_not_retried(nameserver, start_worker, rng, monkeypatch):
-    from rmidl.server import worker as worker_module
-
-    # Small enough to be one task, so "not retried" means exactly one engine call.
+def test_bad_input_from_the_worker_is_not_retried(nameserver, start_worker, rng):
+    # Small enough to be one task, so "not retried" means exactly one call.
     image = rng.standard_normal((20, 20)).astype(np.float32)
     kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
-    for _ in range(2):
-        start_worker()
-    calls = []
-
-    def refuses(*args, **kwargs):
-        calls.append(1)
-        raise ShapeError("band 3x4 is too small")
-
-    monkeypatch.setattr(worker_module, "run_engine", refuses)
+    handles = [start_worker(worker_class=failing(ShapeError("band 3x4 is too small"))) for _ in range(2)]
     with Coordinator(nameserver, local_threads=0, config=fault_config()) as coordinator:
         with pytest.raises(ShapeError, match="band 3x4"):
             coordinator.correlate(image, kernels)
         assert coordinator.last_job()["tasks"] == 1
-    assert len(calls) == 1
+    assert sum(handle.worker.calls for handle in handles) == 1
 
 
 def test_worker_joining_mid_job_takes_tasks(nameserver, start_worker, job):
@@ -171,7 +144,7 @@ def test_worker_joining_mid_job_takes_tasks(nameserver, start_worker, job):
         runner.join(60)
         assert not runner.is_alive()
         assert isinstance(results[0], np.ndarray), results[0]
-        assert_exact(results[0], ref)
+        assert_close(results[0], ref)
         assert coordinator.stats().get("late", 0) > 0
 
 
@@ -201,7 +174,7 @@ def test_all_workers_gone_local_pool_finishes(job):
                 while registered(cluster.ns_address) and time.monotonic() < deadline:
                     time.sleep(0.02)  # polling the registry with a deadline, not synchronising by sleep
 
-        assert_exact(coordinator.correlate(image, kernels, progress=progress), ref)
+        assert_close(coordinator.correlate(image, kernels, progress=progress), ref)
         assert kill.fired.is_set()
         assert coordinator.stats()["local"] > 0
         assert registered(cluster.ns_address) == set()

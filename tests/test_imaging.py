@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lying_files import header_only_png
 from PIL import Image, ImageOps
 
 from rmidl import DTypeError, ImageReadError, InputError, NonFiniteInput, OptionError, ShapeError
@@ -188,10 +187,6 @@ def test_default_image_script_reproduces_the_shipped_file(tmp_path: Path) -> Non
     np.testing.assert_array_equal(load_image(tmp_path / "d.png"), default_image(np.uint8))
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def broken(tmp_path: Path, name: str) -> Path:
     """Write one kind of unreadable image into tmp_path and return its path."""
     rng = np.random.default_rng(3)
@@ -214,8 +209,7 @@ def broken(tmp_path: Path, name: str) -> Path:
     elif name == "folder.png":
         path.mkdir()
     elif name == "bomb.png":  # a valid header claiming 30000x30000 pixels, no data
-        header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b""))
+        header_only_png(path, 30000, 30000)
     return path
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from rmidl.errors import AuthenticationError, OptionError, RegistryError
 from rmidl.kernels import available_cores
-from rmidl.remote.contract import WORKER_PREFIX
-from rmidl.remote.transport import connect_ns, list_workers, parse_address, worker_proxy
+from rmidl.remote.naming import WORKER_PREFIX, list_workers
+from rmidl.remote.transport import connect_ns, parse_address, worker_proxy
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,20 @@ def test_a_live_workers_name_cannot_be_taken_but_a_stale_one_can(nameserver, sta
         fresh = start_worker(name="delta")
         assert list_workers(ns)["delta"] == fresh.uri
         assert list_workers(ns)["gamma"] == live.uri
+
+
+def test_removing_a_dead_workers_entry_spares_a_newer_one_of_the_same_name(nameserver, start_worker,
+                                                                          cluster_config):
+    from rmidl.remote.naming import unregister_worker
+
+    fresh = start_worker(name="epsilon")  # replaced a dead "epsilon" the coordinator is about to drop
+    dead_uri = "PYRO:rmidl.worker.epsilon@127.0.0.1:1"
+    with connect_ns(nameserver, cluster_config) as ns:
+        assert unregister_worker(ns, "epsilon", dead_uri) is False
+        assert list_workers(ns) == {"epsilon": fresh.uri}
+        assert unregister_worker(ns, "epsilon", fresh.uri) is True
+        assert list_workers(ns) == {}
+        assert unregister_worker(ns, "epsilon", fresh.uri) is False  # gone already: nothing to do
 
 
 def test_unreachable_name_server_is_a_registry_error_within_the_timeout(cluster_config):

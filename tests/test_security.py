@@ -17,24 +17,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from Pyro5.errors import CommunicationError
+from reference import assert_close, reference
 
 from rmidl.client.cli import main as cli_main
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
+from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
+from rmidl.remote.naming import list_workers
 from rmidl.remote.security import read_secret, secured_config
-from rmidl.remote.transport import client_ssl_context, configure_pyro, connect_ns, list_workers, worker_proxy
+from rmidl.remote.transport import client_ssl_context, configure_pyro, connect_ns, worker_proxy
 from rmidl.remote.wire import pack, unpack
 from rmidl.server.nameserver import start_ns
 
 SECRET = "correct horse battery staple"
 
 
-def _reference(image: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    import scipy.signal
-
-    maps = [scipy.signal.correlate(image.astype(float), k.astype(float), mode="valid")[:, :, 0] for k in bank]
-    return np.stack(maps)
+def bank_blob(bank: np.ndarray) -> dict:
+    return Blob.bank(bank).to_wire()
 
 
 def _small_task(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -56,15 +56,15 @@ def test_client_without_the_secret_is_refused_in_the_handshake(start_worker, rng
         with pytest.raises(CommunicationError, match=r"rejected: .*cluster secret missing or wrong"):
             intruder._pyroBind()
         with pytest.raises(CommunicationError, match="cluster secret missing or wrong"):
-            intruder.put_bank("b", pack(np.ones((1, 2, 2, 1), np.float32)))
+            intruder.put_blob("b", bank_blob(np.ones((1, 2, 2, 1), np.float32)))
     # The worker keeps serving clients that know the secret, and never ran the intruder's call.
     image, bank, task = _small_task(rng)
     with worker_proxy(handle.uri, secured, timeout=30) as member:
         assert member.info()["banks"] == []
-        member.put_bank("b", pack(bank))
+        member.put_blob("b", bank_blob(bank))
         result = unpack(member.correlate(task)["result"])
-    expected = _reference(image, bank)
-    np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+    expected = reference(image, bank)
+    assert_close(result, expected)
 
 
 def test_name_server_with_a_secret_refuses_strangers_and_admits_workers(start_worker):
@@ -92,7 +92,7 @@ def test_secret_files_are_read_and_checked(tmp_path):
     path.write_text("short")
     with pytest.raises(OptionError, match="shorter than 8"):
         read_secret(path)
-    with pytest.raises(OptionError, match=r"cannot read secret file .*missing"):
+    with pytest.raises(OptionError, match=r"secret file .*missing. does not exist"):
         read_secret(tmp_path / "missing")
     with pytest.raises(OptionError, match=r"tls-ca file .*nope\.pem.* does not exist"):
         secured_config(Config(environ={}), tls_ca=str(tmp_path / "nope.pem"))
@@ -138,15 +138,15 @@ def test_oversized_message_is_refused_and_the_worker_keeps_serving(nameserver, c
     with worker_proxy(uri, cluster_config, timeout=30) as proxy:
         assert proxy.info()["max_message_size"] == limit
         with pytest.raises(CommunicationError):
-            proxy.put_bank("big", pack(too_big))
+            proxy.put_blob("big", bank_blob(too_big))
     assert worker.process.poll() is None
     image, bank, task = _small_task(rng)
     with worker_proxy(uri, cluster_config, timeout=30) as proxy:
-        proxy.put_bank("b", pack(bank))
+        proxy.put_blob("b", bank_blob(bank))
         assert proxy.info()["banks"] == ["b"]
-        expected = _reference(image, bank)
+        expected = reference(image, bank)
         result = unpack(proxy.correlate(task)["result"])
-        np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+        assert_close(result, expected)
     code, stderr = worker.stop()
     assert code == 0, stderr
 
@@ -310,16 +310,16 @@ def tls_config(tmp_path):
 def test_tls_round_trip_and_bulk_channel(start_worker, tls_config, rng):
     handle = start_worker(config=tls_config, ns=None)
     image, bank, task = _small_task(rng)
-    expected = _reference(image, bank)
+    expected = reference(image, bank)
     with worker_proxy(handle.uri, tls_config, timeout=30) as proxy:
-        proxy.put_bank("b", pack(bank))
+        proxy.put_blob("b", bank_blob(bank))
         result = unpack(proxy.correlate(task)["result"])
-        np.testing.assert_allclose(result, expected, atol=1e-5 * np.abs(expected).max())
+        assert_close(result, expected)
         reply = proxy.correlate(task | {"output": "bulk"})
         out = np.zeros(expected.shape, np.float32)
         port = proxy.info()["bulk_port"]
     fetch("127.0.0.1", port, reply["ticket"], out, timeout=10, ssl_context=client_ssl_context(tls_config))
-    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+    assert_close(out, expected)
 
 
 def test_tls_refuses_clients_without_a_trusted_certificate(start_worker, tls_config, tmp_path):
@@ -368,6 +368,29 @@ def test_tls_name_server_registers_and_lists_workers(start_worker, tls_config):
         handle = start_worker(config=tls_config, ns=daemon.locationStr, name="tls-member")
         with connect_ns(daemon.locationStr, tls_config) as registry:
             assert list_workers(registry) == {"tls-member": handle.uri}
+        handle.close()
+    finally:
+        daemon.shutdown()
+        thread.join(5)
+
+
+def test_coordinator_over_tls_fetches_bulk_results_with_its_certificate(start_worker, tls_config, rng):
+    from rmidl.client import Coordinator
+
+    _, daemon = start_ns("127.0.0.1", 0, config=tls_config)
+    thread = daemon.serve_in_thread()
+    try:
+        handle = start_worker(config=tls_config, ns=daemon.locationStr, name="tls-bulk")
+        image = rng.standard_normal((40, 50, 2)).astype(np.float32)
+        bank = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+        # No shared memory: every result crosses the worker's TLS-wrapped bulk channel.
+        with Coordinator(daemon.locationStr, local_threads=0, shared_memory=False, config=tls_config,
+                         min_tasks=4) as coordinator:
+            result = coordinator.correlate(image, bank)
+            job = coordinator.last_job()
+        assert_close(result, reference(image, bank))
+        assert job["tasks_by"] == {"tls-bulk": job["tasks"]} and job["tasks"] >= 4
+        assert job["moved_bytes"] == result.nbytes  # over the bulk channel, not inline
         handle.close()
     finally:
         daemon.shutdown()

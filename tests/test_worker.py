@@ -8,29 +8,17 @@ import time
 
 import numpy as np
 import pytest
-import scipy.signal
 from Pyro5.errors import CommunicationError
 from Pyro5.errors import TimeoutError as PyroTimeoutError
+from reference import assert_close, reference
 
 from rmidl.config import Config
 from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
+from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
 from rmidl.remote.shm import SharedArray, host_id
 from rmidl.remote.transport import worker_proxy
 from rmidl.remote.wire import pack, unpack
-
-
-def reference(image: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """float64 valid correlation (K, OH, OW) of image (H, W, C) with kernels (K, kh, kw, C), by scipy."""
-    image = image.astype(np.float64)
-    maps = [scipy.signal.correlate(image, k.astype(np.float64), mode="valid")[:, :, 0] for k in kernels]
-    return np.stack(maps)
-
-
-def assert_close(result: np.ndarray, expected: np.ndarray) -> None:
-    assert result.shape == expected.shape
-    tolerance = 1e-5 * max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance)
 
 
 def task(task_id, rows, kernels, source, *, output="inline", bank_id="bank"):
@@ -40,6 +28,11 @@ def task(task_id, rows, kernels, source, *, output="inline", bank_id="bank"):
 
 def band(image, rows, kh):
     return {"array": pack(image[rows[0] : rows[1] + kh - 1])}
+
+
+def bank_blob(bank):
+    """The wire form of a bank blob, as put_blob takes it."""
+    return Blob.bank(bank).to_wire()
 
 
 @pytest.fixture
@@ -77,9 +70,12 @@ def test_inline_task_equals_scipy(proxy, rng, dtype, case):
     image_shape, bank_shape, rows, kernels = case
     image = rng.standard_normal(image_shape).astype(dtype)
     bank = rng.standard_normal(bank_shape).astype(dtype)
-    proxy.put_bank("bank", pack(bank))
+    proxy.put_blob("bank", bank_blob(bank))
+    start = time.perf_counter()
     reply = proxy.correlate(task(7, rows, kernels, band(image, rows, bank_shape[1])))
-    assert reply["task_id"] == 7 and reply["seconds"] >= 0
+    round_trip = time.perf_counter() - start
+    # the worker's own compute time: measured (not left at 0), and within the call that carried it
+    assert reply["task_id"] == 7 and 0 < reply["seconds"] < round_trip
     result = unpack(reply["result"])
     assert result.dtype == np.dtype(dtype)
     assert_close(result, reference(image, bank)[kernels[0] : kernels[1], rows[0] : rows[1]])
@@ -88,7 +84,7 @@ def test_inline_task_equals_scipy(proxy, rng, dtype, case):
 def test_bulk_task_streams_into_the_output_slice(worker, proxy, rng):
     image = rng.standard_normal((30, 25, 2)).astype(np.float32)
     bank = rng.standard_normal((6, 4, 3, 2)).astype(np.float32)
-    proxy.put_bank("bank", pack(bank))
+    proxy.put_blob("bank", bank_blob(bank))
     expected = reference(image, bank)
     out = np.zeros(expected.shape, np.float32)
     for task_id, (rows, ks) in enumerate([((0, 14), (0, 3)), ((14, 27), (0, 3)), ((0, 27), (3, 6))]):
@@ -104,7 +100,7 @@ def test_bulk_task_streams_into_the_output_slice(worker, proxy, rng):
 def test_shm_tasks_write_in_place(proxy, rng, dtype):
     image = rng.standard_normal((33, 21, 3)).astype(dtype)
     bank = rng.standard_normal((5, 3, 4, 3)).astype(dtype)
-    proxy.put_bank("bank", pack(bank))
+    proxy.put_blob("bank", bank_blob(bank))
     expected = reference(image, bank)
     tiles = [((r0, min(r0 + 8, 31)), (k0, min(k0 + 2, 5))) for r0 in range(0, 31, 8) for k0 in range(0, 5, 2)]
     with SharedArray.create(image.shape, dtype) as shared_in, SharedArray.create(expected.shape, dtype) as o:
@@ -112,20 +108,20 @@ def test_shm_tasks_write_in_place(proxy, rng, dtype):
         for task_id, (rows, ks) in enumerate(tiles):
             source = {"shm": shared_in.descriptor()}
             reply = proxy.correlate(task(task_id, rows, ks, source, output={"shm": o.descriptor()}))
-            assert set(reply) == {"task_id", "seconds"}
+            assert set(reply) == {"task_id", "seconds", "engine"}
         assert_close(o.array, expected)
     assert proxy.info()["tasks_done"] == len(tiles)
 
 
-def test_put_bank_replaces_and_drop_bank_forgets(proxy, rng):
+def test_put_blob_replaces_and_drop_blob_forgets(proxy, rng):
     image = rng.standard_normal((10, 10, 1)).astype(np.float32)
     first, second = (rng.standard_normal((2, 3, 3, 1)).astype(np.float32) for _ in range(2))
-    proxy.put_bank("bank", pack(first))
-    proxy.put_bank("bank", pack(second))
+    proxy.put_blob("bank", bank_blob(first))
+    proxy.put_blob("bank", bank_blob(second))
     result = unpack(proxy.correlate(task(0, (0, 8), (0, 2), band(image, (0, 8), 3)))["result"])
     assert_close(result, reference(image, second))
-    assert proxy.drop_bank("bank") is True
-    assert proxy.drop_bank("bank") is False
+    assert proxy.drop_blob("bank") is True
+    assert proxy.drop_blob("bank") is False
     with pytest.raises(BankError, match="'bank' is not cached"):
         proxy.correlate(task(1, (0, 8), (0, 2), band(image, (0, 8), 3)))
 
@@ -136,9 +132,9 @@ def test_bank_cache_is_lru_by_count(start_worker, rng):
     image = rng.standard_normal((8, 8, 1)).astype(np.float32)
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
         for name in ("a", "b"):
-            proxy.put_bank(name, pack(np.ones((1, 2, 2, 1), np.float32)))
+            proxy.put_blob(name, bank_blob(np.ones((1, 2, 2, 1), np.float32)))
         proxy.correlate(task(0, (0, 7), (0, 1), band(image, (0, 7), 2), bank_id="a"))  # a is now newest
-        proxy.put_bank("c", pack(np.ones((1, 2, 2, 1), np.float32)))
+        proxy.put_blob("c", bank_blob(np.ones((1, 2, 2, 1), np.float32)))
         assert proxy.info()["banks"] == ["a", "c"]
         with pytest.raises(BankError, match="'b'"):
             proxy.correlate(task(1, (0, 7), (0, 1), band(image, (0, 7), 2), bank_id="b"))
@@ -148,12 +144,12 @@ def test_bank_cache_is_bounded_by_bytes(start_worker):
     config = Config(environ={}, memory_budget=4 * 4000)  # banks get a quarter: 4000 bytes
     handle = start_worker(config=config)
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
-        proxy.put_bank("a", pack(np.ones((10, 5, 5, 1), np.float32)))  # 1000 bytes
-        proxy.put_bank("b", pack(np.ones((20, 5, 5, 1), np.float32)))  # 2000 bytes
-        proxy.put_bank("c", pack(np.ones((15, 5, 5, 1), np.float32)))  # 1500: 4500 > 4000, a goes
+        proxy.put_blob("a", bank_blob(np.ones((10, 5, 5, 1), np.float32)))  # 1000 bytes
+        proxy.put_blob("b", bank_blob(np.ones((20, 5, 5, 1), np.float32)))  # 2000 bytes
+        proxy.put_blob("c", bank_blob(np.ones((15, 5, 5, 1), np.float32)))  # 1500: 4500 > 4000, a goes
         assert proxy.info()["banks"] == ["b", "c"]
         with pytest.raises(BudgetExceeded, match="bank 'd' of 4100 bytes exceeds"):
-            proxy.put_bank("d", pack(np.ones((41, 5, 5, 1), np.float32)))
+            proxy.put_blob("d", bank_blob(np.ones((41, 5, 5, 1), np.float32)))
         assert proxy.info()["banks"] == ["b", "c"]
 
 
@@ -162,7 +158,7 @@ def test_task_output_above_the_memory_budget_is_refused_before_work(start_worker
     handle = start_worker(config=config)
     image = rng.standard_normal((60, 60, 1)).astype(np.float32)
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(rng.standard_normal((4, 3, 3, 1)).astype(np.float32)))
+        proxy.put_blob("bank", bank_blob(rng.standard_normal((4, 3, 3, 1)).astype(np.float32)))
         with pytest.raises(BudgetExceeded, match=r"task 3: output of 53824 bytes exceeds the worker's"):
             proxy.correlate(task(3, (0, 58), (0, 4), band(image, (0, 58), 3)))
         # A smaller task of the same job fits, and the refused one left no reservation behind.
@@ -179,7 +175,7 @@ def test_inline_result_above_the_message_size_is_refused_before_work(start_worke
     image = rng.standard_normal((20, 100, 1)).astype(np.float32)
     bank = rng.standard_normal((16, 3, 3, 1)).astype(np.float32)
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(bank))
+        proxy.put_blob("bank", bank_blob(bank))
         with pytest.raises(BudgetExceeded, match=r"task 5: inline result of 112896 bytes does not fit"):
             proxy.correlate(task(5, (0, 18), (0, 16), band(image, (0, 18), 3)))
         # Half the kernels fit inline; all of them fit in bulk.
@@ -203,7 +199,7 @@ def test_a_budget_full_of_other_tasks_is_a_cluster_error_not_the_inputs_fault(st
     expected = reference(image, bank)
     one = task(0, (0, 23), (0, 6), band(image, (0, 23), 3))
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(bank))
+        proxy.put_blob("bank", bank_blob(bank))
         port = proxy.info()["bulk_port"]
         # An unfetched bulk result holds the bulk budget; a second one must wait, not fail its job.
         first = proxy.correlate(one | {"output": "bulk"})
@@ -227,7 +223,7 @@ def test_a_budget_full_of_other_tasks_is_a_cluster_error_not_the_inputs_fault(st
 def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(proxy, rng):
     image = rng.standard_normal((12, 12, 2)).astype(np.float32)
     bank = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
-    proxy.put_bank("bank", pack(bank))
+    proxy.put_blob("bank", bank_blob(bank))
     good = task(0, (0, 10), (0, 3), band(image, (0, 10), 3))
     nan_bank = bank.copy()
     nan_bank[1, 2, 0, 1] = np.nan
@@ -249,10 +245,12 @@ def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(prox
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), output="disk")),
          ShapeError, "'disk'"),
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), ShapeError, "does not exist"),
-        (lambda: proxy.put_bank("bank2", pack(nan_bank)), NonFiniteInput, "NaN or Inf"),
-        (lambda: proxy.put_bank("bank2", pack(bank[0])), ShapeError, r"\(K, kh, kw, C\)"),
-        (lambda: proxy.put_bank("", pack(bank)), BankError, "non-empty string"),
-        (lambda: proxy.put_bank("bank2", {"dtype": "int8", "shape": [1], "data": b"x"}), DTypeError, "int8"),
+        (lambda: proxy.put_blob("bank2", bank_blob(nan_bank)), NonFiniteInput, "NaN or Inf"),
+        (lambda: proxy.put_blob("bank2", bank_blob(bank[0])), ShapeError, r"\(K, kh, kw, C\)"),
+        (lambda: proxy.put_blob("", bank_blob(bank)), BankError, "non-empty string"),
+        (lambda: proxy.put_blob("bank2", {"kind": "bank", "settings": {},
+                                          "arrays": {"bank": {"dtype": "int8", "shape": [1], "data": b"x"}}}),
+         DTypeError, "int8"),
     ]
     for call, error, match in bad_calls:
         with pytest.raises(error, match=match):
@@ -269,7 +267,7 @@ def test_concurrent_calls_from_many_proxies(worker, cluster_config, rng):
     out = np.zeros(expected.shape, np.float32)
     errors: list[BaseException] = []
     with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(bank))
+        proxy.put_blob("bank", bank_blob(bank))
 
     def client(k: int) -> None:
         try:
@@ -290,19 +288,18 @@ def test_concurrent_calls_from_many_proxies(worker, cluster_config, rng):
     assert_close(out, expected)
 
 
-def test_hang_hook_blocks_first_calls_until_shutdown(start_worker, cluster_config, rng):
-    handle = start_worker(hang_tasks=1)
+def test_a_hung_call_blocks_neither_other_calls_nor_shutdown(start_worker, cluster_config, rng):
+    from worker_doubles import HangingWorker
+
+    handle = start_worker(worker_class=HangingWorker)
     image = rng.standard_normal((8, 8, 1)).astype(np.float32)
     good = task(0, (0, 6), (0, 1), band(image, (0, 6), 3))
     with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(np.ones((1, 3, 3, 1), np.float32)))
+        proxy.put_blob("bank", bank_blob(np.ones((1, 3, 3, 1), np.float32)))
     with worker_proxy(handle.uri, cluster_config, timeout=0.5) as hung, pytest.raises(PyroTimeoutError):
         hung.correlate(good)
+    assert handle.worker.hung.wait(10)
     with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
-        deadline = time.monotonic() + 10
-        while proxy.info()["busy"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling a condition with a deadline, not synchronising by sleep
-        assert proxy.info()["busy"] == 1
         # Only the first call hangs; the worker keeps answering others.
         assert_close(unpack(proxy.correlate(good)["result"]), reference(image, np.ones((1, 3, 3, 1))))
     handle.close()  # releases the hung call; close() must not block on it
@@ -321,7 +318,7 @@ def test_many_jobs_leave_no_threads_descriptors_or_mappings_behind(worker, clust
 
     def one_job(task_id: int) -> None:
         with worker_proxy(worker.uri, cluster_config, timeout=30) as proxy:
-            proxy.put_bank("bank", pack(bank))
+            proxy.put_blob("bank", bank_blob(bank))
             source = band(image, (0, 18), 3)
             inline = unpack(proxy.correlate(task(task_id, (0, 18), (0, 3), source))["result"])
             reply = proxy.correlate(task(task_id, (0, 18), (0, 3), source, output="bulk"))
@@ -361,34 +358,37 @@ def test_reported_rate_is_the_engines_measured_rate(worker, proxy):
     assert proxy.info()["gflops"] >= measured / 4, (proxy.info()["gflops"], measured)
 
 
-def test_hung_call_released_at_shutdown_is_a_cluster_error(start_worker, cluster_config, rng):
+def test_a_task_queued_at_shutdown_is_a_cluster_error(start_worker, cluster_config, rng):
     from rmidl.errors import ClusterError, InputError, WorkerLost
 
-    handle = start_worker(hang_tasks=1)
+    handle = start_worker()
     image = rng.standard_normal((8, 8, 1)).astype(np.float32)
     with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(np.ones((1, 3, 3, 1), np.float32)))
+        proxy.put_blob("bank", bank_blob(np.ones((1, 3, 3, 1), np.float32)))
     errors: list[BaseException] = []
 
-    def hung_call() -> None:
-        with worker_proxy(handle.uri, cluster_config, timeout=30) as hung:
+    def queued_call() -> None:
+        with worker_proxy(handle.uri, cluster_config, timeout=30) as queued:
             try:
-                hung.correlate(task(0, (0, 6), (0, 1), band(image, (0, 6), 3)))
+                queued.correlate(task(0, (0, 6), (0, 1), band(image, (0, 6), 3)))
             except BaseException as error:  # examined by the main thread
                 errors.append(error)
 
-    caller = threading.Thread(target=hung_call)
-    caller.start()
-    deadline = time.monotonic() + 10
-    while handle.worker.info()["busy"] != 1 and time.monotonic() < deadline:
-        caller.join(0.01)
-    assert handle.worker.info()["busy"] == 1
-    handle.worker.close()  # what the daemon's shutdown does first; the daemon still answers
-    caller.join(30)
+    caller = threading.Thread(target=queued_call)
+    with handle.worker._compute:  # the engine is busy with another task: this one waits for it
+        caller.start()
+        deadline = time.monotonic() + 10
+        while handle.worker.info()["busy"] != 1 and time.monotonic() < deadline:
+            caller.join(0.01)
+        assert handle.worker.info()["busy"] == 1
+        handle.worker.close()  # what the daemon's shutdown does first; the daemon still answers
+        caller.join(30)
     assert len(errors) == 1
     # A coordinator re-queues a ClusterError; an InputError would fail its whole job.
     assert isinstance(errors[0], WorkerLost) and isinstance(errors[0], ClusterError)
     assert not isinstance(errors[0], InputError)
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy, pytest.raises(WorkerLost):
+        proxy.correlate(task(1, (0, 6), (0, 1), band(image, (0, 6), 3)))  # and so is every later one
 
 
 def _shm_task(proxy, task_id: int, image: np.ndarray, shared_in: SharedArray, out: SharedArray) -> None:
@@ -400,7 +400,7 @@ def _shm_task(proxy, task_id: int, image: np.ndarray, shared_in: SharedArray, ou
 def test_release_shm_unmaps_blocks_their_owner_still_holds(proxy, rng):
     image = rng.standard_normal((12, 10, 1)).astype(np.float32)
     bank = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
-    proxy.put_bank("bank", pack(bank))
+    proxy.put_blob("bank", bank_blob(bank))
     with SharedArray.create(image.shape, "float32") as src, SharedArray.create((2, 10, 8), "float32") as o:
         src.array[:] = image
         _shm_task(proxy, 0, image, src, o)
@@ -424,7 +424,7 @@ def test_mapped_blocks_are_bounded_by_bytes(start_worker, rng):
     bank = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
     expected = reference(image, bank)[:, :38]
     with worker_proxy(handle.uri, config, timeout=30) as proxy:
-        proxy.put_bank("bank", pack(bank))
+        proxy.put_blob("bank", bank_blob(bank))
         blocks = []
         try:
             for task_id in range(4):
@@ -445,7 +445,7 @@ def test_short_engine_calls_do_not_drag_the_reported_rate_down(proxy, rng):
     # A 1x1 kernel on a 1000x1000 image takes a few ms at well under 1 GFLOP/s (memory bound): a job of
     # such tasks says nothing about the worker's rate and must not drag it 100x down for the next plan.
     image = rng.standard_normal((1000, 1000, 1)).astype(np.float32)
-    proxy.put_bank("bank", pack(np.ones((1, 1, 1, 1), np.float32)))
+    proxy.put_blob("bank", bank_blob(np.ones((1, 1, 1, 1), np.float32)))
     before = proxy.info()["gflops"]
     out_shape = (1, 1000, 1000)
     with SharedArray.create(image.shape, "float32") as src, SharedArray.create(out_shape, "float32") as o:
@@ -455,3 +455,36 @@ def test_short_engine_calls_do_not_drag_the_reported_rate_down(proxy, rng):
                                  output={"shm": o.descriptor()}))
         assert_close(o.array, image.transpose(2, 0, 1))
     assert proxy.info()["gflops"] >= before / 3, (before, proxy.info()["gflops"])
+
+
+def test_the_worker_serves_exactly_the_contract(worker, proxy):
+    import inspect
+
+    from rmidl.remote.contract import ConvolutionWorkerAPI
+    from rmidl.server.worker import ConvolutionWorker
+
+    methods = {name for name, value in vars(ConvolutionWorkerAPI).items()
+               if inspect.isfunction(value) and not name.startswith("_")}
+    assert methods == {"ping", "info", "put_blob", "drop_blob", "correlate", "release_shm"}
+    assert isinstance(worker.worker, ConvolutionWorkerAPI)
+    for name in methods:  # same parameters, kinds, defaults and annotations
+        assert inspect.signature(getattr(ConvolutionWorker, name)) == inspect.signature(
+            getattr(ConvolutionWorkerAPI, name)), name
+    # What a remote caller sees: those methods and nothing else (close() is the daemon's, not theirs).
+    proxy._pyroBind()
+    assert proxy._pyroMethods == methods and proxy._pyroAttrs == set() and proxy._pyroOneway == set()
+    with pytest.raises(AttributeError, match="close"):
+        proxy.close()
+    assert proxy.ping() == "pong"
+
+
+def test_info_is_a_worker_info_record(worker, proxy):
+    from rmidl.remote.contract import WorkerInfo
+
+    wire = proxy.info()
+    info = WorkerInfo.from_wire(wire)
+    assert info.to_wire() == wire
+    assert info.name == worker.name and info.bulk_port == worker.bulk.port and info.blobs == ()
+    with pytest.raises(ShapeError, match=r"threads='2' has the wrong type \(expected int\)"):
+        WorkerInfo.from_wire(wire | {"threads": "2"})
+    assert WorkerInfo.from_wire({"name": "old", "future_field": 1}).threads == 0  # neighbours' versions

@@ -1,1 +1,2 @@
-"""The scaling study behind `rmidl bench`: run configurations, predict clusters, write tables and plots."""
+"""The scaling study behind `rmidl bench`: run configurations (study), describe them (results, machine),
+predict clusters (predict), and report (derived, tables, forecast, plots with the optional matplotlib)."""

@@ -10,6 +10,8 @@ The model (stated once, used everywhere):
 - N nodes: the coordinator is one of them and computes its share; the other (N - 1) / N of the output
   crosses its link (gather) and their inputs go out over it (scatter). Transfers overlap compute and
   each other (full duplex), so T = max(compute, scatter, gather) + one task's transfer (pipeline fill).
+- tasks: as many as the coordinator's planner would cut (`rmidl.client.cost.balanced_tasks`: tasks per
+  core, but each at least a few round trips long), the same cost model the planner and deadlines read.
 - row bands send each remote node its band plus a (kh - 1)-row halo per task and the whole bank;
   kernel groups send each remote node the whole image and its share of the bank, and cannot use more
   nodes than kernels. Both gather the same output. The cheaper one is marked.
@@ -26,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.bench.study import ConfigurationResult, StudyResult
+from rmidl.client.bench.results import ConfigurationResult, StudyResult
+from rmidl.client.cost import ROUND_TRIP_S, balanced_tasks
 from rmidl.errors import OptionError
-from rmidl.geometry import mode_padding
+from rmidl.geometry import halo, mode_padding
 
 __all__ = [
     "LINK_EFFICIENCY",
-    "TASKS_PER_CORE",
     "Calibration",
     "Prediction",
     "calibrate",
@@ -47,8 +49,6 @@ logger = logging.getLogger(__name__)
 LINK_EFFICIENCY = 0.94
 """TCP payload over Ethernet line rate with a 1500-byte MTU (1448 / 1538 bytes per frame)."""
 
-TASKS_PER_CORE = 2
-"""Tasks the model assumes per core (the coordinator keeps ~2 in flight per worker), for halos and fill."""
 
 _LINK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bit/s|bps|b|B|B/s|Bps|gbe)\s*$", re.IGNORECASE)
 _PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -122,8 +122,11 @@ class Calibration:
         return data
 
 
-def _tasks(cal: Calibration, nodes: int, cores: int) -> int:
-    return max(1, min(TASKS_PER_CORE * nodes * cores, cal.out_h))
+def _tasks(cal: Calibration, nodes: int, cores: int, limit: int | None = None) -> int:
+    """Tasks the planner would cut the job into on `nodes` x `cores`, at most `limit` (default out_h)."""
+    overhead = ROUND_TRIP_S if nodes > 1 else 0.0  # local pool threads have no round trip
+    planned = balanced_tasks(cal.compute_seconds(nodes * cores), nodes * cores, overhead)
+    return max(1, min(planned, cal.out_h if limit is None else limit))
 
 
 def _fit_amdahl(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -166,7 +169,7 @@ def calibrate(study: StudyResult) -> Calibration:
         output_bytes=job.output_bytes,
         n_kernels=job.kernels_shape[0],
         out_h=oh,
-        halo_row_bytes=(job.kernels_shape[1] - 1) * width * job.channels * job.itemsize,
+        halo_row_bytes=halo(job.kernels_shape[1]) * width * job.channels * job.itemsize,
     )
     remote = [r for r in counted if r.config.kind == "workers" and r.config.count > 0]
     if remote:
@@ -264,7 +267,7 @@ def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float]) -
     group_compute = cal.compute_seconds(group_nodes * cores)
     # pipeline fill: the first task's input arrives before compute starts, the last slab leaves after it
     rowband = max(band_compute, band_scatter / rate, gather) + (band_scatter / rate + gather) / tasks
-    group_tasks = max(1, min(TASKS_PER_CORE * group_nodes * cores, cal.n_kernels))
+    group_tasks = _tasks(cal, group_nodes, cores, limit=cal.n_kernels)
     kgroup = max(group_compute, group_scatter / rate, gather) + (group_scatter / rate + gather) / group_tasks
     best = "kernel groups" if kgroup < rowband * 0.99 else "row bands"
     if best == "row bands":

@@ -3,47 +3,43 @@
 A configuration is either a core count (the in-process engine, `rmidl.correlate(threads=N)`) or a worker
 count driven through the Coordinator (a local cluster of that size, or the first N workers of --ns).
 Each run's output is compared with a single-thread reference before its time counts, so a fast wrong
-answer never enters a table.
+answer never enters a table. The records it fills are in `results.py`, the machine's description in
+`machine.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import importlib.metadata
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from Pyro5.errors import PyroError
 
+from rmidl.client.bench.machine import machine_info
+from rmidl.client.bench.results import (
+    Configuration,
+    ConfigurationResult,
+    Job,
+    StudyResult,
+    StudySettings,
+    job_of,
+)
 from rmidl.errors import RmidlError
-from rmidl.geometry import output_shape
+from rmidl.kernels import available_cores
 
 __all__ = [
-    "Configuration",
-    "ConfigurationResult",
-    "Job",
-    "SCHEMA",
-    "StudyResult",
-    "StudySettings",
+    "Correlate",
+    "OnRun",
+    "RELATIVE_TOLERANCE",
     "configurations",
-    "job_of",
-    "machine_info",
     "max_abs_difference",
     "run_study",
-    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
-
-SCHEMA = 1
-"""Version of the results.json layout; bump when a key changes meaning."""
 
 RELATIVE_TOLERANCE = 1e-5
 """A run is correct when max|out - ref| <= RELATIVE_TOLERANCE * max|ref| (the engine's exactness bar)."""
@@ -52,273 +48,11 @@ Correlate = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 """(image, kernels, mode) -> (K, OH, OW): what one configuration runs."""
 
 
-@dataclass(frozen=True)
-class Configuration:
-    """One column of Table III: `kind` "cores" (engine alone), "workers" (a local cluster through the
-    coordinator) or "cluster" (the workers of the name server given with --ns: the first `count` in name
-    order, or all of them when `count` is 0)."""
-
-    kind: str
-    count: int
-    threads: int
-    label: str
-    oversubscribed: bool = False
-
-
-@dataclass
-class ConfigurationResult:
-    """Every timed run of one configuration, and how its output compared with the reference."""
-
-    config: Configuration
-    times: list[float] = field(default_factory=list)
-    setup_seconds: float = 0.0
-    warmup_times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-    max_abs_error: float = 0.0
-    tolerance: float = 0.0
-    verified: bool = False
-    failure: str | None = None
-
-    @property
-    def counted(self) -> bool:
-        """True when the timings may enter the tables (checked and complete)."""
-        return self.verified and self.failure is None and bool(self.times)
-
-    @property
-    def total(self) -> float:
-        return float(sum(self.times))
-
-    @property
-    def average(self) -> float:
-        return self.total / len(self.times) if self.times else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(total=self.total, average=self.average if self.times else None, counted=self.counted)
-        if self.times:
-            data.update(minimum=min(self.times), maximum=max(self.times), median=float(np.median(self.times)))
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConfigurationResult:
-        return cls(
-            config=Configuration(**data["config"]),
-            times=[float(t) for t in data["times"]],
-            setup_seconds=float(data.get("setup_seconds", 0.0)),
-            warmup_times=[float(t) for t in data.get("warmup_times", [])],
-            cpu_times=[float(t) for t in data.get("cpu_times", [])],
-            details=dict(data.get("details") or {}),
-            max_abs_error=float(data.get("max_abs_error", 0.0)),
-            tolerance=float(data.get("tolerance", 0.0)),
-            verified=bool(data.get("verified", False)),
-            failure=data.get("failure"),
-        )
-
-
-@dataclass(frozen=True)
-class Job:
-    """What is computed: shapes, mode, and the work and bytes that follow from them."""
-
-    image_shape: tuple[int, ...]
-    kernels_shape: tuple[int, ...]
-    mode: str
-    dtype: str
-    image_source: str = "array"
-    kernels_source: str = "array"
-
-    @property
-    def out_shape(self) -> tuple[int, int, int]:
-        h, w = self.image_shape[:2]
-        k, kh, kw = self.kernels_shape[:3]
-        return (k, *output_shape((h, w), (kh, kw), self.mode))
-
-    @property
-    def channels(self) -> int:
-        return self.image_shape[2] if len(self.image_shape) == 3 else 1
-
-    @property
-    def flops(self) -> float:
-        """Multiply-adds counted as 2 flops: 2·K·OH·OW·kh·kw·C (27.93 GFLOP for the paper's job)."""
-        k, oh, ow = self.out_shape
-        kh, kw = self.kernels_shape[1:3]
-        return 2.0 * k * oh * ow * kh * kw * self.channels
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
-
-    @property
-    def input_bytes(self) -> int:
-        return int(np.prod(self.image_shape)) * self.itemsize
-
-    @property
-    def bank_bytes(self) -> int:
-        return int(np.prod(self.kernels_shape)) * self.itemsize
-
-    @property
-    def output_bytes(self) -> int:
-        return int(np.prod(self.out_shape)) * self.itemsize
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(
-            out_shape=list(self.out_shape),
-            flops=self.flops,
-            input_bytes=self.input_bytes,
-            bank_bytes=self.bank_bytes,
-            output_bytes=self.output_bytes,
-        )
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Job:
-        return cls(
-            image_shape=tuple(data["image_shape"]),
-            kernels_shape=tuple(data["kernels_shape"]),
-            mode=data["mode"],
-            dtype=data["dtype"],
-            image_source=data.get("image_source", "array"),
-            kernels_source=data.get("kernels_source", "array"),
-        )
-
-
-@dataclass(frozen=True)
-class StudySettings:
-    """How the study runs; the CLI builds one from its options."""
-
-    cores: tuple[int, ...] = (1, 2, 4, 8)
-    workers: tuple[int, ...] = ()
-    runs: int = 10
-    warmup: int = 1
-    mode: str = "valid"
-    threads_per_worker: int = 1
-    local_threads: int = 0
-    shared_memory: bool = True
-    ns: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(cores=list(self.cores), workers=list(self.workers))
-        return data
-
-
-@dataclass
-class StudyResult:
-    """Everything results.json holds: machine, job, settings, reference run and every timing."""
-
-    machine: dict[str, Any]
-    job: Job
-    settings: dict[str, Any]
-    reference_seconds: float
-    results: list[ConfigurationResult]
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat("T", "seconds"))
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> list[ConfigurationResult]:
-        return [r for r in self.results if not r.counted]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "created": self.created,
-            "machine": self.machine,
-            "job": self.job.to_dict(),
-            "settings": self.settings,
-            "reference": {"threads": 1, "seconds": self.reference_seconds},
-            "configurations": [r.to_dict() for r in self.results],
-            **self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StudyResult:
-        if data.get("schema") != SCHEMA:
-            raise RmidlError(f"results.json schema {data.get('schema')!r} is not {SCHEMA}")
-        known = {"schema", "created", "machine", "job", "settings", "reference", "configurations"}
-        return cls(
-            machine=data["machine"],
-            job=Job.from_dict(data["job"]),
-            settings=data["settings"],
-            reference_seconds=float(data["reference"]["seconds"]),
-            results=[ConfigurationResult.from_dict(c) for c in data["configurations"]],
-            created=data.get("created", ""),
-            extra={k: v for k, v in data.items() if k not in known},
-        )
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity mask), which is what oversubscription is judged by."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cpu_model_and_physical_cores() -> tuple[str, int | None]:
-    model, cores = "", set()
-    physical = "0"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "model name" and not model:
-                    model = value
-                elif key == "physical id":
-                    physical = value
-                elif key == "core id":
-                    cores.add((physical, value))
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), len(cores) or None
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, BLAS kernel (threadpoolctl) and library versions of this machine."""
-    from threadpoolctl import threadpool_info
-
-    model, physical = _cpu_model_and_physical_cores()
-    blas = [
-        {
-            "library": pool.get("internal_api"),
-            "architecture": pool.get("architecture"),
-            "version": pool.get("version"),
-            "threads": pool.get("num_threads"),
-            "file": os.path.basename(pool.get("filepath", "")),
-        }
-        for pool in threadpool_info()
-        if pool.get("user_api") == "blas"
-    ]
-    versions = {
-        name: _version(name)
-        for name in ("rmidl", "numpy", "scipy", "Pyro5", "threadpoolctl", "matplotlib", "msgpack")
-    }
-    versions["python"] = platform.python_version()
-    return {
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical,
-        "usable_cores": usable_cores(),
-        "blas": blas,
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "versions": versions,
-    }
-
-
 def configurations(settings: StudySettings, available: int | None = None) -> list[Configuration]:
     """Table III's columns: every core count (oversubscribed ones marked, kept), then every worker count
     (local clusters; with --ns, that many workers of its name server), then without worker counts the
     whole --ns cluster if one was given. Zero workers is the coordinator's local pool alone."""
-    available = usable_cores() if available is None else available
+    available = available_cores() if available is None else available
     configs = [
         Configuration("cores", c, c, f"{c} core" + ("s" if c != 1 else ""), c > available)
         for c in settings.cores
@@ -337,18 +71,6 @@ def configurations(settings: StudySettings, available: int | None = None) -> lis
     if settings.ns and not settings.workers:
         configs.append(Configuration("cluster", 0, 0, f"cluster at {settings.ns}"))
     return configs
-
-
-def job_of(
-    image: np.ndarray,
-    kernels: np.ndarray,
-    mode: str,
-    *,
-    image_source: str = "array",
-    kernels_source: str = "array",
-) -> Job:
-    """The Job record of canonical arrays (as `rmidl.validate.prepare` returns them)."""
-    return Job(tuple(image.shape), tuple(kernels.shape), mode, str(image.dtype), image_source, kernels_source)
 
 
 def max_abs_difference(result: np.ndarray, reference: np.ndarray) -> float:

@@ -1,4 +1,8 @@
-"""The `rmidl` console entry point: one subcommand per module, errors as one line and a non-zero exit."""
+"""The `rmidl` command line: one module per subcommand, errors as one line and a non-zero exit code.
+
+Each command module offers `HELP`, `add_arguments(parser)` and `run(args) -> int`; `main(argv)` runs
+any of them in-process (tests do), `python -m rmidl.client.cli` and the `rmidl` entry point in a process.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +13,21 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from rmidl.errors import RmidlError
+from rmidl.client.cli.common import EXIT_CLUSTER, EXIT_INPUT, EXIT_INTERRUPTED
+from rmidl.errors import ClusterError, RmidlError
 
 __all__ = ["COMMANDS", "main"]
 
 # subcommand -> module providing `HELP: str`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS: dict[str, str] = {
-    "ns": "rmidl.server.nameserver",
-    "worker": "rmidl.server.daemon",
+    "ns": "rmidl.client.cli.ns",
+    "worker": "rmidl.client.cli.worker",
     "up": "rmidl.client.cli.up",
     "run": "rmidl.client.cli.run",
     "status": "rmidl.client.cli.status",
     "demo": "rmidl.client.cli.demo",
     "bench": "rmidl.client.cli.bench",
 }
-
-EXIT_INPUT = 2
-EXIT_CLUSTER = 3
-EXIT_INTERRUPTED = 130
 
 
 class Command(Protocol):
@@ -61,8 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RmidlError as error:
         if args.debug:
             raise
-        from rmidl.errors import ClusterError
-
         print(f"rmidl: error: {error}", file=sys.stderr)
         return EXIT_CLUSTER if isinstance(error, ClusterError) else EXIT_INPUT
     except KeyboardInterrupt:

@@ -1,4 +1,7 @@
-"""`rmidl bench`: the paper's scaling study on this machine and cluster: tables, plots and predictions."""
+"""`rmidl bench`: the paper's scaling study on this machine and cluster: tables, plots and predictions.
+
+The study itself lives in client/bench/; this module turns options into its settings and prints the summary.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rmidl.client.bench import predict, report, study
+from rmidl.client.bench import forecast, plots, predict, report, results, study, tables
+from rmidl.client.cli.common import EXIT_FAILED, EXIT_OK
 from rmidl.errors import ImageReadError, OptionError
 
 __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size", "run"]
@@ -21,8 +25,6 @@ __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size",
 logger = logging.getLogger(__name__)
 
 HELP = "reproduce the paper's scaling study: time per core and worker count, tables, plots, predictions"
-
-EXIT_NOT_COUNTED = 1
 
 
 def parse_counts(text: str, option: str, *, minimum: int) -> tuple[int, ...]:
@@ -112,7 +114,7 @@ def _sized_default_image(width: int, height: int) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(base, dtype=np.float32), f"built-in image at {width}x{height}"
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study.Job]:
+def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, results.Job]:
     """The image and bank the options name, checked and made canonical before any timing starts."""
     import rmidl
     from rmidl.validate import prepare
@@ -124,7 +126,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study
     else:
         image, image_source = _sized_default_image(*parse_size(args.size))
     prepared = prepare(image, kernels, args.mode)
-    job = study.job_of(
+    job = results.job_of(
         prepared.image,
         prepared.kernels,
         args.mode,
@@ -134,7 +136,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, study
     return prepared.image, prepared.kernels, job
 
 
-def _settings(args: argparse.Namespace) -> study.StudySettings:
+def _settings(args: argparse.Namespace) -> results.StudySettings:
     for option, value, minimum in (
         ("--runs", args.runs, 1),
         ("--warmup", args.warmup, 0),
@@ -145,7 +147,7 @@ def _settings(args: argparse.Namespace) -> study.StudySettings:
             raise OptionError(f"{option} {value} must be at least {minimum}")
     if args.ns is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", args.ns):
         raise OptionError(f"--ns {args.ns!r} is not HOST:PORT")
-    return study.StudySettings(
+    return results.StudySettings(
         cores=parse_counts(args.cores, "--cores", minimum=1) if args.cores else (),
         workers=parse_counts(args.workers, "--workers", minimum=0) if args.workers else (),
         runs=args.runs,
@@ -180,14 +182,14 @@ def _progress(total: int) -> Iterator[study.OnRun]:
         total=total, unit="run", desc="reference", file=sys.stderr, disable=not sys.stderr.isatty()
     ) as bar:
 
-        def advance(config: study.Configuration, index: int, seconds: float) -> None:
+        def advance(config: results.Configuration, index: int, seconds: float) -> None:
             bar.set_description(config.label)
             bar.update(1)
 
         yield advance
 
 
-def _load_earlier(path: str) -> study.StudyResult:
+def _load_earlier(path: str) -> results.StudyResult:
     file = Path(path)
     if file.is_dir():
         file = file / "results.json"
@@ -196,7 +198,7 @@ def _load_earlier(path: str) -> study.StudyResult:
     except (OSError, ValueError) as error:
         raise OptionError(f"--from {path!r}: cannot read results.json ({error})") from None
     try:
-        return study.StudyResult.from_dict(data)
+        return results.StudyResult.from_dict(data)
     except (KeyError, TypeError, ValueError) as error:
         raise OptionError(f"--from {path!r}: not a results.json of rmidl bench ({error!r})") from None
 
@@ -225,22 +227,25 @@ def run(args: argparse.Namespace) -> int:
             result = study.run_study(image, kernels, settings, job=job, on_run=on_run)
     out = Path(args.out)
     _make_out(out)
-    lines = [report.summary(result)]
+    lines = [tables.summary(result)]
     written = report.write_report(result, out)
     if nodes:
         calibration = predict.calibrate(result)
         cores = node_cores or int(result.machine.get("usable_cores") or 1)
         predictions = predict.predict_many(calibration, nodes, cores, links)
-        result.extra["prediction"] = report.prediction_block(calibration, predictions)
+        result.extra["prediction"] = forecast.prediction_block(calibration, predictions)
         written += report.write_prediction(calibration, predictions, out)
         report.write_results_json(result, out / "results.json")  # again, now with the prediction in it
         lines += [
             "",
-            report.markdown_table(report.PREDICTION_HEADER, report.prediction_rows(predictions)),
-            f"model error on the measured configurations: {report.model_error(calibration)}",
+            tables.markdown_table(forecast.PREDICTION_HEADER, forecast.prediction_rows(predictions)),
+            f"model error on the measured configurations: {forecast.model_error(calibration)}",
         ]
     lines.append(f"\nwrote {len(written)} files to {out}/")
     print("\n".join(lines))
+    skipped = plots.unavailable()
+    if skipped is not None:
+        print(f"rmidl: plots skipped: {skipped}", file=sys.stderr)
     for failed in result.failed:
         print(f"rmidl: not counted: {failed.config.label}: {failed.failure}", file=sys.stderr)
-    return EXIT_NOT_COUNTED if result.failed else 0
+    return EXIT_FAILED if result.failed else EXIT_OK

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rmidl.client.cli.common import EXIT_FAILED, EXIT_OK
 from rmidl.client.coordinator import Coordinator
 from rmidl.client.localcluster import LocalCluster
 from rmidl.errors import OptionError
@@ -114,10 +115,9 @@ def render(rows: list[Row], flops: float, cores: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from rmidl.banks import load_kernels
     from rmidl.imaging import default_image
+    from rmidl.kernels import available_cores
 
     spec, size, repeat = args.kernels, args.size, args.repeat
     if args.quick:
@@ -137,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
           f"starting {args.workers} workers x 1 thread", flush=True)
     with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True) as cluster:
         rows = measure(image, kernels, cluster.ns_address, repeat)
-    print(render(rows, flops, os.cpu_count() or 1))
+    print(render(rows, flops, available_cores()))
     worst = max(row.error for row in rows)
     if worst > 1e-5:
         print(f"MISMATCH: a configuration differs from the single-thread result by {worst:.1e}")
-        return 1
+        return EXIT_FAILED
     print(f"every configuration equals the single-thread result (max rel err {worst:.1e})")
-    return 0
+    return EXIT_OK

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
 from rmidl.client.coordinator import Coordinator
-from rmidl.config import Config
-from rmidl.errors import InputError, OptionError
+from rmidl.errors import OptionError
 from rmidl.validate import MODES
 
 HELP = "correlate IMAGE with a kernel bank on the cluster and save the feature maps"
@@ -32,25 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads of this process's pool (default: all cores without --ns, 0 with)")
     parser.add_argument("--no-shared-memory", action="store_true",
                         help="send data over TCP even to workers on this host")
-    add_connection_arguments(parser)
+    add_security_arguments(parser)
     parser.add_argument("--out", metavar="PATH",
                         help="PATH.npy / PATH.npz saves the maps; a directory gets PNGs + montage.png")
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """What a client needs to reach a secured cluster (RMIDL_SECRET and RMIDL_TLS_* work as well)."""
-    parser.add_argument("--secret-file", metavar="PATH", help="file holding the cluster secret")
-    parser.add_argument("--tls-cert", metavar="PATH", help="PEM client certificate (2-way TLS)")
-    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-ca", metavar="PATH", help="PEM CA the workers' certificates chain to")
-
-
-def connection_config(args: argparse.Namespace) -> Config:
-    """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
-    from rmidl.remote.security import secured_config
-
-    return secured_config(Config(), secret_file=args.secret_file, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
 def _check_out(out: str | None) -> Path | None:
@@ -79,20 +63,25 @@ def parse_workers(text: str | None, ns: str | None) -> list[str] | None:
 
 
 def save(maps: np.ndarray, path: Path) -> str:
-    """Write the maps to PATH.npy, PATH.npz or PNGs in a directory; say where they went."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            np.save(path, maps)
-            return str(path)
-        if suffix == ".npz":
-            np.savez(path, maps=maps)
-            return str(path)
-        from rmidl.imaging import save_maps
+    """Write the maps to PATH.npy, PATH.npz or PNGs in a directory; say where they went.
 
-        written = save_maps(maps, path)
-    except OSError as error:  # e.g. a directory named like the file, a full disk: one line, not a traceback
-        raise InputError(f"--out {str(path)!r} cannot be written: {error.strerror or error}") from None
+    Every file goes through a temporary sibling renamed on success: a full disk or a refused write
+    leaves no truncated file, and an earlier file of the same name stays whole.
+    """
+    from rmidl._files import atomic_write, shown
+
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        # one line, not a traceback, for a directory named like the file or a full disk
+        with atomic_write(path, f"--out {shown(path)}") as handle:
+            if suffix == ".npy":
+                np.save(handle, maps)
+            else:
+                np.savez(handle, maps=maps)
+        return str(path)
+    from rmidl.imaging import save_maps
+
+    written = save_maps(maps, path)
     return f"{len(written)} PNG files in {path}"
 
 
@@ -139,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image, gray=kernels.ndim == 3)
     progress = _Progress()
     shm = not args.no_shared_memory
-    config = connection_config(args)
+    config = config_from_args(args)
     with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm, config=config,
                      workers=workers) as co:
         start = time.perf_counter()
@@ -153,4 +142,4 @@ def run(args: argparse.Namespace) -> int:
     k, oh, ow = maps.shape
     where = save(maps, out) if out is not None else "not saved (no --out)"
     print(f"{k} maps of {oh}x{ow} ({mode}): {summary(seconds, job['flops'], job['tasks_by'])}; {where}")
-    return 0
+    return EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rmidl.client.cli.run import add_connection_arguments, connection_config
+from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
 from rmidl.config import Config
 from rmidl.errors import WorkerNotFound
 
@@ -17,12 +17,13 @@ COLUMNS = ("name", "host", "cores", "threads", "gflops", "tasks done", "busy", "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default 127.0.0.1:9090)")
     parser.add_argument("--name", metavar="NAME", help="show this worker only (error if not registered)")
-    add_connection_arguments(parser)
+    add_security_arguments(parser)
 
 
 def collect(ns: str | None, config: Config, name: str | None = None) -> list[dict[str, Any]]:
     """One row per registered worker; a worker that does not answer shows as unreachable."""
-    from rmidl.remote.transport import configure_pyro, connect_ns, list_workers, worker_proxy
+    from rmidl.remote.naming import list_workers
+    from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
 
     configure_pyro(config)
     with connect_ns(ns, config) as registry:
@@ -64,7 +65,7 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = collect(args.ns, connection_config(args), args.name)
+    rows = collect(args.ns, config_from_args(args), args.name)
     print(table(rows))
     print(f"{len(rows)} worker(s)")
-    return 0
+    return EXIT_OK

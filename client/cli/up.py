@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
-from types import FrameType
 
+from rmidl.client.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_security_arguments,
+    config_from_args,
+    stop_on_signals,
+)
 from rmidl.client.localcluster import LocalCluster
-from rmidl.config import Config
-from rmidl.remote.security import secured_config
 
 HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
 
@@ -20,20 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine threads of each worker (default 1)")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
                         help="name server port (default 0: any free port, printed)")
-    parser.add_argument("--secret-file", metavar="PATH",
-                        help="file holding a cluster secret every child and client must present")
+    add_security_arguments(parser, tls=False)  # the children read the secret from their environment
 
 
 def run(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
     # Handlers first: a SIGTERM while children start still stops them (LocalCluster cleans up on error).
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        config = secured_config(Config(), secret_file=args.secret_file)
+    with stop_on_signals() as stop:
+        config = config_from_args(args)
         with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config,
                           die_with_parent=True) as cluster:
             assert cluster.ns is not None
@@ -50,9 +45,6 @@ def run(args: argparse.Namespace) -> int:
                         print(f"worker {name} exited with code {process.popen.returncode}", flush=True)
                 if exited and len(exited) == len(cluster.workers):
                     print("every worker has exited; stopping", flush=True)
-                    return 1
+                    return EXIT_FAILED
             print("stopping", flush=True)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0
+    return EXIT_OK

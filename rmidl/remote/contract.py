@@ -1,40 +1,340 @@
-"""The remote contract of a ConvolutionWorker (the RMI interface), as a typing.Protocol.
+"""The remote contract of a ConvolutionWorker (the RMI interface): typed records and the Protocol served.
 
-Every value crosses Pyro5 with the msgpack serializer, so only dicts, lists, str, int, float, bool,
-None and bytes travel. Arrays travel only as `rmidl.remote.wire` dicts (raw bytes + shape + dtype); nothing
-else packs or unpacks them. Every method may raise the `rmidl.errors` classes named in its docstring,
-which arrive at the caller as the same classes (see `rmidl.errors.register_with_pyro`).
+Every value crosses Pyro5 with msgpack, so only dicts, lists, str, int, float, bool, None and bytes
+travel, arrays only as `rmidl.remote.wire` dicts. Each record has ONE `to_wire()` (what the sender puts on
+the wire) and ONE `from_wire()` (what the receiver accepts, every field checked): the client's stub builds
+tasks and blobs with the first and the worker parses them with the second, and the other way round for
+replies and `info()`. Errors are the `rmidl.errors` classes named in the Protocol, arriving as themselves.
 
-A task asks for a *valid* correlation: the coordinator pads the image for the job's mode once and
-flips kernels for true convolution, so workers know one operation. A task covers output rows
-[r0, r1) and kernels [k0, k1) of the job; its input is the band of rows [r0, r1 + kh - 1).
+A correlation task asks for a *valid* correlation (the coordinator pads the image for the job's mode and
+flips kernels for true convolution): output rows [r0, r1) and kernels [k0, k1) of the job, whose input is
+the band of rows `rmidl.geometry.band_rows((r0, r1), kh)`, with the bank of a blob put earlier.
 
-Task dict (keys):
-    task_id:  int, unique within a job (tasks are idempotent: running one twice writes the same values)
-    bank_id:  str, a bank given earlier to `put_bank`
-    kernels:  [k0, k1]
-    rows:     [r0, r1], output rows (for bookkeeping and for the shared-memory slices)
-    input:    either {"array": <wire dict of the input band (r1 - r0 + kh - 1, W, C)>}
-              or {"shm": <shm dict of the whole padded image (H, W, C)>} - the worker slices the band
-    output:   "inline" - return the result (k1 - k0, r1 - r0, OW) as a wire dict in the reply
-              "bulk"   - keep it under a one-time ticket and fetch it over the bulk side channel
-              {"shm": <shm dict of the whole output (K, OH, OW)>} - write out[k0:k1, r0:r1] in place
-
-shm dict: {"name": str, "shape": [..], "dtype": "float32" | "float64"} naming a
-multiprocessing.shared_memory block the coordinator created on the worker's host.
+Wire form of a correlate task (`CorrelateTask`), every key required but `engine`; no other key allowed:
+    task_id: int (tasks are idempotent: running one twice writes the same values)
+    bank_id: str, the id of a "bank" blob given earlier to `put_blob`
+    kernels: [k0, k1]    rows: [r0, r1] (output rows)
+    input:   {"array": <wire dict of the input band>} or {"shm": <ShmRef of the whole padded image>}
+    output:  "inline" (the result in the reply) | "bulk" (kept for one fetch over the bulk channel)
+             | {"shm": <ShmRef of the whole output (K, OH, OW)>} (out[k0:k1, r0:r1] written in place)
+    engine:  "auto" (default) or one of rmidl.kernels.ENGINES
+Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
+dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["WORKER_PREFIX", "ConvolutionWorkerAPI", "TaskDict", "WireArray"]
+import numpy as np
 
-WORKER_PREFIX = "rmidl.worker."
-"""Workers register as WORKER_PREFIX + name, with metadata {"rmidl", "role:worker", ...}."""
+from rmidl.errors import BankError, DTypeError, ShapeError
+from rmidl.remote.blobs import Blob
+from rmidl.remote.wire import pack, unpack, wire_nbytes
+from rmidl.validate import check_engine
 
-WireArray = dict[str, Any]
-TaskDict = dict[str, Any]
+__all__ = [
+    "OUTPUTS",
+    "Blob",
+    "BulkTicket",
+    "ConvolutionWorkerAPI",
+    "CorrelateReply",
+    "CorrelateTask",
+    "ReplyRecord",
+    "Result",
+    "ShmRef",
+    "TaskRecord",
+    "WireRecord",
+    "WorkerInfo",
+    "check_blob_id",
+]
+
+WireRecord = dict[str, Any]
+"""A record as it crosses the wire: a msgpack-able dict."""
+OUTPUTS = ("inline", "bulk")
+"""Where a task's result goes besides shared memory: in the reply, or held for the bulk channel."""
+
+
+def check_blob_id(blob_id: object) -> str:
+    """A blob id: a non-empty string of at most 200 characters (callers use `Blob.content_id`)."""
+    if not isinstance(blob_id, str) or not 0 < len(blob_id) <= 200:
+        raise BankError(f"blob id {blob_id!r} must be a non-empty string of at most 200 characters")
+    return blob_id
+
+
+def _fields(data: object, what: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict:
+    """`data` as a dict holding every `required` key and nothing beyond `required | optional`."""
+    if not isinstance(data, dict):
+        raise ShapeError(f"{what} must be a dict, got {type(data).__name__}")
+    missing = required - set(data)
+    if missing:
+        raise ShapeError(f"{what} is missing {', '.join(sorted(missing))}")
+    unknown = set(data) - required - optional
+    if unknown:
+        names = ", ".join(sorted(map(str, unknown)))
+        raise ShapeError(f"{what} has unknown field(s) {names} (caller and worker of different versions?)")
+    return data
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ShapeError(f"{what} must be an int, got {value!r}")
+    return value
+
+
+def _pair(value: object, what: str) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ShapeError(f"{what} must be [start, stop], got {value!r}")
+    return _int(value[0], what), _int(value[1], what)
+
+
+def _shape(value: object, dtype: object, what: str) -> tuple[tuple[int, ...], str]:
+    """A (shape, dtype) pair of an array that may travel, checked as `wire_nbytes` checks wire dicts."""
+    try:
+        wire_nbytes({"dtype": dtype, "shape": value})
+    except (ShapeError, DTypeError) as error:
+        raise type(error)(f"{what}: {error}") from None
+    assert isinstance(value, (list, tuple)) and isinstance(dtype, str)
+    return tuple(value), dtype
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """A shared-memory block on the worker's host (`rmidl.remote.shm.SharedArray`), by name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_wire(self) -> WireRecord:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_wire(cls, data: object, what: str = "shared memory descriptor") -> ShmRef:
+        record = _fields(data, what, {"name", "shape", "dtype"})
+        if not isinstance(record["name"], str):
+            raise ShapeError(f"{what}: name must be a string, got {record['name']!r}")
+        shape, dtype = _shape(record["shape"], record["dtype"], what)
+        return cls(record["name"], shape, dtype)
+
+
+@dataclass(frozen=True)
+class BulkTicket:
+    """A result a worker holds for one fetch over its bulk side channel (`rmidl.remote.bulk.fetch`)."""
+
+    ticket: str
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+Result = np.ndarray | BulkTicket | None
+"""Where a task's result is: in the reply (array), on the bulk channel (ticket), in shared memory (None)."""
+
+
+def _result_to_wire(result: Result) -> WireRecord:
+    if result is None:
+        return {}
+    if isinstance(result, BulkTicket):
+        return {"ticket": result.ticket, "nbytes": result.nbytes, "shape": list(result.shape),
+                "dtype": result.dtype}
+    return {"result": pack(result)}
+
+
+_RESULT_KEYS = frozenset({"result", "ticket", "nbytes", "shape", "dtype"})
+
+
+def _result_from_wire(record: dict, what: str, max_bytes: int) -> Result:
+    if "result" in record:
+        return unpack(record["result"], max_bytes=max_bytes)
+    if "ticket" not in record:
+        return None
+    if not isinstance(record["ticket"], str) or not record.keys() >= {"nbytes", "shape", "dtype"}:
+        raise ShapeError(f"{what}: a bulk result needs ticket, nbytes, shape and dtype")
+    shape, dtype = _shape(record["shape"], record["dtype"], what)
+    nbytes = _int(record["nbytes"], f"{what} nbytes")
+    if nbytes != wire_nbytes({"dtype": dtype, "shape": list(shape)}):
+        raise ShapeError(f"{what}: {nbytes} bytes do not match shape {shape} {dtype}")
+    return BulkTicket(record["ticket"], nbytes, shape, dtype)
+
+
+class ReplyRecord(Protocol):
+    """What every task method answers: the task, the seconds it took in the worker, where its result is."""
+
+    @property
+    def task_id(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def result(self) -> Result: ...
+
+
+class TaskRecord(Protocol):
+    """A typed task: the worker method it goes to, its wire form, and how its reply is read."""
+
+    METHOD: ClassVar[str]
+
+    @property
+    def task_id(self) -> int: ...
+
+    def to_wire(self) -> WireRecord: ...
+
+    def parse_reply(self, data: object, *, max_bytes: int) -> ReplyRecord: ...
+
+
+@dataclass(frozen=True)
+class CorrelateReply:
+    """The reply of `correlate` (see the module docstring)."""
+
+    task_id: int
+    seconds: float
+    engine: str
+    result: Result = None
+
+    def to_wire(self) -> WireRecord:
+        return {"task_id": self.task_id, "seconds": self.seconds, "engine": self.engine,
+                **_result_to_wire(self.result)}
+
+    @classmethod
+    def from_wire(cls, data: object, *, max_bytes: int) -> CorrelateReply:
+        record = _fields(data, "correlate reply", {"task_id", "seconds", "engine"}, _RESULT_KEYS)
+        seconds = record["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ShapeError(f"correlate reply: seconds must be a number, got {seconds!r}")
+        return cls(_int(record["task_id"], "task_id"), float(seconds), check_engine(record["engine"]),
+                   _result_from_wire(record, "correlate reply", max_bytes))
+
+
+@dataclass(frozen=True)
+class CorrelateTask:
+    """One correlation task (see the module docstring): output rows x kernels of a job."""
+
+    METHOD: ClassVar[str] = "correlate"
+    task_id: int
+    bank_id: str
+    kernels: tuple[int, int]
+    rows: tuple[int, int]
+    source: np.ndarray | ShmRef
+    """The input band (rows `band_rows(rows, kh)` of the padded image), or the whole padded image."""
+    output: str | ShmRef
+    """"inline", "bulk", or the whole output in shared memory."""
+    engine: str = "auto"
+
+    def to_wire(self) -> WireRecord:
+        source = {"shm": self.source.to_wire()} if isinstance(self.source, ShmRef) else {
+            "array": pack(self.source)}
+        output = {"shm": self.output.to_wire()} if isinstance(self.output, ShmRef) else self.output
+        return {"task_id": self.task_id, "bank_id": self.bank_id, "kernels": list(self.kernels),
+                "rows": list(self.rows), "input": source, "output": output, "engine": self.engine}
+
+    @classmethod
+    def from_wire(cls, data: object, *, max_bytes: int) -> CorrelateTask:
+        """The task a wire dict describes; ShapeError, BankError, OptionError name the bad field."""
+        record = _fields(data, "task", {"task_id", "bank_id", "kernels", "rows", "input", "output"},
+                         frozenset({"engine"}))
+        task_id = _int(record["task_id"], "task_id")
+        bank_id = check_blob_id(record["bank_id"])
+        kernels = _pair(record["kernels"], "kernels")
+        rows = _pair(record["rows"], "rows")
+        if not 0 <= rows[0] < rows[1]:
+            raise ShapeError(f"task {task_id}: rows [{rows[0]}, {rows[1]}) are empty or negative")
+        if not 0 <= kernels[0] < kernels[1]:
+            raise ShapeError(f"task {task_id}: kernels [{kernels[0]}, {kernels[1]}) are empty or negative")
+        source_record = record["input"]
+        if not (isinstance(source_record, dict) and len(source_record) == 1
+                and next(iter(source_record)) in ("array", "shm")):
+            raise ShapeError(f"task {task_id}: input must be {{'array': ...}} or {{'shm': ...}}")
+        source: np.ndarray | ShmRef
+        if "shm" in source_record:
+            source = ShmRef.from_wire(source_record["shm"], f"task {task_id}: input")
+        else:
+            source = unpack(source_record["array"], max_bytes=max_bytes)
+        output_record = record["output"]
+        output: str | ShmRef
+        if isinstance(output_record, dict) and set(output_record) == {"shm"}:
+            output = ShmRef.from_wire(output_record["shm"], f"task {task_id}: output")
+        elif isinstance(output_record, str) and output_record in OUTPUTS:
+            output = output_record
+        else:
+            raise ShapeError(
+                f"task {task_id}: output {output_record!r} is not 'inline', 'bulk' or {{'shm': ...}}"
+            )
+        engine = check_engine(record.get("engine", "auto"))
+        return cls(task_id, bank_id, kernels, rows, source, output, engine)
+
+    def parse_reply(self, data: object, *, max_bytes: int) -> CorrelateReply:
+        reply = CorrelateReply.from_wire(data, max_bytes=max_bytes)
+        if reply.task_id != self.task_id:
+            raise ShapeError(f"reply to task {self.task_id} names task {reply.task_id}")
+        return reply
+
+
+_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "host": (str,), "hostname": (str,), "host_id": (str,), "pid": (int,),
+    "cores": (int,), "threads": (int,), "version": (str,), "gflops": (int, float), "tasks_done": (int,),
+    "busy": (int,), "engines": (dict,), "blobs": (list,), "banks": (list,), "bulk_port": (int, type(None)),
+    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,),
+}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What `info()` tells about a worker: identity, capabilities (limits, budgets, bulk port) and state.
+
+    `host_id` equal to the caller's means shared memory works between them; `bulk_port` None means no
+    bulk channel; `gflops` is the engine's measured rate on `threads` threads (0: not reported).
+    """
+
+    name: str = ""
+    host: str = ""
+    hostname: str = ""
+    host_id: str = ""
+    pid: int = 0
+    cores: int = 0
+    threads: int = 0
+    version: str = ""
+    gflops: float = 0.0
+    tasks_done: int = 0
+    busy: int = 0
+    engines: Mapping[str, int] = field(default_factory=dict)
+    """Tasks run per engine (what "auto" resolved to included)."""
+    blobs: tuple[str, ...] = ()
+    """Ids of the cached blobs, least recently used first."""
+    banks: tuple[str, ...] = ()
+    """Ids of the cached blobs of kind "bank"."""
+    bulk_port: int | None = None
+    shm_blocks: int = 0
+    max_message_size: int = 0
+    memory_budget: int = 0
+
+    def to_wire(self) -> WireRecord:
+        record = {name: getattr(self, name) for name in _INFO_TYPES}
+        record.update(engines=dict(self.engines), blobs=list(self.blobs), banks=list(self.banks))
+        return record
+
+    @classmethod
+    def from_wire(cls, data: object) -> WorkerInfo:
+        """Known fields type-checked; missing ones take their defaults and unknown ones are ignored, so
+        workers of neighbouring versions still describe themselves."""
+        if not isinstance(data, dict):
+            raise ShapeError(f"worker info must be a dict, got {type(data).__name__}")
+        values: dict[str, Any] = {}
+        for name, types in _INFO_TYPES.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, types):
+                expected = " or ".join(t.__name__ for t in types)
+                raise ShapeError(f"worker info {name}={value!r} has the wrong type (expected {expected})")
+            values[name] = value
+        values["blobs"] = tuple(map(str, values.get("blobs", ())))
+        values["banks"] = tuple(map(str, values.get("banks", ())))
+        values["gflops"] = float(values.get("gflops", 0.0))
+        return cls(**values)
 
 
 @runtime_checkable
@@ -45,29 +345,25 @@ class ConvolutionWorkerAPI(Protocol):
         """Return "pong"; the cheapest liveness check."""
         ...
 
-    def info(self) -> dict[str, Any]:
-        """Describe the worker: name, host, hostname, host_id (same value = shared memory works), pid,
-        cores, threads, version, gflops (measured engine rate), tasks_done, busy (tasks running), banks
-        (ids cached), bulk_port (side channel for "bulk" results, or None), max_message_size,
-        memory_budget (bytes), shm_blocks (shared-memory blocks attached)."""
+    def info(self) -> WireRecord:
+        """A `WorkerInfo` in its wire form."""
         ...
 
-    def put_bank(self, bank_id: str, bank: WireArray) -> None:
-        """Cache a (K, kh, kw, C) kernel bank under `bank_id` (LRU, bounded by count and bytes).
-        Raises ShapeError, DTypeError, NonFiniteInput, BudgetExceeded."""
+    def put_blob(self, blob_id: str, record: WireRecord) -> None:
+        """Cache a `Blob` (its wire form) under `blob_id` (LRU, bounded by count and bytes); tasks then name
+        it. Raises BankError (bad id), ShapeError, DTypeError, NonFiniteInput, OptionError (a kind this
+        worker does not know), BudgetExceeded (over the worker's blob budget)."""
         ...
 
-    def drop_bank(self, bank_id: str) -> bool:
-        """Forget a bank; True if it was cached."""
+    def drop_blob(self, blob_id: str) -> bool:
+        """Forget a blob; True if it was cached."""
         ...
 
-    def correlate(self, task: TaskDict) -> dict[str, Any]:
-        """Run one task (see the module docstring). Returns {"task_id", "seconds"} plus, for
-        "inline", "result": wire dict; for "bulk", "ticket": str, "nbytes": int, "shape", "dtype".
-        Raises BankError (unknown bank_id: put it again), ShapeError, DTypeError, KernelTooLarge,
-        BudgetExceeded (the task alone is over a budget or, inline, over max_message_size); and, to be run
-        again or elsewhere, ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker
-        shut down under the call)."""
+    def correlate(self, task: WireRecord) -> WireRecord:
+        """Run one `CorrelateTask`; returns a `CorrelateReply`. Raises BankError (bank not cached: put it
+        again), ShapeError, DTypeError, KernelTooLarge, OptionError (engine), BudgetExceeded (the task
+        alone is over a budget or, inline, over max_message_size); and, to be run again or elsewhere,
+        ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker is shutting down)."""
         ...
 
     def release_shm(self, names: list[str]) -> int:
@@ -76,3 +372,4 @@ class ConvolutionWorkerAPI(Protocol):
         how many were mapped. Unknown names are ignored. Raises ShapeError if `names` is not a list of
         str. Workers also bound their mapped blocks by count and by bytes (memory_budget)."""
         ...
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hmac
 import ipaddress
@@ -15,6 +14,7 @@ from typing import Any
 import Pyro5.errors
 import Pyro5.serializers
 
+from rmidl._files import read_small, shown
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
 from rmidl.remote.transport import SECRET_REFUSED, client_ssl_context, server_ssl_context, tls_enabled
@@ -22,10 +22,8 @@ from rmidl.remote.transport import SECRET_REFUSED, client_ssl_context, server_ss
 __all__ = [
     "HANDSHAKE_MAX_BYTES",
     "SecretHandshake",
-    "add_security_arguments",
     "check_bind",
     "client_ssl_context",
-    "config_from_args",
     "is_loopback",
     "probe_bind",
     "read_secret",
@@ -36,6 +34,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_SECRET_LENGTH = 8
+MAX_SECRET_BYTES = 4096
+"""A secret file is a line or a key: anything larger is refused unread."""
 HANDSHAKE_MAX_BYTES = 64 * 1024
 """A handshake carries the secret and an object name: anything larger is refused unread."""
 HANDSHAKE_TIMEOUT = 10.0
@@ -45,13 +45,16 @@ DENIED_HANDSHAKE_TIMEOUT = 0.5
 
 
 def read_secret(path: str | Path) -> str:
-    """The cluster secret stored in `path` (stripped); OptionError names an unreadable or short file."""
+    """The cluster secret stored in `path` (stripped); OptionError names a special, large, unreadable or
+    short file. Only a small regular file is read: a FIFO or /dev/zero must not hang or fill memory."""
+    where = f"secret file {shown(path)}"
+    data = read_small(path, where, MAX_SECRET_BYTES, OptionError)
     try:
-        secret = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise OptionError(f"cannot read secret file {str(path)!r}: {error}") from None
+        secret = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise OptionError(f"{where} is not UTF-8 text") from None
     if len(secret) < MIN_SECRET_LENGTH:
-        raise OptionError(f"secret in {str(path)!r} is shorter than {MIN_SECRET_LENGTH} characters")
+        raise OptionError(f"secret in {shown(path)} is shorter than {MIN_SECRET_LENGTH} characters")
     return secret
 
 
@@ -200,19 +203,3 @@ def _peer(conn: Any) -> str:
     except (OSError, AttributeError, ValueError):
         return "unknown peer"
 
-
-def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every daemon command shares: secret file, TLS files, --insecure."""
-    parser.add_argument("--secret-file", metavar="PATH", help="file holding the cluster secret")
-    parser.add_argument("--tls-cert", metavar="PATH", help="PEM certificate (2-way TLS)")
-    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key (2-way TLS)")
-    parser.add_argument("--tls-ca", metavar="PATH", help="PEM CA certificate peers must chain to")
-    parser.add_argument(
-        "--insecure", action="store_true", help="allow binding a non-loopback address without secret or TLS"
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Config from RMIDL_* variables with the command line's secret and TLS files applied."""
-    files = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
-    return secured_config(Config(), secret_file=args.secret_file, **files)

@@ -15,17 +15,14 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError, RegistryError, register_with_pyro
-from rmidl.remote.contract import WORKER_PREFIX
 
 __all__ = [
     "SECRET_REFUSED",
     "SERIALIZER",
-    "WORKER_METADATA",
     "client_ssl_context",
     "configure_pyro",
     "connect_ns",
     "is_refusal",
-    "list_workers",
     "parse_address",
     "server_ssl_context",
     "tls_enabled",
@@ -38,8 +35,6 @@ SERIALIZER = "msgpack"
 """Carries bytes natively and never runs code on load (serpent is ~10x slower for bytes; pickle is unsafe)."""
 SECRET_REFUSED = "cluster secret missing or wrong"
 """How a daemon words a handshake it refuses for the secret; `is_refusal` looks for it."""
-WORKER_METADATA = frozenset({"rmidl", "role:worker"})
-"""Every worker registers with these tags (plus host:, cores:, version:); discovery asks for all of them."""
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\d{1,3}(?:\.\d{1,3}){3})$")
 _configure_lock = threading.Lock()
@@ -179,12 +174,3 @@ def worker_proxy(uri: str, config: Config | None = None, *, timeout: float | Non
     configure_pyro(config)
     return _prepare_proxy(Pyro5.api.Proxy(uri), config, timeout)
 
-
-def list_workers(ns_proxy: Pyro5.api.Proxy) -> dict[str, str]:
-    """name -> URI of every registered rmidl worker (found by metadata, named `rmidl.worker.<name>`)."""
-    found = ns_proxy.yplookup(meta_all=sorted(WORKER_METADATA), return_metadata=False)
-    return {
-        name[len(WORKER_PREFIX) :]: str(uri)
-        for name, uri in sorted(found.items())
-        if name.startswith(WORKER_PREFIX)
-    }

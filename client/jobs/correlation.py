@@ -1,0 +1,197 @@
+"""The correlation job: one image x one bank as tasks of output rows x kernels (rmidl.correlate on a cluster).
+
+Every task is a valid correlation of the mode-padded image (the padding is done once, here): output rows
+[r0, r1) x kernels [k0, k1), whose input is the band `band_rows((r0, r1), kh)`. Same-host workers read the
+padded image from and write their results into shared memory; the others get their band inline and send
+results back over the bulk channel (or inline, without one).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rmidl.config import Config
+from rmidl.errors import BudgetExceeded, RmidlError
+from rmidl.geometry import Task, band_rows, max_band_rows, pad_for_mode
+from rmidl.kernels import correlate_valid
+from rmidl.remote.blobs import Blob
+from rmidl.remote.contract import CorrelateReply, CorrelateTask, ReplyRecord, ShmRef
+from rmidl.remote.shm import SharedArray
+from rmidl.validate import Prepared, check_engine, check_out
+
+from ..cost import Capacity, TaskCost
+from ..planning import Plan, plan
+
+if TYPE_CHECKING:
+    from ..shared import SharedPool
+    from ..stub import WorkerStub
+
+__all__ = ["CorrelationJob"]
+
+
+class CorrelationJob:
+    """A `JobKind` of `rmidl.geometry.Task`s. Built (every option checked), then `plan()`-ned for the
+    consumers at hand, then run inside `buffers()`, which yields the result array."""
+
+    kind = "correlate"
+
+    def __init__(self, prepared: Prepared, *, config: Config, engine: str = "auto",
+                 out: np.ndarray | None = None) -> None:
+        self.engine = check_engine(engine)
+        shape = prepared.out_shape
+        nbytes = int(np.prod(shape)) * prepared.dtype.itemsize
+        if nbytes > config.memory_budget:
+            raise BudgetExceeded(
+                f"output {shape[0]}x{shape[1]}x{shape[2]} {prepared.dtype.name} needs {nbytes / 2**20:.0f} "
+                f"MiB, over the memory budget of {config.memory_budget / 2**20:.0f} MiB"
+            )
+        self.out_shape = shape
+        self.caller_out = None if out is None else check_out(out, shape, prepared.dtype)
+        self.prepared = prepared
+        self.config = config
+        self.kernels = prepared.kernels
+        self.bank = Blob.bank(prepared.kernels)
+        self.padded = prepared.image  # padded for its mode by plan()
+        self.plan: Plan | None = None
+        self.message_limit: int | None = None
+        """The max_message_size the tasks were sized for: a worker taking arrays over TCP needs as much."""
+        self.uses_shm = False
+        self.out = np.empty(0, prepared.dtype)
+        self.engines: Counter[str] = Counter()
+        """Tasks each engine ran on the workers (from their replies)."""
+        self._shm: tuple[ShmRef, ShmRef, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    # -- before the run ------------------------------------------------------------------------------
+    def plan_for(self, consumers: Sequence[Capacity], workers: Sequence[WorkerStub], *,
+                 shared_memory: bool, min_tasks: int) -> Plan:
+        """Pad the image and cut the job for these consumers (and the message limits of these workers)."""
+        self.padded = pad_for_mode(self.prepared.image, self.kernels.shape[1:3], self.prepared.mode)
+        self.uses_shm = shared_memory and any(w.same_host for w in workers)
+        tcp = [w for w in workers if not (self.uses_shm and w.same_host)]
+        max_task, max_rows, self.message_limit = self._message_limits(tcp)
+        self.plan = plan(self.out_shape, self.kernels.shape, consumers, itemsize=self.prepared.dtype.itemsize,
+                         max_task_bytes=max_task, max_band_rows=max_rows, min_tasks=min_tasks)
+        return self.plan
+
+    def _message_limits(self, tcp: Sequence[WorkerStub]) -> tuple[int, int | None, int]:
+        """Largest result (bytes) and band (output rows) per task, so that every request and inline reply
+        fits under the smallest max_message_size of this process and of the workers taking arrays over TCP
+        (a bigger message is refused and the task could never succeed); and that smallest size."""
+        own = self.config.max_message_size
+        smallest = min([own] + [w.info.max_message_size or own for w in tcp])
+        # Room for the rest of the message: Pyro5's header, the task's other fields, msgpack framing.
+        limit = smallest - min(64 << 10, smallest // 8)
+        max_task = min(64 << 20, own // 2, limit)
+        if not tcp:
+            return max_task, None, smallest
+        row_bytes = self.padded.shape[1] * self.padded.shape[2] * self.padded.itemsize
+        kh = int(self.kernels.shape[1])
+        rows = max_band_rows(limit, row_bytes, kh)
+        if rows < 1:
+            raise BudgetExceeded(
+                f"one output row needs an input band of {kh} rows x {row_bytes} bytes, over the "
+                f"smallest worker message limit of {limit} bytes (raise max_message_size)"
+            )
+        return max_task, rows, smallest
+
+    @contextmanager
+    def buffers(self, pool: SharedPool | None = None, *,
+                reusable: Callable[[], bool] = lambda: True) -> Iterator[np.ndarray]:
+        """Yield the result array (the caller's `out`, or a new one), with the shared blocks same-host
+        workers use taken from `pool` for the run and given back after (kept only if `reusable()`)."""
+        given = self.caller_out
+        self.out = np.empty(self.out_shape, self.prepared.dtype) if given is None else given
+        if not self.uses_shm:
+            yield self.out
+            return
+        assert pool is not None, "a job planned for shared memory needs a SharedPool"
+        shared_in = pool.take("input", self.padded.shape, self.padded.dtype)
+        shared_out: SharedArray | None = None
+        ok = False
+        try:
+            shared_out = pool.take("output", self.out_shape, self.prepared.dtype)
+            shared_in.array[...] = self.padded
+            self._shm = (_ref(shared_in), _ref(shared_out), shared_out.array)
+            yield self.out
+            ok = True
+        finally:
+            self._shm = None
+            keep = ok and reusable()
+            pool.give("input", shared_in, reusable=keep)
+            if shared_out is not None:
+                pool.give("output", shared_out, reusable=keep)
+
+    # -- JobKind -------------------------------------------------------------------------------------
+    def tasks(self) -> Sequence[Task]:
+        assert self.plan is not None, "plan_for() first"
+        return self.plan.tasks
+
+    def describe(self, task: Task) -> str:
+        (r0, r1), (k0, k1) = task.rows, task.kernels
+        return f"task {task.task_id} (rows {r0}:{r1}, kernels {k0}:{k1})"
+
+    def cost(self, task: Task) -> TaskCost:
+        _, kh, kw, channels = self.kernels.shape
+        out_elements = task.out_elements(self.out_shape[2])
+        return TaskCost(flops=2.0 * kh * kw * channels * out_elements, input_bytes=self._band(task).nbytes,
+                        result_bytes=out_elements * self.prepared.dtype.itemsize)
+
+    def blobs(self) -> Mapping[str, Blob]:
+        return {self.bank.content_id: self.bank}
+
+    def accepts(self, stub: WorkerStub) -> bool:
+        limit = stub.info.max_message_size
+        return self._shm_for(stub) or not (self.message_limit and 0 < limit < self.message_limit)
+
+    def run_local(self, task: Task, threads: int) -> None:
+        (k0, k1) = task.kernels
+        correlate_valid(self._band(task), self.kernels[k0:k1], self._out_view(task), threads=threads,
+                        engine=self.engine)
+
+    def request(self, task: Task, stub: WorkerStub) -> CorrelateTask:
+        source: np.ndarray | ShmRef
+        output: str | ShmRef
+        if self._shm_for(stub):
+            assert self._shm is not None
+            source, output = self._shm[0], self._shm[1]
+        else:
+            source, output = self._band(task), "bulk" if stub.info.bulk_port else "inline"
+        return CorrelateTask(task.task_id, self.bank.content_id, task.kernels, task.rows, source, output,
+                             self.engine)
+
+    def accept(self, task: Task, reply: ReplyRecord, stub: WorkerStub) -> int:
+        view = self._out_view(task)
+        if isinstance(reply, CorrelateReply):
+            with self._lock:
+                self.engines[reply.engine] += 1
+        if self._shm_for(stub):
+            assert self._shm is not None
+            (k0, k1), (r0, r1) = task.kernels, task.rows
+            view[...] = self._shm[2][k0:k1, r0:r1, :]
+            return 0
+        if reply.result is None:
+            raise RmidlError(f"worker {stub.name} sent no result for {self.describe(task)}")
+        return stub.receive(reply.result, view, what=self.describe(task))
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _shm_for(self, stub: WorkerStub) -> bool:
+        return self._shm is not None and stub.same_host
+
+    def _band(self, task: Task) -> np.ndarray:
+        """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
+        return self.padded[slice(*band_rows(task.rows, self.kernels.shape[1]))]
+
+    def _out_view(self, task: Task) -> np.ndarray:
+        (k0, k1), (r0, r1) = task.kernels, task.rows
+        return self.out[k0:k1, r0:r1, :]
+
+
+def _ref(block: SharedArray) -> ShmRef:
+    return ShmRef(block.name, block.shape, block.dtype)

@@ -1,0 +1,225 @@
+"""WorkerStub: the client side of one remote worker (the RMI stub), kept across jobs.
+
+It owns the worker's Pyro5 proxies (one per calling thread), their timeouts, which blobs the worker holds,
+the worker's capabilities as `info()` tells them (host id, bulk port, limits, budgets, rate), the TLS-aware
+bulk fetch, and its health (ok, dead, quarantined). Jobs build typed task records; the stub sends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from rmidl.config import Config
+from rmidl.errors import BankError, RmidlError, WorkerLost
+from rmidl.remote.blobs import Blob
+from rmidl.remote.contract import BulkTicket, ReplyRecord, Result, TaskRecord, WorkerInfo
+
+from .cost import (
+    BULK_BYTES_PER_S,
+    INLINE_BYTES_PER_S,
+    ROUND_TRIP_S,
+    Capacity,
+    TaskCost,
+    deadline,
+    local_gflops,
+)
+
+__all__ = ["WorkerStub"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStub:
+    """One remote worker: `probe()` it, `call()` task records on it, `receive()` their results."""
+
+    def __init__(self, name: str, uri: str, config: Config) -> None:
+        self.name = name
+        self.uri = uri
+        self.config = config
+        self.info = WorkerInfo()
+        self.round_trip_s = ROUND_TRIP_S
+        self.same_host = False
+        """Shares this process's kernel (so its /dev/shm): shared memory works between us."""
+        self.state = "ok"  # ok | dead | quarantined
+        self.blobs: set[str] = set()
+        """Ids of the blobs put on the worker (it may have evicted some since: it says so, we put again)."""
+        self.in_flight = 0
+        """Tasks of this process's jobs running on it now (jobs of one coordinator may run concurrently)."""
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
+
+    @property
+    def host(self) -> str:
+        from Pyro5.core import URI
+
+        return str(URI(self.uri).host)
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "ok"
+
+    def capacity(self) -> Capacity:
+        """The worker as the cost model sees it: rate, cores, round trip, data-plane rate."""
+        threads = self.info.threads or self.info.cores or 1
+        # Workers report the engine's measured rate on their threads; an old one without it counts as
+        # this machine's single-thread rate per thread.
+        gflops = self.info.gflops or local_gflops() * threads
+        if self.same_host:
+            rate = None
+        elif self.info.bulk_port:
+            rate = BULK_BYTES_PER_S
+        else:
+            rate = INLINE_BYTES_PER_S
+        return Capacity(self.name, gflops, threads, self.round_trip_s, rate)
+
+    # -- connections ---------------------------------------------------------------------------------
+    def connect(self) -> Any:
+        from rmidl.remote.transport import worker_proxy
+
+        return worker_proxy(self.uri, self.config, timeout=self.config.connect_timeout)
+
+    @contextmanager
+    def proxy(self) -> Iterator[Any]:
+        """A proxy owned by the calling thread; returned to the pool unless the call broke it."""
+        with self._lock:
+            proxy = self._idle.pop() if self._idle else None
+        if proxy is None:
+            proxy = self.connect()
+        proxy._pyroClaimOwnership()
+        try:
+            yield proxy
+        except BaseException:
+            # After a timeout or a dropped connection the stream is in an unknown state: never reuse it.
+            proxy._pyroRelease()
+            raise
+        with self._lock:
+            self._idle.append(proxy)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count a task in flight on this worker while the block runs."""
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def probe(self) -> None:
+        """Fetch info() and time a ping on a fresh connection (raises Pyro5 errors if unreachable)."""
+        from rmidl.remote.shm import host_id
+
+        with self.proxy() as proxy:
+            self.info = WorkerInfo.from_wire(proxy.info())
+            trips = []
+            for _ in range(3):  # the least of a few: one round trip on a busy machine is mostly noise
+                start = time.perf_counter()
+                proxy.ping()
+                trips.append(time.perf_counter() - start)
+            self.round_trip_s = max(1e-4, min(trips))
+        self.same_host = self.info.host_id == host_id()
+
+    def alive(self) -> bool:
+        """True if the worker answers a ping on a new connection within connect_timeout."""
+        try:
+            proxy = self.connect()
+        except Exception:
+            return False
+        try:
+            with proxy:
+                return bool(proxy.ping() == "pong")
+        except Exception:
+            return False
+
+    def mark(self, state: str) -> bool:
+        """Move out of "ok"; True only for the first caller (so the warning is logged once)."""
+        with self._lock:
+            if self.state != "ok":
+                return False
+            self.state = state
+            return True
+
+    # -- work ----------------------------------------------------------------------------------------
+    def call(self, record: TaskRecord, *, timeout: float, blobs: Mapping[str, Blob]) -> ReplyRecord:
+        """Run one task on the worker within `timeout` s, putting `blobs` first where it lacks them;
+        a worker that lost a blob (evicted, restarted) says so, and gets it again once."""
+        wire = record.to_wire()
+        method = record.METHOD
+        with self.proxy() as proxy, self.running():
+            self._put_blobs(proxy, blobs)
+            proxy._pyroTimeout = timeout
+            try:
+                raw = getattr(proxy, method)(wire)
+            except BankError:
+                self._put_blobs(proxy, blobs, force=True)
+                proxy._pyroTimeout = timeout
+                raw = getattr(proxy, method)(wire)
+        return record.parse_reply(raw, max_bytes=self.config.max_message_size)
+
+    def receive(self, result: Result, into: np.ndarray, *, what: str) -> int:
+        """Write a task's result into `into`: inline from the reply, or fetched over the bulk channel
+        (with the TLS context it expects); returns the bytes that crossed TCP (0 for shared memory)."""
+        if result is None:
+            return 0
+        if isinstance(result, BulkTicket):
+            if result.shape != into.shape or result.dtype != into.dtype.name:
+                raise RmidlError(f"worker {self.name} offers {result.shape} {result.dtype} for {what}, "
+                                 f"expected {into.shape} {into.dtype.name}")
+            from rmidl.remote.bulk import fetch
+
+            if not self.info.bulk_port:
+                raise WorkerLost(f"worker {self.name} offered a bulk result but has no bulk channel")
+            timeout = deadline(TaskCost(0.0, result_bytes=result.nbytes), self.capacity(),
+                               floor=self.config.task_deadline_floor)
+            return fetch(self.host, self.info.bulk_port, result.ticket, into, timeout=timeout,
+                         ssl_context=self._bulk_ssl_context())
+        if result.shape != into.shape:
+            raise RmidlError(f"worker {self.name} returned shape {result.shape} for {what}, "
+                             f"expected {into.shape}")
+        into[...] = result
+        return int(into.nbytes)
+
+    def release_shm(self, names: list[str]) -> None:
+        """Ask the worker to unmap these shared blocks (best effort: it unmaps them later anyway)."""
+        try:
+            with self.proxy() as proxy:
+                proxy._pyroTimeout = self.config.connect_timeout
+                proxy.release_shm(names)
+        except Exception as error:
+            log.debug("worker %s could not release %s: %r", self.name, names, error)
+
+    def close(self) -> None:
+        """Release every idle proxy (the worker keeps running)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for proxy in idle:
+            proxy._pyroClaimOwnership()
+            proxy._pyroRelease()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _put_blobs(self, proxy: Any, blobs: Mapping[str, Blob], *, force: bool = False) -> None:
+        missing = [blob_id for blob_id in blobs if force or blob_id not in self.blobs]
+        if not missing:
+            return
+        proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
+        for blob_id in missing:
+            proxy.put_blob(blob_id, blobs[blob_id].to_wire())
+            self.blobs.add(blob_id)
+
+    def _bulk_ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context the worker's bulk channel expects (2-way TLS), or None; made once."""
+        from rmidl.remote.transport import client_ssl_context
+
+        if self._ssl is None:
+            self._ssl = client_ssl_context(self.config)
+        return self._ssl

@@ -1,0 +1,105 @@
+"""Blobs: what a worker must hold once before a job's tasks (a kernel bank; later a network, a data shard).
+
+A blob is a kind, named float arrays and a few scalar settings, addressed by a content id so that a
+worker already holding one is not sent it again, whoever asks. Each kind has one check, run by the
+worker on `from_wire` before the blob is cached; adding a kind is adding its entry to KINDS.
+
+Wire form: {"kind": str, "arrays": {name: <wire dict>}, "settings": {name: str | int | float | bool | None}}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from rmidl.errors import NonFiniteInput, OptionError, ShapeError
+from rmidl.remote.wire import pack, unpack, wire_nbytes
+
+__all__ = ["KINDS", "Blob", "Scalar"]
+
+Scalar = str | int | float | bool | None
+"""A blob setting's value."""
+
+
+@dataclass(frozen=True, eq=False)
+class Blob:
+    """A kind, named arrays and scalar settings; immutable, addressed by `content_id`."""
+
+    kind: str
+    arrays: Mapping[str, np.ndarray]
+    settings: Mapping[str, Scalar] = field(default_factory=dict)
+
+    @classmethod
+    def bank(cls, kernels: np.ndarray) -> Blob:
+        """A kernel bank (K, kh, kw, C): the blob a correlation job's tasks name."""
+        return cls("bank", {"bank": kernels})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(array.nbytes) for array in self.arrays.values())
+
+    @cached_property
+    def content_id(self) -> str:
+        """`<kind>-<hash of kind, settings and every array's name, shape, dtype and bytes>`."""
+        digest = hashlib.blake2b(digest_size=16)
+        names = sorted(self.arrays)
+        header = (self.kind, sorted(self.settings.items()),
+                  [(name, self.arrays[name].shape, self.arrays[name].dtype.str) for name in names])
+        digest.update(repr(header).encode())
+        for name in names:
+            digest.update(np.ascontiguousarray(self.arrays[name]).data)
+        return f"{self.kind}-{digest.hexdigest()}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "arrays": {name: pack(a) for name, a in self.arrays.items()},
+                "settings": dict(self.settings)}
+
+    @staticmethod
+    def claimed_nbytes(data: object) -> int:
+        """Bytes the arrays of a blob's wire form claim to hold, checked before anything is unpacked."""
+        arrays = data.get("arrays") if isinstance(data, dict) else None
+        if not isinstance(arrays, dict):
+            raise ShapeError("a blob must be a dict with 'kind', 'arrays' and 'settings'")
+        return sum(wire_nbytes(wire) for wire in arrays.values())
+
+    @classmethod
+    def from_wire(cls, data: object, *, blob_id: str, max_bytes: int) -> Blob:
+        """The blob a wire dict holds, after its kind's check; the errors name `blob_id`."""
+        if not isinstance(data, dict) or set(data) != {"kind", "arrays", "settings"}:
+            raise ShapeError(f"blob {blob_id!r} must be a dict of exactly 'kind', 'arrays' and 'settings'")
+        kind, arrays, settings = data["kind"], data["arrays"], data["settings"]
+        if kind not in KINDS:
+            raise OptionError(f"blob {blob_id!r} is of kind {kind!r}; this worker knows {', '.join(KINDS)}")
+        if not isinstance(arrays, dict) or not all(isinstance(name, str) for name in arrays):
+            raise ShapeError(f"blob {blob_id!r}: arrays must map names to wire arrays")
+        if not isinstance(settings, dict) or not all(
+            isinstance(name, str) and (value is None or isinstance(value, (str, int, float, bool)))
+            for name, value in settings.items()
+        ):
+            raise ShapeError(f"blob {blob_id!r}: settings must map names to str, int, float, bool or None")
+        blob = cls(kind, {name: unpack(wire, max_bytes=max_bytes) for name, wire in arrays.items()}, settings)
+        KINDS[kind](blob, blob_id)
+        return blob
+
+
+def _finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise NonFiniteInput(f"{what} contains NaN or Inf")
+
+
+def _check_bank(blob: Blob, blob_id: str) -> None:
+    if set(blob.arrays) != {"bank"} or blob.settings:
+        raise ShapeError(f"bank {blob_id!r} must hold one array named 'bank' and no settings")
+    bank = blob.arrays["bank"]
+    if bank.ndim != 4 or 0 in bank.shape:
+        raise ShapeError(f"bank {blob_id!r} must be a non-empty (K, kh, kw, C) array, not {bank.shape}")
+    _finite(bank, f"bank {blob_id!r}")
+
+
+KINDS: dict[str, Callable[[Blob, str], None]] = {"bank": _check_bank}
+"""Blob kind -> its check (raises an InputError naming the blob id); the kinds a worker accepts."""

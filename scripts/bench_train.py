@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Benchmark the classifier: accuracy against scikit-learn, and data-parallel speed on the local pool.
+
+Quality: scikit-learn's digits (1797 8x8 images), several stratified 75/25 splits; held-out accuracy
+of rmidl.train (defaults; and with validation=0, i.e. on the same rows scikit-learn trains on) against
+MLPClassifier with the same hidden size and budget (epochs = max_iter, same batch), on standardised
+features: its default adam/relu, and SGD with our settings (logistic, momentum 0.9, the same lr).
+
+Speed: serial (threads=0), the local pool with 1 and 2 threads, on a compute-bound problem
+(60,000 x 400, hidden 256, batch 4096) and the paper-sized one (5,000 x 400, hidden 25, full batch);
+seconds per epoch (median over epochs after a warm-up one, then over --repeat runs, configurations
+interleaved), speed-up against serial in the same run, CPU seconds per epoch (all threads: the work
+done, whatever other load the machine carries) and each step's phase split. Reference rows time one
+unsharded gradient of each whole step with numpy's BLAS at 1 and 2 threads (no update).
+
+Usage: .venv/bin/python scripts/bench_train.py [--repeat 3] [--epochs 3] [--quick] [--skip-quality]
+                                               [--skip-speed] [--splits 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import rmidl
+from rmidl.history import PHASES
+from rmidl.mlp import MLPSpec, gradient_sums
+
+HIDDEN, EPOCHS, BATCH, LR = (25,), 30, 64, 0.1  # rmidl.train's defaults, given to scikit-learn too
+
+
+def digits_rows(splits: int) -> list[str]:
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.model_selection import train_test_split
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return ["scikit-learn is not installed (pip install 'rmidl[bench]'): quality part skipped"]
+    x, y = load_digits(return_X_y=True)
+    budget = {"max_iter": EPOCHS, "batch_size": BATCH}
+    ours = {"activation": "logistic", "solver": "sgd", "learning_rate_init": LR, "momentum": 0.9,
+            "nesterovs_momentum": False}
+
+    def sklearn(seed: int, **settings: Any) -> Any:
+        return make_pipeline(StandardScaler(), MLPClassifier(HIDDEN, random_state=seed, **budget, **settings))
+
+    runs: dict[str, Callable[[np.ndarray, np.ndarray, int], Any]] = {
+        "rmidl.train (defaults: 20% held out for validation)": lambda a, b, s: rmidl.train(a, b, seed=s)[0],
+        "rmidl.train (validation=0)": lambda a, b, s: rmidl.train(a, b, seed=s, validation=0.0)[0],
+        "MLPClassifier adam/relu (its defaults)": lambda a, b, s: sklearn(s).fit(a, b),
+        "MLPClassifier sgd/logistic, our lr and momentum":
+            lambda a, b, s: sklearn(s, **ours).fit(a, b),
+    }
+    scores: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for split in range(splits):
+        a, test_x, b, test_y = train_test_split(x, y, test_size=0.25, random_state=split, stratify=y)
+        for name, fit in runs.items():
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # 30 epochs is the budget, on purpose
+                model = fit(a, b, split)
+            seconds[name].append(time.perf_counter() - start)
+            scores[name].append(100 * float(model.score(test_x, test_y)))
+    reference = statistics.fmean(scores["rmidl.train (defaults: 20% held out for validation)"])
+    rows = [f"digits: {len(y)} samples, 75/25 stratified splits x {splits}; hidden {HIDDEN[0]}, "
+            f"{EPOCHS} epochs, batch {BATCH}", "",
+            "| model | held-out accuracy % (mean, min..max) | vs rmidl defaults | seconds (median) |",
+            "|---|---|---|---|"]
+    for name in runs:
+        mean = statistics.fmean(scores[name])
+        rows.append(f"| {name} | {mean:.2f} ({min(scores[name]):.2f}..{max(scores[name]):.2f}) | "
+                    f"{mean - reference:+.2f} | {statistics.median(seconds[name]):.2f} |")
+    return rows
+
+
+def blob_features(n: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, features))
+    y = np.arange(n) % classes
+    x = centres[y] + 3.0 * rng.standard_normal((n, features))
+    return x, y
+
+
+def timed_run(x: np.ndarray, y: np.ndarray, *, threads: int, hidden: int, batch: int | None,
+              epochs: int) -> tuple[rmidl.MLP, rmidl.History, float]:
+    """Train for a warm-up epoch (it also pays for the run's setup) and `epochs` more; the median CPU
+    seconds (all threads) of the timed epochs."""
+    marks = [time.process_time()]
+
+    def mark(record: object, model: object) -> None:
+        marks.append(time.process_time())
+
+    model, history = rmidl.train(x, y, hidden=(hidden,), batch=batch, epochs=epochs + 1, validation=0.0,
+                                 threads=threads, lr=0.05, callback=mark)
+    return model, history, statistics.median(b - a for a, b in itertools.pairwise(marks[1:]))
+
+
+def speed_rows(name: str, n: int, *, hidden: int, batch: int | None, epochs: int, repeat: int) -> list[str]:
+    x, y = blob_features(n, 400, 10)
+    configs = {"serial (calling thread)": 0, "local pool, 1 thread": 1, "local pool, 2 threads": 2}
+    seconds: dict[str, list[float]] = {c: [] for c in configs}
+    phases: dict[str, dict[str, float]] = {}
+    weights: dict[str, np.ndarray] = {}
+    settings: dict[str, Any] = {}
+    cpu: dict[str, list[float]] = {c: [] for c in configs}
+    for _ in range(repeat):
+        for config, threads in configs.items():  # interleaved: load from other agents hits all alike
+            model, history, cpu_seconds = timed_run(x, y, threads=threads, hidden=hidden, batch=batch,
+                                                    epochs=epochs)
+            seconds[config].append(statistics.median(e.seconds for e in history.epochs[1:]))
+            cpu[config].append(cpu_seconds)
+            phases[config] = history.phase_means()
+            weights[config] = model.parameters
+            settings = history.settings
+    identical = all(np.array_equal(w, weights["serial (calling thread)"]) for w in weights.values())
+    reference = _whole_batch_seconds(x, y, hidden=hidden, steps=settings["steps_per_epoch"], repeat=repeat)
+    serial = statistics.median(seconds["serial (calling thread)"])
+    phase_columns = " | ".join(f"{p} %" for p in PHASES)
+    rows = [f"{name}: {n} x 400, hidden {hidden}, batch {batch or 'full'} ({settings['steps_per_epoch']} "
+            f"steps/epoch, {settings['shards']} shards), {epochs} epochs x {repeat}; weights bitwise "
+            f"identical across rows: {'yes' if identical else 'NO'}", "",
+            f"| configuration | s/epoch (median) | speed-up vs serial | CPU s/epoch | {phase_columns} |",
+            "|---|---|---|---|" + "---|" * len(PHASES)]
+    for config in configs:
+        median = statistics.median(seconds[config])
+        total = sum(phases[config][p] for p in PHASES) or 1.0
+        split = " | ".join(f"{100 * phases[config][p] / total:.2f}" for p in PHASES)
+        cpu_median = statistics.median(cpu[config])
+        rows.append(f"| {config} | {median:.3f} | {serial / median:.2f}x | {cpu_median:.3f} | {split} |")
+    for threads, value in reference.items():
+        rows.append(f"| reference: one unsharded gradient per step, BLAS {threads} thread(s), no update | "
+                    f"{value:.3f} | {serial / value:.2f}x | |" + " |" * len(PHASES))
+    return rows
+
+
+def _whole_batch_seconds(x: np.ndarray, y: np.ndarray, *, hidden: int, steps: int,
+                         repeat: int) -> dict[int, float]:
+    """Seconds per epoch of plain numpy: the whole step's gradient in one call, BLAS at 1 and 2 threads."""
+    spec = MLPSpec((x.shape[1], hidden, 10), "sigmoid", "softmax")
+    params = spec.initial_parameters(0)
+    data = (x - x.mean(axis=0)) / x.std(axis=0)
+    size = -(-len(y) // steps)
+    result = {}
+    for threads in (1, 2):
+        times = []
+        with threadpool_limits(limits=threads, user_api="blas"):
+            for _ in range(repeat):
+                start = time.perf_counter()
+                for step in range(steps):
+                    rows = slice(step * size, (step + 1) * size)
+                    gradient_sums(spec, params, data[rows], y[rows])
+                times.append(time.perf_counter() - start)
+        result[threads] = statistics.median(times)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the compute-bound problem")
+    parser.add_argument("--splits", type=int, default=5, help="digits train/test splits")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the compute-bound problem")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.skip_quality:
+        print("\n".join(digits_rows(args.splits)), end="\n\n", flush=True)
+    if not args.skip_speed:
+        big = 6000 if args.quick else 60000
+        compute_bound = speed_rows("compute-bound", big, hidden=256, batch=4096, epochs=args.epochs,
+                                   repeat=args.repeat)
+        print("\n".join(compute_bound), end="\n\n", flush=True)
+        paper = speed_rows("paper-sized", 5000, hidden=25, batch=None, epochs=10 * args.epochs,
+                           repeat=args.repeat)
+        print("\n".join(paper), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
