@@ -16,7 +16,7 @@ from functools import cache
 import numpy as np
 
 from rmidl.errors import OptionError
-from rmidl.kernels._fft import fft_plan, sums_by_matmul
+from rmidl.kernels._fft import fft_plan
 from rmidl.kernels._lowering import plan_tiles
 
 __all__ = [
@@ -93,8 +93,8 @@ def _fft_terms(batch: int, h: int, w: int, k: int, kh: int, *, channels: int) ->
     terms = {"forward": transform * channels, "inverse": transform * k,
              "copies": plan.tiles * plan.bins * (channels + 2 * k),
              "kernels": k * channels * (kh * plan.fw + plan.bins * kh) * (groups if chunks > 1 else 1)}
-    if sums_by_matmul(plan.unit_tiles, channels, plan.unit_kernels):  # as the engine decides
-        terms["calls"] = -(-plan.tiles // plan.unit_tiles) * -(-k // plan.unit_kernels) * plan.bins
+    if plan.by_matmul:  # one matmul per bin, group and chunk
+        terms["calls"] = groups * chunks * plan.bins
         terms["macs"] = macs
     else:
         terms["products"] = macs

@@ -31,7 +31,9 @@ TILE_ELEMENTS = 1 << 18
 MATMUL_WORK = 32
 """Complex multiply-adds per bin from which a matmul per bin beats plain products."""
 UNIT_TILES = 6
-"""Tiles of one product-and-inverse unit at most (measured best for 95x95 tiles of 25 channels)."""
+"""Tiles of one unit of plain products and inverse transforms at most (more spill out of L2)."""
+BINS_PER_UNIT = 256
+"""Frequency bins of one work unit of matmul channel sums."""
 TILES_PER_CALL = 2
 """Tiles one forward or inverse transform call covers at most."""
 SPECTRA_CACHE_BYTES = 256 << 20
@@ -41,8 +43,9 @@ SPECTRA_CACHE_BYTES = 256 << 20
 @dataclass(frozen=True)
 class FFTPlan:
     """How one batch runs: output rows per tile, the FFT size, tiles per group (whose image spectra are
-    held at once), kernels per chunk (whose spectra are held at once), and the (tiles x kernels) of one
-    product-and-inverse work unit."""
+    held at once), kernels per chunk (whose spectra are held at once), whether the channel sums are
+    matmuls over the whole group (`by_matmul`, products held for the group) or plain products in units
+    of (unit_tiles x unit_kernels) fused with their inverse transforms."""
 
     rows: int
     fh: int
@@ -50,6 +53,7 @@ class FFTPlan:
     tiles: int
     group: int
     chunk: int
+    by_matmul: bool
     unit_tiles: int
     unit_kernels: int
 
@@ -63,9 +67,12 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
              threads: int = 1, *, cached: bool = False) -> FFTPlan:
     """The plan for a valid correlation of `batch` images (H, W) with a (K, kh, kw[, C]) bank.
 
-    Temporaries: kernel spectra of a chunk (3/8 of TEMP_BYTES, none if `cached`: a `KernelSpectra`
-    holds them), image spectra of a group (3/8) and each thread's unit of products (the rest).
-    Bigger units mean fewer, larger matmuls per bin (M = the unit's tiles) and fewer passes over S.
+    Temporaries within TEMP_BYTES: kernel spectra of a chunk (at most 3/8 of it; none if `cached`: a
+    `KernelSpectra` holds them), each thread's transform scratch, and per tile of a group its image
+    spectra (and, for matmuls, its products). Matmul channel sums run over the whole group, bins split
+    between threads: one BLAS call per bin and group, with M = the group's tiles, because OpenBLAS
+    serialises concurrent small calls (a lock per call), so per-thread units of a few tiles would not
+    scale.
     """
     import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
 
@@ -84,11 +91,20 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
     n_tiles = batch * tiles_per_image
     chunk = n_kernels if cached else _even(n_kernels, (3 * TEMP_BYTES // 8) // (channels * spectrum))
     held = 0 if cached else chunk * channels * spectrum
-    # Each thread's unit: its products and its inverse transform's output (about half as big), for up to
-    # UNIT_TILES tiles (the M of the matmuls; more spills the products out of L2); a quarter of the
-    # budget at least stays for the group's image spectra.
+    # Each thread: a padded tile pair and its row transforms, then an inverse call's output.
+    scratch = threads * TILES_PER_CALL * spectrum * (channels + chunk)
+    by_matmul = False
+    if channels > 1:
+        group = _even(n_tiles, max(1, (TEMP_BYTES - held - scratch) // ((channels + chunk) * spectrum)))
+        by_matmul = sums_by_matmul(group, channels, chunk)
+    if by_matmul:
+        return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk, by_matmul=True,
+                       unit_tiles=group, unit_kernels=chunk)
+    # Plain products: each thread's unit holds its products and its inverse transform's output (about
+    # half as big) for up to UNIT_TILES tiles; a quarter of the budget at least stays for the group.
     unit_tiles = min(UNIT_TILES, n_tiles)
     unit_kernels = chunk
+
     def too_big() -> bool:
         return held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4
 
@@ -103,7 +119,7 @@ def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...
     # Enough units per chunk for every thread (twice over, for balance), as long as units stay whole tiles.
     if -(-group // unit_tiles) * -(-chunk // unit_kernels) < 2 * threads:
         unit_tiles = _even(group, -(-group // (2 * threads)))
-    return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk,
+    return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk, by_matmul=False,
                    unit_tiles=unit_tiles, unit_kernels=unit_kernels)
 
 
@@ -217,8 +233,14 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
         x = _forward(images, group, plan, kh, threads)
         for k0, k1 in chunks:
             s = whole if whole is not None else cached.chunk(shape, k0, k1, threads)
-            _products_and_inverse(x, s, group, out, k0=k0, plan=plan, threads=threads)
-            del s
+            if plan.by_matmul:
+                y = _sums(x, s, threads)
+                del s
+                _inverse(y, group, out, k0=k0, plan=plan, threads=threads)
+                del y
+            else:
+                _products_and_inverse(x, s, group, out, k0=k0, plan=plan, threads=threads)
+                del s
         del x
 
 
@@ -267,40 +289,74 @@ def _forward(images: np.ndarray, tiles: list[tuple[int, int, int]], plan: FFTPla
     return x
 
 
+def _sums(x: np.ndarray, spectra: np.ndarray, threads: int) -> np.ndarray:
+    """Channel sums (tiles, fh, fw//2+1, K) of a group: one (tiles x C) @ (C x K) matmul per bin, the
+    bins split between threads."""
+    n_tiles, fh, half, channels = x.shape
+    n_kernels = spectra.shape[2]
+    bins = fh * half
+    y = np.empty((n_tiles, fh, half, n_kernels), x.dtype)
+    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C): BLAS reads it in place
+    yb = y.reshape(n_tiles, bins, n_kernels).transpose(1, 0, 2)
+
+    def work(unit: tuple[int, int], scratch: None) -> None:
+        f0, f1 = unit
+        np.matmul(xb[f0:f1], spectra[f0:f1], out=yb[f0:f1])
+
+    run_tiles(split_range(bins, size=BINS_PER_UNIT), work, lambda: None, threads)
+    return y
+
+
+def _inverse(y: np.ndarray, tiles: list[tuple[int, int, int]], out: np.ndarray, *, k0: int, plan: FFTPlan,
+             threads: int) -> None:
+    """Output maps from a group's channel sums (overwritten): inverse transforms by axes, so the last
+    pass computes output rows only."""
+    import scipy.fft
+
+    n_kernels = y.shape[3]
+    out_w = out.shape[3]
+
+    def work(unit: tuple[int, int], scratch: None) -> None:
+        i0, i1 = unit
+        rows = max(r1 - r0 for _, r0, r1 in tiles[i0:i1])
+        columns = scipy.fft.ifft(y[i0:i1], axis=1, overwrite_x=True)[:, :rows]
+        maps = scipy.fft.irfft(columns, n=plan.fw, axis=2)  # (tiles, rows, fw, k)
+        for t, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            out[n, k0 : k0 + n_kernels, r0:r1, :] = maps[t, : r1 - r0, :out_w].transpose(2, 0, 1)
+
+    run_tiles(_units(len(tiles), threads), work, lambda: None, threads)
+
+
 def _products_and_inverse(x: np.ndarray, spectra: np.ndarray, tiles: list[tuple[int, int, int]],
                           out: np.ndarray, *, k0: int, plan: FFTPlan, threads: int) -> None:
-    """Output maps of a group's tiles for one chunk of kernels, a (tiles x kernels) unit per work item:
-    the channel sums at every bin, then inverse transforms by axes so the last pass computes output rows
-    only."""
+    """Output maps of a group's tiles for one chunk of kernels when the channel sums are plain products
+    (a single channel, or too little work per bin for a matmul): a (tiles x kernels) unit per work item,
+    its products and then its inverse transforms in that thread's scratch."""
     import scipy.fft
 
     n_tiles, fh, half, channels = x.shape
     n_kernels = spectra.shape[2]
     bins = fh * half
     out_w = out.shape[3]
-    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C): BLAS reads it in place
-    by_matmul = sums_by_matmul(plan.unit_tiles, channels, plan.unit_kernels)
+    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C)
     units = [(i, j) for i in split_range(n_tiles, size=plan.unit_tiles)
              for j in split_range(n_kernels, size=plan.unit_kernels)]
 
     def make_scratch() -> tuple[np.ndarray, np.ndarray]:
-        term = np.empty(0 if by_matmul or channels == 1 else bins * plan.unit_kernels, x.dtype)
+        term = np.empty(0 if channels == 1 else bins * plan.unit_kernels, x.dtype)
         return np.empty(plan.unit_tiles * bins * plan.unit_kernels, x.dtype), term
 
     def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: tuple[np.ndarray, np.ndarray]) -> None:
         (i0, i1), (j0, j1) = unit
         m, k = i1 - i0, j1 - j0
         y = scratch[0][: m * bins * k].reshape(m, fh, half, k)
-        if by_matmul:
-            np.matmul(xb[:, i0:i1], spectra[:, :, j0:j1], out=y.reshape(m, bins, k).transpose(1, 0, 2))
-        else:  # tile by tile: every pass over contiguous (bins x k) products
-            for t in range(m):
-                xt, yt = xb[:, i0 + t], y[t].reshape(bins, k)
-                np.multiply(xt[:, 0, None], spectra[:, 0, j0:j1], out=yt)
-                for c in range(1, channels):
-                    term = scratch[1][: bins * k].reshape(bins, k)
-                    np.multiply(xt[:, c, None], spectra[:, c, j0:j1], out=term)
-                    yt += term
+        for t in range(m):  # tile by tile: every pass over contiguous (bins x k) products
+            xt, yt = xb[:, i0 + t], y[t].reshape(bins, k)
+            np.multiply(xt[:, 0, None], spectra[:, 0, j0:j1], out=yt)
+            for c in range(1, channels):
+                term = scratch[1][: bins * k].reshape(bins, k)
+                np.multiply(xt[:, c, None], spectra[:, c, j0:j1], out=term)
+                yt += term
         rows = max(r1 - r0 for _, r0, r1 in tiles[i0:i1])
         columns = scipy.fft.ifft(y, axis=1, overwrite_x=True)[:, :rows]
         maps = scipy.fft.irfft(columns, n=plan.fw, axis=2)  # (m, rows, fw, k)
