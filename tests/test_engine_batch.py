@@ -221,6 +221,10 @@ def test_spectra_of_another_bank_are_refused(rng) -> None:
     with pytest.raises(errors.OptionError, match="spectra are of a bank"):
         correlate_valid_batch(np.ones((1, 8, 8, 2), np.float32), bank[:2] + 1, out, engine="fft",
                               spectra=spectra.select(0, 2))
+    # Another kernel group of the same bank (a view of the same memory, of the same shape) is refused too.
+    with pytest.raises(errors.OptionError, match="spectra are of a bank"):
+        correlate_valid_batch(np.ones((1, 8, 8, 2), np.float32), bank[1:3], out, engine="fft",
+                              spectra=spectra.select(0, 2))
     with pytest.raises(errors.OptionError, match=r"kernels \[3, 5\) are not in a bank of 4"):
         spectra.select(3, 5)
 

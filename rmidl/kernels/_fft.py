@@ -191,8 +191,10 @@ class KernelSpectra:
     def matches(self, kernels: np.ndarray) -> bool:
         """True if these are the spectra of `kernels` (same shape, dtype, and the very same values)."""
         mine = self.kernels
-        return (mine.shape == kernels.shape and mine.dtype == kernels.dtype
-                and (np.may_share_memory(mine, kernels) or np.array_equal(mine, kernels)))
+        if mine.shape != kernels.shape or mine.dtype != kernels.dtype:
+            return False
+        same_view = mine.ctypes.data == kernels.ctypes.data and mine.strides == kernels.strides
+        return same_view or np.array_equal(mine, kernels)
 
     def chunk(self, shape: tuple[int, int], k0: int, k1: int, threads: int = 1) -> np.ndarray:
         """Spectra (bins, C, k1 - k0) of kernels [k0, k1) of this selection; computed aside if too big."""
