@@ -2,7 +2,9 @@
 
 `correlate_valid` (one image) and `correlate_valid_batch` (N images) take canonical arrays only (images
 (H, W, C) or (N, H, W, C), kernels (K, kh, kw, C), one float dtype, C-contiguous) and a valid-mode output
-whose rows are contiguous; `rmidl.correlate` does the checking.
+whose rows are contiguous; `rmidl.correlate` does the checking. A worker serving batch tasks keeps one
+`KernelSpectra(bank)` beside each cached bank and passes `spectra=spectra.select(k0, k1)` with the
+kernel group `bank[k0:k1]`: the fft engine then transforms the bank once per FFT size, not per task.
 """
 
 from __future__ import annotations
