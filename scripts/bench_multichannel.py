@@ -237,10 +237,11 @@ fitted on the single-channel crossover, `--crossover`)."""
 def fit(json_path: str) -> None:
     """Refit the cost model's ns per work term to a crossover map (--map --cpu-time --threads 1 --json).
 
-    Non-negative least squares on relative error, engine by engine; prints the constants for
-    rmidl/kernels/_cost.py and how often auto, so refitted, lands within 5 % of the fastest engine.
+    Least squares on log(predicted / measured), engine by engine (ratios are what decide the engine);
+    prints the constants for rmidl/kernels/_cost.py and how often auto, so refitted, lands within 5 % of
+    the fastest engine.
     """
-    from scipy.optimize import nnls
+    from scipy.optimize import least_squares
 
     from rmidl.kernels import _cost
 
@@ -250,21 +251,21 @@ def fit(json_path: str) -> None:
     for engine, table in tables.items():
         fixed = FIXED.get(engine, {})
         free = [name for name in table if name not in fixed]
-        matrix, target = [], []
+        matrix, seconds, held = [], [], []
         for row in rows:
-            seconds = row["seconds"].get(engine)
-            if seconds is None:
+            measured = row["seconds"].get(engine)
+            if measured is None:
                 continue
             terms = _cost.work_terms(engine, *_shape(row))
-            matrix.append([terms.get(name, 0.0) * 1e-9 / seconds for name in free])
-            target.append(1 - sum(fixed[name] * terms.get(name, 0.0) * 1e-9 for name in fixed) / seconds)
+            matrix.append([terms.get(name, 0.0) * 1e-9 for name in free])
+            held.append(sum(value * terms.get(name, 0.0) * 1e-9 for name, value in fixed.items()))
+            seconds.append(measured)
         if not matrix:
             continue
-        a = np.array(matrix)
-        used = a.sum(axis=0) > 0  # a term no shape exercised keeps its value
-        values, _ = nnls(a[:, used], np.array(target))
-        table.update(dict(zip(np.array(free)[used].tolist(), values.tolist(), strict=True)))
-        table.update(fixed)
+        a, t, b = np.array(matrix), np.array(seconds), np.array(held)
+        start = np.log([max(table[name], 1e-3) for name in free])
+        solution = least_squares(lambda p, a=a, t=t, b=b: np.log((a @ np.exp(p) + b) / t), start)
+        table.update(dict(zip(free, np.exp(solution.x).tolist(), strict=True)))
         print(f"{engine.upper()}_NS = {{{', '.join(f'{k!r}: {v:.4g}' for k, v in table.items())}}}  "
               f"({len(matrix)} shapes)")
     within, worst = 0, 1.0

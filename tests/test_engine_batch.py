@@ -288,3 +288,12 @@ def test_fft_temporaries_stay_within_the_budget(rng, monkeypatch, threads) -> No
         tracemalloc.stop()
     assert peak <= 1.25 * (4 << 20), f"peak temporaries {peak / 2**20:.1f} MiB"
     assert_close(out[::5, ::7], batch_reference(images[::5], bank[::7], "valid"))
+
+
+def test_nominal_rate_is_what_the_constants_imply() -> None:
+    """engine_seconds rescales by measured_gflops / NOMINAL_GFLOPS: the two must describe one machine."""
+    from rmidl.kernels import _cost
+
+    seconds = _cost.engine_seconds("lowering", (720, 1280), (128, 11, 11, 1), 1) - _cost._CALL_SECONDS
+    implied = 2 * 128 * 121 * 710 * 1270 / seconds / 1e9
+    assert implied == pytest.approx(_cost.NOMINAL_GFLOPS, rel=0.01)
