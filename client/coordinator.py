@@ -105,7 +105,8 @@ class Coordinator:
             unregister_worker(self._ns, name, uri)
 
     def close(self) -> None:
-        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running)."""
+        """Close the unused shared blocks (telling workers to unmap them) and every proxy (workers keep
+        running). Results still held stay valid: see `rmidl.client.shared` for how long they live."""
         self._shared.close()
         self._scheduler.close()
         if self._ns is not None:
@@ -115,9 +116,9 @@ class Coordinator:
             self._ns = None
 
     def _release_shm(self, names: list[str]) -> None:
-        """Ask same-host workers to unmap blocks we closed: until every mapping goes, their memory stays."""
+        """Ask same-host workers to unmap blocks we closed at once (they notice within a second anyway)."""
         for worker in self._scheduler.usable_workers():
-            if worker.same_host:
+            if worker.shares_memory:
                 worker.release_shm(names)
 
     def __enter__(self) -> Coordinator:
@@ -214,10 +215,7 @@ class Coordinator:
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
-        def reusable() -> bool:
-            return all(w.state != "quarantined" for w in scheduler.workers.values())
-
-        with job.buffers(self._shared, reusable=reusable) as result:
+        with job.buffers(self._shared):
             queue = scheduler.queue(job, progress)
             try:
                 scheduler.run(job, queue, local_threads=local)
@@ -234,7 +232,7 @@ class Coordinator:
                     "moving_seconds": queue.moving_seconds,
                     "engines": dict(job.engines),
                 }
-        return result
+        return job.out
 
 
 def _check_selection(workers: object) -> list[str] | int | None:

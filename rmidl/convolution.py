@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from rmidl._memory import empty
 from rmidl.geometry import pad_for_mode
 from rmidl.kernels import correlate_valid
 from rmidl.validate import check_engine, check_out, check_threads, prepare
@@ -41,7 +42,7 @@ def _run(image: object, kernels: object, *, mode: str, threads: int | None, engi
         p = p.flipped()
     bank = p.kernels
     padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
-    result = np.empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
+    result = empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
     # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs
     # (engines read input rows after writing earlier outputs), gets a temporary and one copy.
     direct = _rows_contiguous(result) and not (np.may_share_memory(result, padded)

@@ -1,21 +1,24 @@
 """Fault-injecting ConvolutionWorker subclasses for the tests (fault injection lives here, not in rmidl).
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
-`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N]` with tests/ on PYTHONPATH prints the
-worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate calls hang.
+`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write]` with tests/ on
+PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate
+calls hang (or its first shared-memory task writes half its slot and kills the process).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from typing import Any
 
+import numpy as np
 from Pyro5.api import expose
 
-from rmidl.errors import WorkerLost
-from rmidl.remote.contract import WireRecord
+from rmidl.errors import SharedMemoryUnavailable, WorkerLost
+from rmidl.remote.contract import CorrelateTask, ShmRef, WireRecord
 from rmidl.server.daemon import start_worker, worker_loop
 from rmidl.server.worker import ConvolutionWorker
 
@@ -64,6 +67,28 @@ class FailingWorker(ConvolutionWorker):
         raise self.error
 
 
+class DyingWorker(ConvolutionWorker):
+    """Its first task with a shared-memory output writes NaN over half of its slot, then SIGKILLs the
+    worker's own process: a worker killed mid-write."""
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
+        if isinstance(record.output, ShmRef):
+            (k0, k1), (r0, r1) = record.kernels, record.rows
+            target = self._attach(record.output)[k0:k1, r0:r1]
+            target.reshape(-1)[: target.size // 2] = np.nan
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().correlate(task)
+
+
+class ShmRefusingWorker(ConvolutionWorker):
+    """Cannot map any caller's shared memory (as a worker of another user or pid namespace)."""
+
+    def _attach(self, ref: ShmRef) -> np.ndarray:
+        raise SharedMemoryUnavailable(f"worker {self._name} cannot map shared block {ref.name}")
+
+
 def failing(error: Exception) -> type[FailingWorker]:
     """A FailingWorker class whose calls raise `error`."""
     return type("FailingWorker", (FailingWorker,), {"error": error})
@@ -74,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ns", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--hang", type=int, default=1)
+    parser.add_argument("--die-mid-write", action="store_true")
     args = parser.parse_args(argv)
-    worker_class = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
+    worker_class: type[ConvolutionWorker] = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
+    if args.die_mid_write:
+        worker_class = DyingWorker
     handle = start_worker(ns=args.ns, name=args.name, threads=1, worker_class=worker_class)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
