@@ -11,7 +11,8 @@ The model (stated once, used everywhere):
   crosses its link (gather) and their inputs go out over it (scatter). Transfers overlap compute and
   each other (full duplex), so T = max(compute, scatter, gather) + one task's transfer (pipeline fill).
 - tasks: as many as the coordinator's planner would cut (`rmidl.client.cost.balanced_tasks`: tasks per
-  core, but each at least a few round trips long), the same cost model the planner and deadlines read.
+  core, but each at least a few round trips long, and none with a result over MAX_TASK_BYTES), the same
+  cost model the planner and deadlines read.
 - row bands send each remote node its band plus a (kh - 1)-row halo per task and the whole bank;
   kernel groups send each remote node the whole image and its share of the bank, and cannot use more
   nodes than kernels. Both gather the same output. The cheaper one is marked.
@@ -30,6 +31,7 @@ The model's error on the configurations that were measured is reported beside ev
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from rmidl.client.bench.results import ConfigurationResult, StudyResult
-from rmidl.client.cost import ROUND_TRIP_S, balanced_tasks
+from rmidl.client.cost import MAX_TASK_BYTES, ROUND_TRIP_S, balanced_tasks
 from rmidl.errors import OptionError
 from rmidl.geometry import halo, mode_padding
 
@@ -135,10 +137,12 @@ class Calibration:
 
 
 def _tasks(cal: Calibration, nodes: int, cores: int, limit: int | None = None) -> int:
-    """Tasks the planner would cut the job into on `nodes` x `cores`, at most `limit` (default out_h)."""
+    """Tasks the planner would cut the job into on `nodes` x `cores`, at most `limit` (default out_h):
+    the balance, but no task's result over MAX_TASK_BYTES."""
     overhead = ROUND_TRIP_S if nodes > 1 else 0.0  # local pool threads have no round trip
     planned = balanced_tasks(cal.compute_seconds(nodes * cores), nodes * cores, overhead)
-    return max(1, min(planned, cal.out_h if limit is None else limit))
+    by_size = math.ceil(cal.output_bytes / MAX_TASK_BYTES)
+    return max(1, min(max(planned, by_size), cal.out_h if limit is None else limit))
 
 
 def _fit_amdahl(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

@@ -25,7 +25,7 @@ from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import CorrelateReply, CorrelateTask, ReplyRecord, ShmRef
 from rmidl.validate import Prepared, check_engine, check_out
 
-from ..cost import Capacity, TaskCost
+from ..cost import MAX_TASK_BYTES, Capacity, TaskCost
 from ..planning import Plan, plan
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class CorrelationJob:
         smallest = min([own] + [w.info.max_message_size or own for w in tcp])
         # Room for the rest of the message: Pyro5's header, the task's other fields, msgpack framing.
         limit = smallest - min(64 << 10, smallest // 8)
-        max_task = min(64 << 20, own // 2, limit)
+        max_task = min(MAX_TASK_BYTES, own // 2, limit)
         if not tcp:
             return max_task, None, smallest
         row_bytes = self.padded.shape[1] * self.padded.shape[2] * self.padded.itemsize
