@@ -33,8 +33,9 @@ class Coordinator:
     construction); a name or count the name server cannot supply is a WorkerNotFound before any work.
     `local_threads=None` means every core without a name server and none with one (workers on this
     machine already use its cores). With `shared_memory=True`, workers on this host read the image from
-    and write their results into shared memory; the others get their input inline and send results
-    over the bulk side channel (or inline).
+    and write their results into shared memory, and the result returned is that shared block itself
+    (an ordinary array; `rmidl.client.shared` says how long it lives); the others get their input
+    inline and send results over the bulk side channel (or inline).
     """
 
     def __init__(

@@ -115,7 +115,8 @@ class Recycler(Generic[B]):
         # The finalizer watches `holder`: every view of the result keeps it (numpy's base), never the
         # buffer itself, which the finalizer holds and takes back.
         holder = np.frombuffer(buffer.mmap, np.uint8, nbytes)
-        weakref.finalize(holder, self._give, buffer)
+        # At exit the process's mappings go anyway: nothing to give back then.
+        weakref.finalize(holder, self._give, buffer).atexit = False
         return holder.view(dtype).reshape(shape), buffer
 
     def discard(self, buffer: B) -> None:

@@ -68,25 +68,31 @@ PREDICTION_HEADER = [
 
 
 def payoff(predictions: Sequence[Prediction]) -> list[str]:
-    """Per link, the fewest nodes that beat one node: for the image and for a dataset, maps or features
-    gathered ("never" up to the largest count predicted)."""
+    """Per link, the fewest nodes that beat one node by more than 1 % and by how much, and the gain at the
+    most nodes predicted: for the image and for a dataset, maps or pooled features gathered."""
     lines = []
+    options = {
+        "one image, maps gathered": lambda p: 1.0 / p.seconds,
+        "one image, pooled features gathered": lambda p: 1.0 / p.features_seconds,
+        "a dataset, maps gathered": lambda p: p.dataset_images_per_s,
+        "a dataset, pooled features gathered": lambda p: p.dataset_features_images_per_s,
+    }
     for link in dict.fromkeys(p.link for p in predictions):
         points = sorted((p for p in predictions if p.link == link), key=lambda p: p.nodes)
         one = next((p for p in points if p.nodes == 1), None)
         if one is None or len(points) < 2:
             continue
-        options = {
-            "one image, maps gathered": lambda p: -p.seconds,
-            "one image, pooled features gathered": lambda p: -p.features_seconds,
-            "a dataset, maps gathered": lambda p: p.dataset_images_per_s,
-            "a dataset, pooled features gathered": lambda p: p.dataset_features_images_per_s,
-        }
         said = []
-        for what, score in options.items():
-            first = next((p.nodes for p in points if p.nodes > 1 and score(p) > score(one) * 1.01), None)
-            said.append(f"{what}: {'never up to ' + str(points[-1].nodes) if first is None else first}")
-        lines.append(f"- {link}, fewest nodes faster than one: " + "; ".join(said))
+        for what, speed in options.items():
+            gains = [(p.nodes, speed(p) / speed(one)) for p in points if p.nodes > 1]
+            first = next(((n, g) for n, g in gains if g > 1.01), None)
+            most = gains[-1]
+            if first is None:
+                said.append(f"{what}: never up to {most[0]} nodes ({most[1]:.2f}x one node there)")
+            else:
+                said.append(f"{what}: from {first[0]} nodes ({first[1]:.2f}x one node; {most[1]:.2f}x at "
+                            f"{most[0]})")
+        lines.append(f"- {link}: " + "; ".join(said))
     return lines
 
 

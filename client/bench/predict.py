@@ -19,10 +19,11 @@ The model (stated once, used everywhere):
 - keeping the maps on the nodes (the feature pipeline's choice): the same job, but what crosses the
   coordinator's link back is only what the next stage needs, the maps pooled `pool` x `pool` (the paper's
   network pools 2x2: a quarter of the maps' bytes).
-- a dataset of images like this one: whole images are the tasks (no halo; the bank goes once), so in the
-  steady state an image takes max(one node's compute / N, its input's and its result's share of the link)
-  -- the link carries (N - 1) / N of the images, each way at once. Reported as images per second, with
-  the maps gathered and with only pooled features gathered.
+- a dataset of images like this one: whole images are the tasks (no halo; the bank goes once) taken from
+  the pull queue, so in the steady state the coordinator's node computes images at its own rate and the
+  other N - 1 as fast as their cores or the coordinator's link allow, whichever is less (an image's input
+  out and its result back at once, full duplex). Reported as images per second, with the maps gathered
+  and with only pooled features gathered.
 - `coordinator_computes=False` (a coordinator with no local threads, as `scripts/bench_netns.py` runs
   it): N remote nodes, everything crosses the coordinator's link.
 The model's error on the configurations that were measured is reported beside every prediction.
@@ -311,15 +312,16 @@ def _single_image(cal: Calibration, nodes: int, cores: int, *, rate: float, outp
 
 def _dataset(cal: Calibration, nodes: int, cores: int, *, rate: float, output_bytes: float,
              local: bool) -> tuple[float, str]:
-    """(images per second, what bounds it) for a stream of images like the calibrated one."""
-    remote = (nodes - 1) / nodes if local else 1.0
-    parts = {
-        "compute": cal.compute_seconds(cores) / nodes,
-        "scatter": cal.input_bytes * remote / rate,
-        "gather": output_bytes * remote / rate,
-    }
+    """(images per second, what bounds the remote nodes' part) for a stream of images like the calibrated
+    one through the pull queue: the coordinator's node computes at its own pace, the others as fast as
+    their cores or the coordinator's link allow (inputs out and results back at once, full duplex)."""
+    per_image = cal.compute_seconds(cores)
+    remote_nodes = nodes - 1 if local else nodes
+    parts = {"compute": per_image / remote_nodes if remote_nodes else float("inf"),
+             "scatter": cal.input_bytes / rate, "gather": output_bytes / rate}
     bound = max(parts, key=parts.__getitem__)
-    return 1.0 / parts[bound], bound
+    own = 1.0 / per_image if local else 0.0
+    return own + (1.0 / parts[bound] if remote_nodes else 0.0), bound if remote_nodes else "compute"
 
 
 def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float], *, pool: int = FEATURE_POOL,
