@@ -184,36 +184,42 @@ def test_coordinator_and_worker_both_killed_leave_nothing(children):
     assert leaked(before, child.process.pid, worker_pid) == set()
 
 
-def test_a_worker_killed_mid_write_loses_nothing_and_leaks_nothing(job, children):
+def test_a_worker_killed_mid_write_loses_nothing_and_leaks_nothing(nameserver, job, children):
     image, kernels, expected = job
     before = dev_shm()
-    with LocalCluster(workers=1, die_with_parent=True) as cluster:
-        dying = children("worker_doubles", "--ns", cluster.ns_address, "--name", "dying", "--die-mid-write",
-                         env={"PYTHONPATH": TESTS})
-        dying.read_until("ready")
-        with Coordinator(cluster.ns_address, local_threads=0, config=Config(environ={}),
-                         min_tasks=8) as coordinator:
-            result = coordinator.correlate(image, kernels)
-            assert {w["name"]: w["state"] for w in coordinator.workers()}["dying"] == "dead"
-            assert_close(result, expected)  # no NaN left of the half-written slot
-            # A call ended without its reply: the result is a copy, the blocks are never reused.
-            assert not backing(result).startswith("/memfd:")
-        ours = mapped_blocks()
-        assert ours == set()
-        wait_for(lambda: not any(mapped_blocks(p) for p in cluster.pids()))
-    assert leaked(before) == set()
+    dying = children("worker_doubles", "--ns", nameserver, "--name", "dying", "--die-mid-write",
+                     env={"PYTHONPATH": TESTS})
+    dying.read_until("ready")
+    dying_pid = dying.process.pid
+    with Coordinator(nameserver, local_threads=1, config=Config(environ={}), min_tasks=8) as coordinator:
+
+        def progress(done: int, total: int) -> None:
+            # The local pool waits at its first task until the worker has died under one of its own.
+            wait_for(lambda: coordinator._scheduler.workers["dying"].state == "dead")
+
+        result = coordinator.correlate(image, kernels, progress=progress)
+        assert_close(result, expected)  # no NaN left of the half-written slot
+        # A call ended without its reply: the result is a copy, the blocks are never reused.
+        assert not backing(result).startswith("/memfd:")
+    assert mapped_blocks() == set()
+    assert leaked(before, dying_pid) == set()
 
 
 def test_a_hung_worker_cannot_write_into_a_returned_result(nameserver, start_worker, job):
     from worker_doubles import HangingWorker
 
     image, kernels, expected = job
-    start_worker(worker_class=HangingWorker)
-    start_worker()
+    hanging = start_worker(worker_class=HangingWorker)
     config = Config(environ={}, task_deadline_floor=0.5)
-    with Coordinator(nameserver, local_threads=0, config=config, min_tasks=8) as coordinator:
-        result = coordinator.correlate(image, kernels)
-        assert "quarantined" in {w["state"] for w in coordinator.workers()}
+
+    def progress(done: int, total: int) -> None:
+        # The local pool waits at its first task until the worker holds one (or the pool could finish
+        # the whole job first on a busy machine).
+        hanging.worker.hung.wait(10)
+
+    with Coordinator(nameserver, local_threads=1, config=config, min_tasks=8) as coordinator:
+        result = coordinator.correlate(image, kernels, progress=progress)
+        assert {w["state"] for w in coordinator.workers()} == {"quarantined"}
     assert_close(result, expected)
     assert not backing(result).startswith("/memfd:")
 
