@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,32 @@ import pytest
 from rmidl.config import Config
 
 
+@pytest.fixture(autouse=True)
+def private_cluster_files(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test (and every command it starts) writes and finds cluster files in a directory of its own:
+    never the user's, and never another test's (tests of several checkouts may run at once)."""
+    runtime = tmp_path_factory.mktemp("runtime")
+    runtime.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("RMIDL_CLUSTER_DIR", str(runtime / "rmidl"))
+    return runtime / "rmidl"
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink every engine's tiles so that small images cross many tile, group and chunk boundaries."""
+    from rmidl.kernels import _direct, _fft, _lowering
+
+    monkeypatch.setattr(_lowering, "SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(_lowering, "GEMM_COLUMNS", 16)
+    monkeypatch.setattr(_direct, "TILE_BYTES", 256)
+    monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(_fft, "TEMP_BYTES", 64 << 10)
 
 
 @pytest.fixture
