@@ -55,8 +55,8 @@ class SharedPool:
     def lease(self, shape: tuple[int, ...], dtype: np.dtype | str) -> Lease:
         """An array of `shape` on a block of this pool: back in the pool when its last view goes."""
         array, block = self._recycler.lease(tuple(int(n) for n in shape), dtype)
-        dtype_name = np.dtype(dtype).name
-        ref = ShmRef(block.name, tuple(array.shape), dtype_name, block.pid, block.fd or 0, block.token)
+        assert block.fd is not None, "a leased block is open"
+        ref = ShmRef(block.name, tuple(array.shape), np.dtype(dtype).name, block.pid, block.fd, block.token)
         return Lease(array, ref, block)
 
     def discard(self, lease: Lease) -> None:

@@ -327,12 +327,15 @@ class ConvolutionWorker:
         descriptor = ref.to_wire()
         with self._lock:
             block = self._attached.get(ref.name)
-        # The capability is checked on every use, as when the block was mapped.
-        same = block is not None and block.pid == ref.pid and block.fd == ref.fd
-        if same and hmac.compare_digest(block_name(ref.token), ref.name):
-            assert block is not None
+            # The capability is checked on every use, as when the block was mapped.
+            same = block is not None and block.pid == ref.pid and block.fd == ref.fd
+            if block is not None and same and hmac.compare_digest(block_name(ref.token), ref.name):
+                array = block.array(descriptor)
+            else:
+                block = None
+        if block is not None:
             block.populate()
-            return block.array(descriptor)
+            return array
         self._prune_attachments()
         block = Attachment(descriptor)
         with self._lock:

@@ -152,15 +152,20 @@ class Attachment:
 
     def populate(self) -> None:
         """Fill this mapping's page tables once the block's pages exist (see POPULATE_WHEN); cheap after."""
-        if self._populated or self._handle is None:
+        handle = self._handle
+        if self._populated or handle is None:
             return
-        if os.fstat(self._handle).st_blocks * 512 < POPULATE_WHEN * self.nbytes:
+        try:
+            allocated = os.fstat(handle).st_blocks * 512
+        except OSError:  # closed meanwhile (evicted)
+            return
+        if allocated < POPULATE_WHEN * self.nbytes:
             return  # a fresh block: its writers allocate their parts; a later job populates
         self._populated = True
         try:
             self.mmap.madvise(_MADV_POPULATE_WRITE)
-        except OSError as error:  # an older kernel: only slower
-            logger.debug("MADV_POPULATE_WRITE refused: %s", error)
+        except (OSError, ValueError) as error:  # an older kernel (only slower), or unmapped meanwhile
+            logger.debug("MADV_POPULATE_WRITE not done: %s", error)
 
     def array(self, descriptor: dict[str, Any]) -> np.ndarray:
         """The array a descriptor of this block names (shape and dtype checked against the block's size)."""
