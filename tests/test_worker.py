@@ -13,7 +13,14 @@ from Pyro5.errors import TimeoutError as PyroTimeoutError
 from reference import assert_close, reference
 
 from rmidl.config import Config
-from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
+from rmidl.errors import (
+    BankError,
+    BudgetExceeded,
+    DTypeError,
+    NonFiniteInput,
+    ShapeError,
+    SharedMemoryUnavailable,
+)
 from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
 from rmidl.remote.shm import SharedArray, host_id
@@ -227,7 +234,8 @@ def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(prox
     good = task(0, (0, 10), (0, 3), band(image, (0, 10), 3))
     nan_bank = bank.copy()
     nan_bank[1, 2, 0, 1] = np.nan
-    gone = {"name": "rmidl_gone", "shape": [12, 12, 2], "dtype": "float32"}
+    with SharedArray.create((12, 12, 2), "float32") as closed:
+        gone = closed.descriptor()
     bad_calls = [
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), bank_id="nope")),
          BankError, "'nope' is not cached"),
@@ -244,7 +252,10 @@ def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(prox
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"file": "x"})), ShapeError, "input must be"),
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), output="disk")),
          ShapeError, "'disk'"),
-        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), ShapeError, "does not exist"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), SharedMemoryUnavailable,
+         "is not open in process"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone | {"token": "0" * 64}})),
+         SharedMemoryUnavailable, "token does not open it"),
         (lambda: proxy.put_blob("bank2", bank_blob(nan_bank)), NonFiniteInput, "NaN or Inf"),
         (lambda: proxy.put_blob("bank2", bank_blob(bank[0])), ShapeError, r"\(K, kh, kw, C\)"),
         (lambda: proxy.put_blob("", bank_blob(bank)), BankError, "non-empty string"),

@@ -1,8 +1,9 @@
 """Fault-injecting ConvolutionWorker subclasses for the tests (fault injection lives here, not in rmidl).
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
-`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N]` with tests/ on PYTHONPATH prints the
-worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate calls hang.
+`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write]` with tests/ on
+PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate
+calls hang (or its first shared-memory task writes half its slot and kills the process).
 `--fake` serves instead a stranger's worker: a plain Pyro5 daemon (no rmidl security) that registers
 itself like a worker, accepts any handshake (and keeps what it was sent: `seen()`), and answers every
 correlate with zeros.
@@ -11,6 +12,7 @@ correlate with zeros.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from typing import Any
@@ -21,8 +23,8 @@ import Pyro5.server
 from Pyro5.api import expose
 
 from rmidl.config import Config
-from rmidl.errors import WorkerBusy, WorkerLost
-from rmidl.remote.contract import WireRecord
+from rmidl.errors import SharedMemoryUnavailable, WorkerBusy, WorkerLost
+from rmidl.remote.contract import CorrelateTask, ShmRef, WireRecord
 from rmidl.remote.naming import object_name, worker_tags
 from rmidl.remote.wire import pack, unpack
 from rmidl.server.daemon import start_worker, worker_loop
@@ -71,6 +73,28 @@ class FailingWorker(ConvolutionWorker):
     def correlate(self, task: WireRecord) -> WireRecord:
         self.calls += 1
         raise self.error
+
+
+class DyingWorker(ConvolutionWorker):
+    """Its first task with a shared-memory output writes NaN over half of its slot, then SIGKILLs the
+    worker's own process: a worker killed mid-write."""
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
+        if isinstance(record.output, ShmRef):
+            (k0, k1), (r0, r1) = record.kernels, record.rows
+            target = self._attach(record.output)[k0:k1, r0:r1]
+            target.reshape(-1)[: target.size // 2] = np.nan
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().correlate(task)
+
+
+class ShmRefusingWorker(ConvolutionWorker):
+    """Cannot map any caller's shared memory (as a worker of another user or pid namespace)."""
+
+    def _attach(self, ref: ShmRef) -> np.ndarray:
+        raise SharedMemoryUnavailable(f"worker {self._name} cannot map shared block {ref.name}")
 
 
 def failing(error: Exception) -> type[FailingWorker]:
@@ -170,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--hang", type=int, default=1)
     parser.add_argument("--fake", action="store_true", help="a stranger's worker that answers zeros")
+    parser.add_argument("--die-mid-write", action="store_true")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -177,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fake:
         serve_fake(args.ns, args.name, stop)
         return 0
-    worker_class = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
+    worker_class: type[ConvolutionWorker] = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
+    if args.die_mid_write:
+        worker_class = DyingWorker
     handle = start_worker(ns=args.ns, name=args.name, threads=1, worker_class=worker_class)
     print(handle.uri, flush=True)
     print("ready", flush=True)
