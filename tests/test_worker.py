@@ -20,6 +20,7 @@ from rmidl.errors import (
     NonFiniteInput,
     ShapeError,
     SharedMemoryUnavailable,
+    WorkerBusy,
 )
 from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
@@ -210,7 +211,7 @@ def test_a_budget_full_of_other_tasks_is_a_cluster_error_not_the_inputs_fault(st
         port = proxy.info()["bulk_port"]
         # An unfetched bulk result holds the bulk budget; a second one must wait, not fail its job.
         first = proxy.correlate(one | {"output": "bulk"})
-        with pytest.raises(ClusterError, match="11040 waiting to be fetched") as info:
+        with pytest.raises(WorkerBusy, match="11040 waiting to be fetched") as info:
             proxy.correlate(one | {"task_id": 1, "output": "bulk"})
         assert not isinstance(info.value, InputError)
         out = np.empty(expected.shape, np.float32)

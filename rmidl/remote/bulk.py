@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rmidl.errors import BudgetExceeded, ClusterError, ShapeError, WorkerLost
+from rmidl.errors import BudgetExceeded, ShapeError, WorkerBusy, WorkerLost
 
 __all__ = ["BulkServer", "fetch"]
 
@@ -136,8 +136,8 @@ class BulkServer:
             pending = sum(a.nbytes for _, a in self._offers.values())
             if pending + array.nbytes > self.max_bytes:
                 # Too big on its own is the task's fault; too big beside results still to be fetched
-                # is a busy worker (ClusterError: the caller runs the task again, not fail its job).
-                error = BudgetExceeded if array.nbytes > self.max_bytes else ClusterError
+                # is a busy worker (WorkerBusy: the caller runs the task again, uncounted, not fail its job).
+                error = BudgetExceeded if array.nbytes > self.max_bytes else WorkerBusy
                 raise error(
                     f"bulk result of {array.nbytes} bytes exceeds the worker's bulk budget "
                     f"({self.max_bytes} bytes, {pending} waiting to be fetched)"
