@@ -16,6 +16,7 @@ import numpy as np
 from Pyro5.api import behavior, expose
 
 import rmidl
+from rmidl import metrics
 from rmidl.config import Config
 from rmidl.errors import (
     BankError,
@@ -164,7 +165,7 @@ class ConvolutionWorker:
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
         started = time.perf_counter()
-        with self._task():
+        with self._task("correlate"):
             record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
             engine, result = self._correlate(record)
         return CorrelateReply(record.task_id, time.perf_counter() - started, engine, result).to_wire()
@@ -184,13 +185,15 @@ class ConvolutionWorker:
     # --- internals ------------------------------------------------------------------------------
 
     @contextmanager
-    def _task(self) -> Iterator[None]:
-        """Count a task as busy while it runs and as done if it succeeds; none once shutting down."""
+    def _task(self, method: str = "task") -> Iterator[None]:
+        """Count a task as busy while it runs and as done if it succeeds (also in the metrics, under
+        `method`); none once shutting down."""
         with self._lock:
             self._busy += 1
         try:
-            self._refuse_if_stopping()
-            yield
+            with metrics.recorder().worker_task(self._name, method):
+                self._refuse_if_stopping()
+                yield
         finally:
             with self._lock:
                 self._busy -= 1
