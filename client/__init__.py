@@ -5,5 +5,6 @@ from __future__ import annotations
 
 from rmidl.client.coordinator import Coordinator
 from rmidl.client.localcluster import LocalCluster
+from rmidl.metrics import MetricsServer, serve_metrics
 
-__all__ = ["Coordinator", "LocalCluster"]
+__all__ = ["Coordinator", "LocalCluster", "MetricsServer", "serve_metrics"]

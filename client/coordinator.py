@@ -18,6 +18,7 @@ from rmidl.validate import check_threads, prepare
 from .jobs.correlation import CorrelationJob
 from .scheduler import Scheduler
 from .shared import SharedPool
+from .watching import Watching
 
 if TYPE_CHECKING:
     from .localcluster import LocalCluster
@@ -52,6 +53,10 @@ class Coordinator:
     from and write their results into shared memory; the others get their input inline and send results
     over the bulk side channel (or inline). Once closed (`close()`, or leaving its `with` block), every
     job method raises ClusterError.
+
+    With a name server it publishes its jobs there (`rmidl.client.jobfeed`) for dashboards elsewhere;
+    `metrics_port` serves Prometheus metrics of this process and `dashboard_port` a status page of its
+    cluster and jobs, both on 127.0.0.1 (0: any free port; `.metrics_url`, `.dashboard_url` say where).
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class Coordinator:
         *,
         min_tasks: int = 1,
         workers: Sequence[str] | int | None = None,
+        metrics_port: int | None = None,
+        dashboard_port: int | None = None,
     ) -> None:
         if local_threads is not None and (
             isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
@@ -92,12 +99,15 @@ class Coordinator:
         self._scheduler = Scheduler(self.config, local_threads=local_threads,
                                     registry=self._list if remote else None,
                                     unregister=self._remove if remote else None)
-        if ns is not None:
-            try:
+        self._watching: Watching | None = None
+        try:
+            self._watching = Watching(self._scheduler.board, ns=ns, config=self.config, workers=self._rows,
+                                      metrics_port=metrics_port, dashboard_port=dashboard_port)
+            if ns is not None:
                 self._connect(ns, selection)
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _connect(self, ns: str, selection: list[str] | int | None) -> None:
@@ -127,6 +137,8 @@ class Coordinator:
         """Close every shared block (telling workers to unmap them) and every proxy (workers keep running).
         Idempotent; afterwards every job method raises ClusterError."""
         self._closed = True
+        if self._watching is not None:
+            self._watching.close()
         self._shared.close()
         self._scheduler.close()
         if self._ns is not None:
@@ -198,6 +210,23 @@ class Coordinator:
             }
             for worker in self._scheduler.workers.values()
         ]
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The running jobs and the last finished ones, newest first: progress, tasks per runner, and
+        each task attempt as [task_id, runner, start, end, outcome] (`rmidl.client.jobboard`)."""
+        return self._scheduler.board.jobs()
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this coordinator's metrics are served (`metrics_port`), or None."""
+        metrics = self._watching.metrics if self._watching else None
+        return metrics.url if metrics else None
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Where this coordinator's status page is served (`dashboard_port`), or None."""
+        dashboard = self._watching.dashboard if self._watching else None
+        return dashboard.url if dashboard else None
 
     def stats(self) -> dict[str, int]:
         """Tasks each worker ran in the last job ("local" is this process's pool)."""

@@ -10,7 +10,7 @@ from typing import Generic, Protocol, TypeVar
 
 from rmidl.errors import TaskFailed, WorkerLost
 
-__all__ = ["Keyed", "TaskQueue"]
+__all__ = ["Keyed", "QueueObserver", "TaskQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,24 @@ class Keyed(Protocol):
 
     @property
     def task_id(self) -> int: ...
+
+
+class QueueObserver(Protocol):
+    """Told of every task attempt, of the job's end and (by the scheduler) of every result's bytes
+    (`rmidl.client.jobboard.JobTrace`: the task log and the metrics); the queue calls it under its
+    lock, so it must be quick and never call the queue."""
+
+    def taken(self, task_id: int, runner: str) -> None: ...
+    def finished(self, task_id: int, runner: str, outcome: str) -> None: ...
+    def ended(self, error: BaseException | None) -> None: ...
+    def received(self, runner: str, path: str, nbytes: int) -> None: ...
+
+
+class _Unobserved:
+    def taken(self, task_id: int, runner: str) -> None: ...
+    def finished(self, task_id: int, runner: str, outcome: str) -> None: ...
+    def ended(self, error: BaseException | None) -> None: ...
+    def received(self, runner: str, path: str, nbytes: int) -> None: ...
 
 
 T = TypeVar("T", bound=Keyed)
@@ -37,6 +55,7 @@ class TaskQueue(Generic[T]):
         describe: Callable[[T], str],
         max_attempts: int,
         progress: Callable[[int, int], None] | None = None,
+        observer: QueueObserver | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
         self.total = len(tasks)
@@ -53,6 +72,7 @@ class TaskQueue(Generic[T]):
         self._runners: Counter[str] = Counter()
         self._gone: set[str] = set()
         self._progress = progress
+        self.observer: QueueObserver = observer or _Unobserved()
         self._cond = threading.Condition()
 
     @property
@@ -92,6 +112,7 @@ class TaskQueue(Generic[T]):
                     if runner not in self._failed_on.get(task.task_id, {}):
                         del self._pending[i]
                         self._holding[task.task_id] = runner
+                        self.observer.taken(task.task_id, runner)
                         return task
                 self._cond.wait()
 
@@ -101,6 +122,9 @@ class TaskQueue(Generic[T]):
             self.done += 1
             self.tasks_by[runner] += 1
             done = self.done
+            self.observer.finished(task.task_id, runner, "done")
+            if done == self.total:
+                self.observer.ended(None)
             self._cond.notify_all()
         if self._progress is not None:
             try:
@@ -118,7 +142,9 @@ class TaskQueue(Generic[T]):
             self._holding.pop(task.task_id, None)
             failures = self._failed_on.setdefault(task.task_id, {})
             failures[runner] = f"{type(error).__name__}: {error}"
-            if len(failures) >= self.max_attempts:
+            last = len(failures) >= self.max_attempts
+            self.observer.finished(task.task_id, runner, "failed" if last else "retried")
+            if last:
                 self._fail(TaskFailed(self._failure_message(task, failures)))
             else:
                 self._pending.appendleft(task)
@@ -146,6 +172,7 @@ class TaskQueue(Generic[T]):
     def _fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
+            self.observer.ended(error)
 
     def _failure_message(self, task: T, failures: dict[str, str]) -> str:
         where = "; ".join(f"{name}: {why}" for name, why in failures.items())

@@ -19,6 +19,7 @@ from rmidl.config import Config
 from rmidl.errors import InputError, WorkerLost
 
 from .cost import Capacity, deadline, local_gflops
+from .jobboard import JobBoard, result_path
 from .jobs.base import JobKind, T
 from .queue import TaskQueue
 from .stub import WorkerStub
@@ -58,6 +59,8 @@ class Scheduler:
         self._unregister = unregister
         self._poll_interval = poll_interval
         self._discover_lock = threading.Lock()
+        self.board = JobBoard()
+        """The jobs run here: progress, task logs, metrics (the dashboard and the job feed read it)."""
 
     # -- discovery -----------------------------------------------------------------------------------
     def discover(self) -> list[WorkerStub]:
@@ -106,8 +109,9 @@ class Scheduler:
 
     def queue(self, job: JobKind[T], progress: Callable[[int, int], None] | None = None) -> TaskQueue[T]:
         """A fresh pull queue of `job`'s tasks (the caller keeps it for the job's figures)."""
-        return TaskQueue(job.tasks(), describe=job.describe, max_attempts=self.config.max_task_attempts,
-                         progress=progress)
+        tasks = job.tasks()
+        return TaskQueue(tasks, describe=job.describe, max_attempts=self.config.max_task_attempts,
+                         progress=progress, observer=self.board.trace(job.kind, len(tasks)))
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -168,7 +172,9 @@ class Scheduler:
         ]
         first = local_made + runners(self.usable_workers())
         if not first:
-            raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+            nobody = WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+            queue.fail(nobody)
+            raise nobody
         try:
             launch(first)
             while not queue.wait(self._poll_interval):
@@ -247,7 +253,8 @@ class Scheduler:
             queue.leave(worker.name)
 
     def _run_remote(self, job: JobKind[T], queue: TaskQueue[T], worker: WorkerStub, task: T) -> None:
-        limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
+        cost = job.cost(task)
+        limit = deadline(cost, worker.capacity(), floor=self.config.task_deadline_floor)
         record = job.request(task, worker)
         started = time.perf_counter()
         reply = worker.call(record, timeout=limit, blobs=job.blobs())
@@ -257,3 +264,4 @@ class Scheduler:
         moved = job.accept(task, reply, worker)
         if moved:
             queue.moved(moved, time.perf_counter() - moving)
+        queue.observer.received(worker.name, result_path(reply.result), moved or cost.result_bytes)

@@ -49,18 +49,45 @@ class HangingWorker(ConvolutionWorker):
         super().close()
 
 
+class GatedWorker(ConvolutionWorker):
+    """Its first correlate call waits until `gate` is set (by the test, or by close()), then runs normally:
+    a job that stays live while a test looks at it. `waiting` is set once that call waits."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+        self._first = True
+        self._first_lock = threading.Lock()
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        with self._first_lock:
+            first, self._first = self._first, False
+        if first:
+            self.waiting.set()
+            self.gate.wait()
+        return super().correlate(task)
+
+    def close(self) -> None:
+        self.gate.set()
+        super().close()
+
+
 class FailingWorker(ConvolutionWorker):
-    """Every correlate call raises `error` (see `failing`); `calls` counts them."""
+    """Every correlate call raises `error` (see `failing`); `calls` counts them, the first sets `called`."""
 
     error: Exception = RuntimeError("engine fell over")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.calls = 0
+        self.called = threading.Event()
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
         self.calls += 1
+        self.called.set()
         raise self.error
 
 
