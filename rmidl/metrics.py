@@ -131,43 +131,53 @@ class Metrics(NullMetrics):
         self._running: dict[str, int] = {}
         self._since: dict[str, float] = {}
         self._readings: list[Readings] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         registry.register(_ReadingsCollector(self))
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client's lookup takes a lock and costs
+        several times the increment itself."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:  # racing threads get the same child from labels(): no lock needed here
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def job_started(self, kind: str) -> None:
-        self._jobs_running.labels(kind).inc()
+        self._child(self._jobs_running, kind).inc()
 
     def job_ended(self, kind: str, ok: bool) -> None:
-        self._jobs_running.labels(kind).dec()
-        self._jobs.labels(kind, "done" if ok else "failed").inc()
+        self._child(self._jobs_running, kind).dec()
+        self._child(self._jobs, kind, "done" if ok else "failed").inc()
 
     def queue_depth(self, kind: str, delta: int) -> None:
-        self._depth.labels(kind).inc(delta)
+        self._child(self._depth, kind).inc(delta)
 
     def task_taken(self, kind: str, worker: str) -> None:
-        self._in_flight.labels(kind, worker).inc()
+        self._child(self._in_flight, kind, worker).inc()
 
     def task_finished(self, kind: str, worker: str, seconds: float, outcome: str) -> None:
         """`outcome`: "done", "retried" (failed, back in the queue) or "failed" (failed the job)."""
-        self._in_flight.labels(kind, worker).dec()
-        self._task_seconds.labels(kind, worker).inc(max(0.0, seconds))
+        self._child(self._in_flight, kind, worker).dec()
+        self._child(self._task_seconds, kind, worker).inc(max(0.0, seconds))
         if outcome == "done":
-            self._done.labels(kind, worker).inc()
+            self._child(self._done, kind, worker).inc()
             return
-        self._failed.labels(kind, worker).inc()
+        self._child(self._failed, kind, worker).inc()
         if outcome == "retried":
-            self._requeued.labels(kind, worker).inc()
+            self._child(self._requeued, kind, worker).inc()
 
     def bytes_moved(self, kind: str, worker: str, path: str, nbytes: int) -> None:
         if nbytes > 0:
-            self._bytes.labels(kind, worker, path).inc(nbytes)
+            self._child(self._bytes, kind, worker, path).inc(nbytes)
 
     def images_done(self, n: int, kind: str = "features") -> None:
-        self._images.labels(kind).inc(n)
+        self._child(self._images, kind).inc(n)
 
     def training_step(self, seconds: float, loss: float | None = None, kind: str = "gradient") -> None:
-        self._steps.labels(kind).observe(seconds)
+        self._child(self._steps, kind).observe(seconds)
         if loss is not None:
-            self._loss.labels(kind).set(loss)
+            self._child(self._loss, kind).set(loss)
 
     @contextmanager
     def worker_task(self, worker: str, method: str) -> Iterator[None]:
@@ -178,22 +188,22 @@ class Metrics(NullMetrics):
             self._running[worker] = self._running.get(worker, 0) + 1
             if self._running[worker] == 1:
                 self._since[worker] = started
-        self._worker_running.labels(worker).inc()
+        self._child(self._worker_running, worker).inc()
         outcome = "failed"
         try:
             yield
             outcome = "done"
         finally:
             ended = time.perf_counter()
-            self._worker_running.labels(worker).dec()
-            self._worker_tasks.labels(worker, method, outcome).inc()
-            self._worker_seconds.labels(worker, method).inc(ended - started)
+            self._child(self._worker_running, worker).dec()
+            self._child(self._worker_tasks, worker, method, outcome).inc()
+            self._child(self._worker_seconds, worker, method).inc(ended - started)
             with self._lock:
                 self._running[worker] -= 1
                 idle = self._running[worker] == 0
                 since = self._since.get(worker, started)
             if idle:
-                self._worker_busy.labels(worker).inc(ended - since)
+                self._child(self._worker_busy, worker).inc(ended - since)
 
     def add_readings(self, readings: Readings) -> None:
         with self._lock:
