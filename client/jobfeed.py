@@ -81,7 +81,7 @@ class JobFeed:
         self._stop.set()
         self._board.touch()  # wakes the thread
         self._thread.join(5.0)
-        if self._board.version:
+        if self._board.traces():  # a coordinator that ran no job leaves no entry
             self.flush()
         with self._lock:
             self._release()

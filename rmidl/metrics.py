@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from rmidl._served import Served
 from rmidl.config import Config
 from rmidl.errors import OptionError
 
@@ -296,27 +297,19 @@ def training_step(seconds: float, loss: float | None = None, kind: str = "gradie
     _PROCESS.active.training_step(seconds, loss, kind)
 
 
-class MetricsServer:
-    """The HTTP endpoint serving this process's metrics (`/metrics`); `close()` stops it."""
+class MetricsServer(Served):
+    """The HTTP endpoint serving this process's metrics (`.url`, ending in /metrics); `close()` stops it."""
 
     def __init__(self, httpd: Any, thread: threading.Thread, host: str, scheme: str,
                  readings: Readings | None) -> None:
-        self._httpd = httpd
-        self._thread = thread
+        super().__init__(httpd, thread, host, scheme=scheme, path="/metrics")
         self._readings = readings
-        self._closed = False
-        self.host = host
-        self.port = int(httpd.server_port)
-        self.url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and release the port (idempotent); the last one closed stops the recording."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5.0)
+        super().close()
         with _PROCESS.lock:
             if _PROCESS.metrics is not None and self._readings is not None:
                 _PROCESS.metrics.remove_readings(self._readings)
@@ -326,12 +319,6 @@ class MetricsServer:
 
     def __enter__(self) -> MetricsServer:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<MetricsServer {self.url}{' closed' if self._closed else ''}>"
 
 
 def serve_metrics(port: int = 0, host: str = "127.0.0.1", *, config: Config | None = None,

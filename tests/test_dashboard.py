@@ -216,3 +216,41 @@ def test_rmidl_up_gives_metrics_ports_and_a_page_that_shows_a_job_run_elsewhere(
         assert job["by_runner"] == stats and job["coordinator"].startswith("rmidl.coordinator.")
     finally:
         assert up.stop(15) == 0
+
+
+def _register_feed(ns_proxy, name: str, updated: float, state: str = "done", text: str | None = None) -> None:
+    from rmidl.client.jobfeed import FEED_TAGS
+
+    feed = {"coordinator": name, "host": "h", "pid": 1, "updated": updated,
+            "jobs": [{"id": 1, "kind": "correlate", "state": state, "total": 1, "done": 0}]}
+    body = text if text is not None else json.dumps(feed)
+    ns_proxy.register(name, f"PYRO:{name}@localhost:0", metadata=[*sorted(FEED_TAGS), "jobs:" + body])
+
+
+def test_feeds_stale_unreadable_and_pruned(nameserver, start_worker, cluster_config, rng) -> None:
+    import os
+    import time
+
+    from rmidl.client.jobfeed import FEED_PREFIX, KEEP_FEEDS, STALE, read_feeds
+    from rmidl.remote.transport import connect_ns
+
+    start_worker(name="w1")
+    with connect_ns(nameserver, cluster_config) as registry:
+        now = time.time()
+        _register_feed(registry, FEED_PREFIX + "gone-1", now - STALE - 1, state="running")
+        _register_feed(registry, FEED_PREFIX + "garbled", now, text="{not json")
+        for i in range(KEEP_FEEDS + 3):
+            _register_feed(registry, f"{FEED_PREFIX}old-{i:02d}", now - 1000 + i)
+        feeds = {feed["coordinator"]: feed for feed in read_feeds(registry)}
+        assert FEED_PREFIX + "garbled" not in feeds  # skipped, not an error
+        assert feeds[FEED_PREFIX + "gone-1"]["jobs"][0]["state"] == "stale"  # its coordinator died
+        with Coordinator(nameserver, config=cluster_config, local_threads=0):
+            pass  # ran no job: publishes nothing
+        assert len(read_feeds(registry)) == KEEP_FEEDS + 4
+        with Coordinator(nameserver, config=cluster_config, local_threads=0) as co:
+            co.correlate(rng.standard_normal((32, 32)).astype(np.float32),
+                         rng.standard_normal((2, 3, 3)).astype(np.float32))
+        left = sorted(read_feeds(registry), key=lambda feed: -feed["updated"])
+    assert len(left) == KEEP_FEEDS and left[0]["pid"] == os.getpid()
+    assert left[0]["jobs"][0]["state"] == "done" and left[0]["jobs"][0]["by_runner"] == {"w1": 1}
+    assert FEED_PREFIX + "old-00" not in {feed["coordinator"] for feed in left}  # the oldest went

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
+from rmidl._served import Served
 from rmidl.config import Config
 from rmidl.errors import OptionError
 
@@ -27,21 +28,18 @@ POLL_MS = 1000
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
-class Dashboard:
+class Dashboard(Served):
     """A running status page: `.url`, `.port`; `close()` stops it and its view."""
 
     def __init__(self, view: ClusterView, host: str, port: int) -> None:
         self.view = view
         self._page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self, host))
-        self._httpd.daemon_threads = True
-        self.host = host
-        self.port = int(self._httpd.server_address[1])
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.port}/"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"rmidl-dashboard-{self.port}",
-                                        daemon=True)
-        self._thread.start()
-        self._closed = False
+        httpd = ThreadingHTTPServer((host, port), _handler(self, host))
+        httpd.daemon_threads = True
+        name = f"rmidl-dashboard-{httpd.server_address[1]}"
+        thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+        super().__init__(httpd, thread, host)
+        thread.start()
 
     def page(self) -> str:
         """The page with the current figures inline (`</` escaped: JSON inside a script element)."""
@@ -49,23 +47,12 @@ class Dashboard:
         return self._page.replace("__INITIAL__", initial).replace("__POLL_MS__", str(POLL_MS))
 
     def close(self) -> None:
-        """Stop serving (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5.0)
+        """Stop serving and stop the view (idempotent)."""
+        super().close()
         self.view.close()
 
     def __enter__(self) -> Dashboard:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Dashboard {self.url}{' closed' if self._closed else ''}>"
 
 
 def _handler(dashboard: Dashboard, bound: str) -> type[BaseHTTPRequestHandler]:

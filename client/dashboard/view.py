@@ -21,12 +21,15 @@ log = logging.getLogger(__name__)
 
 THIS_PROCESS = "this process"
 """The coordinator name the page shows for the jobs of boards in the dashboard's own process."""
+IDLE_AFTER = 10.0
+"""Seconds without a snapshot asked for after which the thread stops asking the cluster (nobody looks)."""
 
 
 class ClusterView:
     """`snapshot()` is the page's data: {"time", "ns", "error", "workers": census rows, "jobs": job
     summaries newest first}. The name server is asked every `interval` s by a thread (a slow or dead
-    worker never holds up a page); `boards` are read live at each snapshot; feeds named in
+    worker never holds up a page) while someone looks (a snapshot in the last IDLE_AFTER s; the first
+    one after a pause asks at once); `boards` are read live at each snapshot; feeds named in
     `skip_feeds` (this process's own, already among `boards`) are left out."""
 
     def __init__(self, ns: str | None, config: Config, *, boards: Sequence[JobBoard] = (),
@@ -39,6 +42,7 @@ class ClusterView:
         self._workers: list[dict[str, Any]] = []
         self._feed_jobs: list[dict[str, Any]] = []
         self._error: str | None = None
+        self._asked = self._refreshed = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,11 +64,16 @@ class ClusterView:
             log.debug("dashboard refresh failed: %r", error_)
             with self._lock:
                 self._error = " ".join(str(error_).split()) or type(error_).__name__
+                self._refreshed = time.monotonic()
             return
         with self._lock:
             self._workers, self._feed_jobs, self._error = workers, jobs, error
+            self._refreshed = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
+        self._asked = now = time.monotonic()
+        if self.ns is not None and now - self._refreshed > max(2 * self.interval, 2.0):
+            self.refresh()  # the thread idled while nobody looked
         with self._lock:
             workers, jobs, error = list(self._workers), list(self._feed_jobs), self._error
         for board in self._boards:
@@ -85,7 +94,8 @@ class ClusterView:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):  # the refresh period, not a synchronisation
-            self.refresh()
+            if time.monotonic() - self._asked < IDLE_AFTER:
+                self.refresh()
 
 
 def _newest_first(job: dict[str, Any]) -> tuple[int, float]:
