@@ -30,10 +30,10 @@ def fetch_json(url: str) -> dict:
 
 @pytest.fixture
 def live_job(nameserver, start_worker, cluster_config, rng):
-    """Workers "fast" and "gated" and a job running on them from a Coordinator in a thread, held live
-    until `release()`: the gated worker's first task waits. Yields (ns, coordinator, release, wait_done)."""
+    """Workers "gated" and "fast" and a job running on them from a Coordinator in a thread, held live
+    until `release()`: the gated worker's tasks wait. Yields (ns, coordinator, release, wait_done)."""
     config = cluster_config.replace(task_deadline_floor=120.0)  # the held task must not be quarantined
-    start_worker(name="fast", config=config)
+    # the gated worker alone when the job starts, so it surely takes a task; "fast" joins mid-job
     gated = start_worker(name="gated", worker_class=GatedWorker, config=config)
     image = rng.standard_normal((120, 90)).astype(np.float32)
     bank = rng.standard_normal((6, 5, 5)).astype(np.float32)
@@ -52,6 +52,7 @@ def live_job(nameserver, start_worker, cluster_config, rng):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert gated.worker.waiting.wait(30), "the gated worker never got its first task"
+    start_worker(name="fast", config=config)
 
     def wait_done() -> None:
         assert done.wait(60) and not failure, failure

@@ -50,21 +50,17 @@ class HangingWorker(ConvolutionWorker):
 
 
 class GatedWorker(ConvolutionWorker):
-    """Its first correlate call waits until `gate` is set (by the test, or by close()), then runs normally:
-    a job that stays live while a test looks at it. `waiting` is set once that call waits."""
+    """Its correlate calls wait until `gate` is set (by the test, or by close()), then run normally: a
+    job that stays live while a test looks at it. `waiting` is set once a call waits."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gate = threading.Event()
         self.waiting = threading.Event()
-        self._first = True
-        self._first_lock = threading.Lock()
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
-        with self._first_lock:
-            first, self._first = self._first, False
-        if first:
+        if not self.gate.is_set():
             self.waiting.set()
             self.gate.wait()
         return super().correlate(task)
