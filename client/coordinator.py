@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,8 +18,14 @@ from rmidl.kernels import available_cores
 from rmidl.validate import check_threads, prepare
 
 from .jobs.correlation import CorrelationJob
+from .progress import progress_bar
 from .scheduler import Scheduler
 from .shared import SharedPool
+
+if TYPE_CHECKING:
+    from rmidl.datasets import Dataset
+    from rmidl.featureset import FeatureSet
+    from rmidl.network import Network
 
 __all__ = ["Coordinator"]
 
@@ -235,6 +243,46 @@ class Coordinator:
                     "engines": dict(job.engines),
                 }
         return result
+
+
+    # -- a dataset through a CNN's feature stages ----------------------------------------------------
+    def features(
+        self,
+        dataset: Dataset | str | os.PathLike[str],
+        net: Network | str | os.PathLike[str],
+        *,
+        batch: int | None = None,
+        progress: bool | Callable[[int, int], None] = True,
+        threads: int | None = None,
+        load: str = "auto",
+    ) -> FeatureSet:
+        """The features (n, F) of every image of `dataset` (a Dataset or what rmidl.datasets.open takes)
+        through `net` (a Network, a saved network file, or a spec / preset built for the images' channels).
+
+        Batches of `batch` images (None: chosen for the job) go to the workers and the local pool
+        (`threads` overrides local_threads); `progress` True draws a tqdm bar on a terminal, a callable
+        gets (images done, total). `load` says who decodes (see rmidl.client.jobs.features.LOADS).
+        """
+        from .jobs.features import FeaturesJob, feature_inputs
+
+        local = self.local_threads if threads is None else int(check_threads(threads) or 0)
+        data, network = feature_inputs(dataset, net)
+        with progress_bar(progress, len(data)) as report:
+            job = FeaturesJob(data, network, config=self.config, batch=batch, load=load, progress=report)
+            scheduler = self._scheduler
+            if self._ns is not None:
+                scheduler.discover()
+            job.plan_for(scheduler.capacities(local), scheduler.usable_workers())
+            queue = scheduler.queue(job)
+            started = time.perf_counter()
+            try:
+                with job.running():
+                    scheduler.run(job, queue, local_threads=local)
+            finally:
+                self._last = {**job.figures(), "seconds": time.perf_counter() - started,
+                              "tasks_by": dict(queue.tasks_by), "requeued": queue.requeued,
+                              "moved_bytes": queue.moved_bytes, "placement": "tasks"}
+        return job.feature_set(self.last_job())
 
 
 def _check_selection(workers: object) -> list[str] | int | None:

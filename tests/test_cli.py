@@ -253,3 +253,23 @@ def test_up_says_when_a_worker_exits_and_stops_when_all_have():
                                             "every worker has exited; stopping"]
     finally:
         process.stop(15)
+
+
+def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
+    from rmidl.datasets import open_dataset
+    from rmidl.featureset import FeatureSet
+    from rmidl.network import Network
+
+    _, address, _ = up
+    net = Network.from_spec("3x3x3:relu:max2,2x3x3:relu:max2", seed=4)
+    expected = net.forward_batch(open_dataset(image_folder).read().images, threads=1)
+    for where, options in (("here", ["--local-threads", "1"]), ("up", ["--ns", address])):
+        out = tmp_path / f"{where}.npz"
+        done = rmidl_cli("features", str(image_folder), "--net", "3x3x3:relu:max2,2x3x3:relu:max2", "--seed",
+                         "4", "--out", str(out), *options)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"^10 images x 24 features \(2 classes\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
+        assert ("w1=" in done.stdout) == (where == "up") and done.stderr == ""
+        saved = FeatureSet.load(out)
+        np.testing.assert_array_equal(saved.X, expected)
+        assert saved.labels.tolist() == [0] * 5 + [1] * 5

@@ -4,47 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.signal import correlate as scipy_correlate
+from reference import ACTIVATIONS
+from reference import network_reference as reference
 
 from rmidl import KernelTooLarge, NonFiniteInput, OptionError, ShapeError
 from rmidl.errors import BankError, DTypeError
 from rmidl.imaging import default_image
 from rmidl.network import Network, Stage
-
-ACTIVATIONS = {
-    None: lambda y: y,
-    "relu": lambda y: np.maximum(y, 0.0),
-    "tanh": np.tanh,
-    "abstanh": lambda y: np.abs(np.tanh(y)),
-    "sigmoid": lambda y: 1.0 / (1.0 + np.exp(-y)),
-}
-
-
-def pool_reference(maps: np.ndarray, kind: str, size: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    """Pooling of (K, H, W) by explicit windows in float64."""
-    (ph, pw), (sh, sw) = size, stride
-    _, h, w = maps.shape
-    rows, cols = range(0, h - ph + 1, sh), range(0, w - pw + 1, sw)
-    reduce = np.max if kind == "max" else np.mean
-    return np.array([[[reduce(m[r : r + ph, c : c + pw]) for c in cols] for r in rows] for m in maps])
-
-
-def reference(net: Network, image: np.ndarray) -> np.ndarray:
-    """The features of `image` (H, W[, C]) computed in float64 with scipy.signal.correlate per map pair."""
-    x = image.astype(np.float64)
-    maps = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    for stage in net.stages:
-        bank = stage.bank.astype(np.float64)
-        k, c = len(bank), len(maps)
-        if stage.depthwise:
-            out = [scipy_correlate(maps[i // (k // c)], bank[i, :, :, 0], mode=stage.mode) for i in range(k)]
-        else:
-            out = [sum(scipy_correlate(maps[j], bank[i, :, :, j], mode=stage.mode) for j in range(c))
-                   for i in range(k)]
-        maps = ACTIVATIONS[stage.activation](np.array(out))
-        if stage.pool is not None:
-            maps = pool_reference(maps, stage.pool, stage.pool_size, stage.pool_stride or stage.pool_size)
-    return maps.reshape(-1)
 
 
 def assert_close(got: np.ndarray, expected: np.ndarray) -> None:

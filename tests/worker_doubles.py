@@ -2,7 +2,7 @@
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
 `python -m worker_doubles --ns HOST:PORT --name NAME [--hang N]` with tests/ on PYTHONPATH prints the
-worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate calls hang.
+worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N task calls hang.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from rmidl.server.worker import ConvolutionWorker
 
 
 class HangingWorker(ConvolutionWorker):
-    """Its first `hang` correlate calls block until close(), then fail as a worker shutting down does;
-    `hung` is set once one is blocked. The others run normally."""
+    """Its first `hang` task calls (correlate or features) block until close(), then fail as a worker
+    shutting down does; `hung` is set once one is blocked. The others run normally."""
 
     hang = 1
 
@@ -35,11 +35,20 @@ class HangingWorker(ConvolutionWorker):
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
+        self._maybe_hang()
+        return super().correlate(task)
+
+    @expose
+    def features(self, task: WireRecord) -> WireRecord:
+        self._maybe_hang()
+        return super().features(task)
+
+    def _maybe_hang(self) -> None:
         with self._left_lock:
             hang = self._left > 0
             self._left -= hang
         if not hang:
-            return super().correlate(task)
+            return
         self.hung.set()
         self._released.wait()
         raise WorkerLost("the worker shut down under a hung task")

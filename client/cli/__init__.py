@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "worker": "rmidl.client.cli.worker",
     "up": "rmidl.client.cli.up",
     "run": "rmidl.client.cli.run",
+    "features": "rmidl.client.cli.features",
     "status": "rmidl.client.cli.status",
     "demo": "rmidl.client.cli.demo",
     "bench": "rmidl.client.cli.bench",

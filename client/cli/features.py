@@ -1,0 +1,106 @@
+"""`rmidl features`: a dataset through a CNN's CNP stages on the cluster (or the local pool), into an .npz."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
+from rmidl.client.cli.run import parse_workers
+from rmidl.errors import OptionError
+
+HELP = "extract CNN features of an image dataset on the cluster and save them (.npz) for rmidl train"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmidl.client.jobs.features import LOADS
+    from rmidl.network import PRESETS
+
+    parser.add_argument("dataset", metavar="DATASET",
+                        help="ImageFolder directory (one subfolder per class), a glob, or an .npz of images")
+    parser.add_argument("--net", required=True, metavar="SPEC|FILE",
+                        help=f"network file (.npz) or spec such as 25x11x11:relu:max2,...; presets: "
+                             f"{', '.join(PRESETS)}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a spec's banks (default 0)")
+    parser.add_argument("--out", required=True, metavar="PATH.npz", help="where the features go")
+    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: local pool only)")
+    parser.add_argument("--workers", metavar="NAME[,NAME...]", help="use only these workers of --ns")
+    parser.add_argument("--local-threads", type=int, metavar="N",
+                        help="threads of this process's pool (default: all cores without --ns, 0 with)")
+    parser.add_argument("--batch", type=int, metavar="B", help="images per task (default: chosen per job)")
+    parser.add_argument("--load", choices=LOADS, default="auto",
+                        help="who decodes the images: auto (workers on this host read the files), "
+                             "coordinator, workers (they share the files)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave unreadable or truncated images out (listed in the file), not stop")
+    parser.add_argument("--resize", metavar="WxH|S", help="resize images to WxH, or the shorter side to S")
+    parser.add_argument("--crop", metavar="WxH", help="centre-crop every image to WxH (after --resize)")
+    colour = parser.add_mutually_exclusive_group()
+    colour.add_argument("--gray", action="store_const", const=True, dest="gray", help="convert to grayscale")
+    colour.add_argument("--color", action="store_const", const=False, dest="gray", help="convert to RGB")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_security_arguments(parser)
+
+
+def parse_size(text: str | None, option: str, *, side: bool) -> int | tuple[int, int] | None:
+    """'200x100' -> (100, 200) (rows, cols); with `side`, '200' -> 200 (the shorter side)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not match or (match[2] is None and not side) or int(match[1]) < 1 or int(match[2] or 1) < 1:
+        form = "WxH or S (the shorter side)" if side else "WxH"
+        raise OptionError(f"{option} {text!r} is not {form} with positive integers, e.g. 200x200")
+    if match[2] is None:
+        return int(match[1])
+    return int(match[2]), int(match[1])
+
+
+def check_out(text: str) -> Path:
+    """Refuse a bad --out before any work: a .npz in a directory that exists."""
+    path = Path(text)
+    if path.suffix.lower() != ".npz":
+        raise OptionError(f"--out {text!r} must end in .npz")
+    if not path.parent.is_dir():
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise OptionError(f"--out {text!r}: directory {str(path.parent)!r} {why}")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from rmidl.client.coordinator import Coordinator
+    from rmidl.client.jobs.features import check_batch, feature_inputs
+    from rmidl.datasets import open_dataset
+
+    out = check_out(args.out)
+    workers = parse_workers(args.workers, args.ns)
+    batch = check_batch(args.batch)
+    dataset = open_dataset(args.dataset, resize=parse_size(args.resize, "--resize", side=True),
+                           crop=parse_size(args.crop, "--crop", side=False), skip_bad=args.skip_bad,
+                           gray=args.gray)
+    dataset, net = feature_inputs(dataset, args.net, seed=args.seed)
+    config = config_from_args(args)
+    with Coordinator(args.ns, local_threads=args.local_threads, config=config, workers=workers) as co:
+        features = co.features(dataset, net, batch=batch, progress=not args.quiet, load=args.load)
+        job = co.last_job()
+    features.save(out)
+    print(summary(features, job, out))
+    if features.bad:
+        why = next(iter(features.bad.values()))
+        print(f"rmidl: skipped {len(features.bad)} bad image(s) (listed in {out}); first: {why}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def summary(features: object, job: dict, out: Path) -> str:
+    from rmidl.featureset import FeatureSet
+
+    assert isinstance(features, FeatureSet)
+    seconds = float(job.get("seconds", 0.0))
+    rate = len(features) / seconds if seconds > 0 else float("inf")
+    by = " ".join(f"{name}={n}" for name, n in sorted(job.get("tasks_by", {}).items())) or "-"
+    classes = f" ({len(features.classes)} classes)" if features.classes else ""
+    return (f"{len(features)} images x {features.X.shape[1]} features{classes} in {seconds:.2f} s, "
+            f"{rate:.1f} images/s, {job.get('placement', 'tasks')} placement, tasks per runner: {by}; "
+            f"wrote {out}")
