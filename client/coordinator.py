@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from rmidl.featureset import FeatureSet
     from rmidl.network import Network
 
-__all__ = ["Coordinator"]
+__all__ = ["PLACEMENTS", "Coordinator"]
+
+PLACEMENTS = ("tasks", "stages")
+"""How a features job is spread: whole batches per runner, or each pipeline stage on its own processor."""
 
 log = logging.getLogger(__name__)
 
@@ -255,18 +258,28 @@ class Coordinator:
         progress: bool | Callable[[int, int], None] = True,
         threads: int | None = None,
         load: str = "auto",
+        placement: str = "tasks",
+        replicas: Sequence[int] | None = None,
+        pipelines: int = 1,
     ) -> FeatureSet:
         """The features (n, F) of every image of `dataset` (a Dataset or what rmidl.datasets.open takes)
         through `net` (a Network, a saved network file, or a spec / preset built for the images' channels).
 
-        Batches of `batch` images (None: chosen for the job) go to the workers and the local pool
-        (`threads` overrides local_threads); `progress` True draws a tqdm bar on a terminal, a callable
-        gets (images done, total). `load` says who decodes (see rmidl.client.jobs.features.LOADS).
+        placement "tasks": batches of `batch` images (None: chosen for the job) go to the workers and the
+        local pool (`threads` overrides local_threads), each running the whole chain; `load` says who
+        decodes (rmidl.client.jobs.features.LOADS). placement "stages": LOAD, each CNP stage and FLAT on
+        processors of their own (rmidl.client.pipeline.stages: the workers, else threads here), with
+        `replicas` processors per CNP stage and `pipelines` copies of the whole pipeline. `progress` True
+        draws a tqdm bar on a terminal; a callable gets (images done, total).
         """
         from .jobs.features import FeaturesJob, feature_inputs
+        from .pipeline.stages import check_replicas, run_stages
 
+        if placement not in PLACEMENTS:
+            raise OptionError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
         local = self.local_threads if threads is None else int(check_threads(threads) or 0)
         data, network = feature_inputs(dataset, net)
+        check_replicas(replicas, len(network.stages))
         with progress_bar(progress, len(data)) as report:
             job = FeaturesJob(data, network, config=self.config, batch=batch, load=load, progress=report)
             scheduler = self._scheduler
@@ -274,14 +287,19 @@ class Coordinator:
                 scheduler.discover()
             job.plan_for(scheduler.capacities(local), scheduler.usable_workers())
             queue = scheduler.queue(job)
+            figures: dict[str, Any] = {"placement": placement}
             started = time.perf_counter()
             try:
-                with job.running():
-                    scheduler.run(job, queue, local_threads=local)
+                if placement == "stages":
+                    figures["stage_spans"] = run_stages(job, workers=scheduler.usable_workers(),
+                                                        replicas=replicas, pipelines=pipelines)
+                else:
+                    with job.running():
+                        scheduler.run(job, queue, local_threads=local)
             finally:
                 self._last = {**job.figures(), "seconds": time.perf_counter() - started,
                               "tasks_by": dict(queue.tasks_by), "requeued": queue.requeued,
-                              "moved_bytes": queue.moved_bytes, "placement": "tasks"}
+                              "moved_bytes": queue.moved_bytes, "spans": job.spans, **figures}
         return job.feature_set(self.last_job())
 
 

@@ -269,6 +269,10 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("features: --resize malformed", FEATURES + " --resize 20by20", 2, "--resize '20by20'"),
     ("features: --crop larger than images", FEATURES + " --crop 40x40", 2, "smaller than the crop 40x40"),
     ("features: --workers without --ns", FEATURES + " --workers w1", 2, "give --ns too"),
+    ("features: --replicas malformed", FEATURES + " --placement stages --replicas 2,x", 2, "'2,x'"),
+    ("features: --replicas without stages", FEATURES + " --replicas 2", 2, "give --placement stages"),
+    ("features: --replicas for other stages", FEATURES + " --placement stages --replicas 1,1", 2,
+     "each of the 1 CNP stages"),
     ("bench --image missing",  # --image and --size exclude each other
      "bench --kernels random:4x5x5 --runs 2 --out {tmp}/out --image /nonexistent/p.png", 2,
      "/nonexistent/p.png"),

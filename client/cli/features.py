@@ -15,6 +15,7 @@ HELP = "extract CNN features of an image dataset on the cluster and save them (.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmidl.client.coordinator import PLACEMENTS
     from rmidl.client.jobs.features import LOADS
     from rmidl.network import PRESETS
 
@@ -30,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-threads", type=int, metavar="N",
                         help="threads of this process's pool (default: all cores without --ns, 0 with)")
     parser.add_argument("--batch", type=int, metavar="B", help="images per task (default: chosen per job)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default="tasks",
+                        help="tasks: every runner runs whole batches; stages: LOAD, each CNP stage and FLAT "
+                             "on a processor of its own (the workers, else threads here), batches flowing "
+                             "between them")
+    parser.add_argument("--replicas", metavar="R1,R2,...",
+                        help="with --placement stages: processors per CNP stage (default 1 each)")
+    parser.add_argument("--pipelines", type=int, default=1, metavar="P",
+                        help="with --placement stages: P copies of the pipeline sharing the batches")
     parser.add_argument("--load", choices=LOADS, default="auto",
                         help="who decodes the images: auto (workers on this host read the files), "
                              "coordinator, workers (they share the files)")
@@ -57,6 +66,16 @@ def parse_size(text: str | None, option: str, *, side: bool) -> int | tuple[int,
     return int(match[2]), int(match[1])
 
 
+def parse_replicas(text: str | None) -> list[int] | None:
+    """'2,1,1,1' -> [2, 1, 1, 1] (checked against the network's stages by the coordinator)."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise OptionError(f"--replicas {text!r} is not a comma-separated list of counts (2,1,1,1)") from None
+
+
 def check_out(text: str) -> Path:
     """Refuse a bad --out before any work: a .npz in a directory that exists."""
     path = Path(text)
@@ -76,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
     out = check_out(args.out)
     workers = parse_workers(args.workers, args.ns)
     batch = check_batch(args.batch)
+    replicas = parse_replicas(args.replicas)
+    if args.placement != "stages" and (replicas is not None or args.pipelines != 1):
+        raise OptionError("--replicas and --pipelines shape the stage pipeline: give --placement stages")
     dataset = open_dataset(args.dataset, resize=parse_size(args.resize, "--resize", side=True),
                            crop=parse_size(args.crop, "--crop", side=False), skip_bad=args.skip_bad,
                            gray=args.gray)
     dataset, net = feature_inputs(dataset, args.net, seed=args.seed)
     config = config_from_args(args)
     with Coordinator(args.ns, local_threads=args.local_threads, config=config, workers=workers) as co:
-        features = co.features(dataset, net, batch=batch, progress=not args.quiet, load=args.load)
+        features = co.features(dataset, net, batch=batch, progress=not args.quiet, load=args.load,
+                               placement=args.placement, replicas=replicas, pipelines=args.pipelines)
         job = co.last_job()
     features.save(out)
     print(summary(features, job, out))
@@ -99,8 +122,16 @@ def summary(features: object, job: dict, out: Path) -> str:
     assert isinstance(features, FeatureSet)
     seconds = float(job.get("seconds", 0.0))
     rate = len(features) / seconds if seconds > 0 else float("inf")
-    by = " ".join(f"{name}={n}" for name, n in sorted(job.get("tasks_by", {}).items())) or "-"
+    if job.get("stage_spans"):
+        on: dict[str, set[str]] = {}
+        for span in job["stage_spans"]:
+            on.setdefault(span.stage, set()).add(span.processor)
+        where = "stage processors: " + " ".join(f"{stage}={'+'.join(sorted(names))}"
+                                                for stage, names in on.items())
+    else:
+        by = " ".join(f"{name}={n}" for name, n in sorted(job.get("tasks_by", {}).items())) or "-"
+        where = f"tasks per runner: {by}"
     classes = f" ({len(features.classes)} classes)" if features.classes else ""
     return (f"{len(features)} images x {features.X.shape[1]} features{classes} in {seconds:.2f} s, "
-            f"{rate:.1f} images/s, {job.get('placement', 'tasks')} placement, tasks per runner: {by}; "
+            f"{rate:.1f} images/s, {job.get('placement', 'tasks')} placement, {where}; "
             f"wrote {out}")

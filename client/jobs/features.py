@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,8 +40,8 @@ from .loader import BatchLoader
 if TYPE_CHECKING:
     from ..stub import WorkerStub
 
-__all__ = ["BULK_MIN_BYTES", "LOADS", "MAX_AUTO_BATCH", "FeatureBatch", "FeaturesJob", "check_batch",
-           "feature_inputs"]
+__all__ = ["BULK_MIN_BYTES", "LOADS", "MAX_AUTO_BATCH", "FeatureBatch", "FeaturesJob", "TaskSpan",
+           "check_batch", "feature_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,18 @@ class FeatureBatch:
 
     task_id: int
     positions: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TaskSpan:
+    """One task as it ran: where, when (seconds since the job began; a remote task from its request to its
+    reply), and its stage seconds (LOAD, CNP<i>, FLAT and their parts) as measured where it ran."""
+
+    runner: str
+    task_id: int
+    start: float
+    end: float
+    timings: dict[str, float]
 
 
 def check_batch(batch: object) -> int | None:
@@ -132,6 +145,11 @@ class FeaturesJob:
         self._position: dict[int, int] | None = (
             None if np.array_equal(ids, np.arange(n)) else {int(i): p for p, i in enumerate(ids)})
         self._progress = progress
+        self.origin = time.perf_counter()
+        """The clock's zero for spans (the job's construction)."""
+        self.spans: list[TaskSpan] = []
+        """Each task as it ran: runner, start and end on this process's clock, its stage seconds."""
+        self._sent: dict[int, float] = {}
         self._done = 0
         self._tasks: list[FeatureBatch] = []
         self._loader: BatchLoader[Batch] | None = None
@@ -182,7 +200,7 @@ class FeaturesJob:
     @contextmanager
     def running(self) -> Iterator[None]:
         """The run's LOAD thread (decoding ahead, bounded), stopped and joined after."""
-        loader = BatchLoader(self._read, [t.task_id for t in self._tasks], depth=self._depth,
+        loader = BatchLoader(self.read_batch, [t.task_id for t in self._tasks], depth=self._depth,
                              ahead=self._ahead)
         self._loader = loader
         try:
@@ -211,16 +229,19 @@ class FeaturesJob:
         return not (0 < limit < getattr(self, "message_limit", 0))
 
     def run_local(self, task: FeatureBatch, threads: int) -> None:
+        start = time.perf_counter()
         batch = self._batch(task)
         timings: dict[str, float] = {}
         if len(batch):
             features = self.net.forward_batch(batch.images, threads=threads, timings=timings)
-            self._write(batch.ids, features)
-        self._finish(task, timings)
+            self.write(batch.ids, features)
+        self.finish(task, timings, threading.current_thread().name.removeprefix("rmidl-"), start)
 
     def request(self, task: FeatureBatch, stub: WorkerStub) -> FeaturesTask:
         stages = (0, len(self.net.stages))
         a, b = task.positions
+        with self._lock:
+            self._sent[task.task_id] = time.perf_counter()
         output = "bulk" if stub.info.bulk_port and 4 * (b - a) * self.width >= BULK_MIN_BYTES else "inline"
         if self._reads_itself(stub):
             assert self._loader is not None
@@ -244,17 +265,21 @@ class FeaturesJob:
             into = self.out[rows[0] : rows[-1] + 1] if contiguous else np.empty((len(rows), self.width),
                                                                                np.float32)
             moved = stub.receive(reply.result, into, what=self.describe(task))
-            self._write(np.asarray(reply.ids), into)
+            self.write(np.asarray(reply.ids), into)
         with self._lock:
             self.worker_bad.update(dict(reply.bad))
             if "LOAD" in reply.timings:
                 self.load_where["workers"] += 1
-        self._finish(task, reply.timings)
+        with self._lock:
+            sent = self._sent.pop(task.task_id, time.perf_counter())
+        self.finish(task, reply.timings, stub.name, sent)
         return moved
 
     # -- the result ----------------------------------------------------------------------------------
     def feature_set(self, stats: dict[str, Any]) -> FeatureSet:
-        """The rows of every image computed, in dataset order; bad images (skip_bad) left out."""
+        """The rows of every image computed, in dataset order; bad images (skip_bad) left out. `stats` go
+        into the set but its span lists (kept by the coordinator's last_job for the study)."""
+        stats = {k: v for k, v in stats.items() if k not in ("spans", "stage_spans")}
         bad_ids = {**self.dataset.bad, **self.worker_bad}
         view_ids = np.asarray(self.dataset.ids)
         bad = {int(i): bad_ids[int(i)] for i in view_ids if int(i) in bad_ids}
@@ -286,7 +311,7 @@ class FeaturesJob:
     def _reads_itself(self, stub: WorkerStub) -> bool:
         return self.load == "workers" or (self.load == "auto" and stub.same_host)
 
-    def _read(self, task_id: int) -> Batch:
+    def read_batch(self, task_id: int) -> Batch:
         """Decode one task's images here (the coordinator's LOAD stage)."""
         timings: dict[str, float] = {}
         batch = self.dataset.read(slice(*self._tasks[task_id].positions), timings=timings)
@@ -311,7 +336,8 @@ class FeaturesJob:
         except KeyError as error:
             raise RmidlError(f"image id {error} is not in the dataset") from None
 
-    def _write(self, ids: np.ndarray, features: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, features: np.ndarray) -> None:
+        """Rows of these dataset ids := features (a view of the matrix itself is not copied)."""
         rows = self._rows(ids)
         if len(rows) and not np.shares_memory(features, self.out):
             self.out[rows] = features
@@ -319,11 +345,15 @@ class FeaturesJob:
             self.kept[rows] = True
             self.writes[rows] += 1
 
-    def _finish(self, task: FeatureBatch, timings: Mapping[str, float]) -> None:
+    def finish(self, task: FeatureBatch, timings: Mapping[str, float], runner: str, start: float) -> None:
+        """Count a task's images as done (progress), its stage seconds, and its span on `runner`."""
         a, b = task.positions
+        end = time.perf_counter()
         with self._lock:
             for stage, seconds in timings.items():
                 add_time(self.stage_seconds, stage, seconds)
+            self.spans.append(TaskSpan(runner, task.task_id, start - self.origin, end - self.origin,
+                                       dict(timings)))
             self._done += b - a
             done = self._done
         if self._progress is not None:
