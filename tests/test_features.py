@@ -275,3 +275,12 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path: Path, rng) -> None
         assert done.returncode == 0, done.stderr
         peaks[n] = int(done.stdout.split()[-1])
     assert peaks[2000] <= 1.10 * peaks[200], peaks
+
+
+def test_a_closed_coordinator_refuses_a_features_job(image_folder: Path) -> None:
+    from rmidl.errors import ClusterError
+
+    coordinator = Coordinator(local_threads=1, config=Config(environ={}))
+    coordinator.close()
+    with pytest.raises(ClusterError, match="Coordinator is closed"):
+        coordinator.features(image_folder, "2x3x3", progress=False)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
+from rmidl.client.cli.common import (
+    EXIT_OK,
+    add_cluster_arguments,
+    add_security_arguments,
+    choose_cluster,
+    config_from_args,
+    note,
+)
 from rmidl.client.cli.run import parse_workers
 from rmidl.errors import OptionError
 
@@ -26,10 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(PRESETS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of a spec's banks (default 0)")
     parser.add_argument("--out", required=True, metavar="PATH.npz", help="where the features go")
-    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: local pool only)")
-    parser.add_argument("--workers", metavar="NAME[,NAME...]", help="use only these workers of --ns")
+    add_cluster_arguments(parser, fallback="compute in this process")
+    parser.add_argument("--workers", metavar="NAME[,NAME...]",
+                        help="use only these workers of the cluster (default: every registered one)")
     parser.add_argument("--local-threads", type=int, metavar="N",
-                        help="threads of this process's pool (default: all cores without --ns, 0 with)")
+                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
     parser.add_argument("--batch", type=int, metavar="B", help="images per task (default: chosen per job)")
     parser.add_argument("--placement", choices=PLACEMENTS, default="tasks",
                         help="tasks: every runner runs whole batches; stages: LOAD, each CNP stage and FLAT "
@@ -49,7 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     colour = parser.add_mutually_exclusive_group()
     colour.add_argument("--gray", action="store_const", const=True, dest="gray", help="convert to grayscale")
     colour.add_argument("--color", action="store_const", const=False, dest="gray", help="convert to RGB")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_security_arguments(parser)
 
 
@@ -90,10 +96,11 @@ def check_out(text: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from rmidl.client.coordinator import Coordinator
     from rmidl.client.jobs.features import check_batch, feature_inputs
+    from rmidl.client.pipeline.stages import check_replicas
     from rmidl.datasets import open_dataset
 
     out = check_out(args.out)
-    workers = parse_workers(args.workers, args.ns)
+    workers = parse_workers(args.workers)
     batch = check_batch(args.batch)
     replicas = parse_replicas(args.replicas)
     if args.placement != "stages" and (replicas is not None or args.pipelines != 1):
@@ -102,17 +109,26 @@ def run(args: argparse.Namespace) -> int:
                            crop=parse_size(args.crop, "--crop", side=False), skip_bad=args.skip_bad,
                            gray=args.gray)
     dataset, net = feature_inputs(dataset, args.net, seed=args.seed)
-    config = config_from_args(args)
-    with Coordinator(args.ns, local_threads=args.local_threads, config=config, workers=workers) as co:
-        features = co.features(dataset, net, batch=batch, progress=not args.quiet, load=args.load,
-                               placement=args.placement, replicas=replicas, pipelines=args.pipelines)
+    # every check of the input before a cluster is chosen, contacted or told about
+    net.output_shape(dataset.shape)
+    if replicas is not None:
+        check_replicas(replicas, len(net.stages))
+    # --workers chooses among a cluster's workers: without one running, say so rather than compute here
+    fallback = None if workers else "compute in this process"
+    target = choose_cluster(args, config_from_args(args), fallback=fallback)
+    with Coordinator(target.ns, local_threads=args.local_threads, config=target.config,
+                     workers=workers) as co:
+        if target.note:  # once the options are all accepted: a refused command says one line only
+            note(args, target.note)
+        features = co.features(dataset, net, batch=batch, progress=not getattr(args, "quiet", False),
+                               load=args.load, placement=args.placement, replicas=replicas,
+                               pipelines=args.pipelines)
         job = co.last_job()
     features.save(out)
     print(summary(features, job, out))
     if features.bad:
         why = next(iter(features.bad.values()))
-        print(f"rmidl: skipped {len(features.bad)} bad image(s) (listed in {out}); first: {why}",
-              file=sys.stderr)
+        note(args, f"skipped {len(features.bad)} bad image(s) (listed in {out}); first: {why}")
     return EXIT_OK
 
 
