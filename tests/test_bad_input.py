@@ -274,6 +274,10 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("features: --replicas without stages", FEATURES + " --replicas 2", 2, "give --placement stages"),
     ("features: --replicas for other stages", FEATURES + " --placement stages --replicas 1,1", 2,
      "each of the 1 CNP stages"),
+    ("bench pipeline --images 0", "bench pipeline --images 0 --out {tmp}/bp", 2, "--images 0"),
+    ("bench pipeline --workers 0", "bench pipeline --workers 0 --out {tmp}/bp", 2, "--workers '0'"),
+    ("bench pipeline, net larger than the images", "bench pipeline {dataset} --net 2x30x30 --out {tmp}/bp", 2,
+     "30x30 does not fit"),
     ("bench --image missing",  # --image and --size exclude each other
      "bench --kernels random:4x5x5 --runs 2 --out {tmp}/out --image /nonexistent/p.png", 2,
      "/nonexistent/p.png"),

@@ -59,6 +59,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmidl.client.cli import bench_pipeline
+
+    studies = parser.add_subparsers(dest="study", metavar="STUDY",
+                                    help="pipeline: the feature pipeline study (none: the scaling study)")
+    bench_pipeline.add_parser(studies, parser.formatter_class)
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--image", metavar="PATH", help="image file to convolve (default: the built-in image)"
