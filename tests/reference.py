@@ -85,6 +85,9 @@ def network_reference(net: Network, image: np.ndarray) -> np.ndarray:
             out = [sum(scipy.signal.correlate(maps[j], bank[i, :, :, j], mode=stage.mode) for j in range(c))
                    for i in range(k)]
         maps = ACTIVATIONS[stage.activation](np.array(out))
-        if stage.pool is not None:
+        if stage.pool in ("global_avg", "global_max"):
+            reduce = np.mean if stage.pool == "global_avg" else np.max
+            maps = np.array([[[reduce(m)]] for m in maps])
+        elif stage.pool is not None:
             maps = pool_reference(maps, stage.pool, stage.pool_size, stage.pool_stride or stage.pool_size)
     return maps.reshape(-1)

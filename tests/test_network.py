@@ -243,3 +243,16 @@ def test_bad_forward_options() -> None:
         net.forward(images[..., None])
     with pytest.raises(ShapeError, match=r"images have 8 channel\(s\)"):
         net.forward(images)  # (2, 8, 8) is one image of 8 channels
+
+
+def test_global_pooling_keeps_one_value_per_map(rng: np.random.Generator) -> None:
+    net = Network.from_spec("3x3x3:relu:max2,3x3x3:tanh:gavg:dw,2x1x1:linear:gmax", seed=1)
+    assert [stage.pool for stage in net.stages] == ["max", "global_avg", "global_max"]
+    assert net.stages[1].spec() == "3x3x3:tanh:gavg:dw" and net.output_shape((17, 23)) == (2,)
+    assert net.stage_shapes((17, 23))[1].out == (3, 1, 1)
+    images = rng.random((3, 17, 23), dtype=np.float32)
+    for got, image in zip(net.forward_batch(images, threads=1), images, strict=True):
+        assert_close(got, reference(net, image))
+    summary = net.describe((17, 23)).stages[1]
+    assert summary.flops == 2 * 3 * 5 * 8 * 9 + 3 * 5 * 8 + 3 * 5 * 8  # multiply-adds, tanh, one add each
+    assert Network.from_spec("textures").output_shape((200, 200)) == (24,)
