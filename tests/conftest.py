@@ -210,3 +210,11 @@ def write_image_folder(root: Any, *, classes: int = 2, per_class: int = 5, shape
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A small ImageFolder dataset (2 classes x 5 PNGs of 24x20), made once per module; read-only."""
     return write_image_folder(tmp_path_factory.mktemp("dataset"))
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds, failing after `timeout` s: waiting on state, not on time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not reached within {timeout} s"
+        time.sleep(0.005)

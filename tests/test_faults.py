@@ -263,7 +263,7 @@ def test_a_hanging_worker_is_quarantined_and_its_batch_runs_elsewhere(textures, 
         hanging = children("worker_doubles", "--ns", cluster.ns_address, "--name", "hang", "--hang", "1",
                            env={"PYTHONPATH": str(Path(__file__).parent)})
         hanging.read_until("ready")
-        config = fault_config(task_deadline_floor=1.0)
+        config = fault_config(task_deadline_floor=3.0)
         with Coordinator(cluster.ns_address, local_threads=0, config=config) as coordinator:
             result = coordinator.features(root, net, batch=4, progress=False)
             np.testing.assert_array_equal(result.X, expected)

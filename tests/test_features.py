@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import wait_for, write_image_folder
 from reference import network_reference
 
 import rmidl
@@ -202,14 +201,6 @@ def test_auto_batches_are_bounded_whatever_the_dataset_size(tmp_path: Path, rng)
     assert heavy.auto_batch(two) == 5  # 4 tasks per core: a slow or lost consumer costs little
     small = FeaturesJob(dataset, Network.from_spec("1x3x3"), config=Config(environ={}, memory_budget=1 << 20))
     assert small.auto_batch(two) * small.peak_bytes <= (1 << 20) // 16
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    """Poll `condition` until it holds (with a deadline): waiting on state, not on time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def test_the_loader_decodes_ahead_a_bounded_few_in_order() -> None:

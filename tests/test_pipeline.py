@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from rmidl.client import Coordinator
 from rmidl.client.pipeline import StageProcessors, run_pipeline
@@ -17,13 +17,6 @@ from rmidl.errors import OptionError, ShapeError
 from rmidl.network import Network
 
 NET = "3x3x3:relu:max2,3x3x3:relu:max2:dw,2x2x2:tanh:nopool"
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)  # polling state with a deadline
 
 
 def test_items_flow_through_every_stage_with_bounded_buffers() -> None:
