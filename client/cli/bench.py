@@ -33,7 +33,8 @@ __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size",
 
 logger = logging.getLogger(__name__)
 
-HELP = "reproduce the paper's scaling study: time per core and worker count, tables, plots, predictions"
+HELP = ("reproduce the paper's scaling study (time per core and worker count, tables, plots, predictions); "
+        "`rmidl bench pipeline` the pipeline study")
 
 
 def parse_counts(text: str, option: str, *, minimum: int) -> tuple[int, ...]:

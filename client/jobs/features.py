@@ -152,6 +152,8 @@ class FeaturesJob:
         self._sent: dict[int, float] = {}
         self._done = 0
         self._tasks: list[FeatureBatch] = []
+        self.message_limit = 0
+        """The max_message_size the batches were sized for: a worker taking them inline needs as much."""
         self._loader: BatchLoader[Batch] | None = None
         self._lock = threading.Lock()
 
@@ -226,7 +228,7 @@ class FeaturesJob:
 
     def accepts(self, stub: WorkerStub) -> bool:
         limit = stub.info.max_message_size
-        return not (0 < limit < getattr(self, "message_limit", 0))
+        return not (0 < limit < self.message_limit)
 
     def run_local(self, task: FeatureBatch, threads: int) -> None:
         start = time.perf_counter()
