@@ -335,11 +335,12 @@ def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
 
     _, address, _ = up
     net = Network.from_spec("3x3x3:relu:max2,2x3x3:relu:max2", seed=4)
-    expected = net.forward_batch(open_dataset(image_folder).read().images, threads=1)
+    images = open_dataset(image_folder).read().images
+    expected = np.concatenate([net.forward_batch(images[a : a + 5], threads=1) for a in (0, 5)])
     for where, options in (("here", ["--no-cluster", "--local-threads", "1"]), ("up", ["--ns", address])):
         out = tmp_path / f"{where}.npz"
         done = rmidl_cli("features", str(image_folder), "--net", "3x3x3:relu:max2,2x3x3:relu:max2", "--seed",
-                         "4", "--out", str(out), *options)
+                         "4", "--batch", "5", "--out", str(out), *options)
         assert done.returncode == 0, done.stderr
         assert re.search(r"^10 images x 24 features \(2 classes\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
         assert ("w1=" in done.stdout) == (where == "up") and "error" not in done.stderr

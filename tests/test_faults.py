@@ -210,9 +210,10 @@ def textures(tmp_path_factory):
     return root, Network.from_spec("6x5x5:relu:max2,4x3x3:relu:max2", seed=2)
 
 
-def uninterrupted(root, net) -> np.ndarray:
+def uninterrupted(root, net, batch: int = 2) -> np.ndarray:
+    """The features of one undisturbed run in this process, in the same batches (the same bits)."""
     with Coordinator(local_threads=1, config=fault_config()) as coordinator:
-        return coordinator.features(root, net, batch=2, progress=False).X
+        return coordinator.features(root, net, batch=batch, progress=False).X
 
 
 def test_a_worker_killed_half_way_loses_no_image(textures, caplog):
@@ -258,7 +259,7 @@ def test_every_image_is_written_exactly_once_after_faults(textures):
 
 def test_a_hanging_worker_is_quarantined_and_its_batch_runs_elsewhere(textures, children):
     root, net = textures
-    expected = uninterrupted(root, net)
+    expected = uninterrupted(root, net, batch=4)
     with LocalCluster(workers=1) as cluster:
         hanging = children("worker_doubles", "--ns", cluster.ns_address, "--name", "hang", "--hang", "1",
                            env={"PYTHONPATH": str(Path(__file__).parent)})

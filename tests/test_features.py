@@ -87,14 +87,14 @@ def test_results_over_the_bulk_channel_and_dataset_views(image_folder: Path, two
     monkeypatch.setattr(features_job, "BULK_MIN_BYTES", 0)
     net = Network.from_spec(NETS["depthwise"])
     view = open_dataset(image_folder)[[7, 2, 9, 0, 5]]
-    expected = local_features(view, net)
+    expected = local_features(view, net, batch=2)
     with Coordinator(two_workers, local_threads=0, config=Config(environ={})) as coordinator:
         result = coordinator.features(view, net, batch=2, progress=False, load="coordinator")
         assert coordinator.last_job()["moved_bytes"] == result.X.nbytes
     np.testing.assert_array_equal(result.X, expected.X)
     assert result.ids.tolist() == [7, 2, 9, 0, 5] and result.labels.tolist() == [1, 0, 1, 0, 1]
-    full = local_features(image_folder, net)
-    np.testing.assert_array_equal(result.X, full.X[[7, 2, 9, 0, 5]])
+    full = local_features(image_folder, net)  # other batches: the batched engine may round otherwise
+    np.testing.assert_allclose(result.X, full.X[[7, 2, 9, 0, 5]], rtol=2e-5, atol=2e-5 * full.X.max())
 
 
 def test_npz_datasets_are_read_by_the_workers(tmp_path: Path, two_workers: str, rng) -> None:
@@ -104,7 +104,9 @@ def test_npz_datasets_are_read_by_the_workers(tmp_path: Path, two_workers: str, 
     with Coordinator(two_workers, local_threads=0, config=Config(environ={})) as coordinator:
         result = coordinator.features(tmp_path / "set.npz", net, batch=3, progress=False)
         assert coordinator.last_job()["load"] == {"workers": 3}
-    np.testing.assert_array_equal(result.X, net.forward_batch(images, threads=1))
+    # the same batches of 3 in one process give the same bits (another batching: the same to rounding)
+    by_batch = [net.forward_batch(images[a : a + 3], threads=1) for a in (0, 3, 6)]
+    np.testing.assert_array_equal(result.X, np.concatenate(by_batch))
     assert result.paths is None and result.classes == ("0", "1", "2")
 
 
@@ -158,12 +160,13 @@ def test_bad_files_are_skipped_and_reported_or_stop_the_job(with_bad_file: Path,
         assert len(result) == 5 and list(result.bad) == [4]
         assert "img001.png" in result.bad[4] and not any(p.endswith("c1/img001.png") for p in result.paths)
         assert result.labels.tolist() == [0, 0, 0, 1, 1]
-        clean = local_features(open_dataset(with_bad_file)[[0, 1, 2, 3, 5]], net)
+        clean = local_features(open_dataset(with_bad_file)[[0, 1, 2, 3, 5]], net, batch=2)
         np.testing.assert_array_equal(result.X, clean.X)
         with pytest.raises(ImageReadError, match=r"img001\.png"):
             coordinator.features(open_dataset(with_bad_file), net, batch=2, progress=False)
         # the workers still serve, and compute right
-        again = coordinator.features(open_dataset(with_bad_file)[[0, 1, 2, 3, 5]], net, progress=False)
+        again = coordinator.features(open_dataset(with_bad_file)[[0, 1, 2, 3, 5]], net, batch=2,
+                                     progress=False)
         np.testing.assert_array_equal(again.X, clean.X)
 
 

@@ -55,7 +55,8 @@ def test_random_nets_match_float64_reference(seed: int) -> None:
     assert features.shape == (3, *net.output_shape(shape))
     for image, row in zip(images, features, strict=True):
         assert_close(row, reference(net, image))
-        np.testing.assert_allclose(net.forward(image), row, rtol=1e-6, atol=1e-6 * np.abs(row).max())
+        # one image alone may go through another engine than a batch of three: the same to float32 rounding
+        np.testing.assert_allclose(net.forward(image), row, rtol=2e-5, atol=2e-5 * np.abs(row).max())
 
 
 @pytest.mark.parametrize("preset", ["seed004", "seed004-full"])

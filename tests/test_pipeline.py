@@ -13,6 +13,7 @@ from conftest import wait_for
 from rmidl.client import Coordinator
 from rmidl.client.pipeline import StageProcessors, run_pipeline
 from rmidl.config import Config
+from rmidl.datasets import open_dataset
 from rmidl.errors import OptionError, ShapeError
 from rmidl.network import Network
 
@@ -110,7 +111,9 @@ def test_stage_placement_on_workers_survives_a_worker_dying(data, caplog) -> Non
 
         with caplog.at_level(logging.WARNING, logger="rmidl.client.pipeline.stages"):
             again = coordinator.features(root, net, batch=1, progress=kill_at, placement="stages")
-        np.testing.assert_array_equal(again.X, expected)
+        images = open_dataset(root).read().images
+        alone = [net.forward_batch(image[None], threads=1)[0] for image in images]
+        np.testing.assert_array_equal(again.X, np.stack(alone))
         assert any("carries on in this process" in r.getMessage() for r in caplog.records)
 
 
