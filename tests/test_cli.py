@@ -343,7 +343,8 @@ def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
                          "4", "--batch", "5", "--out", str(out), *options)
         assert done.returncode == 0, done.stderr
         assert re.search(r"^10 images x 24 features \(2 classes\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
-        assert ("w1=" in done.stdout) == (where == "up") and "error" not in done.stderr
+        on_workers = re.search(r"tasks per runner: (w[12]=\d+ ?)+;", done.stdout) is not None
+        assert on_workers == (where == "up") and "error" not in done.stderr
         saved = FeatureSet.load(out)
         np.testing.assert_array_equal(saved.X, expected)
         assert saved.labels.tolist() == [0] * 5 + [1] * 5
