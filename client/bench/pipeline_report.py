@@ -158,7 +158,8 @@ def plot_gantt(study: dict[str, Any], path: Path) -> Path:
         axes.set_yticks(range(len(labels)), labels, fontsize=7)
         axes.invert_yaxis()
         median = scheme["median"]
-        axes.set_title(f"{scheme['name']}" + (f" (median {median:.3g} s)" if median else ""), fontsize=9)
+        runs = f" (median of all {median:.3g} s)" if median else ""
+        axes.set_title(f"{scheme['name']}: first timed run{runs}", fontsize=9)
         axes.grid(True, axis="x", alpha=0.3)
     axes_list[-1].set_xlabel("seconds since the run began")
     figure.legend(handles=[Patch(color=_colour(s), label=s) for s in study["stages"]],
