@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     from rmidl.datasets import Dataset
     from rmidl.featureset import FeatureSet
     from rmidl.network import Network
+    from rmidl.remote.naming import Registry
 
     from .localcluster import LocalCluster
 
@@ -59,9 +59,10 @@ class Coordinator:
     (fixed at construction); a name or count the name server cannot supply is a WorkerNotFound before
     any work. `local_threads=None` means every core without a name server and none with one (workers on
     this machine already use its cores). With `shared_memory=True`, workers on this host read the image
-    from and write their results into shared memory; the others get their input inline and send results
-    over the bulk side channel (or inline). Once closed (`close()`, or leaving its `with` block), every
-    job method raises ClusterError.
+    from and write their results into shared memory, and the result returned is that shared block itself
+    (an ordinary array; `rmidl.client.shared` says how long it lives); the others get their input inline
+    and send results over the bulk side channel (or inline). Once closed (`close()`, or leaving its
+    `with` block), every job method raises ClusterError.
     """
 
     def __init__(
@@ -93,62 +94,46 @@ class Coordinator:
         self.local_threads = local_threads
         self.shared_memory = shared_memory
         self.min_tasks = max(1, int(min_tasks))
-        self._ns: Any = None
-        self._ns_lock = threading.Lock()
+        self._registry: Registry | None = None
         self._last: dict[str, Any] = {}
         self._closed = False
         self._shared = SharedPool(self._release_shm)
-        remote = ns is not None
-        self._scheduler = Scheduler(self.config, local_threads=local_threads,
-                                    registry=self._list if remote else None,
-                                    unregister=self._remove if remote else None)
         if ns is not None:
+            from rmidl.remote.naming import Registry
+            from rmidl.remote.transport import configure_pyro
+
+            configure_pyro(self.config)
+            self._registry = Registry(ns, self.config)
+        registry = self._registry
+        self._scheduler = Scheduler(self.config, local_threads=local_threads,
+                                    registry=registry.workers if registry else None,
+                                    unregister=registry.remove if registry else None)
+        if registry is not None:
             try:
-                self._connect(ns, selection)
+                self._connect(registry, selection)
             except BaseException:
                 self.close()
                 raise
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def _connect(self, ns: str, selection: list[str] | int | None) -> None:
-        from rmidl.remote.transport import configure_pyro, connect_ns
-
-        configure_pyro(self.config)
-        self._ns = connect_ns(ns, self.config)
+    def _connect(self, registry: Registry, selection: list[str] | int | None) -> None:
+        found = registry.workers()  # RegistryError now if the name server is not there
         if selection is not None:
-            self._scheduler.only = frozenset(_choose(selection, sorted(self._list()), ns))
+            self._scheduler.only = frozenset(_choose(selection, sorted(found), registry.address))
         self._scheduler.discover()
 
-    def _list(self) -> dict[str, str]:
-        from rmidl.remote.naming import list_workers
-
-        with self._ns_lock:
-            self._ns._pyroClaimOwnership()
-            return list_workers(self._ns)
-
-    def _remove(self, name: str, uri: str) -> None:
-        from rmidl.remote.naming import unregister_worker
-
-        with self._ns_lock:
-            self._ns._pyroClaimOwnership()
-            unregister_worker(self._ns, name, uri)
-
     def close(self) -> None:
-        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running).
+        """Close the unused shared blocks (telling workers to unmap them) and every proxy (workers keep
+        running). Results still held stay valid: see `rmidl.client.shared` for how long they live.
         Idempotent; afterwards every job method raises ClusterError."""
         self._closed = True
         self._shared.close()
         self._scheduler.close()
-        if self._ns is not None:
-            with self._ns_lock:
-                self._ns._pyroClaimOwnership()
-                self._ns._pyroRelease()
-            self._ns = None
 
     def _release_shm(self, names: list[str]) -> None:
-        """Ask same-host workers to unmap blocks we closed: until every mapping goes, their memory stays."""
+        """Ask same-host workers to unmap blocks we closed at once (they notice within a second anyway)."""
         for worker in self._scheduler.usable_workers():
-            if worker.same_host:
+            if worker.shares_memory:
                 worker.release_shm(names)
 
     def _check_open(self) -> None:
@@ -190,7 +175,7 @@ class Coordinator:
     def workers(self) -> list[dict[str, Any]]:
         """The remote workers found so far: name, uri, host, cores, threads, gflops, same_host, state."""
         self._check_open()
-        if self._ns is not None:
+        if self._registry is not None:
             self._scheduler.discover()
         return self._rows()
 
@@ -273,15 +258,17 @@ class Coordinator:
         job = CorrelationJob(prepared.flipped() if flip else prepared, config=self.config, engine=engine,
                              out=out)
         scheduler = self._scheduler
-        if self._ns is not None:
-            scheduler.discover()
+        if self._registry is not None:
+            # Look in the background (a hung name server must not hold up the job): workers found join
+            # it. Only with nobody to run it at all does the job wait for one look.
+            if scheduler.usable_workers() or local:
+                scheduler.refresh()
+            else:
+                scheduler.discover()
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
-        def reusable() -> bool:
-            return all(w.state != "quarantined" for w in scheduler.workers.values())
-
-        with job.buffers(self._shared, reusable=reusable) as result:
+        with job.buffers(self._shared):
             queue = scheduler.queue(job, progress)
             try:
                 scheduler.run(job, queue, local_threads=local)
@@ -298,7 +285,7 @@ class Coordinator:
                     "moving_seconds": queue.moving_seconds,
                     "engines": dict(job.engines),
                 }
-        return result
+        return job.out
 
     # -- a dataset through a CNN's feature stages ----------------------------------------------------
     def features(
@@ -336,8 +323,11 @@ class Coordinator:
         with progress_bar(progress, len(data)) as report:
             job = FeaturesJob(data, network, config=self.config, batch=batch, load=load, progress=report)
             scheduler = self._scheduler
-            if self._ns is not None:
-                scheduler.discover()
+            if self._registry is not None:  # as correlate does: look in the background unless nobody is here
+                if scheduler.usable_workers() or local:
+                    scheduler.refresh()
+                else:
+                    scheduler.discover()
             job.plan_for(scheduler.capacities(local), scheduler.usable_workers())
             queue = scheduler.queue(job)
             figures: dict[str, Any] = {"placement": placement}

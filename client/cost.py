@@ -19,6 +19,7 @@ __all__ = [
     "DEADLINE_FACTOR",
     "FALLBACK_GFLOPS",
     "INLINE_BYTES_PER_S",
+    "MAX_TASK_BYTES",
     "MIN_ROUND_TRIPS",
     "ROUND_TRIP_S",
     "TASKS_PER_CORE",
@@ -44,6 +45,9 @@ BULK_BYTES_PER_S = 1.0e9
 """Results over the bulk side channel (measured on the 2-core dev box, see issue 3)."""
 INLINE_BYTES_PER_S = 0.25e9
 """Arrays inline in a Pyro5 message (msgpack framing and one more copy each way)."""
+MAX_TASK_BYTES = 64 << 20
+"""Largest result of one task: more tasks than the balance asks for when the output is big (the planner
+cuts by it; the bench predictor counts tasks the same way)."""
 DEADLINE_FACTOR = 10.0
 """A task counts as hung after this many times its modelled seconds (and never before the floor)."""
 

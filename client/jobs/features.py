@@ -230,6 +230,13 @@ class FeaturesJob:
         limit = stub.info.max_message_size
         return not (0 < limit < self.message_limit)
 
+    def misfit(self, task: FeatureBatch, stub: WorkerStub) -> str | None:
+        n = task.positions[1] - task.positions[0]
+        budget = stub.info.memory_budget
+        if budget and n * self.peak_bytes > budget:
+            return f"its maps of {n * self.peak_bytes} bytes are over the memory budget of {budget} bytes"
+        return None
+
     def run_local(self, task: FeatureBatch, threads: int) -> None:
         start = time.perf_counter()
         batch = self._batch(task)
@@ -244,7 +251,7 @@ class FeaturesJob:
         a, b = task.positions
         with self._lock:
             self._sent[task.task_id] = time.perf_counter()
-        output = "bulk" if stub.info.bulk_port and 4 * (b - a) * self.width >= BULK_MIN_BYTES else "inline"
+        output = "bulk" if stub.bulk_usable and 4 * (b - a) * self.width >= BULK_MIN_BYTES else "inline"
         if self._reads_itself(stub):
             assert self._loader is not None
             decoded = self._loader.claim(task.task_id)

@@ -95,10 +95,13 @@ class _RemoteStage:
                 return self._remote(item)
             except InputError:
                 raise
-            except Exception as error:  # a worker fault: this stage carries on here
-                if self.worker.mark("dead"):
+            except Exception as error:  # a worker fault: this batch here, and the rest too if it is gone
+                if self.worker.health() != "ok" and self.worker.mark("dead"):
                     log.warning("worker %s failed CNP%d (%s); the stage carries on in this process",
                                 self.worker.name, self.index + 1, error)
+                else:
+                    log.debug("worker %s failed CNP%d of %s (%r); this batch runs here", self.worker.name,
+                              self.index + 1, self.job.describe(item.task), error)
         return self.fallback(item)
 
     def _remote(self, item: _Item) -> _Item:
@@ -106,7 +109,7 @@ class _RemoteStage:
         last = self.index == len(job.net.stages) - 1
         shape = (n, job.width) if last else (n, *self.out)
         big = 4 * int(np.prod(shape)) >= BULK_MIN_BYTES
-        output = "bulk" if self.worker.info.bulk_port and big else "inline"
+        output = "bulk" if self.worker.bulk_usable and big else "inline"
         record = FeaturesTask(next(self._ids), job.blob.content_id, (self.index, self.index + 1),
                               tuple(int(i) for i in item.ids), np.ascontiguousarray(item.data), output)
         cost = TaskCost(float(n * self.flops), int(item.data.nbytes), 4 * int(np.prod(shape)))

@@ -17,6 +17,7 @@ Wire form of a correlate task (`CorrelateTask`), every key required but `engine`
     input:   {"array": <wire dict of the input band>} or {"shm": <ShmRef of the whole padded image>}
     output:  "inline" (the result in the reply) | "bulk" (kept for one fetch over the bulk channel)
              | {"shm": <ShmRef of the whole output (K, OH, OW)>} (out[k0:k1, r0:r1] written in place)
+    a ShmRef: name, shape, dtype, pid, fd, token (the block's capability, see rmidl.remote.shm)
     engine:  "auto" (default) or one of rmidl.kernels.ENGINES
 Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
 dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
@@ -102,22 +103,29 @@ def _shape(value: object, dtype: object, what: str) -> tuple[tuple[int, ...], st
 
 @dataclass(frozen=True)
 class ShmRef:
-    """A shared-memory block on the worker's host (`rmidl.remote.shm.SharedArray`), by name, shape, dtype."""
+    """A shared-memory block on the worker's host (`rmidl.remote.shm`): the array of `shape` and `dtype` at
+    its start, the owner's pid and fd through which it is opened, and the token that opens it (the
+    per-block capability: a worker maps a block only for a request that shows it)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    pid: int
+    fd: int
+    token: str = field(repr=False)
 
     def to_wire(self) -> WireRecord:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "pid": self.pid,
+                "fd": self.fd, "token": self.token}
 
     @classmethod
     def from_wire(cls, data: object, what: str = "shared memory descriptor") -> ShmRef:
-        record = _fields(data, what, {"name", "shape", "dtype"})
-        if not isinstance(record["name"], str):
-            raise ShapeError(f"{what}: name must be a string, got {record['name']!r}")
+        record = _fields(data, what, {"name", "shape", "dtype", "pid", "fd", "token"})
+        if not isinstance(record["name"], str) or not isinstance(record["token"], str):
+            raise ShapeError(f"{what}: name and token must be strings")
         shape, dtype = _shape(record["shape"], record["dtype"], what)
-        return cls(record["name"], shape, dtype)
+        return cls(record["name"], shape, dtype, _int(record["pid"], f"{what} pid"),
+                   _int(record["fd"], f"{what} fd"), record["token"])
 
 
 @dataclass(frozen=True)
@@ -277,7 +285,8 @@ _INFO_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "host": (str,), "hostname": (str,), "host_id": (str,), "pid": (int,),
     "cores": (int,), "threads": (int,), "version": (str,), "gflops": (int, float), "tasks_done": (int,),
     "busy": (int,), "engines": (dict,), "blobs": (list,), "banks": (list,), "bulk_port": (int, type(None)),
-    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,),
+    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,), "blob_budget": (int,),
+    "blob_slots": (int,), "max_tasks": (int,),
 }
 
 
@@ -310,6 +319,13 @@ class WorkerInfo:
     shm_blocks: int = 0
     max_message_size: int = 0
     memory_budget: int = 0
+    """Largest output (bytes) the worker holds for its tasks at once (0: not reported)."""
+    blob_budget: int = 0
+    """Bytes of blobs it caches: a larger blob is refused (0: not reported)."""
+    blob_slots: int = 0
+    """Blobs it caches at once."""
+    max_tasks: int = 0
+    """Tasks it holds at once (running and queued); more are refused as WorkerBusy."""
 
     def to_wire(self) -> WireRecord:
         record = {name: getattr(self, name) for name in _INFO_TYPES}
@@ -363,7 +379,8 @@ class ConvolutionWorkerAPI(Protocol):
         """Run one `CorrelateTask`; returns a `CorrelateReply`. Raises BankError (bank not cached: put it
         again), ShapeError, DTypeError, KernelTooLarge, OptionError (engine), BudgetExceeded (the task
         alone is over a budget or, inline, over max_message_size); and, to be run again or elsewhere,
-        ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker is shutting down)."""
+        WorkerBusy (max_tasks held, or memory held by other tasks' outputs) and WorkerLost (the worker
+        is shutting down)."""
         ...
 
     def features(self, task: WireRecord) -> WireRecord:
