@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from rmidl.kernels import available_cores
 from rmidl.validate import check_threads, prepare
 
 from .jobs.correlation import CorrelationJob
-from .progress import progress_bar
 from .scheduler import Scheduler
 from .shared import SharedPool
 
@@ -29,10 +27,7 @@ if TYPE_CHECKING:
 
     from .localcluster import LocalCluster
 
-__all__ = ["AUTO", "PLACEMENTS", "Coordinator"]
-
-PLACEMENTS = ("tasks", "stages")
-"""How a features job is spread: whole batches per runner, or each pipeline stage on its own processor."""
+__all__ = ["AUTO", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +253,7 @@ class Coordinator:
         job = CorrelationJob(prepared.flipped() if flip else prepared, config=self.config, engine=engine,
                              out=out)
         scheduler = self._scheduler
-        if self._registry is not None:
-            # Look in the background (a hung name server must not hold up the job): workers found join
-            # it. Only with nobody to run it at all does the job wait for one look.
-            if scheduler.usable_workers() or local:
-                scheduler.refresh()
-            else:
-                scheduler.discover()
+        self._look_for_workers(local)
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
@@ -311,39 +300,26 @@ class Coordinator:
         `replicas` processors per CNP stage and `pipelines` copies of the whole pipeline. `progress` True
         draws a tqdm bar on a terminal; a callable gets (images done, total).
         """
-        from .jobs.features import FeaturesJob, feature_inputs
-        from .pipeline.stages import check_replicas, run_stages
+        from .features import run_features
 
         self._check_open()
-        if placement not in PLACEMENTS:
-            raise OptionError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
         local = self.local_threads if threads is None else int(check_threads(threads) or 0)
-        data, network = feature_inputs(dataset, net)
-        check_replicas(replicas, len(network.stages))
-        with progress_bar(progress, len(data)) as report:
-            job = FeaturesJob(data, network, config=self.config, batch=batch, load=load, progress=report)
-            scheduler = self._scheduler
-            if self._registry is not None:  # as correlate does: look in the background unless nobody is here
-                if scheduler.usable_workers() or local:
-                    scheduler.refresh()
-                else:
-                    scheduler.discover()
-            job.plan_for(scheduler.capacities(local), scheduler.usable_workers())
-            queue = scheduler.queue(job)
-            figures: dict[str, Any] = {"placement": placement}
-            started = time.perf_counter()
-            try:
-                if placement == "stages":
-                    figures["stage_spans"] = run_stages(job, workers=scheduler.usable_workers(),
-                                                        replicas=replicas, pipelines=pipelines)
-                else:
-                    with job.running():
-                        scheduler.run(job, queue, local_threads=local)
-            finally:
-                self._last = {**job.figures(), "seconds": time.perf_counter() - started,
-                              "tasks_by": dict(queue.tasks_by), "requeued": queue.requeued,
-                              "moved_bytes": queue.moved_bytes, "spans": job.spans, **figures}
-        return job.feature_set(self.last_job())
+        def keep(figures: dict[str, Any]) -> None:
+            self._last = figures
+
+        return run_features(self._scheduler, self.config, dataset, net, local=local,
+                            look=self._look_for_workers, keep=keep, batch=batch, progress=progress, load=load,
+                            placement=placement, replicas=replicas, pipelines=pipelines)
+
+    def _look_for_workers(self, local: int) -> None:
+        """Before a job: look at the registry in the background (a hung name server must not hold up the
+        job; workers found join it), or, with nobody at all to run it, wait for one look."""
+        if self._registry is None:
+            return
+        if self._scheduler.usable_workers() or local:
+            self._scheduler.refresh()
+        else:
+            self._scheduler.discover()
 
 
 def _where(ns: object, config: Config | None) -> tuple[str | None, Config]:

@@ -21,7 +21,7 @@ HELP = "extract CNN features of an image dataset on the cluster and save them (.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rmidl.client.coordinator import PLACEMENTS
+    from rmidl.client.features import PLACEMENTS
     from rmidl.client.jobs.features import LOADS
     from rmidl.network import PRESETS
 
