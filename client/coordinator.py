@@ -1,12 +1,14 @@
-"""The Coordinator (the RMI stub side): rmidl.correlate over the local pool and the workers in a registry."""
+"""The Coordinator (the RMI stub side): rmidl.correlate and rmidl.train over the local pool and the workers
+in a registry."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from rmidl.validate import check_threads, prepare
 from .jobs.correlation import CorrelationJob
 from .scheduler import Scheduler
 from .shared import SharedPool
+
+if TYPE_CHECKING:
+    from rmidl.dataparallel import ComputeShards, TrainingJob
 
 __all__ = ["Coordinator"]
 
@@ -155,6 +160,18 @@ class Coordinator:
         bytes fetched over TCP (moved_bytes) and the seconds spent receiving them (moving_seconds), and
         the tasks each engine ran on the workers (engines)."""
         return dict(self._last)
+
+    # -- rmidl.train(..., coordinator=co) ------------------------------------------------------------
+    def training_session(self, job: TrainingJob) -> AbstractContextManager[ComputeShards]:
+        """What `rmidl.train(X, y, coordinator=self)` trains with: each step's shards on the workers and
+        the local pool (local_threads) together; same weights as serial, bit for bit. Shards go to each
+        worker once and are dropped when the session ends; last_job() then holds its figures."""
+        from .training import training_session
+
+        if self._ns is not None:
+            self._scheduler.discover()
+        self._last = {}
+        return training_session(self._scheduler, job, local_threads=self.local_threads, figures=self._last)
 
     # -- the API of rmidl.correlate --------------------------------------------------------------------
     def correlate(

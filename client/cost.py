@@ -25,6 +25,7 @@ __all__ = [
     "Capacity",
     "TaskCost",
     "balanced_tasks",
+    "bulk_pays",
     "deadline",
     "local_gflops",
     "task_seconds",
@@ -106,3 +107,9 @@ def balanced_tasks(job_seconds: float, cores: int, overhead_s: float) -> int:
     # A task on one core takes job_seconds * cores / n.
     worth_it = math.floor(job_seconds * max(1, cores) / (MIN_ROUND_TRIPS * overhead_s))
     return min(balance, max(1, worth_it))
+
+
+def bulk_pays(nbytes: int, round_trip_s: float) -> bool:
+    """Whether a result of `nbytes` is faster over the bulk channel (its own connection: one more round
+    trip) than inline in the reply."""
+    return nbytes / INLINE_BYTES_PER_S - nbytes / BULK_BYTES_PER_S > round_trip_s

@@ -82,17 +82,29 @@ class TaskQueue(Generic[T]):
             self._cond.notify_all()
 
     # -- the queue ------------------------------------------------------------------------------------
-    def take(self, runner: str, usable: Callable[[], bool] = lambda: True) -> T | None:
-        """Block until a task `runner` has not failed on is pending; None once the job is over for it."""
+    def take(self, runner: str, usable: Callable[[], bool] = lambda: True,
+             prefer: Callable[[T], bool] | None = None) -> T | None:
+        """Block until a task `runner` has not failed on is pending; None once the job is over for it.
+        With `prefer` (cheap: called under the queue's lock), the first pending task it holds true of
+        goes before the others (e.g. one whose data the runner holds)."""
         with self._cond:
             while True:
                 if self.finished or not usable():
                     return None
+                chosen = None
                 for i, task in enumerate(self._pending):
-                    if runner not in self._failed_on.get(task.task_id, {}):
-                        del self._pending[i]
-                        self._holding[task.task_id] = runner
-                        return task
+                    if runner in self._failed_on.get(task.task_id, {}):
+                        continue
+                    if prefer is None or prefer(task):
+                        chosen = i
+                        break
+                    if chosen is None:
+                        chosen = i
+                if chosen is not None:
+                    task = self._pending[chosen]
+                    del self._pending[chosen]
+                    self._holding[task.task_id] = runner
+                    return task
                 self._cond.wait()
 
     def complete(self, runner: str, task: T) -> None:

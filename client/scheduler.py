@@ -19,7 +19,7 @@ from rmidl.config import Config
 from rmidl.errors import InputError, WorkerLost
 
 from .cost import Capacity, deadline, local_gflops
-from .jobs.base import JobKind, T
+from .jobs.base import JobKind, T, TaskBlobs
 from .queue import TaskQueue
 from .stub import WorkerStub
 
@@ -132,6 +132,7 @@ class Scheduler:
         threads: list[threading.Thread] = []
         local = self.local_threads if local_threads is None else local_threads
         started: set[str] = set()
+        sitting_out: list[str] = []
 
         def runners(workers: Sequence[WorkerStub]) -> list[tuple[str, threading.Thread]]:
             # The thread started first takes a one-task job: start the least busy worker's first, ties in
@@ -145,6 +146,7 @@ class Scheduler:
                 if not job.accepts(worker):
                     # E.g. it joined after the plan and would refuse these tasks' messages.
                     log.debug("worker %s sits out this %s job", worker.name, job.kind)
+                    sitting_out.append(worker.name)
                     continue
                 for slot in range(max(1, self.config.tasks_in_flight)):
                     thread = threading.Thread(target=self._remote_loop, args=(job, queue, worker),
@@ -168,6 +170,9 @@ class Scheduler:
         ]
         first = local_made + runners(self.usable_workers())
         if not first:
+            if sitting_out:
+                raise WorkerLost(f"no worker can run this {job.kind} job ({', '.join(sitting_out)} cannot "
+                                 "take its tasks) and local_threads=0")
             raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
         try:
             launch(first)
@@ -213,8 +218,15 @@ class Scheduler:
         def usable() -> bool:
             return worker.usable
 
+        prefer = None
+        if isinstance(job, TaskBlobs):
+            task_blobs = job.task_blobs
+
+            def prefer(task: T) -> bool:
+                return worker.blobs.issuperset(task_blobs(task))
+
         try:
-            while (task := queue.take(worker.name, usable)) is not None:
+            while (task := queue.take(worker.name, usable, prefer)) is not None:
                 try:
                     self._run_remote(job, queue, worker, task)
                 except PyroTimeout as error:
@@ -250,7 +262,10 @@ class Scheduler:
         limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
         record = job.request(task, worker)
         started = time.perf_counter()
-        reply = worker.call(record, timeout=limit, blobs=job.blobs())
+        blobs = job.blobs()
+        if isinstance(job, TaskBlobs):
+            blobs = {**blobs, **job.task_blobs(task)}
+        reply = worker.call(record, timeout=limit, blobs=blobs)
         log.debug("%s on %s: %.3f s round trip, %.3f s in the worker", job.describe(task), worker.name,
                   time.perf_counter() - started, reply.seconds)
         moving = time.perf_counter()

@@ -30,6 +30,7 @@ from rmidl.geometry import band_rows, halo, output_shape
 from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import (
+    TASK_METHODS,
     Blob,
     BulkTicket,
     CorrelateReply,
@@ -40,9 +41,11 @@ from rmidl.remote.contract import (
     WorkerInfo,
     check_blob_id,
 )
+from rmidl.remote.gradient import GradientTask
 from rmidl.remote.shm import SharedArray, host_id
 
 from .cache import LruCache
+from .gradient import run_gradient
 
 __all__ = ["ATTACHMENT_CACHE", "REPLY_FRAMING", "ConvolutionWorker"]
 
@@ -126,6 +129,7 @@ class ConvolutionWorker:
                 shm_blocks=len(self._attached),
                 max_message_size=self._config.max_message_size,
                 memory_budget=self._config.memory_budget,
+                methods=TASK_METHODS,
             ).to_wire()
 
     @expose
@@ -148,6 +152,15 @@ class ConvolutionWorker:
     def drop_blob(self, blob_id: str) -> bool:
         with self._lock:
             return self._blobs.pop(str(blob_id)) is not None
+
+    @expose
+    def gradient(self, task: WireRecord) -> WireRecord:
+        with self._task():
+            record = GradientTask.from_wire(task)
+            reply = run_gradient(record, blob_of=self._cached, computing=self._computing,
+                                 threads=self._threads, bulk=self._bulk,
+                                 max_message_size=self._config.max_message_size, worker=self._name)
+        return reply.to_wire()
 
     @expose
     def release_shm(self, names: list[str]) -> int:
@@ -204,8 +217,7 @@ class ConvolutionWorker:
 
     def _correlate(self, task: CorrelateTask) -> tuple[str, Result]:
         """Run a parsed task; return the engine that ran and the result (None: written to shared memory)."""
-        with self._lock:
-            blob = self._blobs.get(task.bank_id)
+        blob = self._cached(task.bank_id)
         if blob is None or blob.kind != "bank":
             raise BankError(f"bank {task.bank_id!r} is not cached on worker {self._name} (put it again)")
         bank = blob.arrays["bank"]
@@ -276,21 +288,31 @@ class ConvolutionWorker:
         """Run `engine` ("auto" resolved here, so info() can say which ran) with every thread; return it."""
         if engine == "auto":
             engine = choose_engine(band.shape[:2], kernels.shape, self._threads)
-        while not self._compute.acquire(timeout=STOP_POLL_S):
-            self._refuse_if_stopping()  # queued behind another task when the worker began to shut down
-        try:
-            self._refuse_if_stopping()
+        with self._computing():
             started = time.perf_counter()
             correlate_valid(band, kernels, out, threads=self._threads, engine=engine)
             seconds = time.perf_counter() - started
-        finally:
-            self._compute.release()
         flops = 2.0 * out.size * kernels[0].size
         with self._lock:
             self._engines[engine] += 1
             if seconds >= RATE_MIN_SECONDS:  # a moving average: the rate the coordinator's cost model reads
                 self._gflops = 0.8 * self._gflops + 0.2 * flops / seconds / 1e9
         return engine
+
+    @contextmanager
+    def _computing(self) -> Iterator[None]:
+        """The one task computing with every thread (the others wait, refused once shutting down)."""
+        while not self._compute.acquire(timeout=STOP_POLL_S):
+            self._refuse_if_stopping()  # queued behind another task when the worker began to shut down
+        try:
+            self._refuse_if_stopping()
+            yield
+        finally:
+            self._compute.release()
+
+    def _cached(self, blob_id: str) -> Blob | None:
+        with self._lock:
+            return self._blobs.get(blob_id)
 
     @contextmanager
     def _reservation(self, nbytes: int, task_id: int) -> Iterator[None]:

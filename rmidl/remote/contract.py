@@ -20,6 +20,8 @@ Wire form of a correlate task (`CorrelateTask`), every key required but `engine`
     engine:  "auto" (default) or one of rmidl.kernels.ENGINES
 Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
 dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
+
+The gradient task of data-parallel training and its reply live in `rmidl.remote.gradient`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "ReplyRecord",
     "Result",
     "ShmRef",
+    "TASK_METHODS",
     "TaskRecord",
     "WireRecord",
     "WorkerInfo",
@@ -53,6 +56,8 @@ __all__ = [
 
 WireRecord = dict[str, Any]
 """A record as it crosses the wire: a msgpack-able dict."""
+TASK_METHODS = ("correlate", "gradient")
+"""The task methods of this version's contract (a worker tells which it serves in `info()`)."""
 OUTPUTS = ("inline", "bulk")
 """Where a task's result goes besides shared memory: in the reply, or held for the bulk channel."""
 
@@ -277,7 +282,7 @@ _INFO_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "host": (str,), "hostname": (str,), "host_id": (str,), "pid": (int,),
     "cores": (int,), "threads": (int,), "version": (str,), "gflops": (int, float), "tasks_done": (int,),
     "busy": (int,), "engines": (dict,), "blobs": (list,), "banks": (list,), "bulk_port": (int, type(None)),
-    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,),
+    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,), "methods": (list,),
 }
 
 
@@ -310,10 +315,17 @@ class WorkerInfo:
     shm_blocks: int = 0
     max_message_size: int = 0
     memory_budget: int = 0
+    methods: tuple[str, ...] = ()
+    """The task methods it serves (TASK_METHODS of its version); () from a worker older than the field."""
+
+    def serves(self, method: str) -> bool:
+        """Whether the worker runs tasks of `method` (a worker that does not say serves only "correlate")."""
+        return method in self.methods or (not self.methods and method == "correlate")
 
     def to_wire(self) -> WireRecord:
         record = {name: getattr(self, name) for name in _INFO_TYPES}
-        record.update(engines=dict(self.engines), blobs=list(self.blobs), banks=list(self.banks))
+        record.update(engines=dict(self.engines), blobs=list(self.blobs), banks=list(self.banks),
+                      methods=list(self.methods))
         return record
 
     @classmethod
@@ -333,6 +345,7 @@ class WorkerInfo:
             values[name] = value
         values["blobs"] = tuple(map(str, values.get("blobs", ())))
         values["banks"] = tuple(map(str, values.get("banks", ())))
+        values["methods"] = tuple(map(str, values.get("methods", ())))
         values["gflops"] = float(values.get("gflops", 0.0))
         return cls(**values)
 
@@ -364,6 +377,13 @@ class ConvolutionWorkerAPI(Protocol):
         again), ShapeError, DTypeError, KernelTooLarge, OptionError (engine), BudgetExceeded (the task
         alone is over a budget or, inline, over max_message_size); and, to be run again or elsewhere,
         ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker is shutting down)."""
+        ...
+
+    def gradient(self, task: WireRecord) -> WireRecord:
+        """Run one `rmidl.remote.gradient.GradientTask`; returns a `GradientReply`. Raises BankError (a shard
+        or weights blob not cached: put it again), ShapeError, OptionError (spec, plan, step or shard outside
+        the plan, data of another size), BudgetExceeded (an inline reply over max_message_size); and
+        WorkerLost (the worker is shutting down)."""
         ...
 
     def release_shm(self, names: list[str]) -> int:
