@@ -171,7 +171,8 @@ class Coordinator:
         if self._ns is not None:
             self._scheduler.discover()
         self._last = {}
-        return training_session(self._scheduler, job, local_threads=self.local_threads, figures=self._last)
+        return training_session(self._scheduler, job, local_threads=self.local_threads,
+                                shared=self._shared if self.shared_memory else None, figures=self._last)
 
     # -- the API of rmidl.correlate --------------------------------------------------------------------
     def correlate(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "BULK_BYTES_PER_S",
+    "BULK_SETUP_S",
     "DEADLINE_FACTOR",
     "FALLBACK_GFLOPS",
     "INLINE_BYTES_PER_S",
@@ -45,6 +46,9 @@ BULK_BYTES_PER_S = 1.0e9
 """Results over the bulk side channel (measured on the 2-core dev box, see issue 3)."""
 INLINE_BYTES_PER_S = 0.25e9
 """Arrays inline in a Pyro5 message (msgpack framing and one more copy each way)."""
+BULK_SETUP_S = 3e-3
+"""What one bulk fetch costs besides its bytes (a connection, the channel's handler thread, the ticket):
+2-5 ms measured on the loaded 2-core dev box, where inline replies were faster below ~1 MB."""
 DEADLINE_FACTOR = 10.0
 """A task counts as hung after this many times its modelled seconds (and never before the floor)."""
 
@@ -110,6 +114,6 @@ def balanced_tasks(job_seconds: float, cores: int, overhead_s: float) -> int:
 
 
 def bulk_pays(nbytes: int, round_trip_s: float) -> bool:
-    """Whether a result of `nbytes` is faster over the bulk channel (its own connection: one more round
-    trip) than inline in the reply."""
-    return nbytes / INLINE_BYTES_PER_S - nbytes / BULK_BYTES_PER_S > round_trip_s
+    """Whether a result of `nbytes` comes faster over the bulk channel (its own connection: a round trip
+    and BULK_SETUP_S more) than inline in the reply."""
+    return nbytes / INLINE_BYTES_PER_S - nbytes / BULK_BYTES_PER_S > BULK_SETUP_S + round_trip_s

@@ -3,9 +3,10 @@
 Per step: the weights go to every worker as a blob under their version, all at once (the send phase;
 a worker that holds that version gets nothing); the step then runs as one `GradientStep` job on the
 scheduler (local pool threads and workers pulling shard bundles from one queue, with its retries,
-deadlines, quarantine and discovery), and the step's parts come back in shard order. The previous
-version is dropped from the workers while the coordinator reduces and updates. Shards are put on a
-worker once, by content id, when it first runs a bundle of them, and dropped when the session ends.
+deadlines, quarantine and discovery), and the step's parts come back in shard order: written by
+same-host workers straight into a shared block, sent by the others inline or over the bulk channel.
+The previous version is dropped from the workers while the coordinator reduces and updates. Shards are
+put on a worker once, by content id, when it first runs a bundle of them, and dropped at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rmidl.dataparallel import ComputeShards, Step, StepResult, TrainingJob, Weights
 from rmidl.errors import WorkerLost
@@ -25,7 +28,11 @@ from rmidl.kernels import blas_pinned
 from .cost import balanced_tasks
 from .jobs.gradient import FLOPS_PER_ROW_PARAMETER, GradientStep, ShardSet
 from .scheduler import Scheduler
+from .shared import SharedPool
 from .stub import WorkerStub
+
+if TYPE_CHECKING:
+    from rmidl.remote.shm import SharedArray
 
 __all__ = ["TrainingSession", "training_session"]
 
@@ -56,12 +63,17 @@ class TrainingSession:
     """`compute_shards(step, weights, shard_ids) -> StepResult` on a Scheduler's workers and local pool."""
 
     def __init__(self, scheduler: Scheduler, job: TrainingJob, *, local_threads: int,
-                 poll_interval: float = 0.5) -> None:
+                 shared: SharedPool | None = None, poll_interval: float = 0.5) -> None:
         self.scheduler = scheduler
         self.local_threads = local_threads
         self.poll_interval = poll_interval
         self.data = ShardSet(job, bundle_count(scheduler, job, local_threads),
                              max_message_size=scheduler.config.max_message_size)
+        self._shared = shared
+        self._block: SharedArray | None = None
+        self._clean = True
+        if shared is not None and any(w.same_host for w in scheduler.usable_workers()):
+            self._take_block()
         self.tasks_by: Counter[str] = Counter()
         self.tasks = 0
         self.requeued = 0
@@ -95,14 +107,23 @@ class TrainingSession:
         queue = scheduler.queue(job)
         try:
             scheduler.run(job, queue, local_threads=self.local_threads)
+        except BaseException:
+            self._clean = False
+            raise
         finally:
             self.tasks += queue.total
             self.tasks_by.update(queue.tasks_by)
             self.requeued += queue.requeued
         finished = time.perf_counter()
+        parts = self.data.parts(shard_ids)
+        if queue.requeued and self._block is not None:
+            # An abandoned attempt may still write its rows of this step (the same bits) later, but must
+            # never write into the next step's: that one gets a block of its own (parts keep this one).
+            self._give_block(reusable=False)
+            self._take_block()
         self._drop_previous(job.weights_id)
         compute = max(job.compute_seconds.values(), default=0.0)
-        return StepResult(self.data.parts(shard_ids), send_seconds=sent - started, compute_seconds=compute,
+        return StepResult(parts, send_seconds=sent - started, compute_seconds=compute,
                           gather_seconds=max(0.0, finished - sent - compute),
                           bytes_sent=_sent(scheduler) - sent_before, bytes_received=job.received)
 
@@ -124,12 +145,25 @@ class TrainingSession:
             self._dropping = [self._pool.submit(w.drop_blobs, [previous])
                               for w in self.scheduler.usable_workers()]
 
+    def _take_block(self) -> None:
+        assert self._shared is not None
+        self._block = self._shared.take("gradients", self.data.block_shape, np.dtype(np.float64))
+        self.data.share(self._block)
+
+    def _give_block(self, *, reusable: bool) -> None:
+        if self._shared is not None and self._block is not None:
+            self.data.share(None)
+            self._shared.give("gradients", self._block, reusable=reusable)
+            self._block = None
+
     def close(self) -> None:
-        """Drop the session's blobs (shards, last weights) from every worker; stop the blob threads."""
+        """Drop the session's blobs (shards, last weights) from every worker; stop the blob threads; give
+        the shared block back (kept for the next session only if no call may still write into it)."""
         wait(self._dropping)
         ids = [*self.data.ids, *([self._previous] if self._previous else [])]
         wait([self._pool.submit(w.drop_blobs, ids) for w in self.scheduler.usable_workers()])
         self._pool.shutdown()
+        self._give_block(reusable=self._clean)
 
     def figures(self) -> dict[str, Any]:
         """What Coordinator.last_job() tells of a training run: tasks, per participant, re-queued, bundles."""
@@ -143,11 +177,12 @@ def _sent(scheduler: Scheduler) -> int:
 
 @contextlib.contextmanager
 def training_session(scheduler: Scheduler, job: TrainingJob, *, local_threads: int,
+                     shared: SharedPool | None = None,
                      figures: dict[str, Any] | None = None) -> Iterator[ComputeShards]:
     """A `TrainingSession` for the `with` block; BLAS pinned to one thread per local pool thread (each
-    part pins it anyway: one pin for the run makes theirs a counter increment). `figures` is filled with
-    the session's figures when it ends."""
-    session = TrainingSession(scheduler, job, local_threads=local_threads)
+    part pins it anyway: one pin for the run makes theirs a counter increment). Same-host workers write
+    their gradients into a block of `shared` (None: over TCP). `figures` is filled when it ends."""
+    session = TrainingSession(scheduler, job, local_threads=local_threads, shared=shared)
     try:
         with blas_pinned() if local_threads else contextlib.nullcontext():
             yield session

@@ -14,7 +14,7 @@ from rmidl.errors import BankError, BudgetExceeded, ShapeError
 from rmidl.mlp import GradientSums
 from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import BulkServer
-from rmidl.remote.contract import BulkTicket, Result
+from rmidl.remote.contract import BulkTicket, Result, ShmRef
 from rmidl.remote.gradient import REPLY_FRAMING, GradientReply, GradientTask
 
 __all__ = ["run_gradient"]
@@ -31,6 +31,7 @@ def run_gradient(
     task: GradientTask,
     *,
     blob_of: Callable[[str], Blob | None],
+    attach: Callable[[ShmRef], np.ndarray],
     computing: Callable[[], AbstractContextManager[object]],
     threads: int,
     bulk: BulkServer | None,
@@ -38,7 +39,8 @@ def run_gradient(
     worker: str,
 ) -> GradientReply:
     """Compute the task's shards (on up to `threads` threads, inside `computing()`, the worker's
-    one-task-at-a-time section) from the blobs `blob_of` finds; the gradients inline or offered in bulk."""
+    one-task-at-a-time section) from the blobs `blob_of` finds; the gradients inline, offered in bulk, or
+    written into their rows of the shared block `attach` maps."""
     vector = _cached(blob_of, task.weights_id, "weights", worker).arrays["weights"]
     if vector.shape != (task.spec.parameter_count,):
         raise ShapeError(f"gradient task {task.task_id}: weights {task.weights_id!r} hold {vector.size} "
@@ -56,13 +58,15 @@ def run_gradient(
                              f"worker's max_message_size of {max_message_size} bytes (use 'bulk')")
     if task.output == "bulk" and bulk is None:
         raise ShapeError(f"gradient task {task.task_id}: worker {worker} has no bulk channel")
-    gradients = np.empty(task.result_shape)
+    shared = attach(task.output) if isinstance(task.output, ShmRef) else None
+    gradients = np.empty(task.result_shape) if shared is None else shared
+    rows = list(range(len(data))) if shared is None else list(task.shard_ids)
     parts: list[GradientSums | None] = [None] * len(data)
 
     def work(i: int) -> None:
         shard = task.shards[i][0]
         part = compute_shard(vector, data[i], plan=task.plan, spec=task.spec, step=task.step, shard=shard)
-        gradients[i] = part.grad_sum
+        gradients[rows[i]] = part.grad_sum
         parts[i] = part
 
     with computing():
@@ -75,7 +79,7 @@ def run_gradient(
                 list(pool.map(work, range(len(data))))
         seconds = time.perf_counter() - started
     done = [part for part in parts if part is not None]
-    result: Result = gradients
+    result: Result = gradients if shared is None else None
     if task.output == "bulk":
         assert bulk is not None
         result = BulkTicket(bulk.offer(gradients), nbytes, task.result_shape, "float64")

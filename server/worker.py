@@ -157,7 +157,7 @@ class ConvolutionWorker:
     def gradient(self, task: WireRecord) -> WireRecord:
         with self._task():
             record = GradientTask.from_wire(task)
-            reply = run_gradient(record, blob_of=self._cached, computing=self._computing,
+            reply = run_gradient(record, blob_of=self._cached, attach=self._attach, computing=self._computing,
                                  threads=self._threads, bulk=self._bulk,
                                  max_message_size=self._config.max_message_size, worker=self._name)
         return reply.to_wire()

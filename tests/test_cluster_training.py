@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from rmidl.errors import BankError, OptionError, ShapeError, WorkerLost
 from rmidl.mlp import MLPSpec
 from rmidl.remote.blobs import Blob
 from rmidl.remote.gradient import GradientReply, GradientTask
+from rmidl.remote.shm import NAME_PREFIX
 
 SMALL = {"hidden": (16,), "epochs": 3, "batch": 100, "shards": 8, "activation": "tanh"}
 """480 training rows: 5 steps per epoch over 8 shards."""
@@ -45,6 +47,7 @@ def test_weights_are_identical_whoever_computes_the_shards(nameserver, start_wor
         "coordinator, local pool only": ({"ns": None, "local_threads": 2}, {"local"}),
         "1 worker": ({"ns": nameserver, "local_threads": 0, "workers": 1}, {"w0"}),
         "2 workers": ({"ns": nameserver, "local_threads": 0}, {"w0", "w1"}),
+        "2 workers over TCP": ({"ns": nameserver, "local_threads": 0, "shared_memory": False}, {"w0", "w1"}),
         "2 workers + local pool": ({"ns": nameserver, "local_threads": 1}, {"w0", "w1", "local"}),
     }
     for name, (options, who) in coordinators.items():
@@ -59,12 +62,15 @@ def test_weights_are_identical_whoever_computes_the_shards(nameserver, start_wor
         assert same_run(model, history, serial), name
 
 
-def test_phases_and_bytes_of_each_step_are_recorded(nameserver, start_worker, cluster_config, blobs):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared memory", "TCP"])
+def test_phases_and_bytes_of_each_step_are_recorded(nameserver, start_worker, cluster_config, blobs,
+                                                    shared_memory):
     x, y = blobs(n=600)
     start_worker()
-    with Coordinator(nameserver, local_threads=0, config=cluster_config) as co:
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, shared_memory=shared_memory) as co:
         model, history = rmidl.train(x, y, coordinator=co, **SMALL)
-    gradients = 8 * model.spec.parameter_count * 8  # every step covers all 8 shards
+    # every step covers all 8 shards; a same-host worker writes them where the coordinator reads them
+    gradients = 0 if shared_memory else 8 * model.spec.parameter_count * 8
     weights = model.spec.parameter_count * 8
     assert len(history.steps) == 15
     for step in history.steps:
@@ -120,15 +126,22 @@ class KillBefore:
             yield wrapped
 
 
+def our_blocks() -> set[str]:
+    """This process's shared-memory blocks."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{NAME_PREFIX}{os.getpid()}_")}
+
+
 def test_a_worker_killed_mid_epoch_has_its_shards_recomputed_elsewhere(blobs, caplog):
     x, y = blobs(n=600)
     serial = rmidl.train(x, y, threads=0, **SMALL)
+    before = our_blocks()
     with LocalCluster(workers=2) as cluster, Coordinator(cluster.ns_address, local_threads=0) as co:
         killer = KillBefore(co, 7, lambda: cluster.kill("w2"))  # epoch 2, step 3 of 5
         with caplog.at_level(logging.WARNING, logger="rmidl.client.scheduler"):
             assert same_run(*rmidl.train(x, y, coordinator=killer, **SMALL), serial)
         assert {w["name"]: w["state"] for w in co.workers()}["w2"] == "dead"
         assert any("w2 lost" in record.getMessage() for record in caplog.records)
+    assert our_blocks() == before  # the gradients' block of every step with a retry, too
 
 
 def test_a_worker_dying_inside_a_gradient_task_loses_no_work(blobs, children):
@@ -232,7 +245,9 @@ def test_bad_gradient_tasks_are_refused_by_the_worker(start_worker, step_job):
         ({"shards": [[1, "a"], [0, "b"]]}, ShapeError, "must be ascending"),
         ({"shards": [[4, "a"]]}, ShapeError, "plan's 4 shards"),
         ({"shards": []}, ShapeError, "must be ascending"),
-        ({"output": "shm"}, ShapeError, "is not inline or bulk"),
+        ({"output": "shm"}, ShapeError, "is not inline, bulk or shm"),
+        ({"output": {"shm": {"name": "rmidl_x", "shape": [4, 3], "dtype": "float64"}}}, ShapeError,
+         r"shared output \(4, 3\) float64 is not \(4, 57\) float64"),
         ({"spec": {"sizes": 5}}, OptionError, "spec"),
         ({"plan": {"seed": 1}}, OptionError, "a shard plan is a dict"),
         ({"weights": ""}, BankError, "non-empty string"),

@@ -25,12 +25,14 @@ from rmidl.dataparallel import Step, TrainingJob, Weights
 from rmidl.errors import BudgetExceeded, RmidlError
 from rmidl.mlp import GradientSums
 from rmidl.remote.blobs import Blob
-from rmidl.remote.contract import ReplyRecord
+from rmidl.remote.contract import ReplyRecord, ShmRef
 from rmidl.remote.gradient import REPLY_FRAMING, GradientReply, GradientTask
 
 from ..cost import TaskCost, bulk_pays
 
 if TYPE_CHECKING:
+    from rmidl.remote.shm import SharedArray
+
     from ..stub import WorkerStub
 
 __all__ = ["FLOPS_PER_ROW_PARAMETER", "Bundle", "GradientStep", "ShardSet", "weights_blob_id"]
@@ -62,6 +64,8 @@ class ShardSet:
         self.job = job
         self.max_message_size = max_message_size
         self.blobs = [Blob.shard(s, data.x, data.y) for s, data in enumerate(job.shards)]
+        self.max_blob_bytes = max(blob.nbytes for blob in self.blobs) + BLOB_FRAMING
+        """The largest message putting one of the shards takes."""
         if self.max_blob_bytes > max_message_size:
             raise BudgetExceeded(f"a training shard of {self.max_blob_bytes - BLOB_FRAMING} bytes does not "
                                  f"fit max_message_size={max_message_size}: train with more shards")
@@ -69,15 +73,23 @@ class ShardSet:
         count = job.plan.shards
         edges = [i * count // bundles for i in range(bundles + 1)]
         self.bundles = [tuple(range(a, b)) for a, b in itertools.pairwise(edges) if b > a]
-        parameters = job.spec.parameter_count
-        self.gradients = np.empty((count, parameters))
+        self.gradients = np.empty(self.block_shape)
+        self.shared: ShmRef | None = None
+        """The shared block `gradients` lives in (same-host workers write their rows there), or None."""
         self.losses = np.zeros(count)
         self.counts = np.zeros(count, np.int64)
         self.correct = np.zeros(count, np.int64)
 
     @property
-    def max_blob_bytes(self) -> int:
-        return max(blob.nbytes for blob in self.blobs) + BLOB_FRAMING
+    def block_shape(self) -> tuple[int, int]:
+        return self.job.plan.shards, self.job.spec.parameter_count
+
+    def share(self, block: SharedArray | None) -> None:
+        """Keep the gradients in `block` from now on (None: in private memory again)."""
+        if block is None:
+            self.gradients, self.shared = np.empty(self.block_shape), None
+        else:
+            self.gradients, self.shared = block.array, ShmRef(block.name, block.shape, block.dtype)
 
     def accepts(self, stub: WorkerStub) -> bool:
         return self.refusal(stub) is None
@@ -169,24 +181,29 @@ class GradientStep:
                 self.compute_seconds[name] += time.perf_counter() - started
 
     def request(self, task: Bundle, stub: WorkerStub) -> GradientTask:
-        nbytes = len(task.shards) * self.data.job.spec.parameter_count * 8
-        bulk = bool(stub.info.bulk_port) and (not self.data.fits_inline(len(task.shards), stub)
-                                              or bulk_pays(nbytes, stub.round_trip_s))
+        output: str | ShmRef = "inline"
+        if self.data.shared is not None and stub.same_host:
+            output = self.data.shared
+        elif stub.info.bulk_port:
+            nbytes = len(task.shards) * self.data.job.spec.parameter_count * 8
+            if not self.data.fits_inline(len(task.shards), stub) or bulk_pays(nbytes, stub.round_trip_s):
+                output = "bulk"
         job = self.data.job
         pairs = tuple((s, self.data.ids[s]) for s in task.shards)
-        return GradientTask(task.task_id, self.step, pairs, self.weights_id, job.spec, job.plan,
-                            "bulk" if bulk else "inline")
+        return GradientTask(task.task_id, self.step, pairs, self.weights_id, job.spec, job.plan, output)
 
     def accept(self, task: Bundle, reply: ReplyRecord, stub: WorkerStub) -> int:
-        if not isinstance(reply, GradientReply) or reply.result is None:
+        if not isinstance(reply, GradientReply):
             raise RmidlError(f"worker {stub.name} sent no gradients for {self.describe(task)}")
-        first, last = task.shards[0], task.shards[-1]
-        contiguous = last - first + 1 == len(task.shards)
-        into = self.data.gradients[first:last + 1] if contiguous else np.empty((len(task.shards),
-                                                                                 self.data.gradients.shape[1]))
-        moved = stub.receive(reply.result, into, what=self.describe(task))
-        if not contiguous:
-            self.data.gradients[list(task.shards)] = into
+        moved = 0
+        if reply.result is not None:  # None: written into the shared block (the request's parse checked)
+            first, last = task.shards[0], task.shards[-1]
+            contiguous = last - first + 1 == len(task.shards)
+            into = self.data.gradients[first:last + 1] if contiguous else np.empty(
+                (len(task.shards), self.data.gradients.shape[1]))
+            moved = stub.receive(reply.result, into, what=self.describe(task))
+            if not contiguous:
+                self.data.gradients[list(task.shards)] = into
         for shard, loss, count, correct in zip(task.shards, reply.loss_sums, reply.counts, reply.correct,
                                                strict=True):
             self.data.record(shard, loss, count, correct)

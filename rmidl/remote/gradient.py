@@ -13,10 +13,11 @@ Wire form of a gradient task (`GradientTask`), every key required, no other key 
     weights: blob id of the "weights" blob of this step
     spec:    {"sizes", "activation", "output"} (rmidl.mlp.MLPSpec.to_dict)
     plan:    {"seed", "samples", "shards", "steps"} (rmidl.dataparallel.ShardPlan.to_dict)
-    output:  "inline" | "bulk"
+    output:  "inline" | "bulk" | {"shm": <ShmRef of a (plan shards, parameters) float64 block>}
 Its reply (`GradientReply`): task_id, seconds (computing, in the worker), shards (the ids, in order),
 loss_sums, counts and correct (one per shard), and the float64 gradient sums as one (shards, parameters)
-array: "result" (a wire dict) for "inline", or "ticket", "nbytes", "shape", "dtype" for "bulk".
+array: "result" (a wire dict) for "inline", or "ticket", "nbytes", "shape", "dtype" for "bulk"; for
+shared memory nothing more (row s of the block holds shard s's gradient).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rmidl.remote.contract import (
     OUTPUTS,
     BulkTicket,
     Result,
+    ShmRef,
     WireRecord,
     _fields,
     _int,
@@ -104,7 +106,8 @@ class GradientTask:
     weights_id: str
     spec: MLPSpec
     plan: ShardPlan
-    output: str = "inline"
+    output: str | ShmRef = "inline"
+    """"inline", "bulk", or a shared (plan.shards, parameters) float64 block written at rows `shard_ids`."""
 
     def __post_init__(self) -> None:
         ids = [shard for shard, _ in self.shards]
@@ -115,8 +118,14 @@ class GradientTask:
         if step.epoch < 0 or not 0 <= step.index < self.plan.steps or step.number < 0:
             raise ShapeError(f"gradient task {self.task_id}: step {step} is outside the plan's "
                              f"{self.plan.steps} steps per epoch")
-        if self.output not in OUTPUTS:
-            raise ShapeError(f"gradient task {self.task_id}: output {self.output!r} is not inline or bulk")
+        block = (self.plan.shards, self.spec.parameter_count)
+        if isinstance(self.output, ShmRef):
+            if (self.output.shape, self.output.dtype) != (block, "float64"):
+                raise ShapeError(f"gradient task {self.task_id}: shared output {self.output.shape} "
+                                 f"{self.output.dtype} is not {block} float64")
+        elif self.output not in OUTPUTS:
+            raise ShapeError(f"gradient task {self.task_id}: output {self.output!r} is not inline, bulk "
+                             "or shm")
 
     @property
     def shard_ids(self) -> tuple[int, ...]:
@@ -130,7 +139,8 @@ class GradientTask:
         step = self.step
         return {"task_id": self.task_id, "step": [step.epoch, step.index, step.number],
                 "shards": [[shard, blob_id] for shard, blob_id in self.shards], "weights": self.weights_id,
-                "spec": self.spec.to_dict(), "plan": self.plan.to_dict(), "output": self.output}
+                "spec": self.spec.to_dict(), "plan": self.plan.to_dict(),
+                "output": {"shm": self.output.to_wire()} if isinstance(self.output, ShmRef) else self.output}
 
     @classmethod
     def from_wire(cls, data: object) -> GradientTask:
@@ -150,10 +160,13 @@ class GradientTask:
         if not isinstance(plan, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                  for v in plan.values()):
             raise OptionError(f"{what}: plan {plan!r} is not a dict of whole numbers")
-        if not isinstance(record["output"], str):
-            raise ShapeError(f"{what}: output {record['output']!r} is not 'inline' or 'bulk'")
+        output = record["output"]
+        if isinstance(output, dict) and set(output) == {"shm"}:
+            output = ShmRef.from_wire(output["shm"], f"{what}: output")
+        elif not isinstance(output, str):
+            raise ShapeError(f"{what}: output {output!r} is not inline, bulk or shm")
         return cls(task_id, Step(epoch, index, number), tuple(shards), check_blob_id(record["weights"]),
-                   MLPSpec.from_dict(spec), ShardPlan.from_dict(plan), record["output"])
+                   MLPSpec.from_dict(spec), ShardPlan.from_dict(plan), output)
 
     def parse_reply(self, data: object, *, max_bytes: int) -> GradientReply:
         """The reply, checked against this task: same task and shards, a (shards, parameters) float64."""
@@ -162,6 +175,11 @@ class GradientTask:
             raise ShapeError(f"reply to gradient task {self.task_id} (shards {list(self.shard_ids)}) names "
                              f"task {reply.task_id} (shards {list(reply.shards)})")
         result = reply.result
+        if isinstance(self.output, ShmRef):
+            if result is not None:
+                raise ShapeError(f"reply to gradient task {self.task_id} holds gradients besides the shared "
+                                 "block they were to be written into")
+            return reply
         shape = result.shape if isinstance(result, BulkTicket) else getattr(result, "shape", None)
         dtype = result.dtype if isinstance(result, BulkTicket) else getattr(result, "dtype", None)
         if tuple(shape or ()) != self.result_shape or str(dtype) != "float64":
