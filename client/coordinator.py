@@ -125,6 +125,10 @@ class Coordinator:
             if worker.same_host:
                 worker.release_shm(names)
 
+    def __repr__(self) -> str:
+        where = "local pool only" if self.ns_address is None else f"ns={self.ns_address!r}"
+        return f"Coordinator({where}, local_threads={self.local_threads})"
+
     def __enter__(self) -> Coordinator:
         return self
 

@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "status": "rmidl.client.cli.status",
     "demo": "rmidl.client.cli.demo",
     "bench": "rmidl.client.cli.bench",
+    "train": "rmidl.client.cli.train",
+    "predict": "rmidl.client.cli.predict",
 }
 
 
