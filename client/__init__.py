@@ -4,5 +4,6 @@ LocalCluster. The command line has its own room (`cli/`), and so has the scaling
 from __future__ import annotations
 
 from rmidl.client.coordinator import Coordinator
+from rmidl.client.localcluster import LocalCluster
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "LocalCluster"]

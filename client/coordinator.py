@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import OptionError, WorkerNotFound
+from rmidl.errors import ClusterError, OptionError, WorkerNotFound
 from rmidl.kernels import available_cores
 from rmidl.validate import check_threads, prepare
 
@@ -24,27 +24,44 @@ from .shared import SharedPool
 if TYPE_CHECKING:
     from rmidl.dataparallel import ComputeShards, TrainingJob
 
-__all__ = ["Coordinator"]
+    from .localcluster import LocalCluster
+
+__all__ = ["AUTO", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
 
-class Coordinator:
-    """Runs correlations as tasks on its own thread pool and on the ConvolutionWorkers of a name server.
+class _Auto:
+    """The default `ns`: the running local cluster of this user if there is one, else this process."""
 
-    `ns="HOST:PORT"` finds workers by their registration (and keeps looking during a job); `ns=None`
-    uses the local pool alone. `workers` chooses among the registered workers: None takes all (and those
-    registering later), a list of names only those, an int N the first N in name order (fixed at
-    construction); a name or count the name server cannot supply is a WorkerNotFound before any work.
-    `local_threads=None` means every core without a name server and none with one (workers on this
-    machine already use its cores). With `shared_memory=True`, workers on this host read the image from
-    and write their results into shared memory; the others get their input inline and send results
-    over the bulk side channel (or inline).
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+AUTO = _Auto()
+
+
+class Coordinator:
+    """Runs correlations and training steps as tasks on its own thread pool and on the ConvolutionWorkers
+    of a name server.
+
+    `ns` says where the workers are: "HOST:PORT" a name server (whose registrations it keeps watching
+    during a job; given no secret, the secret of a local cluster at that address is used); "local" the
+    running local cluster of this user (`rmidl up`, found through its cluster file, secret included);
+    a `LocalCluster`; None this process's pool alone; by default (AUTO) the local cluster when one is
+    running, else this process's pool. `workers` chooses among the registered workers: None takes all
+    (and those registering later), a list of names only those, an int N the first N in name order
+    (fixed at construction); a name or count the name server cannot supply is a WorkerNotFound before
+    any work. `local_threads=None` means every core without a name server and none with one (workers on
+    this machine already use its cores). With `shared_memory=True`, workers on this host read the image
+    from and write their results into shared memory; the others get their input inline and send results
+    over the bulk side channel (or inline). Once closed (`close()`, or leaving its `with` block), every
+    job method raises ClusterError.
     """
 
     def __init__(
         self,
-        ns: str | None = None,
+        ns: str | LocalCluster | _Auto | None = AUTO,
         local_threads: int | None = None,
         shared_memory: bool = True,
         config: Config | None = None,
@@ -56,6 +73,7 @@ class Coordinator:
             isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
         ):
             raise OptionError(f"local_threads={local_threads!r} must be a non-negative integer")
+        ns, config = _where(ns, config)
         if local_threads is None:
             local_threads = 0 if ns is not None else available_cores()
         if ns is None and local_threads == 0:
@@ -73,6 +91,7 @@ class Coordinator:
         self._ns: Any = None
         self._ns_lock = threading.Lock()
         self._last: dict[str, Any] = {}
+        self._closed = False
         self._shared = SharedPool(self._release_shm)
         remote = ns is not None
         self._scheduler = Scheduler(self.config, local_threads=local_threads,
@@ -110,7 +129,9 @@ class Coordinator:
             unregister_worker(self._ns, name, uri)
 
     def close(self) -> None:
-        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running)."""
+        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running).
+        Idempotent; afterwards every job method raises ClusterError."""
+        self._closed = True
         self._shared.close()
         self._scheduler.close()
         if self._ns is not None:
@@ -125,12 +146,36 @@ class Coordinator:
             if worker.same_host:
                 worker.release_shm(names)
 
-    def __repr__(self) -> str:
-        where = "local pool only" if self.ns_address is None else f"ns={self.ns_address!r}"
-        return f"Coordinator({where}, local_threads={self.local_threads})"
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClusterError("this Coordinator is closed (make a new one to run more jobs)")
 
     def __enter__(self) -> Coordinator:
+        self._check_open()
         return self
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Coordinator closed ({self._where()})>"
+        workers = list(self._scheduler.workers.values())
+        usable = sum(1 for w in workers if w.usable)
+        return (f"<Coordinator {self._where()}: {usable} of {len(workers)} worker(s) usable, "
+                f"local_threads={self.local_threads}, shared_memory={self.shared_memory}>")
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = "".join(
+            f"<tr><td>{escape(w['name'])}</td><td>{escape(str(w['host']))}</td><td>{w['threads'] or ''}</td>"
+            f"<td>{escape(str(w['state']))}</td></tr>"
+            for w in self._rows()
+        )
+        table = ("<table><tr><th>worker</th><th>host</th><th>threads</th><th>state</th></tr>"
+                 f"{rows}</table>") if rows else ""
+        return f"<p><b>{escape(repr(self))}</b></p>{table}"
+
+    def _where(self) -> str:
+        return f"name server {self.ns_address}" if self.ns_address else "this process only"
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -139,8 +184,12 @@ class Coordinator:
     # -- what it knows -------------------------------------------------------------------------------
     def workers(self) -> list[dict[str, Any]]:
         """The remote workers found so far: name, uri, host, cores, threads, gflops, same_host, state."""
+        self._check_open()
         if self._ns is not None:
             self._scheduler.discover()
+        return self._rows()
+
+    def _rows(self) -> list[dict[str, Any]]:
         return [
             {
                 "name": worker.name,
@@ -172,6 +221,7 @@ class Coordinator:
         worker once and are dropped when the session ends; last_job() then holds its figures."""
         from .training import training_session
 
+        self._check_open()
         if self._ns is not None:
             self._scheduler.discover()
         self._last = {}
@@ -222,6 +272,7 @@ class Coordinator:
         progress: Callable[[int, int], None] | None,
         flip: bool,
     ) -> np.ndarray:
+        self._check_open()
         # Every option first: nothing below (padding, discovery, calibration, shared memory) is spent on
         # a job that cannot run, and workers get only names they know.
         local = self.local_threads if threads is None else int(check_threads(threads) or 0)
@@ -257,6 +308,32 @@ class Coordinator:
                     "engines": dict(job.engines),
                 }
         return result
+
+
+def _where(ns: object, config: Config | None) -> tuple[str | None, Config]:
+    """The name server (None: none) and settings `ns` means (see the class docstring)."""
+    from rmidl.remote import clusterfile
+
+    from .localcluster import LocalCluster
+
+    if isinstance(ns, LocalCluster):
+        base = config or ns.config
+        if not base.secret and ns.config.secret:
+            base = base.replace(secret=ns.config.secret)
+        return ns.address, base
+    auto = isinstance(ns, _Auto)
+    if auto or ns is None:
+        address = None
+    elif isinstance(ns, str):
+        address = ns
+    else:
+        raise OptionError(f"ns={ns!r} must be 'HOST:PORT', 'local', a LocalCluster or None")
+    resolved = clusterfile.resolve(address, config or Config(), auto=auto,
+                                   explicit_secret=bool(config and config.secret),
+                                   fallback="this process's pool runs the jobs")
+    if auto and resolved.ns is not None:
+        log.info("Coordinator: %s", resolved.note)
+    return resolved.ns, resolved.config
 
 
 def _check_selection(workers: object) -> list[str] | int | None:

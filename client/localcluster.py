@@ -1,8 +1,10 @@
-"""A name server and N worker subprocesses on 127.0.0.1, started ready and always stopped (`up`, tests)."""
+"""A name server and N worker subprocesses on 127.0.0.1, started ready and always stopped (`rmidl up`,
+notebooks, tests)."""
 
 from __future__ import annotations
 
 import ctypes
+import html
 import logging
 import os
 import re
@@ -12,14 +14,21 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 
 from rmidl.config import Config
 from rmidl.errors import ClusterError, OptionError
+from rmidl.remote import clusterfile
 
-__all__ = ["LocalCluster", "Process"]
+__all__ = ["LOG_FORMAT", "LocalCluster", "Process", "log_flags"]
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+"""How `rmidl` commands log; a child's lines in this form are logged again here, at their level."""
+_LEVELS = {name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+_LOG_LINE = re.compile(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} (\S+) ({'|'.join(_LEVELS)}): (.*)$")
 
 _ADDRESS = re.compile(r"(?:@|\b)((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d{1,5})\b")
 _READY = re.compile(r"\bready\b", re.IGNORECASE)
@@ -61,7 +70,12 @@ class Process:
         with self.popen.stdout:
             for raw in self.popen.stdout:
                 line = raw.rstrip("\n")
-                log.debug("[%s] %s", self.name, line)
+                record = _LOG_LINE.match(line)
+                if record:  # the child's log line, under its logger and level: filtered as ours are
+                    level = _LEVELS[record[2]]
+                    logging.getLogger(record[1]).log(level, "[%s] %s", self.name, record[3])
+                else:
+                    log.debug("[%s] %s", self.name, line)
                 with self._cond:
                     self.lines.append(line)
                     # Seen here, not by the waiter: more than KEEP_LINES may pass before it looks.
@@ -122,11 +136,31 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
+def log_flags(level: int) -> list[str]:
+    """The `rmidl` option that gives a child command the log level `level` (none for WARNING)."""
+    if level <= logging.DEBUG:
+        return ["--debug"]
+    if level <= logging.INFO:
+        return ["--verbose"]
+    return ["--quiet"] if level >= logging.ERROR else []
+
+
 class LocalCluster:
     """A Pyro5 name server and `workers` worker daemons as subprocesses on 127.0.0.1.
 
-    Returns when every worker printed "ready" (it registers before that). `.ns_address` is the
-    HOST:PORT to give a Coordinator; `.stop()` (or leaving the `with` block) stops them all.
+    Returns when every worker printed "ready" (it registers before that). `.address` is the name
+    server's HOST:PORT and `.config` the settings (secret included) a Coordinator needs; `.stop()` (or
+    leaving the `with` block) stops them all::
+
+        with LocalCluster(workers=2, secure=True) as cluster:
+            with Coordinator(cluster.address, config=cluster.config) as co:
+                maps = co.correlate(image, bank)
+
+    `secure=True` generates a secret the daemons require (unless `config` has one), so other local
+    users cannot drive them; `cluster_file=True` also writes a cluster file (see
+    `rmidl.remote.clusterfile`) so that `rmidl status` / `rmidl run` find the cluster without `--ns`.
+    Children log at `log_level` (default: the level of the "rmidl" logger here), and their log lines
+    are logged again here under their own logger names.
     """
 
     def __init__(
@@ -139,6 +173,9 @@ class LocalCluster:
         ready_timeout: float = 60.0,
         config: Config | None = None,
         die_with_parent: bool = False,
+        secure: bool = False,
+        cluster_file: bool = False,
+        log_level: int | None = None,
     ) -> None:
         for what, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -147,6 +184,9 @@ class LocalCluster:
             # said here as the input error it is, not as a name server that failed to start
             raise OptionError(f"ns_port={ns_port!r} must be a port number 0-65535 (0: any free port)")
         self.config = config or Config()
+        if secure and not self.config.secret:
+            self.config = self.config.replace(secret=clusterfile.new_secret())
+        self.log_level = logging.getLogger("rmidl").getEffectiveLevel() if log_level is None else log_level
         # Children get SIGTERM if the thread that started them dies, even by SIGKILL: for `rmidl up`,
         # whose main thread lives as long as the cluster (not for clusters started from short threads).
         self.die_with_parent = die_with_parent
@@ -162,18 +202,29 @@ class LocalCluster:
         self.ns: Process | None = None
         self.workers: dict[str, Process] = {}
         self.ns_address = ""
+        self.cluster_file: Path | None = None
+        """The cluster file written for this cluster (`cluster_file=True`), removed by stop()."""
         self._count = 0
+        self._stopped = False
         try:
             self._start_ns(ns_port)
             pending = [self._spawn_worker() for _ in range(workers)]
             for process in pending:
                 process.wait_ready(ready_timeout)
+            if cluster_file:
+                self.cluster_file = clusterfile.write(self.ns_address, self.config.secret, workers=workers,
+                                                     config=self.config)
         except BaseException:
             self.stop()
             raise
 
+    @property
+    def address(self) -> str:
+        """The name server's HOST:PORT, as a Coordinator and `--ns` take it."""
+        return self.ns_address
+
     def _start_ns(self, port: int) -> None:
-        argv = ["ns", "--host", "127.0.0.1", "--port", str(port)]
+        argv = ["ns", "--host", "127.0.0.1", "--port", str(port), *log_flags(self.log_level)]
         self.ns = Process("ns", argv, self.env, die_with_parent=self.die_with_parent)
         lines = self.ns.wait_ready(self.ready_timeout)
         for line in reversed(lines):
@@ -187,7 +238,7 @@ class LocalCluster:
         self._count += 1
         name = name or f"w{self._count}"
         argv = ["worker", "--ns", self.ns_address, "--host", "127.0.0.1", "--port", "0",
-                "--threads", str(self.threads_per_worker), "--name", name]
+                "--threads", str(self.threads_per_worker), "--name", name, *log_flags(self.log_level)]
         process = Process(f"worker {name}", argv, {**self.env, **(env or {})},
                           die_with_parent=self.die_with_parent)
         self.workers[name] = process
@@ -210,8 +261,42 @@ class LocalCluster:
         children = [self.ns] if self.ns else []
         return [p.pid for p in [*children, *self.workers.values()]]
 
+    @property
+    def state(self) -> str:
+        """"running", "stopped", or what is wrong ("2 of 3 workers exited", "name server exited")."""
+        if self._stopped:
+            return "stopped"
+        if self.ns is None or not self.ns.alive():
+            return "name server exited"
+        exited = sum(not process.alive() for process in self.workers.values())
+        return f"{exited} of {len(self.workers)} workers exited" if exited else "running"
+
+    def _summary(self) -> tuple[str, str, str]:
+        count = len(self.workers)
+        secured = "secret" if self.config.secret else "no secret"
+        return f"{count} worker{'s' if count != 1 else ''}", secured, self.state
+
+    def __repr__(self) -> str:
+        workers, secured, state = self._summary()
+        return f"<LocalCluster {self.ns_address or '(no name server)'}: {workers}, {secured}, {state}>"
+
+    def _repr_html_(self) -> str:
+        """The cluster as a small table in a notebook (Jupyter calls this)."""
+        workers, secured, state = self._summary()
+        rows = [("address", self.ns_address), ("workers", f"{workers}: {', '.join(self.workers)}"),
+                ("threads per worker", str(self.threads_per_worker)), ("security", secured),
+                ("state", state)]
+        cells = "".join(f"<tr><th style='text-align:left'>{html.escape(key)}</th>"
+                        f"<td style='text-align:left'>{html.escape(value)}</td></tr>" for key, value in rows)
+        return f"<div><strong>rmidl LocalCluster</strong><table>{cells}</table></div>"
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Workers first (they unregister from the name server), then the name server; no orphans."""
+        """Workers first (they unregister from the name server), then the name server; no orphans.
+        Removes the cluster file first, so no command picks a cluster that is going away."""
+        self._stopped = True
+        if self.cluster_file is not None:
+            clusterfile.remove(self.cluster_file)
+            self.cluster_file = None
         for process in self.workers.values():
             process.signal(signal.SIGTERM)
         for process in self.workers.values():

@@ -32,6 +32,7 @@ from rmidl.errors import (
 from rmidl.history import History
 from rmidl.imaging import load_image, save_image
 from rmidl.mlp import MLP
+from rmidl.network import Network, Stage
 from rmidl.pooling import pool
 from rmidl.training import train
 
@@ -51,11 +52,13 @@ __all__ = [
     "InputError",
     "KernelTooLarge",
     "MLP",
+    "Network",
     "NonFiniteInput",
     "OptionError",
     "RegistryError",
     "RmidlError",
     "ShapeError",
+    "Stage",
     "TaskFailed",
     "WorkerLost",
     "WorkerNotFound",

@@ -44,6 +44,7 @@ def _random(args: str, spec: str) -> np.ndarray:
 _WORK_BYTES = 32 << 20
 """Most float64 working memory a builder uses at a time (chunks of kernels or rows), within the budget."""
 _GABOR_ARRAYS = 6  # float64 arrays of one chunk alive at once in _gabor_chunk
+_GABOR_OCTAVE = 0.56  # sigma / wavelength of a one-octave bandwidth
 
 
 def _gabor(args: str, spec: str) -> np.ndarray:
@@ -55,6 +56,9 @@ def _gabor(args: str, spec: str) -> np.ndarray:
         raise BankError(f"bank spec {shown(spec)}: Gabor kernels need a size S >= 3, got {size}")
     chunk = _work_chunk(spec, 4 * k * size * size, _GABOR_ARRAYS * 8 * size * size, k, "float64 work arrays")
     sigma = _sigma(match[3], spec) if match[3] else size / 4.5
+    if sigma / _GABOR_OCTAVE < 2:  # below Nyquist: the stripes alias into a pattern of another frequency
+        log.warning("bank spec %s: Gabor wavelength %.2f px is below 2 px, so the kernels alias; use S >= 6 "
+                    "(e.g. gabor:%dx11) or a larger sigma", shown(spec), sigma / _GABOR_OCTAVE, k)
     y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
     bank = np.empty((k, size, size), np.float32)
     for first in range(0, k, chunk):
@@ -64,7 +68,7 @@ def _gabor(args: str, spec: str) -> np.ndarray:
 
 def _gabor_chunk(x: np.ndarray, y: np.ndarray, indices: range, k: int, sigma: float) -> np.ndarray:
     """Gabor kernels number `indices` of `k` (orientation i*pi/k), float64, zero-mean and unit-norm."""
-    wavelength = sigma / 0.56  # one-octave bandwidth
+    wavelength = sigma / _GABOR_OCTAVE
     gamma = 0.5  # envelope aspect ratio, as in V1 models
     cos = np.array([math.cos(i * math.pi / k) for i in indices])[:, None, None]
     sin = np.array([math.sin(i * math.pi / k) for i in indices])[:, None, None]

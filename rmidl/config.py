@@ -30,6 +30,8 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "tls_cert": (str, "", "PEM certificate of this process (2-way TLS)"),
     "tls_key": (str, "", "PEM private key of this process"),
     "tls_ca": (str, "", "PEM CA bundle the peer's certificate must chain to"),
+    "cluster_dir": (str, "", "where cluster files go and are looked for (default $XDG_RUNTIME_DIR/rmidl "
+                    "if that is private, else ~/.cache/rmidl)"),
 }
 
 # Ranges a setting must lie in (inclusive); a value outside is refused when the Config is made.
@@ -69,6 +71,7 @@ class Config:
     tls_cert: str
     tls_key: str
     tls_ca: str
+    cluster_dir: str
 
     def __init__(self, *, environ: dict[str, str] | None = None, **overrides: Any) -> None:
         unknown = set(overrides) - set(DEFAULTS)

@@ -7,7 +7,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
@@ -57,8 +57,6 @@ _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights Pillow's "L
 _SCALES = ("auto", "unit", "stretch", "robust")
 _ROBUST_TAIL = 0.5  # percent of values clipped at each end by scale="robust"
 _ROBUST_SAMPLE = 1 << 18  # values the robust percentiles are estimated from
-_MONTAGE_MAX_SIDE = 4096
-_MONTAGE_GAP = 2
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -256,28 +254,6 @@ def save_image(
     return target
 
 
-def _montage(tiles: Sequence[np.ndarray]) -> np.ndarray:
-    """Tiles (all H x W uint8) on a near-square grid, shrunk so its longer side is at most 4096 px."""
-    count = len(tiles)
-    h, w = tiles[0].shape
-    columns = max(1, min(count, math.ceil(math.sqrt(count * h / w))))
-    rows = math.ceil(count / columns)
-    # the largest tiles for which columns x rows tiles and their gaps fit the side limit
-    fit_w = (_MONTAGE_MAX_SIDE + _MONTAGE_GAP) // columns - _MONTAGE_GAP
-    fit_h = (_MONTAGE_MAX_SIDE + _MONTAGE_GAP) // rows - _MONTAGE_GAP
-    factor = min(1.0, fit_w / w, fit_h / h)
-    th, tw = max(1, math.floor(h * factor)), max(1, math.floor(w * factor))
-    # mid-gray gaps separate tiles whatever their content
-    sheet = np.full((rows * (th + _MONTAGE_GAP) - _MONTAGE_GAP, columns * (tw + _MONTAGE_GAP) - _MONTAGE_GAP),
-                    128, np.uint8)
-    for i, tile in enumerate(tiles):
-        shrunk = tile if (th, tw) == (h, w) else Image.fromarray(tile).resize((tw, th), Image.Resampling.BOX)
-        r, c = divmod(i, columns)
-        top, left = r * (th + _MONTAGE_GAP), c * (tw + _MONTAGE_GAP)
-        sheet[top : top + th, left : left + tw] = np.asarray(shrunk)
-    return sheet
-
-
 def save_maps(
     maps: object,
     directory: str | os.PathLike[str],
@@ -288,11 +264,11 @@ def save_maps(
 ) -> list[Path]:
     """Write feature maps (K, H, W) as one 8-bit PNG each (`map_000.png`, ...) plus `montage.png`.
 
-    Each map is scaled on its own by save_image's rule (default "robust": its 0.5th percentile black, its
-    99.5th white), so weak and strong maps are all visible and a few extreme responses do not gray out
-    the rest; save the arrays themselves (.npy) for exact values. The montage puts every map on a
-    near-square grid, shrunk to at most 4096 px a side. Creates `directory` if needed; returns the paths
-    written (montage last).
+    Each map's PNG is scaled on its own by save_image's rule (default "robust": its 0.5th percentile
+    black, its 99.5th white), so weak and strong maps all show their detail; the montage puts every map
+    on ONE shared colour scale, so that tiles compare (see rmidl.montage: labelled tiles, gaps, a colour
+    bar; sized for a screen). Save the arrays themselves (.npy) for exact values. Creates `directory` if
+    needed; returns the paths written (montage last).
     """
     stack = np.asarray(maps)
     if stack.ndim == 2:
@@ -309,18 +285,15 @@ def save_maps(
     # faster than level 1 and 2-5x faster than the default level 6, and its files were no larger than 6's.
     options = {"compress_level": 1, "compress_type": zlib.Z_HUFFMAN_ONLY}
     written: list[Path] = []
-    tiles: list[np.ndarray] = []
     for k, feature_map in enumerate(stack):
         target = folder / f"{prefix}_{k:0{digits}d}.png"
         image = _image_for(feature_map, "PNG", 8, scale, f"map {k} ({str(target)!r})")
         _write(image, target, "PNG", options)
         written.append(target)
-        if montage:
-            tiles.append(np.asarray(image))
     if montage:
-        target = folder / "montage.png"
-        _write(Image.fromarray(_montage(tiles)), target, "PNG", options)
-        written.append(target)
+        from rmidl.montage import save_montage
+
+        written.append(save_montage(stack, folder / "montage.png"))
     log.debug("wrote %d feature maps to %s", len(stack), folder)
     return written
 

@@ -9,15 +9,15 @@ import numpy as np
 from rmidl.errors import OptionError, ShapeError
 from rmidl.validate import check_real
 
-__all__ = ["POOL_KINDS", "pool", "pool_shape"]
+__all__ = ["POOL_KINDS", "pool", "pool_shape", "window_pair"]
 
 log = logging.getLogger(__name__)
 
 POOL_KINDS = ("max", "avg")
 
 
-def _pair(value: object, what: str) -> tuple[int, int]:
-    """An int or a pair of ints, each >= 1, as (rows, cols)."""
+def window_pair(value: object, what: str) -> tuple[int, int]:
+    """An int or a pair of ints, each >= 1, as (rows, cols); errors name the argument `what`."""
     items = value if isinstance(value, (tuple, list)) else (value, value)
     if len(items) != 2 or not all(
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in items
@@ -28,8 +28,8 @@ def _pair(value: object, what: str) -> tuple[int, int]:
 
 def _window(size: object, stride: object) -> tuple[int, int, int, int]:
     """(rows, cols) of the window and of the stride, which defaults to the window."""
-    ph, pw = _pair(size, "size")
-    sh, sw = (ph, pw) if stride is None else _pair(stride, "stride")
+    ph, pw = window_pair(size, "size")
+    sh, sw = (ph, pw) if stride is None else window_pair(stride, "stride")
     return ph, pw, sh, sw
 
 

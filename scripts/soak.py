@@ -93,7 +93,7 @@ def run_soak(jobs: int = 200, coordinators: int = 4, workers: int = 2, jobs_per_
             worst = max(pool.map(client, range(coordinators), shares))
         seconds = time.perf_counter() - start
         after = {name: process_stats(pid) for name, pid in pids.items()}
-        tasks_done = {row["name"]: row["tasks done"] for row in collect(cluster.ns_address, Config())}
+        tasks_done = {row["name"]: row["tasks_done"] for row in collect(cluster.ns_address, Config())}
     growth = {name: {key: after[name][key] - before[name][key] for key in BOUNDS} for name in pids}
     return {
         "jobs": jobs, "coordinators": coordinators, "workers": workers, "seconds": seconds,

@@ -10,12 +10,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from rmidl.config import Config
+
+
+@pytest.fixture(autouse=True)
+def private_cluster_files(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test (and every command it starts) writes and finds cluster files in a directory of its own:
+    never the user's, and never another test's (tests of several checkouts may run at once)."""
+    runtime = tmp_path_factory.mktemp("runtime")
+    runtime.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("RMIDL_CLUSTER_DIR", str(runtime / "rmidl"))
+    return runtime / "rmidl"
 
 
 @pytest.fixture

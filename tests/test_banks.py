@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from pathlib import Path
@@ -243,3 +244,13 @@ def test_memory_budget_is_checked_before_allocating(tmp_path: Path, monkeypatch:
     for name in ("big.npy", "big.npz"):
         with pytest.raises(BudgetExceeded, match=name):
             load_kernels(str(tmp_path / name))
+
+
+def test_a_gabor_bank_whose_wavelength_aliases_is_warned_about(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="rmidl.banks"):
+        load_kernels("gabor:8x11")
+        assert caplog.records == []
+        load_kernels("gabor:8x3")
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "Gabor wavelength 1.19 px is below 2 px" in message and "gabor:8x11" in message

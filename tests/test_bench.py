@@ -255,7 +255,7 @@ def test_a_busy_machine_is_called_out(wall: float, cpu: float, busy: bool) -> No
     one = ConfigurationResult(config, [wall] * 3, cpu_times=[cpu] * 3, verified=True)
     result = StudyResult({}, Job((8, 8, 1), (1, 3, 3, 1), "valid", "float32"), {}, wall, [one])
     assert derived.busy_factor(result) == pytest.approx(wall / cpu)
-    assert ("was busy" in tables.summary(result)) is busy
+    assert ("was busy" in " ".join(tables.summary_notes(result))) is busy
 
 
 # -- the cost model --------------------------------------------------------------------------------------
@@ -338,7 +338,8 @@ def test_gathering_the_output_bounds_the_paper_job_on_slow_links() -> None:
 
 def test_the_paper_job_is_compared_with_the_paper() -> None:
     paper_job = _synthetic(PAPER_JOB, 0.5, 0.0, (1,), usable=2)
-    assert "took 0.5 s against the paper's 85.9125 s, 172x faster" in tables.summary(paper_job)
+    notes = " ".join(tables.summary_notes(paper_job))
+    assert "took 0.5 s against the paper's 85.9125 s, 172x faster" in notes
     other = _synthetic(Job((64, 96, 1), (4, 5, 5, 1), "valid", "float32"), 0.5, 0.0, (1,), usable=2)
     assert tables.versus_paper(other) is None
 

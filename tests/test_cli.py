@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,12 +19,15 @@ from reference import assert_close, reference
 import rmidl
 from rmidl.client.localcluster import Process
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+def env() -> dict[str, str]:
+    """This test's environment (its private cluster directory included) for a child command."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def rmidl_cli(*argv: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "rmidl.client.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, check=False)
+                          timeout=timeout, env=env(), check=False)
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
@@ -42,7 +46,7 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
 def up():
     """`rmidl up --workers 2` in the foreground for one test (which may stop it); yields (process,
     ns address, child pids); stopped after the test if it still runs."""
-    process = Process("up", ["up", "--workers", "2"], ENV)
+    process = Process("up", ["up", "--workers", "2"], env())
     try:
         lines = process.wait_ready(90)
         text = "\n".join(lines)
@@ -64,16 +68,16 @@ def picture(tmp_path, rng):
 
 
 def test_ns_and_worker_commands():
-    ns = Process("ns", ["ns", "--port", "0"], ENV)
+    ns = Process("ns", ["ns", "--port", "0"], env())
     try:
         lines = ns.wait_ready(60)
         address = re.search(r"(127\.0\.0\.1:\d+)", "\n".join(lines)).group(1)
-        worker = Process("worker", ["worker", "--ns", address, "--name", "solo", "--threads", "1"], ENV)
+        worker = Process("worker", ["worker", "--ns", address, "--name", "solo", "--threads", "1"], env())
         try:
             assert any(line.startswith("PYRO:rmidl.worker.solo@") for line in worker.wait_ready(60))
             listed = subprocess.run(
                 [sys.executable, "-m", "Pyro5.nsc", "-n", "127.0.0.1", "-p", address.split(":")[1], "list"],
-                capture_output=True, text=True, timeout=60, env=ENV, check=False,
+                capture_output=True, text=True, timeout=60, env=env(), check=False,
             )
             assert "rmidl.worker.solo" in listed.stdout
         finally:
@@ -93,7 +97,7 @@ def test_ns_and_worker_modules_run_the_command_line(capsys):
         "rmidl: error: port 99999 is outside 0-65535", "rmidl: error: --threads 0 must be at least 1"
     ]
     done = subprocess.run([sys.executable, "-m", "rmidl.client.cli.ns", "--port", "99999"],
-                          capture_output=True, text=True, timeout=60, env=ENV, check=False)
+                          capture_output=True, text=True, timeout=60, env=env(), check=False)
     assert (done.returncode, done.stderr) == (2, "rmidl: error: port 99999 is outside 0-65535\n")
 
 
@@ -121,40 +125,89 @@ def test_demo_quick():
     assert "faster than the paper" not in done.stdout and "GFLOP/s" in done.stdout.splitlines()[-2]
 
 
-def test_up_run_status_and_clean_stop(up, picture, tmp_path):
+def test_up_run_status_and_clean_stop(up, picture, tmp_path, private_cluster_files):
+    """`rmidl up` writes a cluster file; status and run find the cluster through it, without --ns."""
     process, address, pids = up
     path, pixels = picture
+    (cluster_file,) = private_cluster_files.iterdir()
+    assert cluster_file.stat().st_mode & 0o777 == 0o600
+    assert private_cluster_files.stat().st_mode & 0o777 == 0o700
 
-    status = rmidl_cli("status", "--ns", address)
+    status = rmidl_cli("status")
     assert status.returncode == 0, status.stderr
-    assert re.search(r"^w1\s+127\.0\.0\.1\s+\d+", status.stdout, re.MULTILINE)
+    used = f"rmidl: using local cluster {address} (2 workers, pid {process.pid}, {cluster_file})\n"
+    assert status.stderr == used
+    assert re.search(r"^w1\s+127\.0\.0\.1\s+idle\s+\d+", status.stdout, re.MULTILINE)
     assert "2 worker(s)" in status.stdout
+    # the cluster's own address works too: the same user's cluster file lends it the secret
+    assert rmidl_cli("status", "--ns", address).returncode == 0
 
     out = tmp_path / "maps.npy"
-    done = rmidl_cli("run", str(path), "--kernels", "random:5x3x4", "--ns", address, "--out", str(out))
+    done = rmidl_cli("run", str(path), "--kernels", "random:5x3x4", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert re.search(r"5 maps of 38x57 \(valid\): [\d.]+ s, [\d.]+ GFLOP/s, tasks per worker: w", done.stdout)
+    assert done.stderr.startswith(f"rmidl: using local cluster {address} ")
+    # sizes are W x H: the 60x40 picture gives 57x38 maps with 3x4 (kh x kw) kernels
+    assert re.search(r"5 maps of 57x38 \(valid\): [\d.]+ s, [\d.]+ GFLOP/s, tasks per worker: w", done.stdout)
     assert_close(np.load(out), reference(pixels, rmidl.load_kernels("random:5x3x4")))
 
     folder = tmp_path / "pngs"
-    done = rmidl_cli("run", str(path), "--kernels", "sobel", "--mode", "same", "--ns", address,
+    done = rmidl_cli("run", str(path), "--kernels", "sobel", "--mode", "same", "--ns", "local",
                      "--no-shared-memory", "--out", str(folder))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["map_000.png", "map_001.png", "montage.png"]
 
+    local = rmidl_cli("run", str(path), "--kernels", "sobel", "--no-cluster")
+    assert local.returncode == 0 and local.stderr == "" and "tasks per worker: local=" in local.stdout
+
     process.signal(signal.SIGTERM)
     assert process.popen.wait(30) == 0
     assert all(gone(pid) for pid in pids)
+    assert not cluster_file.exists(), "rmidl up left its cluster file behind"
+    stopped = rmidl_cli("status")
+    assert stopped.returncode == 3 and stopped.stderr.startswith("rmidl: error: no local cluster is running")
 
 
-def test_secured_cluster_needs_the_secret(tmp_path, picture):
+def test_up_secures_its_workers_with_a_generated_secret(up, tmp_path):
+    """Without the cluster file (another local user cannot read it) the workers refuse the connection."""
+    _, address, _ = up
+    stranger = tmp_path / "stranger"
+    stranger.mkdir(mode=0o700)
+    as_stranger = {**env(), "RMIDL_CLUSTER_DIR": str(stranger)}
+    for argv in (["status", "--ns", address], ["run", "default", "--kernels", "sobel", "--ns", address]):
+        refused = subprocess.run([sys.executable, "-m", "rmidl", *argv], capture_output=True, text=True,
+                                 timeout=60, env=as_stranger, check=False)
+        assert refused.returncode == 3, refused.stderr
+        assert refused.stderr.startswith("rmidl: error: ") and "refused" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_run_without_a_cluster_computes_here_and_says_so(picture):
+    path, _ = picture
+    done = rmidl_cli("run", str(path), "--kernels", "sobel")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("rmidl: no local cluster is running (`rmidl up` starts one): compute in this "
+                           "process\n")
+    assert "tasks per worker: local=" in done.stdout
+    refused = rmidl_cli("status")
+    assert refused.returncode == 3
+    assert refused.stderr.count("\n") == 1 and "no local cluster is running" in refused.stderr
+    assert "give --ns HOST:PORT" in refused.stderr
+
+
+def test_secured_cluster_needs_the_secret(tmp_path, picture, private_cluster_files):
     secret = tmp_path / "secret"
     secret.write_text("correct horse battery staple\n")
-    process = Process("up", ["up", "--workers", "1", "--secret-file", str(secret)], ENV)
+    process = Process("up", ["up", "--workers", "1", "--secret-file", str(secret)], env())
     try:
         text = "\n".join(process.wait_ready(90))
         address = re.search(r"name server (\S+)", text).group(1)
-        refused = rmidl_cli("status", "--ns", address)
+        (cluster_file,) = private_cluster_files.iterdir()
+        assert json.loads(cluster_file.read_text())["secret"] == "correct horse battery staple"
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        refused = subprocess.run([sys.executable, "-m", "rmidl", "status", "--ns", address],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**env(), "RMIDL_CLUSTER_DIR": str(elsewhere)}, check=False)
         assert refused.returncode == 3
         assert refused.stderr.startswith("rmidl: error: ") and len(refused.stderr.strip().splitlines()) == 1
         allowed = rmidl_cli("run", str(picture[0]), "--kernels", "sobel", "--ns", address,
@@ -166,7 +219,7 @@ def test_secured_cluster_needs_the_secret(tmp_path, picture):
 
 
 def test_up_killed_with_sigkill_leaves_no_children():
-    process = Process("up", ["up", "--workers", "1"], ENV)
+    process = Process("up", ["up", "--workers", "1"], env())
     try:
         text = "\n".join(process.wait_ready(90))
         pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
@@ -196,7 +249,7 @@ def children_of(pid: int) -> list[int]:
 def test_terminated_command_leaves_no_children(argv, tmp_path):
     """SIGTERM (the default action: no Python cleanup) on a command running its own local cluster."""
     process = subprocess.Popen([sys.executable, "-m", "rmidl.client.cli", *argv, *(
-        ["--out", str(tmp_path / "out")] if argv[0] == "bench" else [])], env=ENV,
+        ["--out", str(tmp_path / "out")] if argv[0] == "bench" else [])], env=env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids: list[int] = []
     try:
@@ -224,7 +277,7 @@ def test_a_child_keeps_only_its_last_output_lines(tmp_path, monkeypatch):
     chatty.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"{script}\"\n")
     chatty.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(chatty))
-    process = Process("chatty", [], ENV)
+    process = Process("chatty", [], env())
     try:
         process.wait_ready(30)  # raises unless it saw "ready" (however many lines followed it)
         assert process.popen.wait(30) == 0
@@ -235,7 +288,7 @@ def test_a_child_keeps_only_its_last_output_lines(tmp_path, monkeypatch):
 
 
 def test_up_says_when_a_worker_exits_and_stops_when_all_have():
-    process = Process("up", ["up", "--workers", "2"], ENV)
+    process = Process("up", ["up", "--workers", "2"], env())
     try:
         text = "\n".join(process.wait_ready(90))
         workers = {name: int(pid) for name, pid in re.findall(r"worker (\w+) pid (\d+)", text)}
@@ -253,3 +306,23 @@ def test_up_says_when_a_worker_exits_and_stops_when_all_have():
                                             "every worker has exited; stopping"]
     finally:
         process.stop(15)
+
+
+def test_a_bare_name_server_with_a_cluster_file(private_cluster_files):
+    """`rmidl ns --cluster-file` generates a secret and writes the file; `worker --ns local` joins it."""
+    ns = Process("ns", ["ns", "--port", "0", "--cluster-file"], env())
+    try:
+        ns.wait_ready(60)
+        (cluster_file,) = private_cluster_files.iterdir()
+        assert len(json.loads(cluster_file.read_text())["secret"]) >= 40
+        worker = Process("worker", ["worker", "--ns", "local", "--name", "solo", "--threads", "1"], env())
+        try:
+            worker.wait_ready(60)
+            status = rmidl_cli("status", "--json")
+            assert status.returncode == 0, status.stderr
+            assert [row["name"] for row in json.loads(status.stdout)] == ["solo"]
+        finally:
+            assert worker.stop(15) == 0
+    finally:
+        assert ns.stop(15) == 0
+    assert not cluster_file.exists()

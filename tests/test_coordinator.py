@@ -12,7 +12,9 @@ from rmidl.client.planning import plan
 from rmidl.config import Config
 from rmidl.errors import (
     BudgetExceeded,
+    ClusterError,
     OptionError,
+    RegistryError,
     ShapeError,
     TaskFailed,
     WorkerNotFound,
@@ -559,3 +561,46 @@ def test_the_engine_is_forwarded_to_workers(nameserver, start_worker, cluster_co
                      reference(image, kernels, "same"))
         tasks = coordinator.last_job()["tasks"]
     assert handle.worker.info()["engines"] == {engine: tasks}
+
+
+def test_a_closed_coordinator_refuses_work_and_says_where_it_was(rng, nameserver, start_worker) -> None:
+    start_worker(name="w1")
+    image = rng.random((20, 24), dtype=np.float32)
+    bank = rng.standard_normal((2, 3, 3), dtype=np.float32)
+    co = Coordinator(nameserver, local_threads=1)
+    assert repr(co) == (f"<Coordinator name server {nameserver}: 1 of 1 worker(s) usable, local_threads=1, "
+                        "shared_memory=True>")
+    assert "w1" in co._repr_html_()
+    co.correlate(image, bank)
+    co.close()
+    co.close()  # idempotent
+    assert repr(co) == f"<Coordinator closed (name server {nameserver})>"
+    for call in (lambda: co.correlate(image, bank), lambda: co.convolve(image, bank), co.workers,
+                 co.__enter__):
+        with pytest.raises(ClusterError, match="Coordinator is closed"):
+            call()
+
+
+def test_without_an_address_the_coordinator_uses_a_running_local_cluster(rng, nameserver, start_worker,
+                                                                         private_cluster_files) -> None:
+    from rmidl.remote import clusterfile
+
+    start_worker(name="w1")
+    image = rng.random((20, 24), dtype=np.float32)
+    bank = rng.standard_normal((2, 3, 3), dtype=np.float32)
+    with Coordinator(local_threads=1) as alone:  # none running: this process's pool
+        assert alone.ns_address is None and repr(alone).startswith("<Coordinator this process only")
+    path = clusterfile.write(nameserver, clusterfile.new_secret(), workers=1)
+    try:
+        with Coordinator(local_threads=0) as co:
+            assert co.ns_address == nameserver and co.config.secret
+            co.correlate(image, bank)
+            assert co.stats() == {"w1": co.last_job()["tasks"]}
+        with Coordinator(None, local_threads=1) as here:  # None: this process only, even so
+            assert here.ns_address is None
+    finally:
+        clusterfile.remove(path)
+    with pytest.raises(RegistryError, match="no local cluster"):
+        Coordinator("local")
+    with pytest.raises(OptionError, match="must be 'HOST:PORT', 'local', a LocalCluster or None"):
+        Coordinator(9090)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from lying_files import header_only_png
 from PIL import Image, ImageOps
 
 from rmidl import DTypeError, ImageReadError, InputError, NonFiniteInput, OptionError, ShapeError
-from rmidl.imaging import _montage, default_image, load_image, save_image, save_maps
+from rmidl.imaging import default_image, load_image, save_image, save_maps
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(1, 1), (7, 13), (48, 64)]
@@ -125,17 +125,12 @@ def test_save_maps_writes_each_map_and_a_montage(tmp_path: Path, rng: np.random.
     maps = rng.standard_normal((5, 20, 30)).astype(np.float32) * np.arange(1, 6)[:, None, None]
     written = save_maps(maps, tmp_path / "out" / "deep", scale="stretch")
     assert [p.name for p in written] == [*(f"map_{k:03d}.png" for k in range(5)), "montage.png"]
-    tiles = []
     for k, path in enumerate(written[:-1]):
         got = load_image(path)
         low, high = maps[k].min(), maps[k].max()
         expected = np.rint((maps[k].astype(np.float64) - low) / (high - low) * 255)
         assert np.abs(got - expected).max() <= 1  # float32 work may round a .5 the other way
-        tiles.append(got)
-    montage = load_image(written[-1])
-    # 5 maps of 20x30 -> 2 columns x 3 rows with 2-px gaps, nothing shrunk
-    assert montage.shape == (3 * 20 + 2 * 2, 2 * 30 + 2)
-    np.testing.assert_array_equal(montage[22:42, 32:62], tiles[3])
+    assert load_image(written[-1]).ndim in (2, 3)  # the montage's content: test_montage.py
     assert save_maps(maps[0], tmp_path / "one", montage=False) == [tmp_path / "one" / "map_000.png"]
 
 
@@ -148,13 +143,6 @@ def test_save_maps_robust_default_clips_outliers(tmp_path: Path, rng: np.random.
     expected = np.rint(np.clip((feature - low) / (high - low), 0, 1) * 255)
     assert got[0, 0] == 255 and got[0, 1] == 0
     assert np.abs(got - expected).max() <= 1 and got.std() > 60
-
-
-def test_montage_of_many_large_maps_is_shrunk_to_4096() -> None:
-    tiles = [np.full((400, 1600), k, np.uint8) for k in range(50)]
-    sheet = _montage(tiles)
-    assert max(sheet.shape) <= 4096 and min(sheet.shape) > 1000
-    assert sheet[0, 0] == 0 and sheet[-1, 0] != 128  # the last row holds tiles
 
 
 def test_default_image_is_photo_like() -> None:

@@ -29,9 +29,10 @@ def _sources(package: str, *, skip: tuple[str, ...] = ()) -> list[Path]:
     return [p for p in sorted(root.rglob("*.py")) if not set(p.relative_to(root).parts) & set(skip)]
 
 
-# (package whose sources are read, subpackages of it not read, module prefixes none of them may import)
+# (package whose sources are read, subpackages (or files) of it not read, module prefixes none may import)
 LAYERS = [
-    ("rmidl", ("remote", "kernels"), ("rmidl.server", "rmidl.client")),
+    # rmidl/__main__.py is no room but the `python -m rmidl` entry point: it runs the command line on top
+    ("rmidl", ("remote", "kernels", "__main__.py"), ("rmidl.server", "rmidl.client")),
     ("rmidl.remote", (), ("rmidl.server", "rmidl.client")),
     ("rmidl.kernels", (), ("rmidl.server", "rmidl.client", "rmidl.remote")),
     ("rmidl.server", (), ("rmidl.client",)),

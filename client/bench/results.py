@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from rmidl.config import Config
 from rmidl.errors import RmidlError
 from rmidl.geometry import output_shape
 
@@ -169,9 +170,12 @@ class StudySettings:
     local_threads: int = 0
     shared_memory: bool = True
     ns: str | None = None
+    config: Config | None = field(default=None, repr=False, compare=False)
+    """How to reach --ns (its secret); never written to results.json."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("config")
         data.update(cores=list(self.cores), workers=list(self.workers))
         return data
 

@@ -99,18 +99,20 @@ def _coordinator_runner(config: Configuration, settings: StudySettings) -> Itera
 
     with contextlib.ExitStack() as stack:
         workers = None
+        secured = settings.config
         if config.kind == "cluster":
             ns, local, workers = settings.ns, settings.local_threads, config.count or None
         elif config.count:
             cluster = stack.enter_context(
                 LocalCluster(workers=config.count, threads_per_worker=settings.threads_per_worker,
-                             die_with_parent=True)
+                             die_with_parent=True, secure=True)
             )
-            ns, local = cluster.ns_address, settings.local_threads
+            ns, local, secured = cluster.address, settings.local_threads, cluster.config
         else:
             ns, local = None, max(1, settings.local_threads)
         coordinator = stack.enter_context(
-            Coordinator(ns=ns, local_threads=local, shared_memory=settings.shared_memory, workers=workers)
+            Coordinator(ns=ns, local_threads=local, shared_memory=settings.shared_memory, workers=workers,
+                        config=secured)
         )
         yield _CoordinatorCall(coordinator)
 

@@ -31,7 +31,10 @@ __all__ = [
     "format_seconds",
     "column_label",
     "markdown_table",
-    "summary",
+    "SUMMARY_ALIGN",
+    "SUMMARY_HEADER",
+    "summary_notes",
+    "summary_rows",
     "versus_paper",
     "write_csv",
     "write_markdown",
@@ -224,22 +227,21 @@ def _efficiency_cells(row: dict[str, Any], percent: str) -> list[str]:
     ]
 
 
-def summary(study: StudyResult) -> str:
-    """The terminal's closing table: each configuration's average, speed-up, efficiency; then the paper's."""
+SUMMARY_HEADER = ("configuration", "threads", "average (s)", "speed-up", "efficiency")
+SUMMARY_ALIGN = ("left", "right", "right", "right", "right")
+
+
+def summary_rows(study: StudyResult) -> list[list[str]]:
+    """The terminal's closing table (SUMMARY_HEADER): each configuration's average, speed-up and
+    efficiency, then the paper's, then what was not counted."""
     rows = [_efficiency_cells(row, "{:.0%}") for row in efficiency_rows(study) + paper_rows()]
     rows += [[r.config.label, str(r.config.threads), "not counted", "", ""] for r in study.failed]
-    header = ["configuration", "threads", "average (s)", "speed-up", "efficiency"]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    extra = [note for note in (versus_paper(study), busy_note(study)) if note]
-    return "\n".join(lines + extra)
+    return rows
+
+
+def summary_notes(study: StudyResult) -> list[str]:
+    """What the terminal says under the summary table: the paper comparison and a busy-machine warning."""
+    return [note for note in (versus_paper(study), busy_note(study)) if note]
 
 
 def versus_paper(study: StudyResult) -> str | None:

@@ -1,19 +1,27 @@
 """The `rmidl` command line: one module per subcommand, errors as one line and a non-zero exit code.
 
 Each command module offers `HELP`, `add_arguments(parser)` and `run(args) -> int`; `main(argv)` runs
-any of them in-process (tests do), `python -m rmidl.client.cli` and the `rmidl` entry point in a process.
+any of them in-process (tests do); `rmidl`, `python -m rmidl` and `python -m rmidl.client.cli` in a process.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from rmidl.client.cli.common import EXIT_CLUSTER, EXIT_INPUT, EXIT_INTERRUPTED
+import rmidl
+from rmidl.client.cli.common import (
+    EXIT_CLUSTER,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    HelpFormatter,
+    add_output_arguments,
+    log_level,
+    logging_configured,
+)
 from rmidl.errors import ClusterError, RmidlError
 
 __all__ = ["COMMANDS", "main"]
@@ -40,15 +48,28 @@ class Command(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
+def version() -> str:
+    """`rmidl --version`: ours, then the versions of what results depend on."""
+    import numpy
+    import Pyro5
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    libraries = f"Pyro5 {Pyro5.__version__}, numpy {numpy.__version__}"
+    return f"rmidl {rmidl.__version__} (Python {python}, {libraries})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmidl", description="RMI-style convolution cluster on Pyro5.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at info level")
+    parser = argparse.ArgumentParser(prog="rmidl", description="RMI-style convolution cluster on Pyro5.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
+    add_output_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module: Command = importlib.import_module(module_name)  # type: ignore[assignment]
-        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                                        formatter_class=HelpFormatter)
         module.add_arguments(command_parser)
+        add_output_arguments(command_parser, nested=True)
         command_parser.set_defaults(handler=module.run)
     return parser
 
@@ -57,17 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; RmidlError becomes `rmidl: error: ...` on stderr (traceback only with --debug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except RmidlError as error:
-        if args.debug:
-            raise
-        print(f"rmidl: error: {error}", file=sys.stderr)
-        return EXIT_CLUSTER if isinstance(error, ClusterError) else EXIT_INPUT
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    with logging_configured(log_level(args)):
+        try:
+            return int(args.handler(args) or 0)
+        except RmidlError as error:
+            if args.debug:
+                raise
+            print(f"rmidl: error: {error}", file=sys.stderr)
+            return EXIT_CLUSTER if isinstance(error, ClusterError) else EXIT_INPUT
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

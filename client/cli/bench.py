@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from rmidl.client.bench import forecast, plots, predict, report, results, study, tables
-from rmidl.client.cli.common import EXIT_FAILED, EXIT_OK
+from rmidl.client.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    LOCAL,
+    add_security_arguments,
+    choose_cluster,
+    config_from_args,
+    note,
+    table,
+)
 from rmidl.errors import ImageReadError, OptionError
 
 __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size", "run"]
@@ -55,14 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", metavar="PATH", help="image file to convolve (default: the built-in image)"
     )
     source.add_argument(
-        "--size", default="1280x720", help="WIDTHxHEIGHT of the built-in image (default 1280x720)"
+        "--size", default="1280x720", metavar="WxH",
+        help="size (width x height) the built-in image is resized to"
     )
     parser.add_argument(
-        "--kernels", default="random:128x11x11", metavar="BANK", help="kernel bank spec or file"
+        "--kernels", default="random:128x11x11", metavar="BANK",
+        help="kernel bank spec or file (syntax: rmidl run --help)"
     )
-    parser.add_argument("--mode", default="valid", choices=("valid", "same", "full"))
+    parser.add_argument("--mode", default="valid", choices=("valid", "same", "full"),
+                        help="output size rule, as scipy.signal.correlate's")
     parser.add_argument(
-        "--cores", default="1,2,4,8", help="core counts for the engine alone (default 1,2,4,8)"
+        "--cores", default="1,2,4,8", help="core counts for the engine alone"
     )
     parser.add_argument(
         "--workers",
@@ -77,9 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-shared-memory", action="store_true", help="send arrays over TCP even on one host"
     )
-    parser.add_argument("--ns", metavar="HOST:PORT", help="also run on the workers of this name server")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per configuration (default 10)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed checked runs first (default 1)")
+    parser.add_argument("--ns", metavar="HOST:PORT|local",
+                        help="also run on the workers of this name server (local: the running local cluster, "
+                        "from its cluster file; without --ns the study starts clusters of its own)")
+    add_security_arguments(parser)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed checked runs first")
     parser.add_argument("--out", default="bench-out", metavar="DIR", help="where tables and plots go")
     parser.add_argument("--predict", metavar="NODES", help="predict these node counts, e.g. 1,2,4,8,16,64")
     parser.add_argument("--link", default="1Gbit,10Gbit,25Gbit", help="link rate(s) for --predict")
@@ -136,7 +151,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, resul
     return prepared.image, prepared.kernels, job
 
 
-def _settings(args: argparse.Namespace) -> results.StudySettings:
+def _settings(args: argparse.Namespace) -> tuple[results.StudySettings, str | None]:
+    """The study's settings from the options, and what to tell the user about the cluster chosen."""
     for option, value, minimum in (
         ("--runs", args.runs, 1),
         ("--warmup", args.warmup, 0),
@@ -145,9 +161,10 @@ def _settings(args: argparse.Namespace) -> results.StudySettings:
     ):
         if value < minimum:
             raise OptionError(f"{option} {value} must be at least {minimum}")
-    if args.ns is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", args.ns):
+    if args.ns is not None and args.ns != LOCAL and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", args.ns):
         raise OptionError(f"--ns {args.ns!r} is not HOST:PORT")
-    return results.StudySettings(
+    target = choose_cluster(args, config_from_args(args)) if args.ns else None
+    settings = results.StudySettings(
         cores=parse_counts(args.cores, "--cores", minimum=1) if args.cores else (),
         workers=parse_counts(args.workers, "--workers", minimum=0) if args.workers else (),
         runs=args.runs,
@@ -156,8 +173,10 @@ def _settings(args: argparse.Namespace) -> results.StudySettings:
         threads_per_worker=args.threads_per_worker,
         local_threads=args.local_threads,
         shared_memory=not args.no_shared_memory,
-        ns=args.ns,
+        ns=target.ns if target else None,
+        config=target.config if target else None,
     )
+    return settings, target.note if target else None
 
 
 def _prediction_options(
@@ -217,17 +236,20 @@ def run(args: argparse.Namespace) -> int:
     if args.from_results:
         result = _load_earlier(args.from_results)
     else:
-        settings = _settings(args)
+        settings, chosen = _settings(args)
         if not settings.cores and not settings.workers and not settings.ns:
             raise OptionError("nothing to run: give --cores, --workers or --ns")
         image, kernels, job = load_inputs(args)
         _make_out(Path(args.out))  # before the study: a bad --out must not cost its minutes
+        if chosen:
+            note(args, chosen)
         total = len(study.configurations(settings)) * settings.runs
         with _progress(total) as on_run:
             result = study.run_study(image, kernels, settings, job=job, on_run=on_run)
     out = Path(args.out)
     _make_out(out)
-    lines = [tables.summary(result)]
+    lines = [table(tables.SUMMARY_HEADER, tables.summary_rows(result), align=tables.SUMMARY_ALIGN),
+             *tables.summary_notes(result)]
     written = report.write_report(result, out)
     if nodes:
         calibration = predict.calibrate(result)
@@ -238,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         report.write_results_json(result, out / "results.json")  # again, now with the prediction in it
         lines += [
             "",
-            tables.markdown_table(forecast.PREDICTION_HEADER, forecast.prediction_rows(predictions)),
+            table(forecast.PREDICTION_HEADER, forecast.prediction_rows(predictions),
+                  align=["left"] + ["right"] * (len(forecast.PREDICTION_HEADER) - 1)),
             f"model error on the measured configurations: {forecast.model_error(calibration)}",
         ]
     lines.append(f"\nwrote {len(written)} files to {out}/")

@@ -1,4 +1,5 @@
-"""What every `rmidl` command shares: its exit codes, the security options and the signal waiter."""
+"""What every `rmidl` command shares: exit codes, help and logging set-up, the security options, the
+signal waiter and the one table renderer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from tabulate import tabulate
+
+from rmidl.client.localcluster import LOG_FORMAT
 from rmidl.config import Config
+from rmidl.remote.clusterfile import LOCAL, Resolved
 
 __all__ = [
     "EXIT_CLUSTER",
@@ -20,11 +25,21 @@ __all__ = [
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "HelpFormatter",
+    "add_output_arguments",
+    "LOCAL",
+    "Target",
+    "add_cluster_arguments",
     "add_security_arguments",
+    "choose_cluster",
     "config_from_args",
+    "log_level",
+    "logging_configured",
     "main_of",
+    "note",
     "serve_until_stopped",
     "stop_on_signals",
+    "table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +53,116 @@ EXIT_CLUSTER = 3
 """The cluster failed the command (`rmidl.errors.ClusterError`: unreachable, refused, workers lost)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C, as shells report SIGINT."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is none;
+    descriptions and epilogs keep their line breaks (tables of syntax, exit codes)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default in ("", argparse.SUPPRESS)
+        if "default" in text or nothing:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """-v / --debug / -q, on `rmidl` itself and (`nested`) again on each command, so they work before
+    or after the command's name; a command's copy leaves unset what it was not given."""
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+    group = parser.add_argument_group("output")
+    group.add_argument("-v", "--verbose", action="store_true", help="log rmidl's progress (info level)",
+                       **unset)
+    group.add_argument("--debug", action="store_true",
+                       help="log rmidl's debug lines (not other libraries') and show tracebacks", **unset)
+    group.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr", **unset)
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The level the output options ask for: --debug over -v over -q; WARNING without any."""
+    if getattr(args, "debug", False):
+        return logging.DEBUG
+    if getattr(args, "verbose", False):
+        return logging.INFO
+    return logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
+
+
+@contextmanager
+def logging_configured(level: int) -> Iterator[None]:
+    """rmidl's loggers at `level` and everyone else's at WARNING (or above) while a command runs, with
+    Python warnings (e.g. Pillow's about corrupt EXIF) logged instead of printed raw; restored after,
+    so running commands in-process (tests, notebooks) leaves logging as it found it.
+
+    A handler on stderr is added only where the root logger has none (a `rmidl` process).
+    """
+    root, ours = logging.getLogger(), logging.getLogger("rmidl")
+    saved = root.level, ours.level
+    handler = None
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    # Others' debug floods (Pillow's chunk reader, Pyro5) stay out of --debug; their warnings still show.
+    root.setLevel(max(logging.WARNING, level))
+    ours.setLevel(level)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])
+        if handler is not None:
+            root.removeHandler(handler)
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """One informational line on stderr ("rmidl: ..."), unless --quiet: what a command chose for the user."""
+    if not getattr(args, "quiet", False):
+        print(f"rmidl: {text}", file=sys.stderr, flush=True)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
+          align: Sequence[str] | None = None) -> str:
+    """Rows under a header, aligned in columns with a rule under the header, for a terminal.
+
+    The one renderer of `status`, `demo` and `bench`: cells are shown as given (None as empty, numbers
+    not re-formatted); `align` ("left"/"right" per column) defaults to numbers right, text left.
+    """
+    cells = [["" if cell is None else cell for cell in row] for row in rows]
+    return str(tabulate(cells, headers=list(header), tablefmt="simple", disable_numparse=True, colalign=align,
+                        stralign="left", numalign="right"))
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, *, fallback: str | None = None) -> None:
+    """`--ns` (HOST:PORT or `local`) and, for commands that can work without a cluster (`fallback` says
+    how), `--no-cluster`."""
+    without = f"; none running: {fallback}" if fallback else ""
+    parser.add_argument("--ns", metavar="HOST:PORT|local",
+                        help="name server of the cluster to use (default: the local cluster `rmidl up` "
+                        f"started, found through its cluster file{without})")
+    if fallback:
+        parser.add_argument("--no-cluster", action="store_true",
+                            help=f"ignore any running local cluster: {fallback}")
+
+
+Target = Resolved
+"""The cluster a command uses (`rmidl.remote.clusterfile.Resolved`)."""
+
+
+def choose_cluster(args: argparse.Namespace, config: Config, *, fallback: str | None = None) -> Target:
+    """Which cluster: `--ns HOST:PORT` as given; `--ns local` (or no `--ns`) the newest running local
+    cluster from its cluster file, with its secret; none running and no `--ns`: no cluster when the
+    command has a `fallback` (say so), else a one-line RegistryError; `--no-cluster`: none. The rule is
+    `rmidl.remote.clusterfile.resolve`, which `Coordinator(ns=...)` follows too."""
+    from rmidl.remote import clusterfile
+
+    ns = getattr(args, "ns", None)
+    return clusterfile.resolve(ns, config, auto=not getattr(args, "no_cluster", False),
+                               explicit_secret=bool(getattr(args, "secret_file", None)),
+                               fallback=fallback)
 
 
 def add_security_arguments(

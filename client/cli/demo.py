@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmidl.client.cli.common import EXIT_FAILED, EXIT_OK
+from rmidl.client.cli.common import EXIT_FAILED, EXIT_OK, table
 from rmidl.client.coordinator import Coordinator
 from rmidl.client.localcluster import LocalCluster
+from rmidl.config import Config
 from rmidl.errors import OptionError
 
 HELP = "start a local cluster and time the reference experiment (1280x720, random:128x11x11) on it"
@@ -30,13 +31,14 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="worker processes of the demo's own local cluster")
     parser.add_argument("--kernels", default="random:128x11x11", metavar="BANK",
-                        help="bank (default %(default)s)")
+                        help="bank (syntax: rmidl run --help)")
     parser.add_argument("--size", default="1280x720", metavar="WxH",
-                        help="crop of the default image to use (default %(default)s)")
+                        help="crop (width x height) of the built-in image to use")
     parser.add_argument("--repeat", type=int, default=2, metavar="R",
-                        help="best of R timed runs after a warm-up run (default 2)")
+                        help="best of R timed runs after a warm-up run")
     parser.add_argument("--quick", action="store_true",
                         help="a small run (320x180, random:16x11x11, 1 repeat) to check the set-up")
 
@@ -63,7 +65,8 @@ def _best(repeat: int, call: Callable[[], tuple[np.ndarray, dict[str, int]]]) ->
     return best, result, tasks_by
 
 
-def measure(image: np.ndarray, kernels: np.ndarray, ns: str, repeat: int) -> list[Row]:
+def measure(image: np.ndarray, kernels: np.ndarray, ns: str, repeat: int,
+            config: Config | None = None) -> list[Row]:
     """Time each configuration and compare its maps with the single-thread local result."""
     configs: list[tuple[str, str | None, int, bool]] = [
         ("local pool, 1 thread", None, 1, True),
@@ -75,7 +78,7 @@ def measure(image: np.ndarray, kernels: np.ndarray, ns: str, repeat: int) -> lis
     rows: list[Row] = []
     reference: np.ndarray | None = None
     for name, address, local, shm in configs:
-        with Coordinator(address, local_threads=local, shared_memory=shm) as co:
+        with Coordinator(address, local_threads=local, shared_memory=shm, config=config) as co:
 
             def call(co: Coordinator = co) -> tuple[np.ndarray, dict[str, int]]:
                 return co.correlate(image, kernels), co.stats()
@@ -92,15 +95,15 @@ def measure(image: np.ndarray, kernels: np.ndarray, ns: str, repeat: int) -> lis
 
 def render(rows: list[Row], flops: float, cores: int) -> str:
     base = rows[0].seconds
-    header = f"{'configuration':<28} {'seconds':>8} {'speed-up':>8} {'GFLOP/s':>8} {'max rel err':>11}  tasks"
-    lines = [header]
-    for row in rows:
-        tasks = " ".join(f"{k}={v}" for k, v in sorted(row.tasks_by.items()))
-        lines.append(f"{row.name:<28} {row.seconds:8.3f} {base / row.seconds:8.2f} "
-                     f"{flops / row.seconds / 1e9:8.1f} {row.error:11.1e}  {tasks}")
+    header = ["configuration", "seconds", "speed-up", "GFLOP/s", "max rel err", "tasks"]
+    cells = [[row.name, f"{row.seconds:.3f}", f"{base / row.seconds:.2f}", f"{flops / row.seconds / 1e9:.1f}",
+              f"{row.error:.1e}", " ".join(f"{k}={v}" for k, v in sorted(row.tasks_by.items()))]
+             for row in rows]
     java1, java8 = JAVA_SECONDS[1], JAVA_SECONDS[8]
     for label, seconds in (("paper (Java RMI), 1 core", java1), ("paper (Java RMI), 8 cores", java8)):
-        lines.append(f"{label:<28} {seconds:8.1f} {java1 / seconds:8.2f} {PAPER_FLOPS / seconds / 1e9:8.2f}")
+        cells.append([label, f"{seconds:.1f}", f"{java1 / seconds:.2f}", f"{PAPER_FLOPS / seconds / 1e9:.2f}",
+                      "", ""])
+    lines = [table(header, cells, align=["left", "right", "right", "right", "right", "left"])]
     best = min(rows, key=lambda r: r.seconds)
     if abs(flops - PAPER_FLOPS) < 1e6:
         lines.append(f"ours on {cores} cores: best {best.seconds:.3f} s ({best.name}), "
@@ -135,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
     flops = 2.0 * k * kh * kw * (height - kh + 1) * (width - kw + 1)
     print(f"experiment: {width}x{height} image, {k} kernels {kh}x{kw}, valid: {flops / 1e9:.2f} GFLOP; "
           f"starting {args.workers} workers x 1 thread", flush=True)
-    with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True) as cluster:
-        rows = measure(image, kernels, cluster.ns_address, repeat)
+    with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True,
+                      secure=True) as cluster:
+        rows = measure(image, kernels, cluster.address, repeat, cluster.config)
     print(render(rows, flops, available_cores()))
     worst = max(row.error for row in rows)
     if worst > 1e-5:

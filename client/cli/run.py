@@ -11,30 +11,57 @@ from typing import Any
 
 import numpy as np
 
-from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
+from rmidl.client.cli.common import (
+    EXIT_OK,
+    add_cluster_arguments,
+    add_security_arguments,
+    choose_cluster,
+    config_from_args,
+    note,
+)
 from rmidl.client.coordinator import Coordinator
 from rmidl.errors import OptionError
 from rmidl.validate import MODES
 
 HELP = "correlate IMAGE with a kernel bank on the cluster and save the feature maps"
 
+BANK_SYNTAX = """\
+kernel banks (--kernels), as rmidl.load_kernels reads them; shapes are K x kh x kw (numpy order):
+  PATH.npy, PATH.npz      a saved (K, kh, kw) or (K, kh, kw, C) array (npz: its only array or 'kernels')
+  random:KxHxW[:SEED]     K kernels HxW of normal values, std 1/sqrt(H*W), seeded (default seed 0)
+  random:KxHxWxC[:SEED]   the same with C channels, for colour images
+  gabor:K[xS][:SIGMA]     K Gabor kernels SxS (default 11) at K orientations; sigma default S/4.5,
+                          wavelength sigma/0.56: S >= 6 keeps it at 2 px or more (e.g. gabor:8x11)
+  gaussian:S[:SIGMA]      one SxS Gaussian summing to 1 (default sigma as OpenCV's)
+  box:S                   one SxS mean filter
+  sobel                   2 kernels 3x3: d/dx, d/dy
+  laplacian               one 3x3 4-neighbour Laplacian
+
+IMAGE may be `default`: the built-in 1280x720 grayscale picture. Sizes are printed WxH, as image
+tools print them (a 1280x720 image has 720 rows)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="PNG, JPEG, TIFF, BMP or PGM/PPM file")
+    parser.epilog = BANK_SYNTAX
+    parser.add_argument("image", metavar="IMAGE",
+                        help="PNG, JPEG, TIFF, BMP or PGM/PPM file, or `default` (the built-in image)")
     parser.add_argument("--kernels", required=True, metavar="BANK",
-                        help="bank file (.npy/.npz) or spec such as random:128x11x11, gabor:8, sobel")
-    parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)} (default valid)")
+                        help="bank file (.npy/.npz) or spec such as random:128x11x11, gabor:8x11, sobel "
+                        "(syntax below)")
+    parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)}")
     parser.add_argument("--convolve", action="store_true", help="true convolution (flipped kernels)")
-    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: local pool only)")
+    add_cluster_arguments(parser, fallback="compute in this process")
     parser.add_argument("--workers", metavar="NAME[,NAME...]",
-                        help="use only these workers of --ns (default: every registered one)")
+                        help="use only these workers of the cluster (default: every registered one)")
     parser.add_argument("--local-threads", type=int, metavar="N",
-                        help="threads of this process's pool (default: all cores without --ns, 0 with)")
+                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
     parser.add_argument("--no-shared-memory", action="store_true",
                         help="send data over TCP even to workers on this host")
     add_security_arguments(parser)
     parser.add_argument("--out", metavar="PATH",
-                        help="PATH.npy / PATH.npz saves the maps; a directory gets PNGs + montage.png")
+                        help="PATH.npy / PATH.npz saves the maps; a directory gets one PNG per map and "
+                        "montage.png (labelled, one colour scale, with a colour bar when matplotlib is "
+                        "installed)")
 
 
 def _check_out(out: str | None) -> Path | None:
@@ -50,12 +77,10 @@ def _check_out(out: str | None) -> Path | None:
     raise OptionError(f"--out {out!r} must end in .npy or .npz, or name a directory")
 
 
-def parse_workers(text: str | None, ns: str | None) -> list[str] | None:
-    """--workers 'w0,w1' -> ['w0', 'w1'] (None when not given); it chooses among the workers of --ns."""
+def parse_workers(text: str | None) -> list[str] | None:
+    """--workers 'w0,w1' -> ['w0', 'w1'] (None when not given)."""
     if text is None:
         return None
-    if ns is None:
-        raise OptionError(f"--workers {text!r} chooses among the workers of a name server: give --ns too")
     names = [name.strip() for name in text.split(",")]
     if not all(names):
         raise OptionError(f"--workers {text!r} is not a comma-separated list of worker names")
@@ -116,21 +141,36 @@ def summary(seconds: float, flops: float, tasks_by: dict[str, int]) -> str:
     return f"{seconds:.3f} s, {rate:.1f} GFLOP/s, tasks per worker: {per_worker}"
 
 
+def _load_image(path: str, gray: bool) -> np.ndarray:
+    """IMAGE as `rmidl run` reads it: a file, or `default` (the built-in picture, unless a file of that
+    name is here)."""
+    from rmidl.imaging import default_image, load_image
+
+    if path == "default" and not Path(path).exists():
+        return default_image(np.float32) if gray else np.repeat(default_image(np.float32)[:, :, None], 3, 2)
+    return load_image(path, gray=gray)
+
+
 def run(args: argparse.Namespace) -> int:
     from rmidl.banks import load_kernels
-    from rmidl.imaging import load_image
-    from rmidl.validate import check_mode
+    from rmidl.validate import check_mode, prepare
 
     mode = check_mode(args.mode)
     out = _check_out(args.out)
-    workers = parse_workers(args.workers, args.ns)
+    workers = parse_workers(args.workers)
     kernels = load_kernels(args.kernels)
-    image = load_image(args.image, gray=kernels.ndim == 3)
+    # every check of the input before a cluster is chosen, contacted or told about
+    prepared = prepare(_load_image(args.image, gray=kernels.ndim == 3), kernels, mode)
+    # --workers chooses among a cluster's workers: without one running, say so rather than compute here
+    fallback = None if workers else "compute in this process"
+    target = choose_cluster(args, config_from_args(args), fallback=fallback)
     progress = _Progress()
     shm = not args.no_shared_memory
-    config = config_from_args(args)
-    with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=shm, config=config,
+    image, kernels = prepared.image, prepared.kernels
+    with Coordinator(target.ns, local_threads=args.local_threads, shared_memory=shm, config=target.config,
                      workers=workers) as co:
+        if target.note:  # once the options are all accepted: a refused command says one line only
+            note(args, target.note)
         start = time.perf_counter()
         try:
             operation = co.convolve if args.convolve else co.correlate
@@ -141,5 +181,5 @@ def run(args: argparse.Namespace) -> int:
         job = co.last_job()
     k, oh, ow = maps.shape
     where = save(maps, out) if out is not None else "not saved (no --out)"
-    print(f"{k} maps of {oh}x{ow} ({mode}): {summary(seconds, job['flops'], job['tasks_by'])}; {where}")
+    print(f"{k} maps of {ow}x{oh} ({mode}): {summary(seconds, job['flops'], job['tasks_by'])}; {where}")
     return EXIT_OK

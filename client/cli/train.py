@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rmidl.client.cli.common import EXIT_OK, add_security_arguments, config_from_args
+from rmidl.client.cli.common import (
+    EXIT_OK,
+    add_cluster_arguments,
+    add_security_arguments,
+    choose_cluster,
+    config_from_args,
+    note,
+)
 from rmidl.client.cli.featurefile import read_features
 from rmidl.errors import OptionError
 from rmidl.history import PHASES, EpochRecord, History
 
 HELP = "train the classifier (an MLP) on FEATURES.npz, on the cluster or here; save the model"
+FALLBACK = "train in this process"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initial weights, split and shuffles (0)")
     parser.add_argument("--shards", type=int, metavar="N",
                         help="logical shards per step (default min(16, batch / 32)): never the worker count")
-    parser.add_argument("--ns", metavar="HOST:PORT", help="name server (default: this machine's cores only)")
+    add_cluster_arguments(parser, fallback=FALLBACK)
     parser.add_argument("--workers", metavar="NAME[,NAME...]",
-                        help="use only these workers of --ns (default: every registered one)")
+                        help="use only these workers of the cluster (default: every registered one)")
     parser.add_argument("--local-threads", type=int, metavar="N",
-                        help="threads of this process's pool (default: all cores without --ns, 0 with)")
+                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
     parser.add_argument("--no-shared-memory", action="store_true",
                         help="send gradients over TCP even from workers on this host")
     add_security_arguments(parser)
@@ -47,19 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH.png",
                         help="loss/accuracy plot (default: beside --out, as .png; needs matplotlib)")
     parser.add_argument("--no-plot", action="store_true", help="draw no plot")
-    add_quiet_verbose(parser)
-
-
-def add_quiet_verbose(parser: argparse.ArgumentParser) -> None:
-    """-q / -v after the command's name, unless the command line gives every command them already."""
-    from rmidl.client.cli import common
-
-    if hasattr(common, "add_output_arguments"):
-        return
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="in the end, each epoch's phase split (ms per step) and bytes moved")
-    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bar and no per-epoch lines (the result line stays)")
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -102,24 +98,31 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and Path(args.out).suffix.lower() != ".npz":
         raise OptionError(f"--out {args.out!r} must end in .npz")
     plot = plot_target(args)
-    workers = parse_workers(args.workers, args.ns)
+    for option, target in (("--out", args.out), ("--plot", plot)):
+        folder = Path(target).parent if target is not None else None
+        if folder is not None and not folder.is_dir():  # found now, not after the training
+            why = "is not a directory" if folder.exists() else "does not exist"
+            raise OptionError(f"{option} {str(target)!r}: directory {str(folder)!r} {why}")
+    workers = parse_workers(args.workers)
     data = read_features(args.features, labels_required=True)
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    lines = _EpochLines(quiet=quiet)
     settings: dict[str, Any] = {
         "hidden": hidden, "activation": args.activation, "output": args.output, "epochs": args.epochs,
         "batch": batch, "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
         "validation": args.validation, "seed": args.seed, "shards": args.shards,
         "classes": None if data.classes is None else list(data.classes),
-        "progress": not quiet and sys.stderr.isatty(), "callback": lines,
     }
+    # --workers chooses among a cluster's workers: without one running, say so rather than train here
+    target = choose_cluster(args, config_from_args(args), fallback=None if workers else FALLBACK)
+    # said after the first epoch, once rmidl.train accepted every option: a refused command says one line
+    settings["callback"] = _EpochLines(quiet=quiet, first=lambda: target.note and note(args, target.note))
     started = time.perf_counter()
-    if args.ns is None:
+    if target.ns is None:
         model, history = rmidl.train(data.x, data.labels, threads=args.local_threads, **settings)
         where = "here"
     else:
-        with Coordinator(args.ns, local_threads=args.local_threads, shared_memory=not args.no_shared_memory,
-                         config=config_from_args(args), workers=workers) as co:
+        with Coordinator(target.ns, local_threads=args.local_threads, config=target.config,
+                         shared_memory=not args.no_shared_memory, workers=workers) as co:
             model, history = rmidl.train(data.x, data.labels, coordinator=co, **settings)
             tasks = co.last_job().get("tasks_by", {})
         where = "tasks: " + (" ".join(f"{name}={n}" for name, n in sorted(tasks.items())) or "-")
@@ -136,12 +139,15 @@ def run(args: argparse.Namespace) -> int:
 class _EpochLines:
     """The per-epoch lines under a header, written so that a progress bar on stderr stays whole."""
 
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
+    def __init__(self, *, quiet: bool, first: Callable[[], object]) -> None:
+        self.quiet, self.first = quiet, first
         self.history = History()
 
     def __call__(self, record: EpochRecord, model: object) -> None:
+        if not self.history.epochs:
+            self.first()
         if self.quiet:
+            self.history.epochs.append(record)
             return
         from tqdm import tqdm
 

@@ -14,12 +14,19 @@ from rmidl.client.cli.common import (
 from rmidl.client.localcluster import LocalCluster
 
 HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
+DESCRIPTION = HELP + """.
+
+The daemons require a cluster secret, freshly generated unless --secret-file (or RMIDL_SECRET) gives
+one, so other users of this machine cannot use them. The address and the secret go to a cluster file
+readable by you alone ($XDG_RUNTIME_DIR/rmidl/ or ~/.cache/rmidl/, removed on exit), through which
+`rmidl status`, `rmidl run` and `--ns local` find this cluster without --ns or a secret typed."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    parser.description = DESCRIPTION
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes")
     parser.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
-                        help="engine threads of each worker (default 1)")
+                        help="engine threads of each worker")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
                         help="name server port (default 0: any free port, printed)")
     add_security_arguments(parser, tls=False)  # the children read the secret from their environment
@@ -30,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         config = config_from_args(args)
         with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config,
-                          die_with_parent=True) as cluster:
+                          die_with_parent=True, secure=True, cluster_file=True) as cluster:
             assert cluster.ns is not None
             print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():
                 print(f"worker {name} pid {process.pid}", flush=True)
-            print(f"ready: {len(cluster.workers)} workers; use --ns {cluster.ns_address}; Ctrl-C stops",
-                  flush=True)
+            print(f"cluster file {cluster.cluster_file} (address and secret, for you alone)", flush=True)
+            print(f"ready: {len(cluster.workers)} workers at {cluster.ns_address}; `rmidl status` and "
+                  "`rmidl run` find them; Ctrl-C stops", flush=True)
             exited: set[str] = set()
             while not stop.wait(1.0):
                 for name, process in cluster.workers.items():

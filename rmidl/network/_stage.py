@@ -1,0 +1,208 @@
+"""One CNP stage of a Network: correlate with a kernel bank, apply an activation, pool (the paper's CNP)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from rmidl.activation import ACTIVATIONS, activate
+from rmidl.banks import load_kernels
+from rmidl.convolution import correlate
+from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
+from rmidl.geometry import output_shape
+from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
+from rmidl.validate import check_mode
+
+__all__ = ["ACTIVATION_NAMES", "POOL_NAMES", "Stage", "StageShapes", "Timings", "add_time"]
+
+ACTIVATION_NAMES = (*ACTIVATIONS, None)
+POOL_NAMES = (*POOL_KINDS, None)
+
+Timings = MutableMapping[str, float]
+
+
+def _correlate_batch(maps: np.ndarray, bank: np.ndarray, mode: str, threads: int | None,
+                     out: np.ndarray) -> None:
+    """Correlate maps (N, C, H, W) with bank (K, kh, kw, C), summing over C, into out (N, K, OH, OW).
+
+    The one place a Network calls the engine: one rmidl.correlate per image today; a batched engine call
+    (several images in one GEMM) replaces the loop here.
+    """
+    for i in range(maps.shape[0]):
+        correlate(maps[i].transpose(1, 2, 0), bank, mode=mode, threads=threads, out=out[i])
+
+
+def add_time(timings: Timings | None, key: str, seconds: float) -> None:
+    """timings[key] += seconds (from 0), unless timings is None."""
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + seconds
+
+
+@dataclass(frozen=True)
+class StageShapes:
+    """What one stage makes of maps (C, H, W): the correlation's (K, OH, OW) and the pooled output."""
+
+    maps_in: tuple[int, int, int]
+    conv: tuple[int, int, int]
+    out: tuple[int, int, int]
+
+
+class Stage:
+    """A CNP stage: correlation with `bank`, then `activation`, then `pool` (each optional but the bank).
+
+    Channel rule. Default (depthwise=False), the standard CNN layer: `bank` is (K, kh, kw, C) (or
+    (K, kh, kw) for C = 1) and output map k sums the correlations of all C input maps with kernel k's C
+    slices, so the stage makes K maps from C. depthwise=True filters each map on its own (PyTorch's
+    groups=C): `bank` is (K, kh, kw) (or (K, kh, kw, 1)) with K a multiple of the C input maps, and output
+    map k is input map k // (K // C) correlated with kernel k -- K = C keeps the map count, and on one
+    input map the two rules agree.
+
+    activation: "relu", "tanh", "abstanh", "sigmoid" or None; pool: "max", "avg" or None, with a
+    `pool_size` window (int or (rows, cols)) moved by `pool_stride` (default: the window); mode: the
+    correlation's "valid", "same" or "full" (as scipy.signal.correlate). `bank` may also be anything
+    rmidl.load_kernels reads (a spec such as "random:8x5x5" or a .npy/.npz path). Every argument is
+    checked here and kept as an attribute of the same name (`bank` as a read-only float32 4-D array,
+    `pool_size` and a given `pool_stride` as (rows, cols) pairs).
+    """
+
+    __slots__ = ("activation", "bank", "depthwise", "mode", "pool", "pool_size", "pool_stride")
+
+    def __init__(self, bank: np.ndarray | str | os.PathLike[str], *, activation: str | None = "relu",
+                 pool: str | None = "max", pool_size: int | tuple[int, int] = 2,
+                 pool_stride: int | tuple[int, int] | None = None, mode: str = "valid",
+                 depthwise: bool = False) -> None:
+        if activation not in ACTIVATION_NAMES:
+            raise OptionError(f"activation {activation!r} is not one of {_names(ACTIVATION_NAMES)}")
+        if pool not in POOL_NAMES:
+            raise OptionError(f"pool {pool!r} is not one of {_names(POOL_NAMES)}")
+        if not isinstance(depthwise, (bool, np.bool_)):
+            raise OptionError(f"depthwise={depthwise!r} must be True or False")
+        array = load_kernels(bank)
+        if array.ndim == 3:
+            array = array[..., None]
+        if depthwise and array.shape[3] != 1:
+            raise BankError(f"a depthwise bank is (K, kh, kw): one kernel per output map, got {array.shape}")
+        array = array.copy()  # load_kernels may return the caller's own float32 array, or a view of it
+        array.flags.writeable = False
+        self.bank: np.ndarray = array
+        self.activation = activation
+        self.pool = pool
+        self.pool_size = window_pair(pool_size, "pool_size")
+        self.pool_stride = None if pool_stride is None else window_pair(pool_stride, "pool_stride")
+        self.mode = check_mode(mode)
+        self.depthwise = bool(depthwise)
+
+    @property
+    def kernels(self) -> int:
+        """K: the number of maps this stage makes."""
+        return int(self.bank.shape[0])
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]:
+        return int(self.bank.shape[1]), int(self.bank.shape[2])
+
+    def accepts(self, maps: int) -> str | None:
+        """Why this stage cannot take `maps` input maps, or None if it can."""
+        if self.depthwise:
+            if self.kernels % maps:
+                return f"a depthwise bank of {self.kernels} kernels needs a map count dividing it, got {maps}"
+        elif self.bank.shape[3] != maps:
+            return f"its bank has {self.bank.shape[3]} channel(s) but its input has {maps} map(s)"
+        return None
+
+    def shapes(self, maps_in: tuple[int, int, int], where: str = "stage") -> StageShapes:
+        """The correlation's and the output's shapes for input maps (C, H, W); errors name `where`."""
+        c, h, w = maps_in
+        problem = self.accepts(c)
+        if problem:
+            raise ShapeError(f"{where}: {problem}")
+        kh, kw = self.kernel_hw
+        if self.mode == "valid" and (kh > h or kw > w):
+            raise KernelTooLarge(f"{where}: kernel {kh}x{kw} does not fit maps {h}x{w} in valid mode")
+        conv = (self.kernels, *output_shape((h, w), (kh, kw), self.mode))
+        if self.pool is None:
+            return StageShapes(maps_in, conv, conv)
+        try:
+            out = pool_shape(conv, self.pool_size, self.pool_stride)
+        except ShapeError as error:
+            raise ShapeError(f"{where}: {error} (the correlation's output)") from None
+        return StageShapes(maps_in, conv, (int(out[0]), int(out[1]), int(out[2])))
+
+    def flops(self, shapes: StageShapes) -> int:
+        """Floating-point operations per image: 2 per multiply-add, 1 per activation value or pooled input."""
+        k, oh, ow = shapes.conv
+        kh, kw = self.kernel_hw
+        depth = kh * kw * (1 if self.depthwise else shapes.maps_in[0])
+        total = 2 * k * oh * ow * depth
+        if self.activation is not None:
+            total += k * oh * ow
+        if self.pool is not None:
+            total += shapes.out[0] * shapes.out[1] * shapes.out[2] * self.pool_size[0] * self.pool_size[1]
+        return total
+
+    def forward(self, maps: np.ndarray, *, threads: int | None = None, timings: Timings | None = None,
+                name: str = "CNP") -> np.ndarray:
+        """Maps (N, C, H, W) float32 -> (N, K, H', W') float32; adds seconds to timings[name + ".conv"|...].
+
+        The caller checks the input (Network.forward_batch does); see `shapes` for what fits.
+        """
+        start = time.perf_counter()
+        n = maps.shape[0]
+        shapes = self.shapes(maps.shape[1:], name)
+        conv = np.empty((n, *shapes.conv), np.float32)
+        if self.depthwise:
+            per_map = self.kernels // maps.shape[1]
+            for c in range(maps.shape[1]):
+                group = slice(c * per_map, (c + 1) * per_map)
+                _correlate_batch(maps[:, c : c + 1], self.bank[group], self.mode, threads, conv[:, group])
+        else:
+            _correlate_batch(maps, self.bank, self.mode, threads, conv)
+        convolved = time.perf_counter()
+        if self.activation is not None:
+            activate(conv, self.activation, out=conv)
+        activated = time.perf_counter()
+        out = conv
+        if self.pool is not None:
+            out = pool(conv, self.pool_size, stride=self.pool_stride, kind=self.pool)
+        add_time(timings, f"{name}.conv", convolved - start)
+        add_time(timings, f"{name}.act", activated - convolved)
+        add_time(timings, f"{name}.pool", time.perf_counter() - activated)
+        return out
+
+    def settings(self) -> dict[str, object]:
+        """Every argument but the bank, as JSON-ready values (what Network.save writes)."""
+        return {"activation": self.activation, "pool": self.pool, "pool_size": list(self.pool_size),
+                "pool_stride": None if self.pool_stride is None else list(self.pool_stride),
+                "mode": self.mode, "depthwise": self.depthwise}
+
+    def spec(self) -> str:
+        """This stage in Network.from_spec's grammar, with "random" standing for the bank's values."""
+        k, kh, kw = self.bank.shape[:3]
+        parts = [f"{k}x{kh}x{kw}", self.activation or "linear"]
+        if self.pool is None:
+            parts.append("nopool")
+        else:
+            size = _pair_text(self.pool_size)
+            stride = "" if self.pool_stride in (None, self.pool_size) else f"s{_pair_text(self.pool_stride)}"
+            parts.append(f"{self.pool}{size}{stride}")
+        if self.mode != "valid":
+            parts.append(self.mode)
+        if self.depthwise:
+            parts.append("dw")
+        return ":".join(parts)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.spec()!r})"
+
+
+def _pair_text(pair: tuple[int, int] | None) -> str:
+    assert pair is not None
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+def _names(values: tuple[str | None, ...]) -> str:
+    return ", ".join(str(v) for v in values)
