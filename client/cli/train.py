@@ -12,6 +12,7 @@ from typing import Any
 from rmidl.client.cli.common import (
     EXIT_OK,
     add_cluster_arguments,
+    add_coordinator_arguments,
     add_security_arguments,
     choose_cluster,
     config_from_args,
@@ -45,12 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, metavar="N",
                         help="logical shards per step (default min(16, batch / 32)): never the worker count")
     add_cluster_arguments(parser, fallback=FALLBACK)
-    parser.add_argument("--workers", metavar="NAME[,NAME...]",
-                        help="use only these workers of the cluster (default: every registered one)")
-    parser.add_argument("--local-threads", type=int, metavar="N",
-                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
-    parser.add_argument("--no-shared-memory", action="store_true",
-                        help="send gradients over TCP even from workers on this host")
+    add_coordinator_arguments(parser, moved="gradients")
     add_security_arguments(parser)
     parser.add_argument("--out", metavar="MODEL.npz", help="save the trained model here")
     parser.add_argument("--plot", metavar="PATH.png",
