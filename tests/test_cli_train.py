@@ -122,3 +122,29 @@ def test_train_and_predict_in_real_processes(features, tmp_path):
                                timeout=120, check=False)
     assert predicted.returncode == 0, predicted.stderr
     assert predicted.stdout.startswith("accuracy ")
+
+
+def test_images_to_features_to_model_to_predictions_on_a_local_cluster(tmp_path, capsys):
+    """The pipeline's last two stages after its first: texture images -> CNN features (Network) ->
+    FEATURES.npz -> rmidl train on 2 workers -> rmidl predict on the disjoint test images."""
+    from rmidl import datasets
+    from rmidl.client.localcluster import LocalCluster
+
+    textures = datasets.make_textures(tmp_path / "textures", per_class=10, size=48, source="procedural")
+    network = rmidl.Network.from_spec("6x5x5:relu:max2,6x5x5:relu:max2", seed=0)
+    files = {}
+    for split, folder in (("train", textures.train), ("test", textures.test)):
+        data = datasets.open(folder).read()
+        files[split] = tmp_path / f"{split}.npz"
+        np.savez(files[split], X=network.forward_batch(data.images, threads=1), labels=data.labels,
+                 classes=np.array(textures.classes))
+    model = tmp_path / "model.npz"
+    with LocalCluster(workers=2) as cluster:
+        argv = ["train", str(files["train"]), "--ns", cluster.ns_address, "--epochs", "10", "--batch", "16",
+                "--out", str(model), "--no-plot", "-q"]
+        assert main(argv) == 0
+    assert "(tasks: w" in capsys.readouterr().out  # trained on the workers
+    assert main(["predict", str(model), str(files["test"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("accuracy ") and "on 12 samples" in lines[0]
+    assert [line.split()[0] for line in lines[3:9]] == list(textures.classes)

@@ -17,7 +17,7 @@ import rmidl
 from rmidl.client import Coordinator
 from rmidl.client.localcluster import LocalCluster
 from rmidl.dataparallel import ComputeShards, Step, StepResult, TrainingJob, Weights, split_shards
-from rmidl.errors import BankError, OptionError, ShapeError, WorkerLost
+from rmidl.errors import BankError, BudgetExceeded, OptionError, ShapeError, WorkerLost
 from rmidl.mlp import MLPSpec
 from rmidl.remote.blobs import Blob
 from rmidl.remote.gradient import GradientReply, GradientTask
@@ -169,6 +169,22 @@ def test_a_worker_of_an_older_version_sits_training_out(nameserver, start_worker
         assert same_run(*rmidl.train(x, y, coordinator=co, **SMALL), rmidl.train(x, y, threads=0, **SMALL))
         assert set(co.last_job()["tasks_by"]) == {"local"}
     assert old.worker.gradient_calls == 0 and not old.worker.puts
+
+
+def test_shards_too_large_for_a_message_are_refused_before_any_moves(nameserver, start_worker,
+                                                                     cluster_config, blobs):
+    x, y = blobs(n=600)  # 8 shards of 60 rows: x (60, 12) and y (60,) in float64, 6240 bytes, plus framing
+    small = cluster_config.replace(max_message_size=64 << 10)
+    handle = start_worker(worker_class=CountingWorker, config=cluster_config.replace(max_message_size=4096))
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as co, pytest.raises(
+        WorkerLost, match=r"w0 takes messages of 4096 bytes, a shard needs \d+"
+    ):
+        rmidl.train(x, y, coordinator=co, **SMALL)
+    with Coordinator(nameserver, local_threads=1, config=small) as co, pytest.raises(
+        BudgetExceeded, match="a training shard of 576480 bytes does not fit max_message_size=65536"
+    ):
+        rmidl.train(np.repeat(x, 100, axis=1), y, coordinator=co, **SMALL)
+    assert not handle.worker.puts and handle.worker.gradient_calls == 0
 
 
 # -- the worker's side of a gradient task ----------------------------------------------------------------
