@@ -108,7 +108,7 @@ def test_a_worker_that_lost_its_blobs_gets_them_again(nameserver, start_worker, 
     assert max(handle.worker.puts.values()) > 1  # what it forgot was put again
 
 
-class KillBefore:
+class BeforeStep:
     """Stands in for a Coordinator and runs `action` just before step `step` of the training."""
 
     def __init__(self, coordinator: Coordinator, step: int, action: Callable[[], None]) -> None:
@@ -136,7 +136,7 @@ def test_a_worker_killed_mid_epoch_has_its_shards_recomputed_elsewhere(blobs, ca
     serial = rmidl.train(x, y, threads=0, **SMALL)
     before = our_blocks()
     with LocalCluster(workers=2) as cluster, Coordinator(cluster.ns_address, local_threads=0) as co:
-        killer = KillBefore(co, 7, lambda: cluster.kill("w2"))  # epoch 2, step 3 of 5
+        killer = BeforeStep(co, 7, lambda: cluster.kill("w2"))  # epoch 2, step 3 of 5
         with caplog.at_level(logging.WARNING, logger="rmidl.client.scheduler"):
             assert same_run(*rmidl.train(x, y, coordinator=killer, **SMALL), serial)
         assert {w["name"]: w["state"] for w in co.workers()}["w2"] == "dead"
@@ -156,6 +156,23 @@ def test_a_worker_dying_inside_a_gradient_task_loses_no_work(blobs, children):
             assert {w["name"]: w["state"] for w in co.workers()} == {"dies": "dead", "w1": "ok"}
             assert co.last_job()["tasks_by"].get("dies", 0) <= 2  # its third task was run again on w1
         assert dying.wait_exit()[0] == -9
+
+
+def test_a_worker_joining_mid_training_takes_bundles(nameserver, start_worker, cluster_config, blobs):
+    x, y = blobs(n=600)
+    serial = rmidl.train(x, y, threads=0, **SMALL)
+    start_worker(worker_class=CountingWorker)
+    joined = []
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as co:
+
+        def join() -> None:
+            joined.append(start_worker(worker_class=CountingWorker))
+            assert len(co.workers()) == 2  # looked up now (a job also looks every poll interval)
+
+        assert same_run(*rmidl.train(x, y, coordinator=BeforeStep(co, 7, join), **SMALL), serial)
+        assert co.last_job()["tasks_by"].get("w1", 0) > 0
+    late = joined[0].worker
+    assert late.gradient_calls > 0 and sum(b.startswith("weights-") for b in late.puts) == 15 - 7
 
 
 def test_a_worker_of_an_older_version_sits_training_out(nameserver, start_worker, cluster_config, blobs):
