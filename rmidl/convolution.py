@@ -6,55 +6,69 @@ import logging
 
 import numpy as np
 
-from rmidl.geometry import pad_for_mode
-from rmidl.kernels import correlate_valid
-from rmidl.validate import check_engine, check_out, check_threads, prepare
+from rmidl.errors import OptionError
+from rmidl.geometry import mode_padding
+from rmidl.kernels import correlate_valid, correlate_valid_batch
+from rmidl.validate import check_engine, check_out, check_threads, prepare, prepare_batch
 
 __all__ = ["convolve", "correlate"]
 
 logger = logging.getLogger(__name__)
 
 
-def correlate(image: object, kernels: object, *, mode: str = "valid", threads: int | None = None,
-              engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+def correlate(image: object, kernels: object, *, batch: bool = False, mode: str = "valid",
+              threads: int | None = None, engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """Correlate an image (H, W[, C]) with a bank (K, kh, kw[, C]) or one (kh, kw) kernel -> (K, OH, OW).
 
-    Matches scipy.signal.correlate(image, kernel, mode) per kernel, summed over channels. The result is
-    float32 unless both inputs are float64. `threads=None` uses every core; `engine` is "auto" or one of
-    rmidl.kernels.ENGINES; `out` is a caller's buffer of the result's shape and dtype.
+    Matches scipy.signal.correlate(image, kernel, mode) per kernel, summed over channels. With
+    `batch=True` the first argument is a batch of images (N, H, W[, C]) and the result (N, K, OH, OW).
+    The result is float32 unless both inputs are float64. `threads=None` uses every core; `engine` is
+    "auto" or one of rmidl.kernels.ENGINES; `out` is a caller's buffer of the result's shape and dtype.
     """
-    return _run(image, kernels, mode=mode, threads=threads, engine=engine, out=out, flip=False)
+    return _run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out, flip=False)
 
 
-def convolve(image: object, kernels: object, *, mode: str = "valid", threads: int | None = None,
-             engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+def convolve(image: object, kernels: object, *, batch: bool = False, mode: str = "valid",
+             threads: int | None = None, engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """True convolution (kernels flipped), matching scipy.signal.convolve; otherwise as `correlate`."""
-    return _run(image, kernels, mode=mode, threads=threads, engine=engine, out=out, flip=True)
+    return _run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out, flip=True)
 
 
-def _run(image: object, kernels: object, *, mode: str, threads: int | None, engine: str,
+def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int | None, engine: str,
          out: np.ndarray | None, flip: bool) -> np.ndarray:
     n_threads = check_threads(threads)
     engine = check_engine(engine)
-    p = prepare(image, kernels, mode)
-    if flip:
-        p = p.flipped()
-    bank = p.kernels
-    padded = pad_for_mode(p.image, bank.shape[1:3], p.mode)
-    result = np.empty(p.out_shape, p.dtype) if out is None else check_out(out, p.out_shape, p.dtype)
+    if not isinstance(batch, (bool, np.bool_)):
+        raise OptionError(f"batch={batch!r} must be True or False")
+    out_shape: tuple[int, ...]
+    if batch:
+        many = prepare_batch(image, kernels, mode)
+        many = many.flipped() if flip else many
+        images, bank, dtype, out_shape = many.images, many.kernels, many.dtype, many.out_shape
+    else:
+        one = prepare(image, kernels, mode)
+        one = one.flipped() if flip else one
+        images, bank, dtype, out_shape = one.image[None], one.kernels, one.dtype, one.out_shape
+    rows, cols = mode_padding(bank.shape[1:3], mode)
+    padded = images if rows == cols == (0, 0) else np.pad(images, [(0, 0), rows, cols, (0, 0)])
+    result = np.empty(out_shape, dtype) if out is None else check_out(out, out_shape, dtype)
+    target4 = result if batch else result[None]
     # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs
     # (engines read input rows after writing earlier outputs), gets a temporary and one copy.
-    direct = _rows_contiguous(result) and not (np.may_share_memory(result, padded)
-                                               or np.may_share_memory(result, bank))
-    target = result if direct else np.empty(p.out_shape, p.dtype)
-    correlate_valid(padded, bank, target, threads=n_threads, engine=engine)
-    if target is not result:
-        result[...] = target
+    direct = _rows_contiguous(target4) and not (np.may_share_memory(result, padded)
+                                                or np.may_share_memory(result, bank))
+    target = target4 if direct else np.empty(target4.shape, dtype)
+    if batch:
+        correlate_valid_batch(padded, bank, target, threads=n_threads, engine=engine)
+    else:
+        correlate_valid(padded[0], bank, target[0], threads=n_threads, engine=engine)
+    if target is not target4:
+        target4[...] = target
     return result
 
 
 def _rows_contiguous(array: np.ndarray) -> bool:
-    """True if each output row is contiguous and the rows of one kernel follow each other."""
+    """True if each output row is contiguous and the rows of one map follow each other."""
     item = array.itemsize
-    _, rows, cols = array.shape
-    return (cols <= 1 or array.strides[2] == item) and (rows <= 1 or array.strides[1] == cols * item)
+    *_, rows, cols = array.shape
+    return (cols <= 1 or array.strides[-1] == item) and (rows <= 1 or array.strides[-2] == cols * item)

@@ -12,6 +12,7 @@ from rmidl.geometry import output_shape
 __all__ = [
     "MODES",
     "Prepared",
+    "PreparedBatch",
     "check_engine",
     "check_mode",
     "check_out",
@@ -20,6 +21,7 @@ __all__ = [
     "first_non_finite",
     "float32_overflow",
     "prepare",
+    "prepare_batch",
 ]
 
 MODES = ("valid", "same", "full")
@@ -43,8 +45,7 @@ class Prepared:
 
     def flipped(self) -> Prepared:
         """The same inputs with every kernel flipped in both spatial axes: convolution as correlation."""
-        kernels = np.ascontiguousarray(self.kernels[:, ::-1, ::-1, :])
-        return Prepared(self.image, kernels, self.dtype, self.mode)
+        return Prepared(self.image, _flip(self.kernels), self.dtype, self.mode)
 
 
 def check_mode(mode: object) -> str:
@@ -115,26 +116,89 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
     if img.ndim == 2:
         img = img[:, :, None]
     elif img.ndim != 3:
-        raise ShapeError(f"image must be (H, W) or (H, W, C), got shape {img.shape}")
+        hint = "; did you mean batch=True (a batch of (H, W, C) images)?" if img.ndim == 4 else ""
+        raise ShapeError(f"image must be (H, W) or (H, W, C), got shape {img.shape}{hint}")
+    ker = _kernels_4d(ker)
     channels = img.shape[2]
-    if ker.ndim == 2:
-        ker = ker[None, :, :, None]
-    elif ker.ndim == 3:
-        ker = ker[..., None]
-    elif ker.ndim != 4:
-        raise ShapeError(f"kernels must be (K, kh, kw) or (K, kh, kw, C), got shape {ker.shape}")
     if 0 in img.shape:
         raise ShapeError(f"image is empty: shape {img.shape[:2] if channels == 1 else img.shape}")
+    _check_bank(ker)
+    if ker.shape[3] != channels:
+        # An (N, H, W) stack read as one image of N x H with W channels: say what batch=True would do.
+        hint = (f"; did you mean batch=True ({img.shape[0]} images of {img.shape[1]}x{img.shape[2]})?"
+                if ker.shape[3] == 1 else "")
+        raise ShapeError(f"kernels have {ker.shape[3]} channel(s) but the image has {channels}{hint}")
+    _check_fit(img.shape[:2], ker, mode, "image")
+    img, ker, dtype = _canonical(img, ker, ("image", "kernels"))
+    return Prepared(img, ker, dtype, mode)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Canonical batch inputs: images (N, H, W, C), kernels (K, kh, kw, C), both C-contiguous in `dtype`."""
+
+    images: np.ndarray
+    kernels: np.ndarray
+    dtype: np.dtype
+    mode: str
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        n, h, w, _ = self.images.shape
+        k, kh, kw, _ = self.kernels.shape
+        return (n, k, *output_shape((h, w), (kh, kw), self.mode))
+
+    def flipped(self) -> PreparedBatch:
+        """The same inputs with every kernel flipped in both spatial axes: convolution as correlation."""
+        return PreparedBatch(self.images, _flip(self.kernels), self.dtype, self.mode)
+
+
+def prepare_batch(images: object, kernels: object, mode: str = "valid") -> PreparedBatch:
+    """As `prepare`, for a batch of images (N, H, W) or (N, H, W, C); an empty batch (N = 0) is allowed."""
+    mode = check_mode(mode)
+    img = _as_real_array(images, "images")
+    ker = _as_real_array(kernels, "kernels")
+    if img.ndim == 3:
+        img = img[..., None]
+    elif img.ndim != 4:
+        raise ShapeError(f"with batch=True images must be (N, H, W) or (N, H, W, C), got shape {img.shape}")
+    ker = _kernels_4d(ker)
+    if 0 in img.shape[1:]:
+        raise ShapeError(f"images are empty: shape {img.shape}")
+    _check_bank(ker)
+    if ker.shape[3] != img.shape[3]:
+        raise ShapeError(f"kernels have {ker.shape[3]} channel(s) but the images have {img.shape[3]}")
+    _check_fit(img.shape[1:3], ker, mode, "images")
+    img, ker, dtype = _canonical(img, ker, ("images", "kernels"))
+    return PreparedBatch(img, ker, dtype, mode)
+
+
+def _kernels_4d(ker: np.ndarray) -> np.ndarray:
+    if ker.ndim == 2:
+        return ker[None, :, :, None]
+    if ker.ndim == 3:
+        return ker[..., None]
+    if ker.ndim != 4:
+        raise ShapeError(f"kernels must be (K, kh, kw) or (K, kh, kw, C), got shape {ker.shape}")
+    return ker
+
+
+def _check_bank(ker: np.ndarray) -> None:
     if 0 in ker.shape:
         raise ShapeError(f"kernel bank is empty: shape {ker.shape}")
-    if ker.shape[3] != channels:
-        raise ShapeError(f"kernels have {ker.shape[3]} channel(s) but the image has {channels}")
-    h, w = img.shape[:2]
-    kh, kw = ker.shape[1:3]
+
+
+def _check_fit(image_hw: tuple[int, ...], ker: np.ndarray, mode: str, what: str) -> None:
+    (h, w), (kh, kw) = image_hw, ker.shape[1:3]
     if mode == "valid" and (kh > h or kw > w):
-        raise KernelTooLarge(f"kernel {kh}x{kw} does not fit image {h}x{w} in valid mode")
+        raise KernelTooLarge(f"kernel {kh}x{kw} does not fit {what} {h}x{w} in valid mode")
+
+
+def _canonical(img: np.ndarray, ker: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray,
+                                                                                np.dtype]:
+    """Both arrays checked for non-finite and out-of-range values, C-contiguous in the work dtype."""
     dtype = np.dtype(np.float64 if img.dtype == np.float64 and ker.dtype == np.float64 else np.float32)
-    for array, what in ((img, "image"), (ker, "kernels")):
+    for array, what in zip((img, ker), names, strict=True):
         problem = first_non_finite(array)
         if problem is not None:
             raise NonFiniteInput(f"{what} contains {problem}")
@@ -143,14 +207,16 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
         if peak is not None:
             raise NonFiniteInput(f"{what} has values beyond the float32 range (max |value| {peak:.3g}); "
                                  "the work is float64 only if image and kernels both are")
-    img = np.ascontiguousarray(img, dtype=dtype)
-    ker = np.ascontiguousarray(ker, dtype=dtype)
-    return Prepared(img, ker, dtype, mode)
+    return np.ascontiguousarray(img, dtype=dtype), np.ascontiguousarray(ker, dtype=dtype), dtype
+
+
+def _flip(kernels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(kernels[:, ::-1, ::-1, :])
 
 
 def float32_overflow(array: np.ndarray) -> float | None:
     """The largest |value| of a wider float array when float32 cannot hold it; None otherwise."""
-    if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or array.size == 0:
         return None
     peak = max(float(array.max()), -float(array.min()))
     return peak if peak > _FLOAT32_MAX else None

@@ -7,7 +7,14 @@ scipy.ndimage.correlate; seconds (median), GFLOP/s (27.93 GFLOP / s), % of SGEMM
 (single-threaded baselines against 1-thread SGEMM), and the tracemalloc peak of temporaries beyond the
 output. Slow rows (direct, ndimage) run a slice of the bank and are scaled to 128 kernels, as marked.
 
+With --multichannel: the CNN layer 48 x (95x95x25) * (25, 11, 11, 25), valid, through rmidl's batch
+API (auto, and each engine) against torch.nn.functional.conv2d (the optional `bench` extra) and SGEMM,
+all at 1 and 2 threads, interleaved in one run; --map adds the crossover map of every engine over
+C in {1,3,8,25,64}, K in {8,25,128}, kernels 3..15 and images 200, 95, 42, 16 (and --json FILE keeps it).
+
 Usage: .venv/bin/python scripts/bench_engines.py [--repeat 3] [--threads 1 2] [--crossover]
+       .venv/bin/python scripts/bench_engines.py --multichannel [--map [--cpu-time] --json FILE]
+       .venv/bin/python scripts/bench_engines.py --fit FILE   (the cost model's constants from a map)
 """
 
 from __future__ import annotations
@@ -85,8 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median), at least 3")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--crossover", action="store_true", help="also time engines across kernel sizes")
+    parser.add_argument("--multichannel", action="store_true",
+                        help="the 48 x (95x95x25) * (25, 11, 11, 25) layer instead of the reference job")
+    parser.add_argument("--map", action="store_true", help="with --multichannel: the crossover map too")
+    parser.add_argument("--json", help="with --map: write every timing to this file")
+    parser.add_argument("--fit", metavar="FILE", help="refit the cost model to a --map --json FILE and stop")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --map: time CPU seconds (use with --threads 1 on a loaded machine)")
     args = parser.parse_args(argv)
     repeat = max(3, args.repeat)
+    if args.fit:
+        from bench_multichannel import fit
+
+        fit(args.fit)
+        return 0
+    if args.multichannel:
+        from bench_multichannel import crossover_map, layer_table
+
+        layer_table(args.threads, repeat)
+        if args.map:
+            clock = time.process_time if args.cpu_time else time.perf_counter
+            crossover_map(max(args.threads), args.json, clock)
+        return 0
 
     rng = np.random.default_rng(1)
     image = rng.standard_normal((H, W, 1)).astype(np.float32)

@@ -36,6 +36,18 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink every engine's tiles so that small images cross many tile, group and chunk boundaries."""
+    from rmidl.kernels import _direct, _fft, _lowering
+
+    monkeypatch.setattr(_lowering, "SCRATCH_BYTES", 4096)
+    monkeypatch.setattr(_lowering, "GEMM_COLUMNS", 16)
+    monkeypatch.setattr(_direct, "TILE_BYTES", 256)
+    monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(_fft, "TEMP_BYTES", 64 << 10)
+
+
+@pytest.fixture
 def cluster_config() -> Config:
     """Settings of in-process daemons and their clients (no secret, no TLS; ignores RMIDL_* variables)."""
     return Config(environ={})

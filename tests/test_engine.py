@@ -11,7 +11,6 @@ from threadpoolctl import threadpool_info
 
 import rmidl
 from rmidl import kernels as engines
-from rmidl.kernels import _direct, _fft, _lowering
 from rmidl.kernels._threads import blas_pinned, run_tiles
 
 MODES = ("valid", "same", "full")
@@ -47,16 +46,6 @@ def test_every_engine_and_mode_matches_scipy(case) -> None:
             assert_close(rmidl.correlate(image, bank, mode=mode, engine=engine, threads=threads), want)
             assert_close(rmidl.convolve(image, bank, mode=mode, engine=engine, threads=threads),
                          want_flipped)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shrink every engine's tiles so that small images cross many tile and chunk boundaries."""
-    monkeypatch.setattr(_lowering, "SCRATCH_BYTES", 4096)
-    monkeypatch.setattr(_direct, "TILE_BYTES", 256)
-    monkeypatch.setattr(_fft, "TILE_ELEMENTS", 512)
-    monkeypatch.setattr(_fft, "SPECTRA_BYTES", 8192)
-    monkeypatch.setattr(_fft, "BANDS_BYTES", 8192)
 
 
 @pytest.mark.usefixtures("small_tiles")

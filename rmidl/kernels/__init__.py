@@ -1,7 +1,10 @@
 """Convolution engines behind one dispatch: the fast, unchecked valid correlation workers call per task.
 
-`correlate_valid` takes canonical arrays only (image (H, W, C), kernels (K, kh, kw, C), one float dtype,
-C-contiguous) and a valid-mode output whose rows are contiguous; `rmidl.correlate` does the checking.
+`correlate_valid` (one image) and `correlate_valid_batch` (N images) take canonical arrays only (images
+(H, W, C) or (N, H, W, C), kernels (K, kh, kw, C), one float dtype, C-contiguous) and a valid-mode output
+whose rows are contiguous; `rmidl.correlate` does the checking. A worker serving batch tasks keeps one
+`KernelSpectra(bank)` beside each cached bank and passes `spectra=spectra.select(k0, k1)` with the
+kernel group `bank[k0:k1]`: the fft engine then transforms the bank once per FFT size, not per task.
 """
 
 from __future__ import annotations
@@ -10,19 +13,22 @@ import logging
 
 import numpy as np
 
+from rmidl.errors import OptionError
 from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
 from rmidl.kernels._direct import correlate_direct
-from rmidl.kernels._fft import correlate_fft
+from rmidl.kernels._fft import KernelSpectra, correlate_fft
 from rmidl.kernels._lowering import correlate_lowering
 from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
 from rmidl.validate import check_engine
 
 __all__ = [
     "ENGINES",
+    "KernelSpectra",
     "available_cores",
     "blas_pinned",
     "choose_engine",
     "correlate_valid",
+    "correlate_valid_batch",
     "engine_seconds",
     "estimate_seconds",
     "measure_gflops",
@@ -32,52 +38,89 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("lowering", "direct", "fft")
 """Engine names `engine=` accepts, besides "auto"."""
+SAMPLE_VALUES = 1 << 16
+"""Values sampled to decide whether a batch's images need centring (see `_offsets`)."""
+CENTRED_BYTES = 32 << 20
+"""Bytes of centred images (see `_remove_offset`) made at once: larger batches are centred in slices."""
 
 
 def correlate_valid(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
-                    threads: int | None = None, engine: str = "auto") -> np.ndarray:
+                    threads: int | None = None, engine: str = "auto",
+                    spectra: KernelSpectra | None = None) -> np.ndarray:
     """Valid correlation of image (H, W, C) with kernels (K, kh, kw, C) into out (K, OH, OW); returns out.
 
     No array checks (only the engine name): `out` may be a view (e.g. rows of a shared-memory output) as
     long as each output row is contiguous, rows follow each other (row stride OW * itemsize) and it does
-    not overlap the inputs.
+    not overlap the inputs. `spectra`: the bank's cached kernel spectra for the fft engine (optional).
     """
-    engine = check_engine(engine)  # before any work: the per-task path has no other check
-    n_threads = resolve_threads(threads)
-    if engine == "auto":
-        engine = choose_engine(image.shape[:2], kernels.shape, n_threads)
-    logger.debug("correlate_valid %s * %s, %d thread(s), %s", image.shape, kernels.shape, n_threads, engine)
-    image, bias = _remove_offset(image, kernels)
-    with blas_pinned():
-        if engine == "lowering":
-            correlate_lowering(image, kernels, out, n_threads)
-        elif engine == "direct":
-            correlate_direct(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
-        else:
-            correlate_fft(image, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, n_threads)
-    if bias is not None:
-        out += bias.astype(out.dtype)[:, None, None]
+    correlate_valid_batch(image[None], kernels, out[None], threads=threads, engine=engine, spectra=spectra)
     return out
 
 
-def _remove_offset(image: np.ndarray, kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Subtract each channel's mean from a float32 image whose mean dominates its spread.
+def correlate_valid_batch(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
+                          threads: int | None = None, engine: str = "auto",
+                          spectra: KernelSpectra | None = None) -> np.ndarray:
+    """Valid correlation of images (N, H, W, C) with kernels (K, kh, kw, C) into out (N, K, OH, OW).
+
+    As `correlate_valid`, for a batch: the rows of each output map must be contiguous and follow each
+    other (any stride between maps and images). Returns out.
+    """
+    engine = check_engine(engine)  # before any work: the per-task path has no other check
+    n_threads = resolve_threads(threads)
+    batch = images.shape[0]
+    if spectra is not None and not spectra.matches(kernels):
+        raise OptionError(f"spectra are of a bank {spectra.kernels.shape}, not of kernels {kernels.shape}")
+    if batch == 0 or out.size == 0:
+        return out
+    if engine == "auto":
+        engine = choose_engine(images.shape[1:3], kernels.shape, n_threads, batch=batch)
+    logger.debug("correlate_valid_batch %s * %s, %d thread(s), %s", images.shape, kernels.shape, n_threads,
+                 engine)
+    offsets = _offsets(images)
+    if offsets is None:
+        _run(engine, images, kernels, out, threads=n_threads, spectra=spectra)
+        return out
+    per_slice = max(1, CENTRED_BYTES // max(1, images[0].nbytes))
+    for n0 in range(0, batch, per_slice):
+        part = offsets[n0 : n0 + per_slice]
+        centred = images[n0 : n0 + per_slice] - part[:, None, None, :]
+        _run(engine, centred, kernels, out[n0 : n0 + per_slice], threads=n_threads, spectra=spectra)
+        bias = np.einsum("khwc,nc->nk", kernels, part.astype(np.float64), dtype=np.float64)
+        out[n0 : n0 + per_slice] += bias.astype(out.dtype)[:, :, None, None]
+    return out
+
+
+def _run(engine: str, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, *, threads: int,
+         spectra: KernelSpectra | None) -> None:
+    with blas_pinned():
+        if engine == "lowering":
+            correlate_lowering(images, kernels, out, threads)
+        elif engine == "direct":
+            correlate_direct(images, np.ascontiguousarray(kernels.transpose(0, 3, 1, 2)), out, threads)
+        else:
+            correlate_fft(images, kernels, out, threads, spectra)
+
+
+def _offsets(images: np.ndarray) -> np.ndarray | None:
+    """Per image and channel, the offset to subtract from a float32 image whose mean dominates its spread.
 
     A large offset (8-bit pixels, say) against zero-mean kernels makes float32 sums cancel, and every
     engine would lose digits; correlate(I) = correlate(I - m) + m * sum(K) holds exactly for valid
     correlation, and I - m is exact in float32 for pixels within a factor 2 of m (Sterbenz) and for
-    integer pixels (m has 8 significant bits). Returns the
-    image to run and the per-kernel bias to add back (None when nothing is removed).
+    integer pixels (m has 8 significant bits). Returns (N, C) offsets (0 where an image needs none), or
+    None when no image of the batch needs one.
     """
-    if image.dtype != np.float32:
-        return image, None
-    step_h, step_w = max(1, image.shape[0] // 64), max(1, image.shape[1] // 64)
-    sample = image[::step_h, ::step_w]
-    mean = sample.mean(axis=(0, 1), dtype=np.float64)
-    if not np.any(np.abs(mean) > sample.std(axis=(0, 1), dtype=np.float64)):
-        return image, None
+    if images.dtype != np.float32:
+        return None
+    # A sparse grid of at most ~64k values over the batch: the test needs magnitudes, not exact moments.
+    n, h, w, channels = images.shape
+    per_image = max(64, SAMPLE_VALUES // (n * channels))
+    step = max(1, int(np.ceil(np.sqrt(h * w / per_image))))
+    sample = images[:, ::step, ::step]
+    mean = sample.mean(axis=(1, 2), dtype=np.float64)
+    needed = np.abs(mean) > sample.std(axis=(1, 2), dtype=np.float64)
+    if not needed.any():
+        return None
     # Rounded to 8 significant bits, so that integer (8-bit, 16-bit) pixels stay exact after subtraction.
-    fraction, exponent = np.frexp(mean)
-    offset = np.ldexp(np.round(fraction * 256), exponent - 8).astype(np.float32)
-    bias = np.einsum("khwc,c->k", kernels, offset.astype(np.float64), dtype=np.float64)
-    return image - offset, bias
+    fraction, exponent = np.frexp(np.where(needed.any(axis=1, keepdims=True), mean, 0.0))
+    return np.ldexp(np.round(fraction * 256), exponent - 8).astype(np.float32)

@@ -17,14 +17,14 @@ TILE_BYTES = 64 << 10
 """Bytes of one kernel's output tile: it and its scratch stay in L2 across the kh*kw*C passes."""
 
 
-def correlate_direct(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
-    n_kernels, out_h, out_w = out.shape
+def correlate_direct(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """Valid correlation of images (N, H, W, C) with kernels (K, C, kh, kw) into out (N, K, OH, OW)."""
+    batch, n_kernels, out_h, out_w = out.shape
     _, channels, kh, kw = kernels.shape
-    width = image.shape[1]
+    width = images.shape[2]
     rows = max(1, min(out_h, TILE_BYTES // (out_w * out.itemsize)))
     if threads > 1:
-        rows = min(rows, max(1, -(-out_h // (2 * threads))))
+        rows = min(rows, max(1, -(-out_h * batch // (2 * threads))))
     taps = [(c, a, b) for c in range(channels) for a in range(kh) for b in range(kw)]
     # Python floats keep the arithmetic in the image's dtype (numpy float64 scalars would not).
     weights = kernels.tolist()
@@ -33,16 +33,16 @@ def correlate_direct(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, th
         band_size = channels * (rows + kh - 1) * width if channels > 1 else 0
         return np.empty((rows, out_w), out.dtype), np.empty(band_size, out.dtype)
 
-    def work(tile: tuple[int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
-        r0, r1 = tile
+    def work(tile: tuple[int, int, int], scratch: tuple[np.ndarray, np.ndarray]) -> None:
+        image, r0, r1 = tile
         term = scratch[0][: r1 - r0]
-        band = image[r0 : r1 + kh - 1].transpose(2, 0, 1)
+        band = images[image, r0 : r1 + kh - 1].transpose(2, 0, 1)
         if channels > 1:  # planar per tile: contiguous shifted rows without a planar copy of the image
             planar = scratch[1][: band.size].reshape(band.shape)
             np.copyto(planar, band)
             band = planar
         for k in range(n_kernels):
-            acc = out[k, r0:r1]
+            acc = out[image, k, r0:r1]
             w = weights[k]
             for i, (c, a, b) in enumerate(taps):
                 shifted = band[c, a : a + r1 - r0, b : b + out_w]
@@ -52,4 +52,5 @@ def correlate_direct(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, th
                     np.multiply(shifted, w[c][a][b], out=term)
                     acc += term
 
-    run_tiles(split_range(out_h, size=rows), work, make_scratch, threads)
+    tiles = [(n, r0, r1) for n in range(batch) for r0, r1 in split_range(out_h, size=rows)]
+    run_tiles(tiles, work, make_scratch, threads)

@@ -1,101 +1,368 @@
-"""The fft engine: image spectra once per row tile, times the conjugate spectra of each kernel chunk.
+"""The fft engine for batches: overlap-save tiles, the channel sum as one small matmul per frequency bin.
 
-A circular correlation of an FFT size at least the band's rows and the image's width has no wrap-around
-in the valid region, so no overlap beyond the kernel's halo is needed. Its cost hardly depends on the
-kernel size, which is why it wins for large kernels only.
+Every tile (an image, or a row band of a large one) is transformed once per input map, every kernel once
+per bank (`KernelSpectra`, which a worker keeps beside its cached bank); output map k of a tile is then
+sum_c X[c] * conj(S[c, k]) in the frequency domain - at each bin a (tiles x C) @ (C x K) complex matmul
+over a unit of a few tiles - followed by one inverse transform per output map, pruned to the rows that
+land in the output. A circular correlation at least as large as the tile has no wrap-around in the valid
+region, so tiles overlap by the kernel's halo only. Per group of tiles, two phases split over our
+threads: forward transforms (a few tiles per work item), then products and inverse transforms (a
+(tiles x kernels) unit per work item, in that thread's scratch); temporaries stay within TEMP_BYTES.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import numpy as np
 
+from rmidl.errors import OptionError
 from rmidl.geometry import split_range
 from rmidl.kernels._threads import run_tiles
 
-__all__ = ["correlate_fft", "fft_plan"]
+__all__ = ["FFTPlan", "KernelSpectra", "correlate_fft", "fft_plan", "kernel_spectra", "sums_by_matmul"]
 
+TEMP_BYTES = 64 << 20
+"""Bytes of temporaries one call may hold beyond its inputs and output (uncached kernel spectra included)."""
 TILE_ELEMENTS = 1 << 18
-"""Real elements of one FFT tile (about 1 MiB in float32): big enough for FFT efficiency."""
-SPECTRA_BYTES = 6 << 20
-"""Bytes of one chunk of kernel spectra; each thread's scratch is about twice this."""
-BANDS_BYTES = 16 << 20
-"""Bytes of image-band spectra held at once (all of them for images up to about 8 Mpixel)."""
+"""Real elements of one FFT tile of a large image (about 1 MiB in float32): big enough for FFT efficiency."""
+MATMUL_WORK = 32
+"""Complex multiply-adds per bin from which a matmul per bin beats plain products."""
+UNIT_TILES = 6
+"""Tiles of one unit of plain products and inverse transforms at most (more spill out of L2)."""
+BINS_PER_UNIT = 256
+"""Frequency bins of one work unit of matmul channel sums."""
+TILES_PER_CALL = 2
+"""Tiles one forward or inverse transform call covers at most."""
+SPECTRA_CACHE_BYTES = 256 << 20
+"""Default bound of one bank's cached spectra (all FFT sizes together)."""
 
 
-def fft_plan(image_hw: tuple[int, int], kernel_hw: tuple[int, int], n_kernels: int, channels: int,
-             itemsize: int) -> tuple[int, int, int, int]:
-    """(output rows per tile, FFT rows, FFT columns, kernels per chunk) for a valid correlation."""
-    import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
+@dataclass(frozen=True)
+class FFTPlan:
+    """How one batch runs: output rows per tile, the FFT size, tiles per group (whose image spectra are
+    held at once), kernels per chunk (whose spectra are held at once), whether the channel sums are
+    matmuls over the whole group (`by_matmul`, products held for the group) or plain products in units
+    of (unit_tiles x unit_kernels) fused with their inverse transforms."""
 
-    (h, w), (kh, _) = image_hw, kernel_hw
-    out_h = h - kh + 1
-    fw = scipy.fft.next_fast_len(w, real=True)
-    rows = max(kh, TILE_ELEMENTS // fw - kh + 1)
-    rows = min(out_h, rows)
-    fh = scipy.fft.next_fast_len(rows + kh - 1, real=True)
-    spectrum_bytes = fh * (fw // 2 + 1) * 2 * itemsize
-    chunk = max(1, min(n_kernels, SPECTRA_BYTES // (channels * spectrum_bytes)))
-    return rows, fh, fw, chunk
+    rows: int
+    fh: int
+    fw: int
+    tiles: int
+    group: int
+    chunk: int
+    by_matmul: bool
+    unit_tiles: int
+    unit_kernels: int
+
+    @property
+    def bins(self) -> int:
+        """Frequency bins of one real 2-D transform (fh x (fw//2 + 1))."""
+        return self.fh * (self.fw // 2 + 1)
 
 
-def _kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int) -> np.ndarray:
-    """Conjugate 2-D spectra (K, C, fh, fw//2+1) of zero-padded kernels (K, C, kh, kw).
+def fft_plan(batch: int, image_hw: tuple[int, int], kernel_shape: tuple[int, ...], itemsize: int,
+             threads: int = 1, *, cached: bool = False) -> FFTPlan:
+    """The plan for a valid correlation of `batch` images (H, W) with a (K, kh, kw[, C]) bank.
 
-    The row transform runs on the kh kernel rows only, not on the fh - kh rows of padding zeros.
+    Temporaries within TEMP_BYTES: kernel spectra of a chunk (at most 3/8 of it; none if `cached`: a
+    `KernelSpectra` holds them), each thread's transform scratch, and per tile of a group its image
+    spectra (and, for matmuls, its products). Matmul channel sums run over the whole group, bins split
+    between threads: one BLAS call per bin and group, with M = the group's tiles, because OpenBLAS
+    serialises concurrent small calls (a lock per call), so per-thread units of a few tiles would not
+    scale.
     """
     import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
 
+    (h, w), (n_kernels, kh) = image_hw, kernel_shape[:2]
+    channels = int(kernel_shape[3]) if len(kernel_shape) > 3 else 1
+    out_h = h - kh + 1
+    fw = scipy.fft.next_fast_len(w, real=True)
+    rows = min(out_h, max(kh, TILE_ELEMENTS // fw - kh + 1))
+    tiles_per_image = -(-out_h // rows)
+    if batch * tiles_per_image < threads and out_h >= 2 * kh:
+        # Too few tiles to keep every thread busy: cut bands, as long as the halo stays under the band.
+        rows = max(kh, -(-out_h // -(-threads // batch)))
+        tiles_per_image = -(-out_h // rows)
+    fh = scipy.fft.next_fast_len(rows + kh - 1, real=True)
+    spectrum = fh * (fw // 2 + 1) * 2 * itemsize  # bytes of one map's spectrum
+    n_tiles = batch * tiles_per_image
+    chunk = n_kernels if cached else _even(n_kernels, (3 * TEMP_BYTES // 8) // (channels * spectrum))
+    held = 0 if cached else chunk * channels * spectrum
+    # Each thread: a padded tile pair and its row transforms, then an inverse call's output.
+    scratch = threads * TILES_PER_CALL * spectrum * (channels + chunk)
+    by_matmul = False
+    if channels > 1:
+        group = _even(n_tiles, max(1, (TEMP_BYTES - held - scratch) // ((channels + chunk) * spectrum)))
+        by_matmul = sums_by_matmul(group, channels, chunk)
+    if by_matmul:
+        return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk, by_matmul=True,
+                       unit_tiles=group, unit_kernels=chunk)
+    # Plain products: each thread's unit holds its products and its inverse transform's output (about
+    # half as big) for up to UNIT_TILES tiles; a quarter of the budget at least stays for the group.
+    unit_tiles = min(UNIT_TILES, n_tiles)
+    unit_kernels = chunk
+
+    def too_big() -> bool:
+        return held + threads * unit_tiles * unit_kernels * spectrum * 2 > 3 * TEMP_BYTES // 4
+
+    while unit_kernels > 1 and too_big():
+        unit_kernels = -(-unit_kernels // 2)
+    while unit_tiles > 1 and too_big():
+        unit_tiles -= 1
+    unit_kernels = _even(chunk, unit_kernels)
+    rest = TEMP_BYTES - held - threads * unit_tiles * unit_kernels * spectrum * 2
+    group = _even(n_tiles, rest // (channels * spectrum))
+    unit_tiles = _even(group, unit_tiles)
+    # Enough units per chunk for every thread (twice over, for balance), as long as units stay whole tiles.
+    if -(-group // unit_tiles) * -(-chunk // unit_kernels) < 2 * threads:
+        unit_tiles = _even(group, -(-group // (2 * threads)))
+    return FFTPlan(rows=rows, fh=fh, fw=fw, tiles=n_tiles, group=group, chunk=chunk, by_matmul=False,
+                   unit_tiles=unit_tiles, unit_kernels=unit_kernels)
+
+
+def _even(n: int, most: int) -> int:
+    """The size of near-equal parts of n, each at most `most` (at least 1)."""
+    parts = -(-n // max(1, min(n, most)))
+    return -(-n // parts)
+
+
+def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
+    """Conjugate spectra (fh * (fw//2 + 1), C, K) of kernels (K, kh, kw, C) zero-padded to `shape`.
+
+    The row transform runs on the kh kernel rows only, not on the fh - kh rows of padding zeros. Each
+    bin's C x K matrix is contiguous: the per-bin matmuls run ~40 % slower on a transposed one.
+    """
+    import scipy.fft
+
     fh, fw = shape
-    spectra = scipy.fft.rfft(kernels, n=fw, axis=-1, workers=threads)
-    spectra = scipy.fft.fft(spectra, n=fh, axis=-2, overwrite_x=True, workers=threads)
-    return np.conjugate(spectra, out=spectra)
+    n_kernels, kh, _, channels = kernels.shape
+    half = fw // 2 + 1
+    spectra = np.empty((fh, half * channels, n_kernels), np.result_type(kernels.dtype, np.complex64))
+    # The column transform of kh non-zero rows is a (fh x kh) @ (kh x the rest) matmul: far cheaper than
+    # fh-point FFTs of mostly zeros. Conjugated, as correlation needs: exp(+i...) on conjugated rows.
+    angles = (2 * np.pi / fh) * np.outer(np.arange(fh), np.arange(kh))
+    dft = (np.cos(angles) + 1j * np.sin(angles)).astype(spectra.dtype)
+
+    def work(part: tuple[int, int], scratch: None) -> None:
+        k0, k1 = part
+        rows = scipy.fft.rfft(kernels[k0:k1], n=fw, axis=2)  # (k, kh, half, C)
+        np.conjugate(rows, out=rows)
+        spectra[:, :, k0:k1] = np.matmul(dft, rows.reshape(k1 - k0, kh, half * channels)).transpose(1, 2, 0)
+
+    # Parts of at most a quarter of the bank: each part's spectra are a temporary before they are placed.
+    run_tiles(split_range(n_kernels, max(4, threads)), work, lambda: None, threads)
+    return spectra.reshape(fh * half, channels, n_kernels)
 
 
-def correlate_fft(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """Valid correlation of image (H, W, C) with kernels (K, C, kh, kw) into out (K, OH, OW)."""
-    height, width, channels = image.shape
-    n_kernels, _, kh, kw = kernels.shape
-    out_h = out.shape[1]
-    rows, fh, fw, chunk = fft_plan((height, width), (kh, kw), n_kernels, channels, out.itemsize)
-    tiles = split_range(out_h, size=rows)
-    shape = (fh, fw)
-    band_bytes = channels * fh * (fw // 2 + 1) * 2 * out.itemsize
-    # Band spectra are kept for every kernel chunk, so a group of tiles is bounded by BANDS_BYTES;
-    # a huge image then recomputes kernel spectra once per group.
-    per_group = max(1, BANDS_BYTES // band_bytes)
-    for g0, g1 in split_range(len(tiles), size=per_group):
-        _correlate_tiles(image, kernels, out, tiles[g0:g1], shape=shape, chunk=chunk, threads=threads)
+class KernelSpectra:
+    """One bank's kernel spectra, cached per FFT size (least recently used first out, bounded in bytes).
+
+    A worker keeps one beside each cached bank and passes it (or `select(k0, k1)` of it for a kernel
+    group) to `correlate_valid_batch`; safe to share between threads.
+    """
+
+    def __init__(self, kernels: np.ndarray, max_bytes: int = SPECTRA_CACHE_BYTES) -> None:
+        self.kernels = kernels
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._parent = self
+        self._k0 = 0
+
+    def select(self, k0: int, k1: int) -> KernelSpectra:
+        """The spectra of kernels [k0, k1), sharing this bank's cache."""
+        if not 0 <= k0 < k1 <= self.kernels.shape[0]:
+            raise OptionError(f"kernels [{k0}, {k1}) are not in a bank of {self.kernels.shape[0]}")
+        view = KernelSpectra.__new__(KernelSpectra)
+        view.kernels, view.max_bytes = self.kernels[k0:k1], self.max_bytes
+        view._parent, view._k0 = self._parent, self._k0 + k0
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of spectra held now."""
+        parent = self._parent
+        with parent._lock:
+            return sum(s.nbytes for s in parent._cache.values())
+
+    def matches(self, kernels: np.ndarray) -> bool:
+        """True if these are the spectra of `kernels` (same shape, dtype, and the very same values)."""
+        mine = self.kernels
+        if mine.shape != kernels.shape or mine.dtype != kernels.dtype:
+            return False
+        same_view = mine.ctypes.data == kernels.ctypes.data and mine.strides == kernels.strides
+        return same_view or np.array_equal(mine, kernels)
+
+    def chunk(self, shape: tuple[int, int], k0: int, k1: int, threads: int = 1) -> np.ndarray:
+        """Spectra (bins, C, k1 - k0) of kernels [k0, k1) of this selection; computed aside if too big."""
+        parent, start = self._parent, self._k0
+        k0, k1 = start + k0, start + k1
+        bank = parent.kernels
+        full_bytes = bank.shape[0] * bank.shape[3] * shape[0] * (shape[1] // 2 + 1) * 2 * bank.itemsize
+        if full_bytes > parent.max_bytes:
+            return kernel_spectra(bank[k0:k1], shape, threads)
+        with parent._lock:
+            spectra = parent._cache.get(shape)
+            if spectra is None:
+                spectra = kernel_spectra(bank, shape, threads)
+                parent._cache[shape] = spectra
+                while sum(s.nbytes for s in parent._cache.values()) > parent.max_bytes:
+                    parent._cache.popitem(last=False)
+            else:
+                parent._cache.move_to_end(shape)
+        return spectra[:, :, k0:k1]
 
 
-def _correlate_tiles(image: np.ndarray, kernels: np.ndarray, out: np.ndarray, tiles: list[tuple[int, int]], *,
-                     shape: tuple[int, int], chunk: int, threads: int) -> None:
-    import scipy.fft  # on first use: importing it costs ~0.3 s of every CLI start
+def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int,
+                  spectra: KernelSpectra | None = None) -> None:
+    """Valid correlation of images (N, H, W, C) with kernels (K, kh, kw, C) into out (N, K, OH, OW)."""
+    batch, height, width = images.shape[:3]
+    n_kernels, kh = kernels.shape[:2]
+    out_h = out.shape[2]
+    plan = fft_plan(batch, (height, width), kernels.shape, out.itemsize, threads, cached=spectra is not None)
+    tiles = [(n, r0, r1) for n in range(batch) for r0, r1 in split_range(out_h, size=plan.rows)]
+    cached = spectra if spectra is not None else KernelSpectra(kernels, max_bytes=0)
+    chunks = split_range(n_kernels, size=plan.chunk)
+    shape = (plan.fh, plan.fw)
+    # One chunk serves every group (made before the first group's spectra: a lower peak); several are
+    # made again for each group, or they would break the budget.
+    whole = cached.chunk(shape, 0, n_kernels, threads) if len(chunks) == 1 else None
+    for g0, g1 in split_range(len(tiles), size=plan.group):
+        group = tiles[g0:g1]
+        x = _forward(images, group, plan, kh, threads)
+        for k0, k1 in chunks:
+            s = whole if whole is not None else cached.chunk(shape, k0, k1, threads)
+            if plan.by_matmul:
+                y = _sums(x, s, threads)
+                del s
+                _inverse(y, group, out, k0=k0, plan=plan, threads=threads)
+                del y
+            else:
+                _products_and_inverse(x, s, group, out, k0=k0, plan=plan, threads=threads)
+                del s
+        del x
 
-    channels = image.shape[2]
-    n_kernels, _, kh, _ = kernels.shape
-    out_w = out.shape[2]
-    bands = {tile: scipy.fft.rfft2(image[tile[0] : tile[1] + kh - 1], s=shape, axes=(0, 1), workers=threads)
-             for tile in tiles}  # (fh, fw//2+1, C) each
-    # With fewer tiles than threads, kernels of a chunk are split too so that every thread has work.
-    parts = max(1, -(-2 * threads // len(tiles))) if threads > 1 else 1
-    for k0, k1 in split_range(n_kernels, size=chunk):
-        spectra = _kernel_spectra(kernels[k0:k1], shape, threads)
-        units = [(tile, group) for tile in tiles for group in split_range(k1 - k0, parts)]
 
-        def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: np.ndarray,
-                 spectra: np.ndarray = spectra, k0: int = k0) -> None:
-            (r0, r1), (g0, g1) = unit
-            band = bands[(r0, r1)]
-            product = scratch[: g1 - g0]
-            np.multiply(spectra[g0:g1, 0], band[:, :, 0], out=product)
+def sums_by_matmul(tiles: int, channels: int, kernels: int) -> bool:
+    """Whether the channel sums of a (tiles x kernels) unit run as one matmul per bin (each call costs
+    ~0.7 us) rather than as C passes of plain products over all bins (~8 ns per multiply-add, strided)."""
+    return channels > 1 and tiles * channels * kernels >= MATMUL_WORK
+
+
+def _units(n_tiles: int, threads: int) -> list[tuple[int, int]]:
+    """Tile ranges transformed per call: a few tiles amortise the per-call cost, ~4 units per thread."""
+    return split_range(n_tiles, size=max(1, min(TILES_PER_CALL, n_tiles // (4 * threads))))
+
+
+def _forward(images: np.ndarray, tiles: list[tuple[int, int, int]], plan: FFTPlan, kh: int,
+             threads: int) -> np.ndarray:
+    """Spectra (tiles, fh, fw//2+1, C) of zero-padded input bands, a few tiles per work unit."""
+    import scipy.fft
+
+    _, _, width, channels = images.shape
+    spectrum_type = np.result_type(images.dtype, np.complex64)
+    x = np.empty((len(tiles), plan.fh, plan.fw // 2 + 1, channels), spectrum_type)
+    units = _units(len(tiles), threads)
+    per_unit = max(i1 - i0 for i0, i1 in units)
+
+    def make_scratch() -> np.ndarray:
+        return np.zeros((per_unit, plan.fh, plan.fw, channels), images.dtype)
+
+    def work(unit: tuple[int, int], padded: np.ndarray) -> None:
+        i0, i1 = unit
+        tallest = 0
+        for j, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            rows = r1 - r0 + kh - 1
+            padded[j, :rows, :width] = images[n, r0 : r0 + rows]
+            padded[j, rows:] = 0  # a shorter last band must not see the rows of the previous tile
+            tallest = max(tallest, rows)
+        # The padding rows transform to zeros: the row pass skips them; the column pass runs in place.
+        target = x[i0:i1]
+        target[:, :tallest] = scipy.fft.rfft(padded[: i1 - i0, :tallest], axis=2)
+        target[:, tallest:] = 0
+        result = scipy.fft.fft(target, axis=1, overwrite_x=True)
+        if result.ctypes.data != target.ctypes.data:  # scipy may decline to work in place
+            target[...] = result
+
+    run_tiles(units, work, make_scratch, threads)
+    return x
+
+
+def _sums(x: np.ndarray, spectra: np.ndarray, threads: int) -> np.ndarray:
+    """Channel sums (tiles, fh, fw//2+1, K) of a group: one (tiles x C) @ (C x K) matmul per bin, the
+    bins split between threads."""
+    n_tiles, fh, half, channels = x.shape
+    n_kernels = spectra.shape[2]
+    bins = fh * half
+    y = np.empty((n_tiles, fh, half, n_kernels), x.dtype)
+    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C): BLAS reads it in place
+    yb = y.reshape(n_tiles, bins, n_kernels).transpose(1, 0, 2)
+
+    def work(unit: tuple[int, int], scratch: None) -> None:
+        f0, f1 = unit
+        np.matmul(xb[f0:f1], spectra[f0:f1], out=yb[f0:f1])
+
+    run_tiles(split_range(bins, size=BINS_PER_UNIT), work, lambda: None, threads)
+    return y
+
+
+def _inverse(y: np.ndarray, tiles: list[tuple[int, int, int]], out: np.ndarray, *, k0: int, plan: FFTPlan,
+             threads: int) -> None:
+    """Output maps from a group's channel sums (overwritten): inverse transforms by axes, so the last
+    pass computes output rows only."""
+    import scipy.fft
+
+    n_kernels = y.shape[3]
+    out_w = out.shape[3]
+
+    def work(unit: tuple[int, int], scratch: None) -> None:
+        i0, i1 = unit
+        rows = max(r1 - r0 for _, r0, r1 in tiles[i0:i1])
+        columns = scipy.fft.ifft(y[i0:i1], axis=1, overwrite_x=True)[:, :rows]
+        maps = scipy.fft.irfft(columns, n=plan.fw, axis=2)  # (tiles, rows, fw, k)
+        for t, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            out[n, k0 : k0 + n_kernels, r0:r1, :] = maps[t, : r1 - r0, :out_w].transpose(2, 0, 1)
+
+    run_tiles(_units(len(tiles), threads), work, lambda: None, threads)
+
+
+def _products_and_inverse(x: np.ndarray, spectra: np.ndarray, tiles: list[tuple[int, int, int]],
+                          out: np.ndarray, *, k0: int, plan: FFTPlan, threads: int) -> None:
+    """Output maps of a group's tiles for one chunk of kernels when the channel sums are plain products
+    (a single channel, or too little work per bin for a matmul): a (tiles x kernels) unit per work item,
+    its products and then its inverse transforms in that thread's scratch."""
+    import scipy.fft
+
+    n_tiles, fh, half, channels = x.shape
+    n_kernels = spectra.shape[2]
+    bins = fh * half
+    out_w = out.shape[3]
+    xb = x.reshape(n_tiles, bins, channels).transpose(1, 0, 2)  # (bins, tiles, C)
+    units = [(i, j) for i in split_range(n_tiles, size=plan.unit_tiles)
+             for j in split_range(n_kernels, size=plan.unit_kernels)]
+
+    def make_scratch() -> tuple[np.ndarray, np.ndarray]:
+        term = np.empty(0 if channels == 1 else bins * plan.unit_kernels, x.dtype)
+        return np.empty(plan.unit_tiles * bins * plan.unit_kernels, x.dtype), term
+
+    def work(unit: tuple[tuple[int, int], tuple[int, int]], scratch: tuple[np.ndarray, np.ndarray]) -> None:
+        (i0, i1), (j0, j1) = unit
+        m, k = i1 - i0, j1 - j0
+        y = scratch[0][: m * bins * k].reshape(m, fh, half, k)
+        for t in range(m):  # tile by tile: every pass over contiguous (bins x k) products
+            xt, yt = xb[:, i0 + t], y[t].reshape(bins, k)
+            np.multiply(xt[:, 0, None], spectra[:, 0, j0:j1], out=yt)
             for c in range(1, channels):
-                product += spectra[g0:g1, c] * band[:, :, c]
-            # Inverse by axes, so the last pass transforms only the rows that land in the output.
-            columns = scipy.fft.ifft(product, axis=-2, overwrite_x=True)
-            result = scipy.fft.irfft(columns[:, : r1 - r0], n=shape[1], axis=-1, overwrite_x=True)
-            out[k0 + g0 : k0 + g1, r0:r1, :] = result[:, :, :out_w]
+                term = scratch[1][: bins * k].reshape(bins, k)
+                np.multiply(xt[:, c, None], spectra[:, c, j0:j1], out=term)
+                yt += term
+        rows = max(r1 - r0 for _, r0, r1 in tiles[i0:i1])
+        columns = scipy.fft.ifft(y, axis=1, overwrite_x=True)[:, :rows]
+        maps = scipy.fft.irfft(columns, n=plan.fw, axis=2)  # (m, rows, fw, k)
+        for t, (n, r0, r1) in enumerate(tiles[i0:i1]):
+            out[n, k0 + j0 : k0 + j1, r0:r1, :] = maps[t, : r1 - r0, :out_w].transpose(2, 0, 1)
 
-        def make_scratch(spectra: np.ndarray = spectra) -> np.ndarray:
-            return np.empty((-(-chunk // parts), *spectra.shape[2:]), spectra.dtype)
-
-        run_tiles(units, work, make_scratch, threads)
+    run_tiles(units, work, make_scratch, threads)
