@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,22 +28,28 @@ FALLBACK = "train in this process"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = textwrap.fill(
+        "Prints a line per epoch (with a progress bar on a terminal); -v adds each epoch's phase split "
+        "(send, compute, gather, reduce, update: ms per step) and bytes moved at the end, -q leaves the "
+        "result line only. The same settings give the same model here or on any cluster, bit for bit.", 100)
     parser.add_argument("features", metavar="FEATURES.npz",
                         help="X (samples, features) and y or labels: what `rmidl features` writes")
     parser.add_argument("--hidden", default="25", metavar="N[,N...]",
-                        help="hidden layer sizes (default 25; 'none' for no hidden layer)")
-    parser.add_argument("--activation", default="sigmoid", help="sigmoid, relu or tanh (default sigmoid)")
+                        help="hidden layer sizes ('none': no hidden layer)")
+    parser.add_argument("--activation", default="sigmoid", help="hidden activation: sigmoid, relu or tanh")
     parser.add_argument("--output", default="softmax",
-                        help="softmax (cross-entropy) or sigmoid (squared error, the paper's); softmax")
-    parser.add_argument("--epochs", type=int, default=30, metavar="N", help="passes over the data (30)")
+                        help="softmax (cross-entropy) or sigmoid (squared error, the paper's)")
+    parser.add_argument("--epochs", type=int, default=30, metavar="N", help="passes over the data")
     parser.add_argument("--batch", default="64", metavar="N|full",
-                        help="samples per step (default 64; 'full' for batch gradient descent)")
-    parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 decay of weights (1e-4)")
+                        help="samples per step ('full': batch gradient descent)")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=1e-4,
+                        help="L2 decay of the weights (not the biases)")
     parser.add_argument("--validation", type=float, default=0.2, metavar="FRACTION",
-                        help="share of each class held out and scored after every epoch (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights, split and shuffles (0)")
+                        help="share of each class held out and scored after every epoch")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initial weights, the split and the shuffles")
     parser.add_argument("--shards", type=int, metavar="N",
                         help="logical shards per step (default min(16, batch / 32)): never the worker count")
     add_cluster_arguments(parser, fallback=FALLBACK)
