@@ -6,6 +6,11 @@ of rmidl.train (defaults; and with validation=0, i.e. on the same rows scikit-le
 MLPClassifier with the same hidden size and budget (epochs = max_iter, same batch), on standardised
 features: its default adam/relu, and SGD with our settings (logistic, momentum 0.9, the same lr).
 
+Texture features: rmidl.datasets.make_textures (6 classes, train and test crops from disjoint regions of
+each photograph) through Network.from_spec("seed004") in this process, then held-out test accuracy of
+rmidl.train (its defaults, and the setting that validation picked) beside logistic regression and an
+RBF SVM on the same features (the pipeline issue's target: >= 90 %).
+
 Speed: serial (threads=0), the local pool with 1 and 2 threads, and 1 and 2 workers of a LocalCluster
 (one thread each, Coordinator(local_threads=0): same-host workers write gradients into shared memory),
 on a compute-bound problem (60,000 x 400, hidden 256, batch 4096) and the paper-sized one (5,000 x 400,
@@ -120,16 +125,22 @@ def texture_rows(per_class: int, spec: str = "seed004") -> list[str]:
     runs: dict[str, Callable[[], Any]] = {
         f"rmidl.train defaults (hidden {HIDDEN[0]}, {EPOCHS} epochs, batch {BATCH})":
             lambda: rmidl.train(train_x, train_y)[0],
-        "rmidl.train hidden 64, relu, 60 epochs":
+        # chosen by validation accuracy (rmidl.train's 20 % of the training images) among 54 settings
+        # (hidden 64 / 256 / 128,64 x relu / tanh / sigmoid x decay 1e-4 / 1e-3 / 1e-2 x lr 0.05 / 0.1)
+        # on 300 images per class; the test images played no part
+        "rmidl.train hidden 64, relu, 60 epochs (chosen on validation)":
             lambda: rmidl.train(train_x, train_y, hidden=(64,), activation="relu", epochs=60)[0],
     }
     try:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import SVC
 
         runs["scikit-learn LogisticRegression (reference)"] = lambda: make_pipeline(
-            StandardScaler(), LogisticRegression(max_iter=2000)).fit(train_x, train_y)
+            StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x, train_y)
+        runs["scikit-learn SVC, RBF kernel (reference)"] = lambda: make_pipeline(
+            StandardScaler(), SVC()).fit(train_x, train_y)
     except ImportError:
         pass
     for name, fit in runs.items():
@@ -299,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the compute-bound problem")
     parser.add_argument("--splits", type=int, default=5, help="digits train/test splits")
-    parser.add_argument("--textures", type=int, default=100, metavar="N", help="texture images per class")
+    parser.add_argument("--textures", type=int, default=300, metavar="N",
+                        help="texture images per class (a fifth of them for the test)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the compute-bound problem")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
