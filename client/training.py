@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from rmidl.dataparallel import ComputeShards, Step, StepResult, TrainingJob, Wei
 from rmidl.errors import WorkerLost
 from rmidl.kernels import blas_pinned
 
-from .cost import balanced_tasks
+from .cost import Capacity, balanced_tasks
 from .jobs.gradient import FLOPS_PER_ROW_PARAMETER, GradientStep, ShardSet
 from .scheduler import Scheduler
 from .shared import SharedPool
@@ -34,7 +35,7 @@ from .stub import WorkerStub
 if TYPE_CHECKING:
     from rmidl.remote.shm import SharedArray
 
-__all__ = ["TrainingSession", "training_session"]
+__all__ = ["TrainingSession", "bundle_size", "training_session"]
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +43,32 @@ BLOB_THREADS = 8
 """Threads putting weights on (and dropping old versions from) workers in parallel."""
 
 
-def bundle_count(scheduler: Scheduler, job: TrainingJob, local_threads: int) -> int:
-    """Bundles to cut each step's shards into: the cost model's balanced count for one step (TASKS_PER_CORE
-    per core, each task MIN_ROUND_TRIPS round trips long), but at least one per runner (a local pool
-    thread, each of a worker's tasks_in_flight threads): a step is a barrier as long as its slowest
-    consumer, and one runner taking two bundles while another idles would double it."""
-    consumers = scheduler.capacities(local_threads)
+def bundle_size(shards: int, *, step_flops: float, consumers: Sequence[Capacity], runners: int) -> int:
+    """Shards per bundle (task) of a session. Two needs, the larger wins:
+
+    - balance: the cost model's count of tasks for one step (TASKS_PER_CORE per core, each task
+      MIN_ROUND_TRIPS round trips long) but at least one per runner (a local pool thread, each of a
+      worker's tasks_in_flight threads), since a step is a barrier as long as its slowest consumer;
+    - threads: a worker computes one task at a time, a bundle's shards on up to all its threads, so a
+      bundle holds as many shards as the widest worker has threads (while every consumer gets one).
+    """
     if not consumers:
-        return 1
-    rows = job.plan.samples / job.plan.steps
-    flops = FLOPS_PER_ROW_PARAMETER * rows * job.spec.parameter_count
+        return shards
     rate = sum(c.gflops for c in consumers) * 1e9
     cores = sum(c.cores for c in consumers)
-    balanced = balanced_tasks(flops / rate, cores, max(c.overhead_s for c in consumers))
+    balanced = balanced_tasks(step_flops / rate, cores, max(c.overhead_s for c in consumers))
+    by_balance = math.ceil(shards / max(1, min(shards, max(runners, balanced))))
+    by_threads = min(max(c.cores for c in consumers), math.ceil(shards / len(consumers)))
+    return max(1, by_balance, by_threads)
+
+
+def bundle_count(scheduler: Scheduler, job: TrainingJob, local_threads: int) -> int:
+    """How many bundles the shards of `job` make on the consumers `scheduler` has now (see bundle_size)."""
+    rows = job.plan.samples / job.plan.steps
     runners = local_threads + len(scheduler.usable_workers()) * max(1, scheduler.config.tasks_in_flight)
-    return max(1, min(job.plan.shards, max(runners, balanced)))
+    size = bundle_size(job.plan.shards, step_flops=FLOPS_PER_ROW_PARAMETER * rows * job.spec.parameter_count,
+                       consumers=scheduler.capacities(local_threads), runners=runners)
+    return math.ceil(job.plan.shards / size)
 
 
 class TrainingSession:

@@ -15,6 +15,7 @@ from worker_doubles import CountingWorker, ForgetfulWorker, OlderWorker
 
 import rmidl
 from rmidl.client import Coordinator
+from rmidl.client.cost import Capacity
 from rmidl.client.localcluster import LocalCluster
 from rmidl.dataparallel import ComputeShards, Step, StepResult, TrainingJob, Weights, split_shards
 from rmidl.errors import BankError, BudgetExceeded, OptionError, ShapeError, WorkerLost
@@ -202,6 +203,20 @@ def test_shards_too_large_for_a_message_are_refused_before_any_moves(nameserver,
     ):
         rmidl.train(np.repeat(x, 100, axis=1), y, coordinator=co, **SMALL)
     assert not handle.worker.puts and handle.worker.gradient_calls == 0
+
+
+@pytest.mark.parametrize(("consumers", "runners", "size"), [
+    ([Capacity("w1", 20.0, 1, 1e-4), Capacity("w2", 20.0, 1, 1e-4)], 4, 2),  # TASKS_PER_CORE each
+    ([Capacity("w1", 160.0, 8, 1e-4), Capacity("w2", 160.0, 8, 1e-4)], 4, 8),  # all 8 threads busy
+    ([Capacity("local", 20.0)] * 2 + [Capacity("w1", 160.0, 8, 1e-4)], 4, 6),  # each consumer gets one
+    ([Capacity("w1", 20.0, 1, 0.05)], 2, 8),  # round trips of 50 ms: one task per runner
+    ([Capacity("w1", 20.0, 1, 0.05)] * 8, 16, 1),  # more runners than shards: one shard each
+])
+def test_bundles_keep_every_runner_and_every_worker_thread_busy(consumers, runners, size):
+    from rmidl.client.training import bundle_size
+
+    step_flops = 2e9  # 0.1 s on 20 GFLOP/s
+    assert bundle_size(16, step_flops=step_flops, consumers=consumers, runners=runners) == size
 
 
 # -- the worker's side of a gradient task ----------------------------------------------------------------
