@@ -63,6 +63,16 @@ def test_weights_are_identical_whoever_computes_the_shards(nameserver, start_wor
         assert same_run(model, history, serial), name
 
 
+def test_a_worker_computes_a_bundles_shards_on_its_threads_to_the_same_bits(nameserver, start_worker,
+                                                                            cluster_config, blobs):
+    x, y = blobs(n=600)
+    serial = rmidl.train(x, y, threads=0, **SMALL)
+    start_worker(threads=3)
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as co:
+        assert same_run(*rmidl.train(x, y, coordinator=co, **SMALL), serial)
+        assert co.last_job()["bundles"] <= 3  # of 3 or more of the 8 shards: computed 3 at a time
+
+
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shared memory", "TCP"])
 def test_phases_and_bytes_of_each_step_are_recorded(nameserver, start_worker, cluster_config, blobs,
                                                     shared_memory):
