@@ -4,7 +4,6 @@ in a registry."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -23,6 +22,7 @@ from .shared import SharedPool
 
 if TYPE_CHECKING:
     from rmidl.dataparallel import ComputeShards, TrainingJob
+    from rmidl.remote.naming import Registry
 
     from .localcluster import LocalCluster
 
@@ -88,45 +88,33 @@ class Coordinator:
         self.local_threads = local_threads
         self.shared_memory = shared_memory
         self.min_tasks = max(1, int(min_tasks))
-        self._ns: Any = None
-        self._ns_lock = threading.Lock()
+        self._registry: Registry | None = None
         self._last: dict[str, Any] = {}
         self._closed = False
         self._shared = SharedPool(self._release_shm)
-        remote = ns is not None
-        self._scheduler = Scheduler(self.config, local_threads=local_threads,
-                                    registry=self._list if remote else None,
-                                    unregister=self._remove if remote else None)
         if ns is not None:
+            from rmidl.remote.naming import Registry
+            from rmidl.remote.transport import configure_pyro
+
+            configure_pyro(self.config)
+            self._registry = Registry(ns, self.config)
+        registry = self._registry
+        self._scheduler = Scheduler(self.config, local_threads=local_threads,
+                                    registry=registry.workers if registry else None,
+                                    unregister=registry.remove if registry else None)
+        if registry is not None:
             try:
-                self._connect(ns, selection)
+                self._connect(registry, selection)
             except BaseException:
                 self.close()
                 raise
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def _connect(self, ns: str, selection: list[str] | int | None) -> None:
-        from rmidl.remote.transport import configure_pyro, connect_ns
-
-        configure_pyro(self.config)
-        self._ns = connect_ns(ns, self.config)
+    def _connect(self, registry: Registry, selection: list[str] | int | None) -> None:
+        found = registry.workers()  # RegistryError now if the name server is not there
         if selection is not None:
-            self._scheduler.only = frozenset(_choose(selection, sorted(self._list()), ns))
+            self._scheduler.only = frozenset(_choose(selection, sorted(found), registry.address))
         self._scheduler.discover()
-
-    def _list(self) -> dict[str, str]:
-        from rmidl.remote.naming import list_workers
-
-        with self._ns_lock:
-            self._ns._pyroClaimOwnership()
-            return list_workers(self._ns)
-
-    def _remove(self, name: str, uri: str) -> None:
-        from rmidl.remote.naming import unregister_worker
-
-        with self._ns_lock:
-            self._ns._pyroClaimOwnership()
-            unregister_worker(self._ns, name, uri)
 
     def close(self) -> None:
         """Close every shared block (telling workers to unmap them) and every proxy (workers keep running).
@@ -134,11 +122,6 @@ class Coordinator:
         self._closed = True
         self._shared.close()
         self._scheduler.close()
-        if self._ns is not None:
-            with self._ns_lock:
-                self._ns._pyroClaimOwnership()
-                self._ns._pyroRelease()
-            self._ns = None
 
     def _release_shm(self, names: list[str]) -> None:
         """Ask same-host workers to unmap blocks we closed: until every mapping goes, their memory stays."""
@@ -185,7 +168,7 @@ class Coordinator:
     def workers(self) -> list[dict[str, Any]]:
         """The remote workers found so far: name, uri, host, cores, threads, gflops, same_host, state."""
         self._check_open()
-        if self._ns is not None:
+        if self._registry is not None:
             self._scheduler.discover()
         return self._rows()
 
@@ -222,7 +205,7 @@ class Coordinator:
         from .training import training_session
 
         self._check_open()
-        if self._ns is not None:
+        if self._registry is not None:
             self._scheduler.discover()
         self._last = {}
         return training_session(self._scheduler, job, local_threads=self.local_threads,
@@ -282,13 +265,21 @@ class Coordinator:
         job = CorrelationJob(prepared.flipped() if flip else prepared, config=self.config, engine=engine,
                              out=out)
         scheduler = self._scheduler
-        if self._ns is not None:
-            scheduler.discover()
+        if self._registry is not None:
+            # Look in the background (a hung name server must not hold up the job): workers found join
+            # it. Only with nobody to run it at all does the job wait for one look.
+            if scheduler.usable_workers() or local:
+                scheduler.refresh()
+            else:
+                scheduler.discover()
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
+        quarantines = scheduler.discovery.quarantines
+
         def reusable() -> bool:
-            return all(w.state != "quarantined" for w in scheduler.workers.values())
+            # A worker that hung in this job may still write into its blocks later (even once back in use).
+            return scheduler.discovery.quarantines == quarantines
 
         with job.buffers(self._shared, reusable=reusable) as result:
             queue = scheduler.queue(job, progress)

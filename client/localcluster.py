@@ -234,6 +234,14 @@ class LocalCluster:
                 return
         raise ClusterError(f"name server printed no HOST:PORT: {' | '.join(lines)}")
 
+    def restart_ns(self) -> None:
+        """Start the name server again on the address it had (after it died): its workers find it there
+        and register again by their heartbeat, coordinators on their next look."""
+        port = int(self.ns_address.rsplit(":", 1)[1])
+        if self.ns is not None:
+            self.ns.stop()
+        self._start_ns(port)
+
     def _spawn_worker(self, name: str | None = None, env: Mapping[str, str] | None = None) -> Process:
         self._count += 1
         name = name or f"w{self._count}"

@@ -12,7 +12,7 @@ from rmidl.geometry import Task, plan_tasks
 
 from .cost import FALLBACK_GFLOPS, Capacity, balanced_tasks
 
-__all__ = ["MIN_BAND_ROWS", "MIN_GROUP", "Plan", "plan"]
+__all__ = ["MIN_BAND_ROWS", "MIN_GROUP", "SMALL_WORKER", "Plan", "plan", "task_bytes_for"]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,9 @@ MIN_BAND_ROWS = 8
 """Below this many rows a band spends too much on its halo and on per-call overhead: split kernels instead."""
 MIN_GROUP = 8
 """Kernel groups smaller than this starve the engine's GEMM of columns."""
+SMALL_WORKER = 16
+"""A worker whose room for one task is under 1/SMALL_WORKER of the planned task size does not shrink
+every task of the job: it takes the tasks that fit it (none, if none does) and the others the rest."""
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,19 @@ def _within_limits(band: int, group: int, row_bytes: int, max_task_bytes: int,
             )
     return band, group
 
+
+
+def task_bytes_for(max_task_bytes: int, rooms: Sequence[int], least: int, *, unbounded: bool) -> int:
+    """The largest result (bytes) to plan one task for, given what each worker taking results over TCP
+    has room for per task (`rooms`: its output budget over the tasks it holds at once): tasks fit every
+    worker, except ones far smaller than the rest (SMALL_WORKER), and those that cannot hold `least`
+    bytes (one row of one kernel) at all. `unbounded`: someone else (the local pool, a shared-memory
+    worker) holds any task, so only workers within reach shrink the plan."""
+    usable = [room for room in rooms if room >= least]
+    if not usable:
+        return max_task_bytes
+    near = [room for room in usable if room * SMALL_WORKER >= max_task_bytes]
+    if near:
+        return max(least, min(max_task_bytes, *near))
+    # Every worker is far smaller than the plan: fit the largest, unless someone else can hold any task.
+    return max_task_bytes if unbounded else max(least, min(max_task_bytes, max(usable)))

@@ -8,7 +8,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from rmidl.errors import TaskFailed, WorkerLost
+from rmidl.errors import BudgetExceeded, TaskFailed, WorkerLost
 
 __all__ = ["Keyed", "TaskQueue"]
 
@@ -28,7 +28,9 @@ T = TypeVar("T", bound=Keyed)
 class TaskQueue(Generic[T]):
     """Runners (local pool threads, per-worker remote threads) take tasks, complete them or give them
     back; a task failing on `max_attempts` different runners fails the job, and so does a queue nobody
-    left may take from. Also the job's figures: tasks per runner, re-queues, bytes moved."""
+    left may take from. A runner may also be unable to hold a task (its limits): that is no failure of
+    the task, which waits for someone who can, and fails the job only once nobody left can. Also the
+    job's figures: tasks per runner, re-queues, bytes moved."""
 
     def __init__(
         self,
@@ -50,6 +52,8 @@ class TaskQueue(Generic[T]):
         self._pending: deque[T] = deque(tasks)
         self._holding: dict[int, str] = {}
         self._failed_on: dict[int, dict[str, str]] = {}
+        self._cannot: dict[int, dict[str, str]] = {}
+        """Per task, the runners that cannot hold it, and why (their limits): not counted as failures."""
         self._runners: Counter[str] = Counter()
         self._gone: set[str] = set()
         self._progress = progress
@@ -83,17 +87,27 @@ class TaskQueue(Generic[T]):
 
     # -- the queue ------------------------------------------------------------------------------------
     def take(self, runner: str, usable: Callable[[], bool] = lambda: True,
+             misfit: Callable[[T], str | None] | None = None,
              prefer: Callable[[T], bool] | None = None) -> T | None:
-        """Block until a task `runner` has not failed on is pending; None once the job is over for it.
-        With `prefer` (cheap: called under the queue's lock), the first pending task it holds true of
-        goes before the others (e.g. one whose data the runner holds)."""
+        """Block until a task `runner` has not failed on and can hold (`misfit(task)` None) is pending;
+        None once the job is over for it. With `prefer` (cheap: called under the queue's lock), the first
+        such task it holds true of goes before the others (e.g. one whose data the runner holds)."""
         with self._cond:
             while True:
                 if self.finished or not usable():
                     return None
                 chosen = None
                 for i, task in enumerate(self._pending):
-                    if runner in self._failed_on.get(task.task_id, {}):
+                    key = task.task_id
+                    if runner in self._failed_on.get(key, {}) or runner in self._cannot.get(key, {}):
+                        continue
+                    reason = misfit(task) if misfit is not None else None
+                    if reason is not None:
+                        self._cannot.setdefault(key, {})[runner] = reason
+                        self._check_starved()
+                        if self.finished:
+                            self._cond.notify_all()
+                            return None
                         continue
                     if prefer is None or prefer(task):
                         chosen = i
@@ -121,15 +135,18 @@ class TaskQueue(Generic[T]):
                 log.warning("progress callback failed (%r); not calling it again", error)
                 self._progress = None
 
-    def retry(self, runner: str, task: T, error: BaseException, *, runner_gone: bool = False) -> None:
+    def retry(self, runner: str, task: T, error: BaseException, *, runner_gone: bool = False,
+              counted: bool = True) -> None:
         """Put a failed task back; fail the job once it has failed on max_attempts different runners.
-        `runner_gone`: the runner died or hangs, so it no longer counts as someone who may run work."""
+        `runner_gone`: the runner died or hangs, so it no longer counts as someone who may run work.
+        `counted=False`: not the task's failure (a busy worker); anyone, this runner too, may take it."""
         with self._cond:
             if runner_gone:
                 self._gone.add(runner)
             self._holding.pop(task.task_id, None)
             failures = self._failed_on.setdefault(task.task_id, {})
-            failures[runner] = f"{type(error).__name__}: {error}"
+            if counted:
+                failures[runner] = f"{type(error).__name__}: {error}"
             if len(failures) >= self.max_attempts:
                 self._fail(TaskFailed(self._failure_message(task, failures)))
             else:
@@ -137,6 +154,21 @@ class TaskQueue(Generic[T]):
                 self.requeued += 1
                 self._check_starved()
             self._cond.notify_all()
+
+    def cannot(self, runner: str, task: T, why: str) -> None:
+        """`runner` cannot hold `task` (its limits, as it said when it refused it): back to the queue for
+        others, not counted as a failure; the job fails only when nobody left can run it."""
+        with self._cond:
+            self._holding.pop(task.task_id, None)
+            self._cannot.setdefault(task.task_id, {})[runner] = why
+            self._pending.appendleft(task)
+            self.requeued += 1
+            self._check_starved()
+            self._cond.notify_all()
+
+    def pause(self, seconds: float) -> None:
+        """Wait up to `seconds` (a runner backing off a busy worker), less if the job ends meanwhile."""
+        self.wait(seconds)
 
     def moved(self, nbytes: int, seconds: float) -> None:
         """Account result bytes that crossed the data plane (bulk or inline), for MB/s figures."""
@@ -176,6 +208,12 @@ class TaskQueue(Generic[T]):
             return
         for task in self._pending:
             failures = self._failed_on.get(task.task_id, {})
-            if failures and active <= set(failures):
+            cannot = self._cannot.get(task.task_id, {})
+            if not active <= set(failures) | set(cannot):
+                continue
+            if cannot and active <= set(cannot):
+                where = "; ".join(f"{name}: {why}" for name, why in cannot.items())
+                self._fail(BudgetExceeded(f"{self._describe(task)} fits no participant's limits ({where})"))
+            else:
                 self._fail(TaskFailed(self._failure_message(task, failures) + "; no other worker is left"))
-                return
+            return

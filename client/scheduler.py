@@ -2,9 +2,12 @@
 
 One pull queue per job (`TaskQueue`): local pool threads and per-worker threads take tasks from it.
 Faults are handled here, once for every kind: a task that fails goes back to the queue (and fails the
-job after `max_task_attempts` workers), a worker that stops answering is dropped from the registry, one
-that misses a task's deadline (the cost model's, `rmidl.client.cost.deadline`) is quarantined, bad input
-fails the job at once, and workers registering mid-job join it.
+job after `max_task_attempts` workers); a worker that stops answering leaves the job and is judged by
+`Discovery` (unregistered only on evidence of death); one that misses a task's deadline (the cost
+model's, `rmidl.client.cost.deadline`) is quarantined; a busy worker's refusal (WorkerBusy) puts the task
+back uncounted while that worker backs off; a task over a worker's limits (`JobKind.misfit`, or the
+worker's BudgetExceeded) waits for someone who can hold it; bad input fails the job at once; and workers
+found mid-job (by discovery in the background) join it.
 """
 
 from __future__ import annotations
@@ -16,19 +19,22 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from rmidl.config import Config
-from rmidl.errors import InputError, WorkerLost
+from rmidl.errors import AuthenticationError, BudgetExceeded, InputError, WorkerBusy, WorkerLost
 
 from .cost import Capacity, deadline, local_gflops
+from .discovery import Discovery
 from .jobs.base import JobKind, T, TaskBlobs
 from .queue import TaskQueue
 from .stub import WorkerStub
 
-__all__ = ["LOCAL", "Scheduler"]
+__all__ = ["BUSY_BACKOFF_S", "LOCAL", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
 """Runner name of the coordinator's own thread pool (one worker, for retry bookkeeping)."""
+BUSY_BACKOFF_S = (0.02, 1.0)
+"""How long a runner waits after its worker said busy: first, longest (doubling while it stays busy)."""
 
 
 class Scheduler:
@@ -45,58 +51,39 @@ class Scheduler:
         *,
         local_threads: int,
         registry: Callable[[], dict[str, str]] | None = None,
-        unregister: Callable[[str, str], None] | None = None,
+        unregister: Callable[[str, str], object] | None = None,
         poll_interval: float = 0.5,
         only: Collection[str] | None = None,
     ) -> None:
         self.config = config
         self.local_threads = local_threads
-        self.workers: dict[str, WorkerStub] = {}
-        self.only: frozenset[str] | None = None if only is None else frozenset(only)
-        """The only worker names discovery takes (None: every registered one, also those joining later)."""
-        self._registry = registry
-        self._unregister = unregister
+        self.discovery = Discovery(config, registry=registry, unregister=unregister, only=only)
         self._poll_interval = poll_interval
-        self._discover_lock = threading.Lock()
 
     # -- discovery -----------------------------------------------------------------------------------
-    def discover(self) -> list[WorkerStub]:
-        """Add workers registered since the last look (probing each); return the new usable ones."""
-        if self._registry is None:
-            return []
-        with self._discover_lock:  # jobs of one coordinator may run in several threads
-            return self._discover()
+    @property
+    def only(self) -> frozenset[str] | None:
+        return self.discovery.only
 
-    def _discover(self) -> list[WorkerStub]:
-        assert self._registry is not None
-        try:
-            found = self._registry()
-        except Exception as error:  # a name server blip mid-job must not fail the job
-            log.debug("name server poll failed: %s", error)
-            return []
-        fresh = []
-        for name, uri in found.items():
-            if self.only is not None and name not in self.only:
-                continue  # not chosen for this coordinator: never probed, never given a task
-            known = self.workers.get(name)
-            if known is not None and known.uri == uri:
-                continue
-            stub = WorkerStub(name, uri, self.config)
-            try:
-                stub.probe()
-            except Exception as error:
-                log.warning("worker %s at %s does not answer (%s); dropping it", name, uri, error)
-                self._drop_registration(name, uri)
-                continue
-            if known is not None:
-                known.close()
-            self.workers[name] = stub
-            fresh.append(stub)
-            log.debug("found worker %s (%s)", name, stub.info)
-        return fresh
+    @only.setter
+    def only(self, names: frozenset[str] | None) -> None:
+        self.discovery.only = names
+
+    @property
+    def workers(self) -> dict[str, WorkerStub]:
+        """name -> stub of every remote worker met so far (a snapshot)."""
+        return self.discovery.workers
+
+    def discover(self) -> list[WorkerStub]:
+        """Look at the registry now (blocking); return the workers that became usable."""
+        return self.discovery.discover()
+
+    def refresh(self) -> None:
+        """Look at the registry in the background (what a job does; it never waits for the name server)."""
+        self.discovery.refresh()
 
     def usable_workers(self) -> list[WorkerStub]:
-        return [w for w in self.workers.values() if w.usable]
+        return self.discovery.usable()
 
     def capacities(self, local_threads: int) -> list[Capacity]:
         """The consumers a job would have: `local_threads` pool threads and every usable worker."""
@@ -110,17 +97,7 @@ class Scheduler:
                          progress=progress)
 
     def close(self) -> None:
-        for worker in self.workers.values():
-            worker.close()
-
-    def _drop_registration(self, name: str, uri: str) -> None:
-        """Remove a dead worker's entry (only while it names `uri`: a restarted worker keeps its own)."""
-        if self._unregister is None:
-            return
-        try:
-            self._unregister(name, uri)
-        except Exception as error:
-            log.debug("could not unregister %s: %s", name, error)
+        self.discovery.close()
 
     # -- running a job ---------------------------------------------------------------------------------
     def run(self, job: JobKind[T], queue: TaskQueue[T], *, local_threads: int | None = None) -> None:
@@ -132,7 +109,6 @@ class Scheduler:
         threads: list[threading.Thread] = []
         local = self.local_threads if local_threads is None else local_threads
         started: set[str] = set()
-        sitting_out: list[str] = []
 
         def runners(workers: Sequence[WorkerStub]) -> list[tuple[str, threading.Thread]]:
             # The thread started first takes a one-task job: start the least busy worker's first, ties in
@@ -146,7 +122,6 @@ class Scheduler:
                 if not job.accepts(worker):
                     # E.g. it joined after the plan and would refuse these tasks' messages.
                     log.debug("worker %s sits out this %s job", worker.name, job.kind)
-                    sitting_out.append(worker.name)
                     continue
                 for slot in range(max(1, self.config.tasks_in_flight)):
                     thread = threading.Thread(target=self._remote_loop, args=(job, queue, worker),
@@ -169,15 +144,16 @@ class Scheduler:
             for i in range(local)
         ]
         first = local_made + runners(self.usable_workers())
+        if not first and started:
+            raise BudgetExceeded(f"no worker can take this {job.kind} job within its limits (each of "
+                                 f"{', '.join(sorted(started))} sits it out) and local_threads=0")
         if not first:
-            if sitting_out:
-                raise WorkerLost(f"no worker can run this {job.kind} job ({', '.join(sitting_out)} cannot "
-                                 "take its tasks) and local_threads=0")
             raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
         try:
             launch(first)
             while not queue.wait(self._poll_interval):
-                launch(runners(self.discover()))
+                self.refresh()
+                launch(runners(self.usable_workers()))
         except BaseException as error:
             # Ctrl-C (or any error) while waiting: stop the runners taking tasks, or they would run the
             # rest of the job in the background; calls in progress end on their own.
@@ -218,6 +194,9 @@ class Scheduler:
         def usable() -> bool:
             return worker.usable
 
+        def misfit(task: T) -> str | None:
+            return job.misfit(task, worker)
+
         prefer = None
         if isinstance(job, TaskBlobs):
             task_blobs = job.task_blobs
@@ -225,26 +204,40 @@ class Scheduler:
             def prefer(task: T) -> bool:
                 return worker.blobs.issuperset(task_blobs(task))
 
+        first, longest = BUSY_BACKOFF_S
+        backoff = first
         try:
-            while (task := queue.take(worker.name, usable, prefer)) is not None:
+            while (task := queue.take(worker.name, usable, misfit, prefer)) is not None:
                 try:
                     self._run_remote(job, queue, worker, task)
                 except PyroTimeout as error:
                     queue.retry(worker.name, task, error, runner_gone=True)
-                    if worker.mark("quarantined"):
-                        log.warning("worker %s did not finish %s in time; quarantined (not used again)",
-                                    worker.name, job.describe(task))
+                    self.discovery.quarantine(worker, f"did not finish {job.describe(task)} in time")
                     queue.wake()
                     return
                 except (CommunicationError, OSError) as error:
-                    if worker.alive():
+                    if self.discovery.lost(worker, error):
                         log.debug("%s failed on %s: %r", job.describe(task), worker.name, error)
                         queue.retry(worker.name, task, error)
                         continue
                     queue.retry(worker.name, task, error, runner_gone=True)
-                    if worker.mark("dead"):
-                        log.warning("worker %s lost (%s); its tasks go back to the queue", worker.name, error)
-                        self._drop_registration(worker.name, worker.uri)
+                    queue.wake()
+                    return
+                except WorkerBusy as error:
+                    # Its slots or memory are taken by other tasks: no fault of the task, which anyone may
+                    # take now; this runner waits a little before asking again.
+                    log.debug("%s: %s", job.describe(task), error)
+                    queue.retry(worker.name, task, error, counted=False)
+                    queue.pause(backoff)
+                    backoff = min(longest, 2 * backoff)
+                    continue
+                except BudgetExceeded as error:
+                    # Over this worker's own limits (it advertised more room than it has): others may hold it.
+                    queue.cannot(worker.name, task, str(error))
+                    continue
+                except AuthenticationError as error:
+                    queue.retry(worker.name, task, error, runner_gone=True, counted=False)
+                    self.discovery.distrust(worker, error)
                     queue.wake()
                     return
                 except InputError as error:
@@ -255,6 +248,7 @@ class Scheduler:
                     queue.retry(worker.name, task, error)
                 else:
                     queue.complete(worker.name, task)
+                    backoff = first
         finally:
             queue.leave(worker.name)
 

@@ -2,23 +2,31 @@
 
 It owns the worker's Pyro5 proxies (one per calling thread), their timeouts, which blobs the worker holds,
 the worker's capabilities as `info()` tells them (host id, bulk port, limits, budgets, rate), the TLS-aware
-bulk fetch, and its health (ok, dead, quarantined). Jobs build typed task records; the stub sends them.
+bulk fetch, and its health. Jobs build typed task records; the stub sends them.
+
+Health: "ok" (usable), "silent" (does not answer, but nothing says it is dead: paused, overloaded, a
+network blip), "quarantined" (missed a task's deadline), "untrusted" (cannot prove it knows the cluster
+secret), "dead" (evidence of death: nothing listens on its port, or its process is gone). Only evidence,
+or silence over a grace period (`failing_for`), lets a coordinator remove a worker's registration; the
+others are checked again later and come back when they answer (`rmidl.client.discovery`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import BankError, ClusterError, RmidlError, WorkerLost
+from rmidl.errors import AuthenticationError, BankError, ClusterError, RmidlError, WorkerLost
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import BulkTicket, ReplyRecord, Result, TaskRecord, WorkerInfo
 
@@ -32,9 +40,13 @@ from .cost import (
     local_gflops,
 )
 
-__all__ = ["WorkerStub"]
+__all__ = ["STATES", "WorkerStub"]
 
 log = logging.getLogger(__name__)
+
+STATES = ("ok", "silent", "quarantined", "untrusted", "dead")
+"""A worker's health as its stub sees it (see the module docstring)."""
+R = TypeVar("R")
 
 
 class WorkerStub:
@@ -48,7 +60,11 @@ class WorkerStub:
         self.round_trip_s = ROUND_TRIP_S
         self.same_host = False
         """Shares this process's kernel (so its /dev/shm): shared memory works between us."""
-        self.state = "ok"  # ok | dead | quarantined
+        self.state = "ok"
+        """One of STATES."""
+        self.failing_since: float | None = None
+        """When its health checks began to fail (monotonic seconds), None while it answers."""
+        self.failed_checks = 0
         self.blobs: set[str] = set()
         """Ids of the blobs put on the worker (it may have evicted some since: it says so, we put again)."""
         self.in_flight = 0
@@ -91,22 +107,34 @@ class WorkerStub:
 
         return worker_proxy(self.uri, self.config, timeout=self.config.connect_timeout)
 
-    @contextmanager
-    def proxy(self) -> Iterator[Any]:
-        """A proxy owned by the calling thread; returned to the pool unless the call broke it."""
+    def remote(self, work: Callable[[Any], R]) -> R:
+        """`work(proxy)` on a proxy owned by the calling thread, returned to the pool unless the call broke
+        it. A pooled connection the worker closed while it idled (its idle timeout, or room made for a
+        new client) is replaced once: every remote method here may run twice."""
+        from Pyro5.errors import ConnectionClosedError
+
         with self._lock:
             proxy = self._idle.pop() if self._idle else None
-        if proxy is None:
-            proxy = self.connect()
-        proxy._pyroClaimOwnership()
-        try:
-            yield proxy
-        except BaseException:
-            # After a timeout or a dropped connection the stream is in an unknown state: never reuse it.
-            proxy._pyroRelease()
-            raise
-        with self._lock:
-            self._idle.append(proxy)
+        reused = proxy is not None
+        while True:
+            if proxy is None:
+                proxy = self.connect()
+            proxy._pyroClaimOwnership()
+            try:
+                result = work(proxy)
+            except ConnectionClosedError:
+                # After a timeout or a dropped connection the stream is in an unknown state: never reuse it.
+                proxy._pyroRelease()
+                if not reused:
+                    raise
+                reused, proxy = False, None
+                continue
+            except BaseException:
+                proxy._pyroRelease()
+                raise
+            with self._lock:
+                self._idle.append(proxy)
+            return result
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -120,10 +148,11 @@ class WorkerStub:
                 self.in_flight -= 1
 
     def probe(self) -> None:
-        """Fetch info() and time a ping on a fresh connection (raises Pyro5 errors if unreachable)."""
+        """Fetch info() and time a ping on a fresh connection (raises Pyro5 errors if unreachable, and
+        AuthenticationError if the worker cannot prove it knows the cluster secret)."""
         from rmidl.remote.shm import host_id
 
-        with self.proxy() as proxy:
+        with self.connect() as proxy:
             self.info = WorkerInfo.from_wire(proxy.info())
             trips = []
             for _ in range(3):  # the least of a few: one round trip on a busy machine is mostly noise
@@ -133,16 +162,37 @@ class WorkerStub:
             self.round_trip_s = max(1e-4, min(trips))
         self.same_host = self.info.host_id == host_id()
 
-    def alive(self) -> bool:
-        """True if the worker answers a ping on a new connection within connect_timeout."""
+    def health(self) -> str:
+        """"ok" if it answers a ping on a new connection within connect_timeout; otherwise "dead" with
+        evidence of death, "untrusted" if it cannot authenticate, else "silent"."""
         try:
-            proxy = self.connect()
-        except Exception:
-            return False
+            with self.connect() as proxy:
+                if proxy.ping() == "pong":
+                    return "ok"
+        except AuthenticationError:
+            return "untrusted"
+        except Exception as error:
+            log.debug("worker %s does not answer: %r", self.name, error)
+        return "dead" if self.gone() else "silent"
+
+    def gone(self) -> bool:
+        """Evidence of death: its process no longer exists (same host), or nothing listens on its port."""
+        if self.same_host and self.info.pid:
+            try:
+                os.kill(self.info.pid, 0)
+            except ProcessLookupError:
+                return True
+            except OSError:
+                pass  # exists (another user's), or cannot tell
+        from Pyro5.core import URI
+
+        location = URI(self.uri)
         try:
-            with proxy:
-                return bool(proxy.ping() == "pong")
-        except Exception:
+            with socket.create_connection((location.host, location.port), self.config.connect_timeout):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
             return False
 
     def mark(self, state: str) -> bool:
@@ -153,28 +203,40 @@ class WorkerStub:
             self.state = state
             return True
 
+    def failing(self, now: float) -> float:
+        """Count one more failed health check at `now`; return how long it has been failing (seconds)."""
+        with self._lock:
+            if self.failing_since is None:
+                self.failing_since = now
+            self.failed_checks += 1
+            return now - self.failing_since
+
     # -- work ----------------------------------------------------------------------------------------
     def call(self, record: TaskRecord, *, timeout: float, blobs: Mapping[str, Blob]) -> ReplyRecord:
         """Run one task on the worker within `timeout` s, putting `blobs` first where it lacks them;
         a worker that lost a blob (evicted, restarted) says so, and gets it again once."""
         wire = record.to_wire()
         method = record.METHOD
-        with self.proxy() as proxy, self.running():
+
+        def work(proxy: Any) -> Any:
             self._put_blobs(proxy, blobs)
             proxy._pyroTimeout = timeout
             try:
-                raw = getattr(proxy, method)(wire)
+                return getattr(proxy, method)(wire)
             except BankError:
                 self._put_blobs(proxy, blobs, force=True)
                 proxy._pyroTimeout = timeout
                 try:
-                    raw = getattr(proxy, method)(wire)
+                    return getattr(proxy, method)(wire)
                 except BankError as error:
                     # Evicted again at once (by other tasks' blobs): the worker's cache is too small for
                     # the tasks in flight, not the input's fault; another worker may run it.
                     raise ClusterError(f"worker {self.name} lost this task's blobs right after they were "
                                        f"put ({error}); its blob cache is too small for the tasks in "
                                        "flight (raise its bank_cache_size or memory_budget)") from None
+
+        with self.running():
+            raw = self.remote(work)
         return record.parse_reply(raw, max_bytes=self.config.max_message_size)
 
     def receive(self, result: Result, into: np.ndarray, *, what: str) -> int:
@@ -202,8 +264,7 @@ class WorkerStub:
 
     def put_blobs(self, blobs: Mapping[str, Blob]) -> None:
         """Put the blobs the worker lacks (as far as we know) now, rather than with the next task."""
-        with self.proxy() as proxy:
-            self._put_blobs(proxy, blobs)
+        self.remote(lambda proxy: self._put_blobs(proxy, blobs))
 
     def drop_blobs(self, blob_ids: Iterable[str]) -> None:
         """Ask the worker to forget these blobs (best effort: its cache evicts them in time anyway)."""
@@ -211,20 +272,24 @@ class WorkerStub:
         if not ids:
             return
         self.blobs.difference_update(ids)
+        def work(proxy: Any) -> None:
+            proxy._pyroTimeout = self.config.connect_timeout
+            for blob_id in ids:
+                proxy.drop_blob(blob_id)
+
         try:
-            with self.proxy() as proxy:
-                proxy._pyroTimeout = self.config.connect_timeout
-                for blob_id in ids:
-                    proxy.drop_blob(blob_id)
+            self.remote(work)
         except Exception as error:
             log.debug("worker %s could not drop %d blob(s): %r", self.name, len(ids), error)
 
     def release_shm(self, names: list[str]) -> None:
         """Ask the worker to unmap these shared blocks (best effort: it unmaps them later anyway)."""
+        def work(proxy: Any) -> None:
+            proxy._pyroTimeout = self.config.connect_timeout
+            proxy.release_shm(names)
+
         try:
-            with self.proxy() as proxy:
-                proxy._pyroTimeout = self.config.connect_timeout
-                proxy.release_shm(names)
+            self.remote(work)
         except Exception as error:
             log.debug("worker %s could not release %s: %r", self.name, names, error)
 

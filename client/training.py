@@ -108,7 +108,7 @@ class TrainingSession:
     def __call__(self, step: Step, weights: Weights, shard_ids: Sequence[int]) -> StepResult:
         scheduler = self.scheduler
         if time.monotonic() - self._looked >= self.poll_interval:  # steps shorter than the poll, too
-            scheduler.discover()
+            scheduler.refresh()  # in the background: a hung name server must not hold up the step
             self._looked = time.monotonic()
         job = GradientStep(self.data, step, weights, shard_ids)
         workers = [w for w in scheduler.usable_workers() if self.data.accepts(w)]

@@ -32,6 +32,15 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "tls_ca": (str, "", "PEM CA bundle the peer's certificate must chain to"),
     "cluster_dir": (str, "", "where cluster files go and are looked for (default $XDG_RUNTIME_DIR/rmidl "
                     "if that is private, else ~/.cache/rmidl)"),
+    # Daemons: what one connection may cost them, and how workers keep their registration.
+    "max_connections": (int, 512, "connections a daemon keeps at once (the quietest make room for new ones)"),
+    "handshake_timeout": (float, 10.0, "seconds a new connection has for its TLS and Pyro5 handshakes"),
+    "io_timeout": (float, 20.0, "seconds a message may go without progress before its connection is dropped"),
+    "idle_timeout": (float, 600.0, "seconds an idle connection is kept before the daemon closes it"),
+    "worker_max_tasks": (int, 16, "tasks a worker holds at once (running and queued); more are refused busy"),
+    "heartbeat_interval": (float, 3.0, "seconds between a worker's checks that it is still registered"),
+    "worker_grace": (float, 30.0, "seconds a silent worker keeps its registration (no sign it is dead)"),
+    "discovery_interval": (float, 1.0, "seconds between a coordinator's background looks at the registry"),
 }
 
 # Ranges a setting must lie in (inclusive); a value outside is refused when the Config is made.
@@ -45,6 +54,14 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_task_attempts": (1, 1000),
     "tasks_in_flight": (1, 64),
     "connect_timeout": (0.001, 1e6),
+    "max_connections": (4, 1 << 20),
+    "handshake_timeout": (0.001, 1e6),
+    "io_timeout": (0.001, 1e6),
+    "idle_timeout": (0.001, 1e9),
+    "worker_max_tasks": (1, 1 << 16),
+    "heartbeat_interval": (0.001, 1e6),
+    "worker_grace": (0.0, 1e9),
+    "discovery_interval": (0.001, 1e6),
 }
 SERIALIZERS = ("msgpack", "marshal")  # both carry bytes natively; serpent would base64 arrays
 
@@ -72,6 +89,14 @@ class Config:
     tls_key: str
     tls_ca: str
     cluster_dir: str
+    max_connections: int
+    handshake_timeout: float
+    io_timeout: float
+    idle_timeout: float
+    worker_max_tasks: int
+    heartbeat_interval: float
+    worker_grace: float
+    discovery_interval: float
 
     def __init__(self, *, environ: dict[str, str] | None = None, **overrides: Any) -> None:
         unknown = set(overrides) - set(DEFAULTS)

@@ -23,6 +23,7 @@ __all__ = [
     "RmidlError",
     "ShapeError",
     "TaskFailed",
+    "WorkerBusy",
     "WorkerLost",
     "WorkerNotFound",
     "register_with_pyro",
@@ -102,6 +103,11 @@ class WorkerNotFound(ClusterError):
 
 class WorkerLost(ClusterError):
     """A worker died or stopped answering."""
+
+
+class WorkerBusy(ClusterError):
+    """A worker refused a task for now (its task slots or its memory are taken by others' tasks): run it
+    elsewhere or later; it says nothing about the task."""
 
 
 class TaskFailed(ClusterError):

@@ -19,17 +19,18 @@ import Pyro5.socketutil
 
 import rmidl
 from rmidl.config import Config
-from rmidl.errors import OptionError, RegistryError
+from rmidl.errors import AuthenticationError, ClusterError, OptionError
 from rmidl.kernels import available_cores
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.naming import (
     check_worker_name,
+    ensure_registered,
     object_name,
     register_worker,
     unregister_worker,
     worker_tags,
 )
-from rmidl.remote.security import SecretHandshake, check_bind, probe_bind, server_ssl_context
+from rmidl.remote.security import Limits, SecretHandshake, check_bind, probe_bind, server_ssl_context
 from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
 from rmidl.server.worker import ConvolutionWorker
 
@@ -38,10 +39,13 @@ __all__ = ["WorkerDaemon", "WorkerHandle", "metadata", "start_worker", "worker_l
 logger = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+SPARE_HANDLERS = 8
+"""Request threads a worker keeps beyond `worker_max_tasks`, so a full worker still answers pings."""
 
 
 class WorkerDaemon(SecretHandshake, Pyro5.server.Daemon):
-    """A Pyro5 daemon that refuses connections without the cluster secret (when one is set)."""
+    """A Pyro5 daemon that serves through rmidl's bounded connection server and, with a cluster secret,
+    only clients that proved they know it (`SecretHandshake`)."""
 
 
 @dataclass
@@ -57,6 +61,8 @@ class WorkerHandle:
     config: Config
     ns_address: str | None = None
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _heartbeat: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -72,11 +78,46 @@ class WorkerHandle:
             self._thread.start()
         return self._thread
 
+    def keep_registered(self) -> None:
+        """Check every `heartbeat_interval` seconds that the registry names this worker, and register it
+        again if not: after a name server restart, or a coordinator that took it for dead (started by
+        `start_worker` when it registers; stopped by `close`)."""
+        if self._heartbeat is None and self.ns_address:
+            self._heartbeat = threading.Thread(target=self._beat, name=f"rmidl-heartbeat-{self.name}",
+                                               daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        assert self.ns_address is not None
+        config = self.config
+        # A hung name server must not keep the beat (or close()) waiting longer than one interval.
+        beat = max(0.5, config.heartbeat_interval)
+        quick = config.replace(connect_timeout=min(config.connect_timeout, beat))
+        refused = False
+        while not self._stop.wait(config.heartbeat_interval):
+            try:
+                with connect_ns(self.ns_address, quick) as registry:
+                    again = ensure_registered(registry, self.name, self.uri, sorted(metadata(self)),
+                                              alive=lambda uri: _alive(uri, quick))
+                if again:
+                    logger.warning("worker %s was not registered at %s; registered again", self.name,
+                                   self.ns_address)
+                refused = False
+            except OptionError as error:  # our name is held by another live worker: say so once
+                if not refused:
+                    logger.warning("worker %s cannot register again: %s", self.name, error)
+                refused = True
+            except Exception as error:  # name server down or restarting: try again next beat
+                logger.debug("heartbeat of %s: %s", self.name, error)
+
     def close(self, timeout: float = 5.0) -> None:
         """Unregister, stop serving, drop the bulk channel and shared blocks (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
         if self.ns_address:
             _unregister(self.ns_address, self.config, self.name, self.uri)
         self.worker.close()  # first: refuses queued tasks, so the daemon's threads can finish
@@ -133,7 +174,9 @@ def start_worker(
         bulk_server = BulkServer(host or "0.0.0.0", context, max_bytes=config.memory_budget)
     try:
         worker = worker_class(name=name, config=config, threads=threads, host=advertised, bulk=bulk_server)
-        daemon = WorkerDaemon(host=host, port=port, secret=config.secret, **nat)
+        # Beyond the tasks it admits, handler threads stay free for pings, info and blobs.
+        limits = Limits.from_config(config, handlers=config.worker_max_tasks + SPARE_HANDLERS)
+        daemon = WorkerDaemon(host=host, port=port, secret=config.secret, limits=limits, **nat)
     except BaseException:
         if bulk_server is not None:
             bulk_server.close()
@@ -147,6 +190,7 @@ def start_worker(
             handle.close()
             raise
         handle.ns_address = ns
+        handle.keep_registered()
     logger.info("worker %s serving at %s", name, uri)
     return handle
 
@@ -177,14 +221,15 @@ def _unregister(ns: str, config: Config, name: str, uri: str) -> None:
     try:
         with connect_ns(ns, config) as registry:
             unregister_worker(registry, name, uri)
-    except (RegistryError, Pyro5.errors.PyroError) as error:
+    except (ClusterError, Pyro5.errors.PyroError) as error:
         logger.warning("could not unregister %s from %s: %s", object_name(name), ns, error)
 
 
 def _alive(uri: str, config: Config) -> bool:
+    """Whether a live worker of this cluster answers at `uri` (one that cannot authenticate is not)."""
     try:
         with worker_proxy(uri, config, timeout=config.connect_timeout) as proxy:
             return bool(proxy.ping() == "pong")
-    except Pyro5.errors.PyroError:
+    except (Pyro5.errors.PyroError, AuthenticationError):
         return False
 

@@ -17,7 +17,7 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config, MiB
 from rmidl.errors import OptionError
-from rmidl.remote.security import SecretHandshake, check_bind, probe_bind
+from rmidl.remote.security import Limits, SecretHandshake, check_bind, probe_bind
 from rmidl.remote.transport import configure_pyro
 
 __all__ = ["NS_MAX_MESSAGE_SIZE", "NameServerDaemon", "address_of", "ns_loop", "start_ns"]
@@ -26,10 +26,15 @@ logger = logging.getLogger(__name__)
 
 NS_MAX_MESSAGE_SIZE = 1 * MiB
 """Largest message `rmidl ns` accepts: a name server sees only registrations and lookups."""
+NS_HANDLERS = 8
+"""Requests the name server handles at once (each takes microseconds; more wait their turn)."""
+NS_SERIALIZERS = ("msgpack", "serpent", "json")
+"""What a client may shake hands in: rmidl's msgpack, and Pyro5's own tools (nsc speaks serpent)."""
 
 
 class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
-    """Pyro5's name server daemon, with the cluster-secret handshake and an optional broadcast responder."""
+    """Pyro5's name server daemon, served like every rmidl daemon (`SecretHandshake`: bounded connections,
+    mutual authentication with a secret), with an optional broadcast responder."""
 
     broadcast: Pyro5.nameserver.BroadcastServer | None = None
     broadcast_thread: threading.Thread | None = None
@@ -74,7 +79,8 @@ def start_ns(
     check_bind(host, config, insecure=insecure, what="name server")
     configure_pyro(config)
     probe_bind("name server", host, port)
-    daemon = NameServerDaemon(host=host, port=port, secret=config.secret)
+    limits = Limits.from_config(config, handlers=NS_HANDLERS, serializers=NS_SERIALIZERS)
+    daemon = NameServerDaemon(host=host, port=port, secret=config.secret, limits=limits)
     uri = str(daemon.uriFor(daemon.nameserver))
     if broadcast:
         internal = daemon.uriFor(daemon.nameserver, nat=False)

@@ -20,10 +20,10 @@ from rmidl.config import Config
 from rmidl.errors import (
     BankError,
     BudgetExceeded,
-    ClusterError,
     DTypeError,
     KernelTooLarge,
     ShapeError,
+    WorkerBusy,
     WorkerLost,
 )
 from rmidl.geometry import band_rows, halo, output_shape
@@ -129,6 +129,9 @@ class ConvolutionWorker:
                 shm_blocks=len(self._attached),
                 max_message_size=self._config.max_message_size,
                 memory_budget=self._config.memory_budget,
+                blob_budget=self._blobs.max_bytes,
+                blob_slots=self._blobs.max_count,
+                max_tasks=self._config.worker_max_tasks,
                 methods=TASK_METHODS,
             ).to_wire()
 
@@ -157,8 +160,8 @@ class ConvolutionWorker:
     def gradient(self, task: WireRecord) -> WireRecord:
         with self._task():
             record = GradientTask.from_wire(task)
-            reply = run_gradient(record, blob_of=self._cached, attach=self._attach, computing=self._computing,
-                                 threads=self._threads, bulk=self._bulk,
+            reply = run_gradient(record, blob_of=self._cached, attach=self._attach,
+                                 computing=self._computing, threads=self._threads, bulk=self._bulk,
                                  max_message_size=self._config.max_message_size, worker=self._name)
         return reply.to_wire()
 
@@ -198,8 +201,13 @@ class ConvolutionWorker:
 
     @contextmanager
     def _task(self) -> Iterator[None]:
-        """Count a task as busy while it runs and as done if it succeeds; none once shutting down."""
+        """Count a task as busy while it runs and as done if it succeeds; none once shutting down, and
+        none beyond `worker_max_tasks` held at once (WorkerBusy: the caller runs it elsewhere or later),
+        so no caller can make a worker hold unbounded work, threads and memory."""
         with self._lock:
+            if self._busy >= self._config.worker_max_tasks:
+                raise WorkerBusy(f"worker {self._name} is busy: {self._busy} tasks held "
+                                 f"(worker_max_tasks={self._config.worker_max_tasks})")
             self._busy += 1
         try:
             self._refuse_if_stopping()
@@ -321,8 +329,8 @@ class ConvolutionWorker:
             budget = self._config.memory_budget
             if self._reserved + nbytes > budget:
                 # Over the budget on its own is the task's fault; beside other tasks' outputs it is a
-                # busy worker (ClusterError: the caller runs the task again instead of failing its job).
-                error = BudgetExceeded if nbytes > budget else ClusterError
+                # busy worker (the caller runs the task again instead of failing its job).
+                error = BudgetExceeded if nbytes > budget else WorkerBusy
                 raise error(
                     f"task {task_id}: output of {nbytes} bytes exceeds the worker's memory budget "
                     f"({budget} bytes, {self._reserved} in use)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -129,7 +130,8 @@ class Child:
         assert self.process.stderr is not None
         self._stderr.extend(self.process.stderr)
 
-    def read_until(self, wanted: str, timeout: float = 30.0) -> list[str]:
+    def read_until(self, wanted: str | re.Pattern[str], timeout: float = 30.0) -> list[str]:
+        """Lines up to the one equal to `wanted` (or matching it, a compiled pattern)."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout
         while True:
@@ -140,7 +142,7 @@ class Child:
             if line is None:
                 raise AssertionError(f"exited before {wanted!r}; saw {seen}; stderr: {self.stop()[1]}")
             seen.append(line)
-            if line == wanted:
+            if line == wanted if isinstance(wanted, str) else wanted.search(line):
                 return seen
 
     def wait_exit(self, timeout: float = 60.0) -> tuple[int, str]:

@@ -513,14 +513,14 @@ def test_a_worker_registering_mid_job_is_left_out(nameserver, start_worker, clus
                      workers=["early"]) as coordinator:
         scheduler = coordinator._scheduler
         polls: list[dict[str, str]] = []
-        registry = scheduler._registry
+        registry = scheduler.discovery._registry
 
         def counted() -> dict[str, str]:
             found = registry()
             polls.append(found)
             return found
 
-        scheduler._registry = counted
+        scheduler.discovery._registry = counted
         with _ParkedJob(coordinator, image, kernels) as job:
             job.wait_parked()
             start_worker(name="late")
@@ -585,12 +585,14 @@ def test_without_an_address_the_coordinator_uses_a_running_local_cluster(rng, na
                                                                          private_cluster_files) -> None:
     from rmidl.remote import clusterfile
 
-    start_worker(name="w1")
+    secret = clusterfile.new_secret()
+    # The worker knows the cluster's secret (a coordinator with one refuses workers that cannot prove it).
+    start_worker(name="w1", config=Config(environ={}, secret=secret))
     image = rng.random((20, 24), dtype=np.float32)
     bank = rng.standard_normal((2, 3, 3), dtype=np.float32)
     with Coordinator(local_threads=1) as alone:  # none running: this process's pool
         assert alone.ns_address is None and repr(alone).startswith("<Coordinator this process only")
-    path = clusterfile.write(nameserver, clusterfile.new_secret(), workers=1)
+    path = clusterfile.write(nameserver, secret, workers=1)
     try:
         with Coordinator(local_threads=0) as co:
             assert co.ns_address == nameserver and co.config.secret

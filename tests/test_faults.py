@@ -18,7 +18,7 @@ from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
 from rmidl.errors import RegistryError, ShapeError, TaskFailed, WorkerLost
 
-SCHEDULER_LOG = "rmidl.client.scheduler"
+SCHEDULER_LOG = "rmidl.client.discovery"  # where worker health is judged and logged
 
 
 @pytest.fixture
@@ -85,9 +85,10 @@ def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog, childr
                 result = coordinator.correlate(image, kernels)
             assert_close(result, ref)
             assert coordinator.last_job()["requeued"] >= 1
-            states = {w["name"]: w["state"] for w in coordinator.workers()}
-            assert states == {"hang": "quarantined", "w1": "ok"}
+            # Quarantined once, "hang" alone (after a back-off it is tried again: no state to assert here).
+            assert coordinator._scheduler.discovery.quarantines == 1
             assert any("hang did not finish" in r.getMessage() for r in caplog.records)
+            assert coordinator._scheduler.workers["w1"].state == "ok"
 
 
 def test_task_failing_on_every_worker_fails_the_job(nameserver, start_worker, job):

@@ -47,6 +47,9 @@ class ImageFeatures:
     def accepts(self, stub):
         return True
 
+    def misfit(self, task, stub):
+        return None
+
     def run_local(self, task, threads):
         correlate_valid(self.images[task.task_id], self.bank.arrays["bank"], self._row(task), threads=threads)
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rmidl.errors import AuthenticationError, OptionError, RegistryError
+from rmidl.errors import OptionError, RegistryError
 from rmidl.kernels import available_cores
 from rmidl.remote.naming import WORKER_PREFIX, list_workers
 from rmidl.remote.transport import connect_ns, parse_address, worker_proxy
@@ -106,30 +106,6 @@ def test_unreachable_name_server_is_a_registry_error_within_the_timeout(cluster_
     with pytest.raises(RegistryError, match=f"name server {address} is not reachable"):
         connect_ns(address, cluster_config.replace(connect_timeout=2.0))
     assert time.monotonic() - started < 3.0
-
-
-def test_a_name_server_with_a_full_pool_is_a_registry_error_not_an_authentication_error(
-    monkeypatch, cluster_config
-):
-    from Pyro5 import config as pyro_config
-
-    from rmidl.server.nameserver import start_ns
-
-    _, daemon = start_ns("127.0.0.1", 0, config=cluster_config)
-    thread = daemon.serve_in_thread()
-    size = pyro_config.THREADPOOL_SIZE_MIN
-    monkeypatch.setattr(pyro_config, "THREADPOOL_SIZE", size)
-    address = parse_address(daemon.locationStr)
-    silent = [socket.create_connection(address, timeout=10) for _ in range(size)]
-    try:
-        with pytest.raises(RegistryError, match=r"is not reachable: .*no free workers") as info:
-            connect_ns(daemon.locationStr, cluster_config)
-        assert not isinstance(info.value, AuthenticationError)
-    finally:
-        for sock in silent:
-            sock.close()
-        daemon.shutdown()
-        thread.join(5)
 
 
 def test_bad_worker_names_and_counts_are_refused(start_worker):

@@ -25,3 +25,14 @@ def test_short_soak_is_exact_and_does_not_grow() -> None:
     assert result["worst_relative_error"] <= 1e-5
     assert sum(result["tasks_done"].values()) >= 40
     assert soak.over_bounds(result) == []
+
+
+@pytest.mark.timeout(240)
+def test_short_load_test_with_a_worker_killed_and_one_paused_is_exact_and_leaks_nothing() -> None:
+    soak = load_soak()
+    result = soak.run_soak(jobs=60, coordinators=4, workers=3, faults=True, pause_s=3.0)
+    assert result["worst_relative_error"] <= 1e-5
+    assert [event.split()[:2] for event in result["faults"]] == [["w1", "killed"], ["w2", "paused"],
+                                                                 ["w2", "resumed"]]
+    assert set(result["growth"]) == {"w2", "w3"}  # the survivors, the paused one included
+    assert soak.over_bounds(result) == []  # no growth after warm-up, nothing left in /dev/shm

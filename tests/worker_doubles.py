@@ -4,6 +4,9 @@ In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). A
 `python -m worker_doubles --ns HOST:PORT --name NAME [--hang N] [--die-in-gradient N]` with tests/ on
 PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT; its first N correlate calls
 hang, or its N-th gradient call kills the process (SIGKILL) in the middle of the task.
+`--fake` serves instead a stranger's worker: a plain Pyro5 daemon (no rmidl security) that registers
+itself like a worker, accepts any handshake (and keeps what it was sent: `seen()`), and answers every
+correlate with zeros.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ import threading
 from collections import Counter
 from typing import Any
 
+import numpy as np
+import Pyro5.api
+import Pyro5.server
 from Pyro5.api import expose
 
-from rmidl.errors import WorkerLost
+from rmidl.config import Config
+from rmidl.errors import WorkerBusy, WorkerLost
 from rmidl.remote.contract import WireRecord
+from rmidl.remote.naming import object_name, worker_tags
+from rmidl.remote.wire import pack, unpack
 from rmidl.server.daemon import start_worker, worker_loop
 from rmidl.server.worker import ConvolutionWorker
 
@@ -137,6 +146,91 @@ class DyingWorker(ConvolutionWorker):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().gradient(task)
 
+class BlockingWorker(ConvolutionWorker):
+    """Its engine calls block until `release` is set (each one releases `entered` once when it starts), so
+    a test holds tasks inside the worker for as long as it likes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> str:
+        self.entered.release()
+        self.release.wait()
+        return super()._compute_into(band, kernels, out, engine)
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()
+
+
+class BusyWorker(ConvolutionWorker):
+    """Its first `busy` correlate calls are refused as WorkerBusy (as a worker full of others' tasks
+    refuses them); `refusals` counts them. The others run normally."""
+
+    busy = 4
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.refusals = 0
+        self._count_lock = threading.Lock()
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        with self._count_lock:
+            refuse = self.refusals < self.busy
+            self.refusals += refuse
+        if refuse:
+            raise WorkerBusy(f"worker {self._name} is busy (test double)")
+        return super().correlate(task)
+
+
+class ZeroWorker(ConvolutionWorker):
+    """A stranger's worker: answers every inline correlate with zeros of the right shape."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.correlate_calls = 0
+        self.handshakes: list[Any] = []
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        self.correlate_calls += 1
+        reply = super().correlate(task)
+        if "result" in reply:
+            reply["result"] = pack(np.zeros_like(unpack(reply["result"])))
+        return reply
+
+    @expose
+    def seen(self) -> dict[str, Any]:
+        """What the fake learnt: its correlate calls and every handshake's data, as sent."""
+        return {"correlate_calls": self.correlate_calls, "handshakes": [repr(h) for h in self.handshakes]}
+
+
+def serve_fake(ns: str, name: str, stop: threading.Event) -> None:
+    """Serve a ZeroWorker on a plain Pyro5 daemon registered at `ns` as worker `name` (prints its URI and
+    "ready"), until `stop`."""
+    worker = ZeroWorker(name=name, config=Config(environ={}), threads=1)
+
+    class OpenDaemon(Pyro5.server.Daemon):
+        def validateHandshake(self, conn: Any, data: Any) -> Any:  # Pyro5's name
+            worker.handshakes.append(data)
+            return "hello"
+
+    Pyro5.api.config.SERIALIZER = "msgpack"
+    daemon = OpenDaemon(host="127.0.0.1", port=0)
+    uri = str(daemon.register(worker, objectId=object_name(name)))
+    with Pyro5.api.Proxy(f"PYRO:Pyro.NameServer@{ns}") as registry:
+        tags = worker_tags(host="127.0.0.1", cores=1, version="0.1.0")
+        registry.register(object_name(name), uri, metadata=tags)
+    print(uri, flush=True)
+    print("ready", flush=True)
+    thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+    thread.start()
+    stop.wait()
+    daemon.shutdown()
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a worker process whose first calls hang, or that dies")
@@ -144,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--hang", type=int, default=1)
     parser.add_argument("--die-in-gradient", type=int, metavar="N", help="die in the N-th gradient call")
+    parser.add_argument("--fake", action="store_true", help="a stranger's worker that answers zeros")
     args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if args.fake:
+        serve_fake(args.ns, args.name, stop)
+        return 0
     worker_class: type[ConvolutionWorker] = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
     if args.die_in_gradient:
         worker_class = type("DyingWorker", (DyingWorker,), {"die_in": args.die_in_gradient})
     handle = start_worker(ns=args.ns, name=args.name, threads=1, worker_class=worker_class)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     print(handle.uri, flush=True)
     print("ready", flush=True)
     worker_loop(handle, stop)

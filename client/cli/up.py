@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import time
+from collections import deque
 
 from rmidl.client.cli.common import (
     EXIT_FAILED,
@@ -12,14 +14,21 @@ from rmidl.client.cli.common import (
     stop_on_signals,
 )
 from rmidl.client.localcluster import LocalCluster
+from rmidl.errors import RmidlError
 
+NS_RESTARTS = 5
+NS_RESTART_WINDOW_S = 60.0
 HELP = "start a name server and N workers on 127.0.0.1; stop them all on Ctrl-C or SIGTERM"
-DESCRIPTION = HELP + """.
+DESCRIPTION = HELP + f""".
 
 The daemons require a cluster secret, freshly generated unless --secret-file (or RMIDL_SECRET) gives
 one, so other users of this machine cannot use them. The address and the secret go to a cluster file
 readable by you alone ($XDG_RUNTIME_DIR/rmidl/ or ~/.cache/rmidl/, removed on exit), through which
-`rmidl status`, `rmidl run` and `--ns local` find this cluster without --ns or a secret typed."""
+`rmidl status`, `rmidl run` and `--ns local` find this cluster without --ns or a secret typed.
+
+A name server that dies is restarted on its port, and said so: its workers register again within
+seconds (their heartbeat), coordinators find it on their next look. If it dies {NS_RESTARTS + 1} times
+within {NS_RESTART_WINDOW_S:.0f} s, or cannot be restarted, up stops everything with exit code 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
                         help="engine threads of each worker")
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
-                        help="name server port (default 0: any free port, printed)")
+                        help="name server port (0: any free port, printed); a name server that dies is "
+                        "restarted on it")
     add_security_arguments(parser, tls=False)  # the children read the secret from their environment
 
 
@@ -46,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"ready: {len(cluster.workers)} workers at {cluster.ns_address}; `rmidl status` and "
                   "`rmidl run` find them; Ctrl-C stops", flush=True)
             exited: set[str] = set()
+            restarts: deque[float] = deque(maxlen=NS_RESTARTS)
             while not stop.wait(1.0):
+                if not _keep_ns(cluster, restarts):
+                    return EXIT_FAILED
                 for name, process in cluster.workers.items():
                     if name not in exited and not process.alive():
                         exited.add(name)  # said once; the others keep serving
@@ -56,3 +69,26 @@ def run(args: argparse.Namespace) -> int:
                     return EXIT_FAILED
             print("stopping", flush=True)
     return EXIT_OK
+
+
+def _keep_ns(cluster: LocalCluster, restarts: deque[float]) -> bool:
+    """Restart the name server if it died, saying so; False if it cannot be kept up (then stop)."""
+    assert cluster.ns is not None
+    if cluster.ns.alive():
+        return True
+    print(f"name server pid {cluster.ns.pid} exited with code {cluster.ns.popen.returncode}", flush=True)
+    now = time.monotonic()
+    if len(restarts) == restarts.maxlen and now - restarts[0] < NS_RESTART_WINDOW_S:
+        print(f"the name server died {len(restarts) + 1} times within {NS_RESTART_WINDOW_S:.0f} s; stopping",
+              flush=True)
+        return False
+    restarts.append(now)
+    try:
+        cluster.restart_ns()
+    except RmidlError as error:
+        print(f"could not restart the name server: {error}; stopping", flush=True)
+        return False
+    assert cluster.ns is not None
+    print(f"name server {cluster.ns_address} restarted, pid {cluster.ns.pid}; the workers register again",
+          flush=True)
+    return True

@@ -75,6 +75,12 @@ class JobKind(Protocol[T]):
         own: it sits this job out and counts for the next)."""
         ...
 
+    def misfit(self, task: T, stub: WorkerStub) -> str | None:
+        """None if this worker can hold `task` within the limits it advertises (`stub.info`), else why not
+        (one short line): the task then waits for another participant, and fails the job only if none
+        can hold it."""
+        ...
+
     def run_local(self, task: T, threads: int) -> None:
         """Compute `task` in this process into the job's output."""
         ...

@@ -26,7 +26,7 @@ from rmidl.remote.shm import SharedArray
 from rmidl.validate import Prepared, check_engine, check_out
 
 from ..cost import Capacity, TaskCost
-from ..planning import Plan, plan
+from ..planning import Plan, plan, task_bytes_for
 
 if TYPE_CHECKING:
     from ..shared import SharedPool
@@ -73,10 +73,18 @@ class CorrelationJob:
                  shared_memory: bool, min_tasks: int) -> Plan:
         """Pad the image and cut the job for these consumers (and the message limits of these workers)."""
         self.padded = pad_for_mode(self.prepared.image, self.kernels.shape[1:3], self.prepared.mode)
+        workers = [w for w in workers if self._holds_bank(w)]  # the others sit the job out
         self.uses_shm = shared_memory and any(w.same_host for w in workers)
         tcp = [w for w in workers if not (self.uses_shm and w.same_host)]
         max_task, max_rows, self.message_limit = self._message_limits(tcp)
-        self.plan = plan(self.out_shape, self.kernels.shape, consumers, itemsize=self.prepared.dtype.itemsize,
+        # Results over TCP are held in the worker's memory budget until sent: plan within each one's.
+        itemsize = self.prepared.dtype.itemsize
+        in_flight = max(1, self.config.tasks_in_flight)
+        rooms = [w.info.memory_budget // in_flight for w in tcp if w.info.memory_budget]
+        bounded = {w.name for w in tcp if w.info.memory_budget}
+        max_task = task_bytes_for(max_task, rooms, self.out_shape[2] * itemsize,
+                                  unbounded=any(c.name not in bounded for c in consumers))
+        self.plan = plan(self.out_shape, self.kernels.shape, consumers, itemsize=itemsize,
                          max_task_bytes=max_task, max_band_rows=max_rows, min_tasks=min_tasks)
         return self.plan
 
@@ -148,7 +156,17 @@ class CorrelationJob:
 
     def accepts(self, stub: WorkerStub) -> bool:
         limit = stub.info.max_message_size
-        return self._shm_for(stub) or not (self.message_limit and 0 < limit < self.message_limit)
+        fits_messages = self._shm_for(stub) or not (self.message_limit and 0 < limit < self.message_limit)
+        return fits_messages and self._holds_bank(stub)
+
+    def misfit(self, task: Task, stub: WorkerStub) -> str | None:
+        if self._shm_for(stub):
+            return None  # written in place: nothing held in the worker's budget
+        nbytes = task.out_elements(self.out_shape[2]) * self.prepared.dtype.itemsize
+        budget = stub.info.memory_budget
+        if budget and nbytes > budget:
+            return f"its output of {nbytes} bytes is over the memory budget of {budget} bytes"
+        return None
 
     def run_local(self, task: Task, threads: int) -> None:
         (k0, k1) = task.kernels
@@ -181,6 +199,9 @@ class CorrelationJob:
         return stub.receive(reply.result, view, what=self.describe(task))
 
     # -- internals -----------------------------------------------------------------------------------
+    def _holds_bank(self, stub: WorkerStub) -> bool:
+        return not (stub.info.blob_budget and self.bank.nbytes > stub.info.blob_budget)
+
     def _shm_for(self, stub: WorkerStub) -> bool:
         return self._shm is not None and stub.same_host
 

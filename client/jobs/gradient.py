@@ -171,6 +171,16 @@ class GradientStep:
     def accepts(self, stub: WorkerStub) -> bool:
         return self.data.accepts(stub)
 
+    def misfit(self, task: Bundle, stub: WorkerStub) -> str | None:
+        info = stub.info
+        blobs = len(task.shards) + 1  # its shards and the weights, held together while it runs
+        nbytes = sum(self.data.blobs[s].nbytes for s in task.shards) + self.weights_blob.nbytes
+        if info.blob_budget and nbytes > info.blob_budget:
+            return f"its shards and weights ({nbytes} bytes) are over the blob budget of {info.blob_budget}"
+        if info.blob_slots and blobs > info.blob_slots:
+            return f"its {blobs} blobs are more than the {info.blob_slots} the worker caches"
+        return None
+
     def run_local(self, task: Bundle, threads: int) -> None:
         name = threading.current_thread().name
         for shard in task.shards:

@@ -282,7 +282,8 @@ _INFO_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "host": (str,), "hostname": (str,), "host_id": (str,), "pid": (int,),
     "cores": (int,), "threads": (int,), "version": (str,), "gflops": (int, float), "tasks_done": (int,),
     "busy": (int,), "engines": (dict,), "blobs": (list,), "banks": (list,), "bulk_port": (int, type(None)),
-    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,), "methods": (list,),
+    "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,), "blob_budget": (int,),
+    "blob_slots": (int,), "max_tasks": (int,), "methods": (list,),
 }
 
 
@@ -315,6 +316,13 @@ class WorkerInfo:
     shm_blocks: int = 0
     max_message_size: int = 0
     memory_budget: int = 0
+    """Largest output (bytes) the worker holds for its tasks at once (0: not reported)."""
+    blob_budget: int = 0
+    """Bytes of blobs it caches: a larger blob is refused (0: not reported)."""
+    blob_slots: int = 0
+    """Blobs it caches at once."""
+    max_tasks: int = 0
+    """Tasks it holds at once (running and queued); more are refused as WorkerBusy."""
     methods: tuple[str, ...] = ()
     """The task methods it serves (TASK_METHODS of its version); () from a worker older than the field."""
 
@@ -376,14 +384,15 @@ class ConvolutionWorkerAPI(Protocol):
         """Run one `CorrelateTask`; returns a `CorrelateReply`. Raises BankError (bank not cached: put it
         again), ShapeError, DTypeError, KernelTooLarge, OptionError (engine), BudgetExceeded (the task
         alone is over a budget or, inline, over max_message_size); and, to be run again or elsewhere,
-        ClusterError (memory held by other tasks' outputs) and WorkerLost (the worker is shutting down)."""
+        WorkerBusy (max_tasks held, or memory held by other tasks' outputs) and WorkerLost (the worker
+        is shutting down)."""
         ...
 
     def gradient(self, task: WireRecord) -> WireRecord:
         """Run one `rmidl.remote.gradient.GradientTask`; returns a `GradientReply`. Raises BankError (a shard
         or weights blob not cached: put it again), ShapeError, OptionError (spec, plan, step or shard outside
-        the plan, data of another size), BudgetExceeded (an inline reply over max_message_size); and
-        WorkerLost (the worker is shutting down)."""
+        the plan, data of another size), BudgetExceeded (an inline reply over max_message_size); and, to
+        be run again or elsewhere, WorkerBusy (max_tasks held) and WorkerLost (shutting down)."""
         ...
 
     def release_shm(self, names: list[str]) -> int:

@@ -2,7 +2,9 @@
 
 A worker registers as `WORKER_PREFIX + name` with the tags WORKER_TAGS plus `host:`, `cores:` and
 `version:`; coordinators and `rmidl status` find workers by all of WORKER_TAGS (a stray entry with the
-prefix but not the tags, or the tags but not the prefix, is not a worker).
+prefix but not the tags, or the tags but not the prefix, is not a worker). A worker keeps its entry
+(`ensure_registered`, from its heartbeat); coordinators look through a `Registry`, which holds no
+connection between looks.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from typing import Any
 
 import Pyro5.errors
 
+from rmidl.config import Config
 from rmidl.errors import OptionError
 
 __all__ = [
     "WORKER_PREFIX",
     "WORKER_TAGS",
+    "Registry",
     "check_worker_name",
+    "ensure_registered",
     "list_workers",
     "object_name",
     "register_worker",
@@ -89,3 +94,39 @@ def unregister_worker(ns_proxy: Any, name: str, uri: str | None = None) -> bool:
         except Pyro5.errors.NamingError:
             return False
     return bool(ns_proxy.remove(object_name(name)))
+
+
+def ensure_registered(ns_proxy: Any, name: str, uri: str, tags: list[str], *,
+                      alive: Callable[[str], bool]) -> bool:
+    """Register worker `name` at `uri` unless the registry already says so (a restarted name server, or
+    a coordinator that took it for dead); True if it registered. OptionError as `register_worker`."""
+    try:
+        if str(ns_proxy.lookup(object_name(name))) == uri:
+            return False
+    except Pyro5.errors.NamingError:
+        pass
+    register_worker(ns_proxy, name, uri, tags, alive=alive)
+    return True
+
+
+class Registry:
+    """The name server as a coordinator uses it: a short connection per look, none held in between, so a
+    restarted name server is simply found again and idle coordinators cost it nothing."""
+
+    def __init__(self, address: str, config: Config) -> None:
+        self.address = address
+        self.config = config
+
+    def workers(self) -> dict[str, str]:
+        """name -> URI of every registered worker (RegistryError within connect_timeout if unreachable)."""
+        from rmidl.remote.transport import connect_ns
+
+        with connect_ns(self.address, self.config) as ns:
+            return list_workers(ns)
+
+    def remove(self, name: str, uri: str) -> bool:
+        """`unregister_worker(name, uri)` on the name server."""
+        from rmidl.remote.transport import connect_ns
+
+        with connect_ns(self.address, self.config) as ns:
+            return unregister_worker(ns, name, uri)

@@ -1,4 +1,5 @@
-"""Daemon-side security: the cluster secret in Pyro5's handshake, 2-way TLS contexts, and the bind rule."""
+"""Daemon-side security: mutual authentication by the cluster secret, bounded connections, 2-way TLS
+contexts, and the bind rule."""
 
 from __future__ import annotations
 
@@ -7,20 +8,26 @@ import hmac
 import ipaddress
 import logging
 import socket
-import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
-import Pyro5.errors
-import Pyro5.serializers
+import Pyro5.core
+import Pyro5.server
+from Pyro5 import config as pyro_config
+from Pyro5.callcontext import current_context
 
 from rmidl._files import read_small, shown
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError
+from rmidl.remote import auth
+from rmidl.remote.connections import HANDSHAKE_MAX_BYTES, ConnectionServer, Limits
 from rmidl.remote.transport import SECRET_REFUSED, client_ssl_context, server_ssl_context, tls_enabled
 
 __all__ = [
     "HANDSHAKE_MAX_BYTES",
+    "DaemonInterface",
+    "Limits",
     "SecretHandshake",
     "check_bind",
     "client_ssl_context",
@@ -36,12 +43,6 @@ logger = logging.getLogger(__name__)
 MIN_SECRET_LENGTH = 8
 MAX_SECRET_BYTES = 4096
 """A secret file is a line or a key: anything larger is refused unread."""
-HANDSHAKE_MAX_BYTES = 64 * 1024
-"""A handshake carries the secret and an object name: anything larger is refused unread."""
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a new connection has for its TLS and Pyro5 handshakes: a silent one must not hold a thread."""
-DENIED_HANDSHAKE_TIMEOUT = 0.5
-"""Pyro5 reads the handshake it denies (pool full) in its accept loop; a silent peer stalls it this long."""
 
 
 def read_secret(path: str | Path) -> str:
@@ -122,84 +123,73 @@ def probe_bind(what: str, host: str, port: int, kind: socket.SocketKind = socket
             raise OptionError(f"cannot bind {what} to {host}:{port}: {error.strerror}") from None
 
 
-_SERIALIZER_AT = 7
-"""Offset of the serializer id in Pyro5's message header ("!4sHBB...": tag, version, type, serializer)."""
-_MARSHAL_ID = Pyro5.serializers.serializers["marshal"].serializer_id
+_SERVERTYPE_LOCK = threading.Lock()
 
 
 class SecretHandshake:
-    """Daemon mixin: refuse a connection in Pyro5's handshake unless it carries the cluster secret.
+    """Daemon mixin (the first base, before a Pyro5 daemon class): how every rmidl daemon meets clients.
 
-    Pyro5 calls `validateHandshake` before the client may invoke anything, and answers a raised error
-    with a CONNECTFAIL, so unauthenticated clients never reach an object. Pyro5 would first read a
-    handshake of up to MAX_MESSAGE_SIZE (hundreds of MB on a worker) from anyone, and wait for it (and,
-    with TLS, for the TLS handshake in its accept loop) without a deadline; the mixin caps it at
-    HANDSHAKE_MAX_BYTES before a byte of the payload is read and gives both HANDSHAKE_TIMEOUT seconds.
+    - Its connections go through `ConnectionServer` (bounded in number and per peer, deadlines on
+      handshakes, stalled messages and idle connections, whole messages only, header checks; see
+      rmidl/remote/connections.py) instead of a Pyro5 server.
+    - Its own Pyro5 object ("Pyro.Daemon") serves only `get_metadata` and `authenticate`: Pyro5's
+      `registered()`, `info()` and stream methods are no part of any contract here.
+    - With a cluster secret, a connection is served only once client and daemon have proved to each
+      other that they know it (challenge and response, `rmidl.remote.auth`: the secret never travels);
+      without one, any handshake is accepted.
     """
 
-    def __init__(self, *args: Any, secret: str = "", **kwargs: Any) -> None:
-        self._secret = secret.encode("utf-8")
-        super().__init__(*args, **kwargs)
-        listening = getattr(getattr(self, "transportServer", None), "sock", None)
-        if isinstance(listening, ssl.SSLSocket):
-            # Otherwise accept() runs the TLS handshake in the accept loop without a deadline: one silent
-            # TCP connection would lock every client out. `_handshake` runs it in the connection's thread.
-            listening.do_handshake_on_connect = False  # type: ignore[attr-defined]
-
-    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
-        # Daemons run without a socket timeout (calls may take long), so the handshake gets its own.
-        previous = conn.sock.gettimeout()
-        conn.sock.settimeout(DENIED_HANDSHAKE_TIMEOUT if denied_reason else HANDSHAKE_TIMEOUT)
-        try:
-            if isinstance(conn.sock, ssl.SSLSocket):
-                conn.sock.do_handshake()
-            accepted = super()._handshake(  # type: ignore[misc]
-                _CappedConnection(conn, HANDSHAKE_MAX_BYTES), denied_reason
-            )
-        except (OSError, ValueError) as error:  # ssl.SSLError and socket timeouts are OSErrors
-            logger.info("handshake with %s failed: %s", _peer(conn), error)
-            return False
-        conn.sock.settimeout(previous)
-        return bool(accepted)
+    def __init__(self, *args: Any, secret: str = "", limits: Limits | None = None, **kwargs: Any) -> None:
+        self._secret = secret
+        with _SERVERTYPE_LOCK:
+            # The multiplex server binds the socket and starts nothing else; it is replaced just below.
+            saved, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, "multiplex"
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                pyro_config.SERVERTYPE = saved
+        transport: Any = self.transportServer  # type: ignore[has-type]
+        self.transportServer = ConnectionServer.adopting(transport, self, limits or Limits())
+        interface = DaemonInterface(self)
+        interface._pyroId = Pyro5.core.DAEMON_NAME  # type: ignore[attr-defined]
+        self.objectsById[Pyro5.core.DAEMON_NAME] = interface  # type: ignore[attr-defined]
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 (Pyro5's name)
-        if self._secret:
-            offered = data.encode("utf-8") if isinstance(data, str) else b""
-            if not hmac.compare_digest(offered, self._secret):
-                peer = _peer(conn)
-                logger.warning("refused connection from %s: %s", peer, SECRET_REFUSED)
-                raise AuthenticationError(f"connection from {peer} refused: {SECRET_REFUSED}")
-        return super().validateHandshake(conn, data)  # type: ignore[misc]
+        if not self._secret:
+            conn.authenticated = True
+            return super().validateHandshake(conn, data)  # type: ignore[misc]
+        try:
+            client_nonce = auth.check_challenge(data)
+        except AuthenticationError:
+            logger.warning("refused connection from %s: %s", conn.peer, SECRET_REFUSED)
+            raise AuthenticationError(f"connection from {conn.peer} refused: {SECRET_REFUSED}") from None
+        daemon_nonce = auth.new_nonce()
+        conn.expected_proof = auth.proof(self._secret, "client", client_nonce, daemon_nonce)
+        return auth.answer(self._secret, client_nonce, daemon_nonce)
+
+    def authenticate_connection(self, conn: Any, offered: object) -> bool:
+        """The second step: the client's proof for this connection's challenge (one try)."""
+        expected, conn.expected_proof = conn.expected_proof, ""
+        if conn.authenticated:
+            return True
+        if not (expected and isinstance(offered, str) and hmac.compare_digest(offered, expected)):
+            logger.warning("refused connection from %s: %s", conn.peer, SECRET_REFUSED)
+            raise AuthenticationError(f"connection from {conn.peer} refused: {SECRET_REFUSED}")
+        conn.authenticated = True
+        return True
 
 
-class _CappedConnection:
-    """A Pyro5 SocketConnection whose reads are refused above a size (Pyro5 reads a payload in one call),
-    and whose handshake may not be in marshal: Python documents marshal as unsafe on untrusted data, and
-    Pyro5 would decode a stranger's handshake in whatever serializer its header names."""
+@Pyro5.server.expose
+class DaemonInterface:
+    """The daemon's own object as rmidl serves it: metadata of the objects it holds (Pyro5 proxies may
+    ask for it) and the second step of mutual authentication, nothing else."""
 
-    def __init__(self, conn: Any, limit: int) -> None:
-        self._conn = conn
-        self._limit = limit
-        self._header = b""
+    def __init__(self, daemon: SecretHandshake) -> None:
+        self._daemon = daemon
+        self._pyro = Pyro5.server.DaemonObject(daemon)
 
-    def recv(self, size: int) -> Any:
-        if size > self._limit:
-            raise Pyro5.errors.ProtocolError(f"handshake of {size} bytes exceeds the limit of {self._limit}")
-        data = self._conn.recv(size)
-        if len(self._header) <= _SERIALIZER_AT:
-            self._header += data
-            if len(self._header) > _SERIALIZER_AT and self._header[_SERIALIZER_AT] == _MARSHAL_ID:
-                raise Pyro5.errors.ProtocolError("handshake in marshal refused (unsafe on untrusted data)")
-        return data
+    def get_metadata(self, objectId: str) -> dict:  # noqa: N803 (Pyro5's name)
+        return dict(self._pyro.get_metadata(objectId))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-
-def _peer(conn: Any) -> str:
-    try:
-        host, port = conn.sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except (OSError, AttributeError, ValueError):
-        return "unknown peer"
-
+    def authenticate(self, proof: str) -> bool:
+        return self._daemon.authenticate_connection(current_context.client, proof)

@@ -9,16 +9,19 @@ import threading
 from typing import Any
 
 import Pyro5.api
+import Pyro5.core
 import Pyro5.errors
 import Pyro5.socketutil
 from Pyro5 import config as pyro_config
 
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, OptionError, RegistryError, register_with_pyro
+from rmidl.remote import auth
 
 __all__ = [
     "SECRET_REFUSED",
     "SERIALIZER",
+    "ClusterProxy",
     "client_ssl_context",
     "configure_pyro",
     "connect_ns",
@@ -129,10 +132,51 @@ def configure_pyro(config: Config) -> None:
         _applied = state
 
 
-def _prepare_proxy(proxy: Pyro5.api.Proxy, config: Config, timeout: float | None) -> Pyro5.api.Proxy:
+class ClusterProxy(Pyro5.api.Proxy):
+    """A Pyro5 proxy that, given the cluster secret, authenticates the daemon and itself by challenge and
+    response on every connection it makes (`rmidl.remote.auth`: the secret itself never travels).
+
+    `require_proof`: a daemon that cannot prove it knows the secret is refused (AuthenticationError);
+    off for the name server, whose entries nobody trusts anyway (every worker is authenticated itself).
+    """
+
+    _rmidl_secret = ""
+    _rmidl_nonce = ""
+    _rmidl_require = True
+
+    def __init__(self, uri: Any, *, secret: str = "", require_proof: bool = True) -> None:
+        super().__init__(uri)
+        object.__setattr__(self, "_rmidl_secret", secret)
+        object.__setattr__(self, "_rmidl_require", require_proof)
+
+    @property  # type: ignore[override]
+    def _pyroHandshake(self) -> Any:  # noqa: N802 (Pyro5's name; read once per connection it makes)
+        if not self._rmidl_secret:
+            return "hello"
+        object.__setattr__(self, "_rmidl_nonce", auth.new_nonce())
+        return auth.challenge(self._rmidl_nonce)
+
+    @_pyroHandshake.setter
+    def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
+        pass  # Pyro5's constructor sets "hello"; the handshake is ours to make
+
+    def _pyroValidateHandshake(self, response: Any) -> None:  # noqa: N802 (Pyro5's hook)
+        if not self._rmidl_secret:
+            return
+        where = f"daemon at {self._pyroUri.location}"
+        try:
+            if not self._rmidl_require and not isinstance(response, dict):
+                return  # a name server without a secret: nothing to prove either way
+            daemon_nonce = auth.check_answer(self._rmidl_secret, self._rmidl_nonce, response, where)
+            offered = auth.proof(self._rmidl_secret, "client", self._rmidl_nonce, daemon_nonce)
+            self._pyroInvoke(auth.AUTHENTICATE, (offered,), {}, objectId=Pyro5.core.DAEMON_NAME)
+        except BaseException:
+            self._pyroRelease()
+            raise
+
+
+def _prepare_proxy(proxy: Pyro5.api.Proxy, timeout: float | None) -> Pyro5.api.Proxy:
     proxy._pyroSerializer = SERIALIZER
-    # The cluster secret travels as the handshake data; daemons check it before any call.
-    proxy._pyroHandshake = config.secret or "hello"
     proxy._pyroTimeout = timeout
     return proxy
 
@@ -146,7 +190,10 @@ def connect_ns(address: str | tuple[str, int] | None, config: Config | None = No
     else:
         host, port = parse_address(address, config.ns_port, default_host=config.ns_host)
     uri = f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{host}:{port}"
-    proxy = _prepare_proxy(Pyro5.api.Proxy(uri), config, config.connect_timeout)
+    # Entries of the registry are not trusted (every worker is authenticated itself): a name server
+    # without a secret is used as it is; one with a secret must prove it.
+    proxy = _prepare_proxy(ClusterProxy(uri, secret=config.secret, require_proof=False),
+                           config.connect_timeout)
     try:
         proxy._pyroBind()
     except Pyro5.errors.CommunicationError as error:
@@ -154,23 +201,26 @@ def connect_ns(address: str | tuple[str, int] | None, config: Config | None = No
         if is_refusal(error):
             raise AuthenticationError(f"name server {host}:{port} refused the connection: {error}") from None
         raise RegistryError(f"name server {host}:{port} is not reachable: {error}") from None
+    except AuthenticationError as error:
+        raise AuthenticationError(f"name server {host}:{port} refused the connection: {error}") from None
     return proxy
 
 
 def is_refusal(error: BaseException) -> bool:
-    """True when a Pyro5 error means the daemon refused our secret in the handshake, not that it is down
-    (or that its thread pool is full, which Pyro5 also reports as a rejected connection)."""
+    """True when a Pyro5 error means the daemon refused us in the handshake for the secret (we offered
+    none, or no challenge of our scheme), not that it is down or refused us for another reason."""
     text = str(error)
     refused = " rejected: " in text and SECRET_REFUSED in text
     return isinstance(error, Pyro5.errors.CommunicationError) and refused
 
 
 def worker_proxy(uri: str, config: Config | None = None, *, timeout: float | None = None) -> Pyro5.api.Proxy:
-    """An unconnected proxy to a worker with msgpack, the cluster secret and TLS applied.
+    """An unconnected proxy to a worker with msgpack, the cluster secret and TLS applied: with a secret,
+    a worker that cannot prove it knows it is refused before it sees any call.
 
     `timeout` bounds connecting and every call (None: wait as long as a task takes).
     """
     config = config or Config()
     configure_pyro(config)
-    return _prepare_proxy(Pyro5.api.Proxy(uri), config, timeout)
+    return _prepare_proxy(ClusterProxy(uri, secret=config.secret), timeout)
 
