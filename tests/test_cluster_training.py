@@ -186,6 +186,22 @@ def test_a_worker_joining_mid_training_takes_bundles(nameserver, start_worker, c
     assert late.gradient_calls > 0 and sum(b.startswith("weights-") for b in late.puts) == 15 - 7
 
 
+def test_bundles_over_a_workers_blob_budget_go_to_the_others(nameserver, start_worker, cluster_config, blobs):
+    x, y = blobs(n=600)
+    serial = rmidl.train(x, y, threads=0, **SMALL)
+    # a blob budget of 10 kB: less than any bundle of shards (6240 bytes each) with the weights
+    small = start_worker(worker_class=CountingWorker, config=cluster_config.replace(memory_budget=40_000))
+    with Coordinator(nameserver, local_threads=1, config=cluster_config) as co:
+        assert same_run(*rmidl.train(x, y, coordinator=co, **SMALL), serial)
+        assert set(co.last_job()["tasks_by"]) == {"local"}
+    assert small.worker.gradient_calls == 0
+    with Coordinator(nameserver, local_threads=0, config=cluster_config) as co, pytest.raises(
+        BudgetExceeded, match=r"fits no participant's limits \(w0: its shards and weights \(\d+ bytes\) are "
+                              "over the blob budget of 10000"
+    ):
+        rmidl.train(x, y, coordinator=co, **SMALL)
+
+
 def test_a_worker_of_an_older_version_sits_training_out(nameserver, start_worker, cluster_config, blobs):
     x, y = blobs(n=600)
     old = start_worker(worker_class=OlderWorker)
