@@ -54,9 +54,10 @@ class Coordinator:
     (fixed at construction); a name or count the name server cannot supply is a WorkerNotFound before
     any work. `local_threads=None` means every core without a name server and none with one (workers on
     this machine already use its cores). With `shared_memory=True`, workers on this host read the image
-    from and write their results into shared memory; the others get their input inline and send results
-    over the bulk side channel (or inline). Once closed (`close()`, or leaving its `with` block), every
-    job method raises ClusterError.
+    from and write their results into shared memory, and the result returned is that shared block itself
+    (an ordinary array; `rmidl.client.shared` says how long it lives); the others get their input inline
+    and send results over the bulk side channel (or inline). Once closed (`close()`, or leaving its
+    `with` block), every job method raises ClusterError.
     """
 
     def __init__(
@@ -117,16 +118,17 @@ class Coordinator:
         self._scheduler.discover()
 
     def close(self) -> None:
-        """Close every shared block (telling workers to unmap them) and every proxy (workers keep running).
+        """Close the unused shared blocks (telling workers to unmap them) and every proxy (workers keep
+        running). Results still held stay valid: see `rmidl.client.shared` for how long they live.
         Idempotent; afterwards every job method raises ClusterError."""
         self._closed = True
         self._shared.close()
         self._scheduler.close()
 
     def _release_shm(self, names: list[str]) -> None:
-        """Ask same-host workers to unmap blocks we closed: until every mapping goes, their memory stays."""
+        """Ask same-host workers to unmap blocks we closed at once (they notice within a second anyway)."""
         for worker in self._scheduler.usable_workers():
-            if worker.same_host:
+            if worker.shares_memory:
                 worker.release_shm(names)
 
     def _check_open(self) -> None:
@@ -275,13 +277,7 @@ class Coordinator:
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
-        quarantines = scheduler.discovery.quarantines
-
-        def reusable() -> bool:
-            # A worker that hung in this job may still write into its blocks later (even once back in use).
-            return scheduler.discovery.quarantines == quarantines
-
-        with job.buffers(self._shared, reusable=reusable) as result:
+        with job.buffers(self._shared):
             queue = scheduler.queue(job, progress)
             try:
                 scheduler.run(job, queue, local_threads=local)
@@ -298,7 +294,7 @@ class Coordinator:
                     "moving_seconds": queue.moving_seconds,
                     "engines": dict(job.engines),
                 }
-        return result
+        return job.out
 
 
 def _where(ns: object, config: Config | None) -> tuple[str | None, Config]:

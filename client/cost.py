@@ -20,6 +20,7 @@ __all__ = [
     "DEADLINE_FACTOR",
     "FALLBACK_GFLOPS",
     "INLINE_BYTES_PER_S",
+    "MAX_TASK_BYTES",
     "MIN_ROUND_TRIPS",
     "ROUND_TRIP_S",
     "TASKS_PER_CORE",
@@ -49,6 +50,9 @@ INLINE_BYTES_PER_S = 0.25e9
 BULK_SETUP_S = 3e-3
 """What one bulk fetch costs besides its bytes (a connection, the channel's handler thread, the ticket):
 2-5 ms measured on the loaded 2-core dev box, where inline replies were faster below ~1 MB."""
+MAX_TASK_BYTES = 64 << 20
+"""Largest result of one task: more tasks than the balance asks for when the output is big (the planner
+cuts by it; the bench predictor counts tasks the same way)."""
 DEADLINE_FACTOR = 10.0
 """A task counts as hung after this many times its modelled seconds (and never before the floor)."""
 

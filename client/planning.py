@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from rmidl.errors import BudgetExceeded
 from rmidl.geometry import Task, plan_tasks
 
-from .cost import FALLBACK_GFLOPS, Capacity, balanced_tasks
+from .cost import FALLBACK_GFLOPS, MAX_TASK_BYTES, Capacity, balanced_tasks
 
 __all__ = ["MIN_BAND_ROWS", "MIN_GROUP", "SMALL_WORKER", "Plan", "plan", "task_bytes_for"]
 
@@ -40,7 +40,7 @@ def plan(
     consumers: Sequence[Capacity],
     *,
     itemsize: int = 4,
-    max_task_bytes: int = 64 << 20,
+    max_task_bytes: int = MAX_TASK_BYTES,
     max_band_rows: int | None = None,
     min_tasks: int = 1,
 ) -> Plan:

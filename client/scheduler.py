@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from rmidl.config import Config
-from rmidl.errors import AuthenticationError, BudgetExceeded, InputError, WorkerBusy, WorkerLost
+from rmidl.errors import (
+    AuthenticationError,
+    BudgetExceeded,
+    DataPlaneError,
+    InputError,
+    WorkerBusy,
+    WorkerLost,
+)
 
 from .cost import Capacity, deadline, local_gflops
 from .discovery import Discovery
@@ -253,6 +260,14 @@ class Scheduler:
             queue.leave(worker.name)
 
     def _run_remote(self, job: JobKind[T], queue: TaskQueue[T], worker: WorkerStub, task: T) -> None:
+        try:
+            self._run_remote_once(job, queue, worker, task)
+        except DataPlaneError as error:
+            # The worker is fine but a data path to it is not: run the task again, once, on another path.
+            worker.fall_back(error)
+            self._run_remote_once(job, queue, worker, task)
+
+    def _run_remote_once(self, job: JobKind[T], queue: TaskQueue[T], worker: WorkerStub, task: T) -> None:
         limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
         record = job.request(task, worker)
         started = time.perf_counter()

@@ -26,7 +26,15 @@ from typing import Any, TypeVar
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import AuthenticationError, BankError, ClusterError, RmidlError, WorkerLost
+from rmidl.errors import (
+    AuthenticationError,
+    BankError,
+    ClusterError,
+    DataPlaneError,
+    RmidlError,
+    SharedMemoryUnavailable,
+    WorkerLost,
+)
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import BulkTicket, ReplyRecord, Result, TaskRecord, WorkerInfo
 
@@ -40,13 +48,15 @@ from .cost import (
     local_gflops,
 )
 
-__all__ = ["STATES", "WorkerStub"]
+__all__ = ["BULK_RETRY_S", "STATES", "WorkerStub"]
 
 log = logging.getLogger(__name__)
 
 STATES = ("ok", "silent", "quarantined", "untrusted", "dead")
 """A worker's health as its stub sees it (see the module docstring)."""
 R = TypeVar("R")
+BULK_RETRY_S = 30.0
+"""After its bulk channel failed while the worker answered, its results come inline for this long."""
 
 
 class WorkerStub:
@@ -59,7 +69,10 @@ class WorkerStub:
         self.info = WorkerInfo()
         self.round_trip_s = ROUND_TRIP_S
         self.same_host = False
-        """Shares this process's kernel (so its /dev/shm): shared memory works between us."""
+        """Shares this process's kernel: shared memory may work between us."""
+        self.shm_refused = False
+        """It could not map our shared blocks once (another user or pid namespace): TCP from then on."""
+        self._bulk_broken_until = 0.0
         self.state = "ok"
         """One of STATES."""
         self.failing_since: float | None = None
@@ -87,15 +100,37 @@ class WorkerStub:
     def usable(self) -> bool:
         return self.state == "ok"
 
+    @property
+    def shares_memory(self) -> bool:
+        """Jobs may hand this worker shared blocks (same host, and it has not refused them)."""
+        return self.same_host and not self.shm_refused
+
+    @property
+    def bulk_usable(self) -> bool:
+        """Results may come over its bulk channel (it has one, and it has not failed lately)."""
+        return bool(self.info.bulk_port) and time.monotonic() >= self._bulk_broken_until
+
+    def fall_back(self, error: DataPlaneError) -> None:
+        """Stop using the data path `error` says is broken (TCP instead of shared memory, inline results
+        instead of the bulk channel); logged once per switch."""
+        with self._lock:
+            if isinstance(error, SharedMemoryUnavailable):
+                switched, self.shm_refused = not self.shm_refused, True
+            else:
+                switched = self.bulk_usable
+                self._bulk_broken_until = time.monotonic() + BULK_RETRY_S
+        if switched:
+            log.warning("worker %s: %s; moving its data another way", self.name, error)
+
     def capacity(self) -> Capacity:
         """The worker as the cost model sees it: rate, cores, round trip, data-plane rate."""
         threads = self.info.threads or self.info.cores or 1
         # Workers report the engine's measured rate on their threads; an old one without it counts as
         # this machine's single-thread rate per thread.
         gflops = self.info.gflops or local_gflops() * threads
-        if self.same_host:
+        if self.shares_memory:
             rate = None
-        elif self.info.bulk_port:
+        elif self.bulk_usable:
             rate = BULK_BYTES_PER_S
         else:
             rate = INLINE_BYTES_PER_S
@@ -254,8 +289,14 @@ class WorkerStub:
                 raise WorkerLost(f"worker {self.name} offered a bulk result but has no bulk channel")
             timeout = deadline(TaskCost(0.0, result_bytes=result.nbytes), self.capacity(),
                                floor=self.config.task_deadline_floor)
-            return fetch(self.host, self.info.bulk_port, result.ticket, into, timeout=timeout,
-                         ssl_context=self._bulk_ssl_context())
+            try:
+                return fetch(self.host, self.info.bulk_port, result.ticket, into, timeout=timeout,
+                             ssl_context=self._bulk_ssl_context())
+            except WorkerLost as error:
+                if self.health() != "ok":
+                    raise
+                # E.g. its port flooded by strangers' connections: the worker itself is fine.
+                raise DataPlaneError(f"bulk channel of worker {self.name} failed ({error})") from None
         if result.shape != into.shape:
             raise RmidlError(f"worker {self.name} returned shape {result.shape} for {what}, "
                              f"expected {into.shape}")

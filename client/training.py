@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from rmidl.dataparallel import ComputeShards, Step, StepResult, TrainingJob, Weights
 from rmidl.errors import WorkerLost
 from rmidl.kernels import blas_pinned
@@ -33,7 +31,7 @@ from .shared import SharedPool
 from .stub import WorkerStub
 
 if TYPE_CHECKING:
-    from rmidl.remote.shm import SharedArray
+    from .shared import Lease
 
 __all__ = ["TrainingSession", "bundle_size", "training_session"]
 
@@ -82,7 +80,7 @@ class TrainingSession:
         self.data = ShardSet(job, bundle_count(scheduler, job, local_threads),
                              max_message_size=scheduler.config.max_message_size)
         self._shared = shared
-        self._block: SharedArray | None = None
+        self._block: Lease | None = None
         self._clean = True
         if shared is not None and any(w.same_host for w in scheduler.usable_workers()):
             self._take_block()
@@ -159,13 +157,16 @@ class TrainingSession:
 
     def _take_block(self) -> None:
         assert self._shared is not None
-        self._block = self._shared.take("gradients", self.data.block_shape, np.dtype(np.float64))
+        self._block = self._shared.lease(self.data.block_shape, "float64")
         self.data.share(self._block)
 
     def _give_block(self, *, reusable: bool) -> None:
+        """Let go of the block (back to the pool once the last step's parts are gone, unless not
+        `reusable`: then it is closed then, never given to another job)."""
         if self._shared is not None and self._block is not None:
             self.data.share(None)
-            self._shared.give("gradients", self._block, reusable=reusable)
+            if not reusable:
+                self._shared.discard(self._block)
             self._block = None
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from rmidl._memory import empty
 from rmidl.errors import OptionError
 from rmidl.geometry import mode_padding
 from rmidl.kernels import correlate_valid, correlate_valid_batch
@@ -51,7 +52,7 @@ def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int
         images, bank, dtype, out_shape = one.image[None], one.kernels, one.dtype, one.out_shape
     rows, cols = mode_padding(bank.shape[1:3], mode)
     padded = images if rows == cols == (0, 0) else np.pad(images, [(0, 0), rows, cols, (0, 0)])
-    result = np.empty(out_shape, dtype) if out is None else check_out(out, out_shape, dtype)
+    result = empty(out_shape, dtype) if out is None else check_out(out, out_shape, dtype)
     target4 = result if batch else result[None]
     # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs
     # (engines read input rows after writing earlier outputs), gets a temporary and one copy.

@@ -12,6 +12,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DTypeError",
+    "DataPlaneError",
     "ImageNotFound",
     "ImageReadError",
     "InputError",
@@ -22,6 +23,7 @@ __all__ = [
     "RegistryError",
     "RmidlError",
     "ShapeError",
+    "SharedMemoryUnavailable",
     "TaskFailed",
     "WorkerBusy",
     "WorkerLost",
@@ -108,6 +110,16 @@ class WorkerLost(ClusterError):
 class WorkerBusy(ClusterError):
     """A worker refused a task for now (its task slots or its memory are taken by others' tasks): run it
     elsewhere or later; it says nothing about the task."""
+
+
+class DataPlaneError(ClusterError):
+    """A worker answers, but one way of moving data to or from it does not work (its bulk channel does not
+    deliver, it cannot map our shared memory): the caller moves that worker's data another way."""
+
+
+class SharedMemoryUnavailable(DataPlaneError):
+    """A worker cannot map the caller's shared block (another user, another pid namespace, no capability):
+    the caller sends that worker its data over TCP instead."""
 
 
 class TaskFailed(ClusterError):

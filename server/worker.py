@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import numpy as np
 from Pyro5.api import behavior, expose
 
 import rmidl
+from rmidl._memory import empty
 from rmidl.config import Config
 from rmidl.errors import (
     BankError,
@@ -42,7 +44,7 @@ from rmidl.remote.contract import (
     check_blob_id,
 )
 from rmidl.remote.gradient import GradientTask
-from rmidl.remote.shm import SharedArray, host_id
+from rmidl.remote.shm import Attachment, block_name, host_id
 
 from .cache import LruCache
 from .gradient import run_gradient
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 ATTACHMENT_CACHE = 8
 """Shared-memory blocks a worker keeps mapped (a job uses two: padded input and output); their bytes are
 bounded too, by the worker's memory budget."""
+REAP_S = 1.0
+"""How often a worker unmaps blocks whose owner closed them or died (their memory is freed only then)."""
 RATE_MIN_SECONDS = 0.02
 """Only engine calls at least this long refine the reported rate: shorter ones are mostly call overhead."""
 REPLY_FRAMING = 512
@@ -90,14 +94,16 @@ class ConvolutionWorker:
             config.bank_cache_size, max(1, config.memory_budget // 4), lambda blob: blob.nbytes
         )
         # The newest two blocks (a job's input and output) always stay mapped.
-        self._attached: LruCache[str, SharedArray] = LruCache(
-            ATTACHMENT_CACHE, config.memory_budget, lambda block: block.array.nbytes, keep=2
+        self._attached: LruCache[str, Attachment] = LruCache(
+            ATTACHMENT_CACHE, config.memory_budget, lambda block: block.nbytes, keep=2
         )
         self._reserved = 0
         self._tasks_done = 0
         self._engines: Counter[str] = Counter()
         self._busy = 0
         self._gflops = _calibrate(self._threads)
+        self._reaper = threading.Thread(target=self._reap, name=f"rmidl-shm-reaper-{name}", daemon=True)
+        self._reaper.start()
 
     # --- the remote interface -------------------------------------------------------------------
 
@@ -196,6 +202,8 @@ class ConvolutionWorker:
             self._blobs.clear()
         for block in attached:
             block.close()
+        if self._reaper is not threading.current_thread():
+            self._reaper.join(REAP_S + 1.0)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -257,7 +265,7 @@ class ConvolutionWorker:
                 f"max_message_size of {self._config.max_message_size} bytes (use 'bulk' or 'shm' output)"
             )
         with self._reservation(nbytes, task.task_id):
-            result = np.empty(out_shape, kernels.dtype)
+            result = empty(out_shape, kernels.dtype)  # recycled: no page faults once warm
             engine = self._compute_into(band, kernels, result, task.engine)
             if task.output == "inline":
                 return engine, result
@@ -343,30 +351,49 @@ class ConvolutionWorker:
                 self._reserved -= nbytes
 
     def _attach(self, ref: ShmRef) -> np.ndarray:
-        """The array of a shared block, mapped once and cached; taken under the lock, so a later eviction
-        cannot close it under the caller (the view keeps the mapping alive)."""
-        key = f"{ref.name}|{list(ref.shape)}|{ref.dtype}"
+        """The array a shared block holds, the block mapped once (after its capability is checked) and
+        cached; taken under the lock, so a later eviction cannot close it under the caller (the view
+        keeps the mapping alive)."""
+        descriptor = ref.to_wire()
         with self._lock:
-            block = self._attached.get(key)
-            if block is not None:
-                return block.array
+            block = self._attached.get(ref.name)
+            # The capability is checked on every use, as when the block was mapped.
+            same = block is not None and block.pid == ref.pid and block.fd == ref.fd
+            if block is not None and same and hmac.compare_digest(block_name(ref.token), ref.name):
+                array = block.array(descriptor)
+            else:
+                block = None
+        if block is not None:
+            block.populate()
+            return array
         self._prune_attachments()
-        block = SharedArray.attach(ref.to_wire())
+        block = Attachment(descriptor)
         with self._lock:
-            array = block.array
-            # Old blocks belong to finished jobs (and pin their memory while mapped, even once unlinked):
-            # evicted by count and bytes; a task still using an evicted block keeps its views.
-            evicted = self._attached.put(key, block)
+            # Old blocks belong to finished jobs (and pin their memory while mapped): evicted by count
+            # and bytes; a task still using an evicted block keeps its views.
+            evicted = self._attached.put(ref.name, block)
         for old in evicted:
             old.close()
-        return array
+        return block.array(descriptor)
 
     def _prune_attachments(self) -> None:
-        """Unmap blocks their owner has unlinked: a finished job's memory is freed only when we let go."""
+        """Unmap blocks their owner has closed or died with: their memory is freed only when we let go."""
         with self._lock:
-            blocks = self._attached.pop_where(lambda block: not block.exists())
+            candidates = self._attached.values()
+        gone = {id(block) for block in candidates if not block.owner_holds()}
+        if not gone:
+            return
+        with self._lock:
+            blocks = self._attached.pop_where(lambda block: id(block) in gone)
         for block in blocks:
             block.close()
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(REAP_S):
+            try:
+                self._prune_attachments()
+            except Exception as error:  # never let the reaper die
+                logger.warning("unmapping finished shared blocks failed: %r", error)
 
 
 @cache

@@ -25,7 +25,7 @@ CORE_FILES = {
     "table3.md", "table3.csv", "table4.md", "table4.csv", "efficiency.md", "efficiency.csv", "results.json",
     "fig10_time_vs_cores.png", "fig11_speedup.png", "time_vs_workers.png",
 }  # fmt: skip
-PREDICTION_FILES = {"prediction.md", "prediction.csv", "prediction_speedup.png"}
+PREDICTION_FILES = {"prediction.md", "prediction.csv", "prediction_speedup.png", "prediction_dataset.png"}
 
 
 def _bench(out: Path, *extra: str) -> int:
@@ -334,6 +334,57 @@ def test_gathering_the_output_bounds_the_paper_job_on_slow_links() -> None:
     fast = predict.predict(cal, 8, 8, predict.parse_link("10TB/s"))
     assert fast.bound == "compute" and fast.speedup > alone.speedup
     assert all(p.speedup <= p.ideal_speedup for p in (alone, eight, fast))
+
+
+def test_keeping_the_maps_on_the_nodes_gathers_only_pooled_features() -> None:
+    cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.02, (1, 2), usable=2))
+    one_gbit = predict.parse_link("1Gbit")
+    rate = 1e9 / 8 * 0.94
+    eight = predict.predict(cal, 8, 8, one_gbit, pool=2)
+    # a quarter of the maps' bytes come back: still gather-bound at 1 Gbit, four times sooner
+    assert eight.features_bound == "gather"
+    gather = PAPER_JOB.output_bytes / 4 * 7 / 8 / rate
+    assert gather < eight.features_seconds < gather * 1.2
+    assert eight.features_seconds < eight.seconds and eight.features_speedup > eight.speedup
+    # with enough pooling the image's way out (scatter) decides, not the maps' way back
+    coarse = predict.predict(cal, 8, 8, one_gbit, pool=64)
+    assert coarse.features_bound == "scatter"
+
+
+def test_a_dataset_streams_images_over_every_node() -> None:
+    cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.0, (1, 2), usable=2))
+    alone = predict.predict(cal, 1, 2, predict.parse_link("1Gbit"))
+    assert alone.dataset_images_per_s == pytest.approx(1 / cal.compute_seconds(2), rel=1e-12)
+    fast = predict.predict(cal, 4, 2, predict.parse_link("10TB/s"))
+    assert fast.dataset_images_per_s == pytest.approx(4 / cal.compute_seconds(2), rel=1e-9)
+    slow = predict.predict(cal, 4, 2, predict.parse_link("1Gbit"))
+    rate = 1e9 / 8 * 0.94
+    # the coordinator's node computes at its pace; what the others add is what the link carries back
+    assert slow.dataset_bound == "gather"
+    own = 1 / cal.compute_seconds(2)
+    assert slow.dataset_images_per_s == pytest.approx(own + rate / PAPER_JOB.output_bytes, rel=1e-12)
+    assert slow.dataset_features_images_per_s == pytest.approx(own + 4 * rate / PAPER_JOB.output_bytes,
+                                                               rel=1e-12)
+    assert slow.dataset_images_per_s > alone.dataset_images_per_s  # a queue never loses by a node
+
+
+def test_a_coordinator_without_local_threads_sends_everything_over_its_link() -> None:
+    cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.0, (1, 2), usable=2))
+    link = predict.parse_link("1Gbit")
+    alone = predict.predict(cal, 1, 1, link, coordinator_computes=False)
+    assert alone.gather_seconds == pytest.approx(PAPER_JOB.output_bytes / (1e9 / 8 * 0.94), rel=1e-12)
+    assert alone.bound == "gather" and alone.seconds > alone.gather_seconds
+
+
+def test_payoff_says_when_a_second_node_beats_one() -> None:
+    cal = predict.calibrate(_synthetic(PAPER_JOB, 0.6, 0.02, (1, 2), usable=2))
+    points = predict.predict_many(cal, (1, 2, 4, 8), 8, [predict.parse_link("1Gbit"),
+                                                        predict.parse_link("10TB/s")])
+    lines = forecast.payoff(points)
+    assert len(lines) == 2
+    assert "one image, maps gathered: never up to 8 nodes" in lines[0]  # 462 MB over 1 Gbit
+    assert "one image, maps gathered: from 2 nodes" in lines[1]
+    assert "a dataset, maps gathered: from 2 nodes" in lines[0]  # the link adds a little to one node
 
 
 def test_the_paper_job_is_compared_with_the_paper() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from dataplane_child import mapped_blocks
 from worker_doubles import CountingWorker, ForgetfulWorker, OlderWorker
 
 import rmidl
@@ -22,7 +23,6 @@ from rmidl.errors import BankError, BudgetExceeded, OptionError, ShapeError, Wor
 from rmidl.mlp import MLPSpec
 from rmidl.remote.blobs import Blob
 from rmidl.remote.gradient import GradientReply, GradientTask
-from rmidl.remote.shm import NAME_PREFIX
 
 SMALL = {"hidden": (16,), "epochs": 3, "batch": 100, "shards": 8, "activation": "tanh"}
 """480 training rows: 5 steps per epoch over 8 shards."""
@@ -137,22 +137,25 @@ class BeforeStep:
             yield wrapped
 
 
-def our_blocks() -> set[str]:
-    """This process's shared-memory blocks."""
-    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{NAME_PREFIX}{os.getpid()}_")}
-
-
 def test_a_worker_killed_mid_epoch_has_its_shards_recomputed_elsewhere(blobs, caplog):
     x, y = blobs(n=600)
     serial = rmidl.train(x, y, threads=0, **SMALL)
-    before = our_blocks()
+    before = mapped_blocks()
     with LocalCluster(workers=2) as cluster, Coordinator(cluster.ns_address, local_threads=0) as co:
-        killer = BeforeStep(co, 7, lambda: cluster.kill("w2"))  # epoch 2, step 3 of 5
+        in_use: list[set[str]] = []
+
+        def kill() -> None:
+            in_use.append(mapped_blocks() - before)  # the step's gradients block (workers write there)
+            cluster.kill("w2")
+
+        killer = BeforeStep(co, 7, kill)  # epoch 2, step 3 of 5
         with caplog.at_level(logging.WARNING, logger="rmidl.client.scheduler"):
             assert same_run(*rmidl.train(x, y, coordinator=killer, **SMALL), serial)
         assert {w["name"]: w["state"] for w in co.workers()}["w2"] == "dead"
         assert any("w2 lost" in record.getMessage() for record in caplog.records)
-    assert our_blocks() == before  # the gradients' block of every step with a retry, too
+    assert len(in_use[0]) == 1
+    gc.collect()
+    assert mapped_blocks() == before  # the gradients' blocks closed, also those given up after a retry
 
 
 def test_a_worker_dying_inside_a_gradient_task_loses_no_work(blobs, children):
@@ -320,7 +323,8 @@ def test_bad_gradient_tasks_are_refused_by_the_worker(start_worker, step_job):
         ({"shards": [[4, "a"]]}, ShapeError, "plan's 4 shards"),
         ({"shards": []}, ShapeError, "must be ascending"),
         ({"output": "shm"}, ShapeError, "is not inline, bulk or shm"),
-        ({"output": {"shm": {"name": "rmidl_x", "shape": [4, 3], "dtype": "float64"}}}, ShapeError,
+        ({"output": {"shm": {"name": "rmidl_x", "shape": [4, 3], "dtype": "float64", "pid": 1, "fd": 3,
+                             "token": "t"}}}, ShapeError,
          r"shared output \(4, 3\) float64 is not \(4, 57\) float64"),
         ({"spec": {"sizes": 5}}, OptionError, "spec"),
         ({"plan": {"seed": 1}}, OptionError, "a shard plan is a dict"),

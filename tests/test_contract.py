@@ -17,7 +17,8 @@ def over_the_wire(record: dict) -> dict:
     return msgpack.unpackb(msgpack.packb(record, use_bin_type=True), raw=False)
 
 
-SHM = ShmRef("rmidl_abc", (30, 20, 2), "float32")
+SHM = ShmRef("rmidl_abc", (30, 20, 2), "float32", 1234, 7, "ab" * 32)
+SHM_FIELDS = {"pid": 1, "fd": 3, "token": "ab" * 32}
 
 
 @pytest.mark.parametrize("source_kind", ["array", "shm"])
@@ -52,8 +53,14 @@ def _task_wire(**changes) -> dict:
         (_task_wire(kernels=[0, 2, 4]), ShapeError, r"kernels must be \[start, stop\]"),
         (_task_wire(kernels=[2, 2]), ShapeError, r"kernels \[2, 2\) are empty"),
         (_task_wire(rows=[-1, 3]), ShapeError, r"rows \[-1, 3\) are empty or negative"),
-        (_task_wire(input={"shm": {"name": "rmidl_x", "shape": [2], "dtype": "int8"}}), DTypeError, "int8"),
-        (_task_wire(input={"shm": {"name": 7, "shape": [2], "dtype": "float32"}}), ShapeError, "name"),
+        (_task_wire(input={"shm": {"name": "rmidl_x", "shape": [2], "dtype": "int8"} | SHM_FIELDS}),
+         DTypeError, "int8"),
+        (_task_wire(input={"shm": {"name": 7, "shape": [2], "dtype": "float32"} | SHM_FIELDS}), ShapeError,
+         "name"),
+        (_task_wire(input={"shm": {"name": "rmidl_x", "shape": [2], "dtype": "float32"}}), ShapeError,
+         "missing fd, pid, token"),
+        (_task_wire(input={"shm": {"name": "rmidl_x", "shape": [2], "dtype": "float32"} | SHM_FIELDS
+                           | {"pid": "1"}}), ShapeError, "pid must be an int"),
         (_task_wire(input={"array": {"dtype": "float32", "shape": [1 << 30], "data": b""}}), BudgetExceeded,
          "exceeds the limit"),
         (_task_wire(output={"shm": SHM.to_wire(), "also": 1}), ShapeError, "is not 'inline', 'bulk'"),

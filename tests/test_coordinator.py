@@ -296,29 +296,6 @@ def test_tasks_fit_the_smallest_worker_message_limit(nameserver, start_worker, c
             coordinator.correlate(rng.standard_normal((40, 9000)).astype(np.float32), kernels)
 
 
-def _mapped_blocks() -> set[str]:
-    """Names of rmidl shared-memory blocks this process has mapped (a worker in-process included)."""
-    with open("/proc/self/maps") as maps:
-        return {line.split("/dev/shm/")[1].split()[0] for line in maps if "/dev/shm/rmidl_" in line}
-
-
-def test_closing_a_coordinator_unmaps_its_blocks_on_workers(nameserver, start_worker, cluster_config, rng):
-    handle = start_worker()
-    before = _mapped_blocks()
-    image = rng.standard_normal((60, 80)).astype(np.float32)
-    kernels = rng.standard_normal((5, 3, 3)).astype(np.float32)
-    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator:
-        assert_close(coordinator.correlate(image, kernels), reference(image, kernels, "valid"))
-        assert coordinator.last_job()["shared_memory"]
-        assert len(_mapped_blocks() - before) == 2
-        # A job of another shape replaces the blocks: the old ones are released at once too.
-        coordinator.correlate(image[:40], kernels)
-        assert len(_mapped_blocks() - before) == 2
-    # Unlinked but still mapped by the worker, the blocks' memory would stay pinned in /dev/shm.
-    assert _mapped_blocks() - before == set()
-    assert handle.worker.info()["shm_blocks"] == 0
-
-
 def test_one_task_jobs_spread_over_idle_workers(nameserver, start_worker, cluster_config, rng):
     handles = [start_worker() for _ in range(2)]
     image = rng.standard_normal((12, 12)).astype(np.float32)

@@ -11,9 +11,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from rmidl.errors import BudgetExceeded, DTypeError, ShapeError, WorkerLost
+from rmidl.errors import BudgetExceeded, DTypeError, ShapeError, SharedMemoryUnavailable, WorkerLost
 from rmidl.remote.bulk import TICKET_CHARS, BulkServer, fetch
-from rmidl.remote.shm import SharedArray, host_id
+from rmidl.remote.shm import SharedArray, block_name, host_id
 from rmidl.remote.wire import pack, unpack
 
 # --- wire -----------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def _shm_names() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("rmidl_")}
 
 
-def test_shared_array_attach_sees_writes_and_owner_unlinks(rng):
+def test_shared_array_attach_sees_writes_and_leaves_nothing_in_dev_shm(rng):
     before = _shm_names()
     with SharedArray.create((4, 5, 3), "float64") as owner:
         assert not owner.array.any()
@@ -92,11 +92,13 @@ def test_shared_array_attach_sees_writes_and_owner_unlinks(rng):
         values = rng.standard_normal((4, 5, 3))
         block.array[1:3] = values[1:3]
         np.testing.assert_array_equal(owner.array[1:3], values[1:3])
-        block.close()  # a borrower never unlinks
-        assert owner.name in _shm_names()
+        block.close()  # a borrower only unmaps
+        assert owner.exists() and _shm_names() == before
         again = SharedArray.attach(owner.descriptor())
         np.testing.assert_array_equal(again.array[1:3], values[1:3])
-        again.close()
+        assert again.exists()
+    assert not again.exists()  # the owner closed it: the borrower sees it
+    again.close()
     assert _shm_names() == before
 
 
@@ -104,41 +106,67 @@ def test_shared_array_close_with_live_view_keeps_view_valid():
     owner = SharedArray.create((3, 3), "float32")
     owner.array[:] = 7.0
     view = owner.array
-    owner.close()  # unlinked, but the mapping stays while `view` lives
-    assert owner.name not in _shm_names()
+    owner.close()  # the fd is closed, but the mapping stays while `view` lives
+    assert not owner.exists()
     assert view.sum() == 63.0
     with pytest.raises(ValueError, match="closed"):
         _ = owner.array
 
 
+def _descriptor(**changes: object) -> dict:
+    token = "ab" * 32
+    return {"name": block_name(token), "pid": os.getpid(), "fd": 0, "token": token, "shape": [1],
+            "dtype": "float32"} | changes
+
+
 @pytest.mark.parametrize(
-    ("descriptor", "match"),
+    ("descriptor", "error", "match"),
     [
-        ({"name": "../etc/passwd", "shape": [1], "dtype": "float32"}, "not an rmidl block name"),
-        ({"name": "rmidl_doesnotexist", "shape": [1], "dtype": "float32"}, "does not exist"),
-        ({"name": "rmidl_x", "shape": [-1], "dtype": "float32"}, "non-negative"),
+        (_descriptor(name="../etc/passwd"), ShapeError, "not an rmidl block name"),
+        (_descriptor(shape=[-1]), ShapeError, "non-negative"),
+        (_descriptor(pid=0), ShapeError, "pid=0"),
+        (_descriptor(fd="3"), ShapeError, "fd='3'"),
+        (_descriptor(token="cd" * 32), SharedMemoryUnavailable, "the token does not open it"),
+        (_descriptor(token=None), SharedMemoryUnavailable, "the token does not open it"),
+        (_descriptor(fd=999_999), SharedMemoryUnavailable, "is not open in process"),
+        (_descriptor(fd=0), SharedMemoryUnavailable, "is not the shared block"),  # stdin, not a block
     ],
 )
-def test_shared_array_attach_refuses_bad_descriptors(descriptor, match):
-    with pytest.raises(ShapeError, match=match):
+def test_shared_array_attach_refuses_bad_descriptors(descriptor, error, match):
+    with pytest.raises(error, match=match):
         SharedArray.attach(descriptor)
 
 
-def test_shared_array_attach_of_another_users_block_is_a_cluster_error(monkeypatch):
-    from rmidl.errors import ClusterError
-    from rmidl.remote import shm
+def test_attach_needs_the_blocks_own_token():
+    with SharedArray.create((2, 2), "float32") as owner, SharedArray.create((2, 2), "float32") as other:
+        # Another block's valid token does not open this one.
+        stolen = owner.descriptor() | {"token": other.descriptor()["token"]}
+        with pytest.raises(SharedMemoryUnavailable, match="token does not open it"):
+            SharedArray.attach(stolen)
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_attach_from_another_user_is_refused():
     with SharedArray.create((2, 2), "float32") as owner:
-        real_open = shm._posixshmem.shm_open
-
-        def as_another_user(path: str, flags: int, mode: int = 0o777) -> int:
-            if path == "/" + owner.name:  # what a 0600 block of another user gives a worker
-                raise PermissionError(13, "Permission denied", path)
-            return real_open(path, flags, mode=mode)
-
-        monkeypatch.setattr(shm._posixshmem, "shm_open", as_another_user)
-        with pytest.raises(ClusterError, match=f"'{owner.name}' belongs to another user"):
-            SharedArray.attach(owner.descriptor())
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe and exits
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                SharedArray.attach(owner.descriptor())
+                code = 1
+            except SharedMemoryUnavailable as error:
+                code = 0 if "another user" in str(error) else 2
+            finally:
+                os.write(write, bytes([code]))
+                os._exit(0)
+        os.close(write)
+        answer = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert answer == bytes([0])
 
 
 def test_shared_array_attach_refuses_a_shape_larger_than_the_block():
@@ -146,6 +174,17 @@ def test_shared_array_attach_refuses_a_shape_larger_than_the_block():
         descriptor = owner.descriptor() | {"shape": [20, 20]}
         with pytest.raises(ShapeError, match="holds 16 bytes"):
             SharedArray.attach(descriptor)
+
+
+def test_a_block_cannot_be_resized_under_its_mappings():
+    with SharedArray.create((2, 2), "float32") as owner:
+        path = f"/proc/self/fd/{owner.descriptor()['fd']}"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 4)  # a mapping past the end would SIGBUS its reader
+        finally:
+            os.close(fd)
 
 
 def test_host_id_is_stable_and_names_this_host():
@@ -216,37 +255,91 @@ def test_bulk_serves_concurrent_fetches(rng):
         np.testing.assert_array_equal(out, result)
 
 
-def test_bulk_connections_beyond_the_cap_are_closed_at_once(rng):
-    result = rng.standard_normal((4, 5)).astype(np.float32)
-    with BulkServer("127.0.0.1", max_connections=2) as server:
-        ticket = server.offer(result)
-        silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
-        try:
-            # Each silent peer holds a handler thread (up to the server's 30 s timeout); one more is
-            # hung up on instead of getting a thread of its own.
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
-                assert extra.recv(1) == b""
-        finally:
-            for sock in silent:
-                sock.close()
-        out = np.empty_like(result)
-        deadline = time.monotonic() + 10
-        while True:  # the silent peers' threads free their slots once they see the hang-up
-            try:
-                fetch("127.0.0.1", server.port, ticket, out, timeout=5)
-                break
-            except WorkerLost:
-                if time.monotonic() > deadline:
-                    raise
+def test_bulk_fetch_fills_a_fortran_ordered_out(rng):
+    result = rng.standard_normal((3, 40, 9)).astype(np.float32)
+    out = np.zeros((3, 40, 9), np.float32, order="F")
+    strided = np.zeros((3, 80, 18), np.float32)[:, ::2, ::2]
+    with BulkServer("127.0.0.1") as server:
+        for target in (out, strided):
+            fetch("127.0.0.1", server.port, server.offer(result), target, timeout=5)
+            np.testing.assert_array_equal(target, result)
+
+
+def test_bulk_pieces_of_a_big_strided_out_fit_the_bounce_buffer(monkeypatch, rng):
+    from rmidl.remote import bulk
+
+    monkeypatch.setattr(bulk, "BOUNCE_BYTES", 256)
+    result = rng.standard_normal((2, 30, 7)).astype(np.float32)
+    out = np.zeros((2, 30, 7), np.float32, order="F")
+    pieces = bulk._pieces(out)
+    assert all(p.flags.c_contiguous or p.nbytes <= 256 for p in pieces)
+    assert sum(p.size for p in pieces) == out.size
+    with BulkServer("127.0.0.1") as server:
+        fetch("127.0.0.1", server.port, server.offer(result), out, timeout=5)
     np.testing.assert_array_equal(out, result)
+
+
+def _silent(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_idle_connections_hold_no_transfer_slot(rng):
+    # 32 idle connections used to take every handler thread: each fetch then failed for 30 s.
+    result = rng.standard_normal((64, 64)).astype(np.float32)
+    with BulkServer("127.0.0.1", max_transfers=2, max_waiting_per_peer=100) as server:
+        idle = _silent(server.port, 48)
+        try:
+            _wait_for(lambda: server.waiting == 48)
+            for _ in range(3):
+                out = np.empty_like(result)
+                fetch("127.0.0.1", server.port, server.offer(result), out, timeout=5)
+                np.testing.assert_array_equal(out, result)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_connections_without_a_ticket_are_hung_up_on_after_the_deadline():
+    with BulkServer("127.0.0.1", ticket_timeout=0.2) as server:
+        idle = _silent(server.port, 3)
+        try:
+            for sock in idle:
+                assert sock.recv(1) == b""  # closed by the server, within the deadline
+            assert server.refused == 3
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_waiting_connections_are_bounded_per_peer_oldest_first(rng):
+    with BulkServer("127.0.0.1", max_waiting_per_peer=4) as server:
+        idle = _silent(server.port, 10)
+        try:
+            for sock in idle[:6]:  # each newcomer beyond four hung up on the oldest
+                assert sock.recv(1) == b""
+            _wait_for(lambda: server.waiting == 4)
+            result = rng.standard_normal(5).astype(np.float32)
+            out = np.empty_like(result)
+            fetch("127.0.0.1", server.port, server.offer(result), out, timeout=5)
+            np.testing.assert_array_equal(out, result)
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 def test_bulk_close_hangs_up_on_a_connection_that_sent_no_ticket(rng):
     result = rng.standard_normal((4, 5)).astype(np.float32)
-    server = BulkServer("127.0.0.1", timeout=30.0)
+    server = BulkServer("127.0.0.1", timeout=30.0, ticket_timeout=30.0)
     ticket = server.offer(result)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
-        # Wait until the server holds the connection: a fetch beside it is served.
+        _wait_for(lambda: server.waiting == 1)
         out = np.empty_like(result)
         fetch("127.0.0.1", server.port, ticket, out, timeout=5)
         np.testing.assert_array_equal(out, result)

@@ -13,7 +13,15 @@ from Pyro5.errors import TimeoutError as PyroTimeoutError
 from reference import assert_close, reference
 
 from rmidl.config import Config
-from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, ShapeError
+from rmidl.errors import (
+    BankError,
+    BudgetExceeded,
+    DTypeError,
+    NonFiniteInput,
+    ShapeError,
+    SharedMemoryUnavailable,
+    WorkerBusy,
+)
 from rmidl.remote.blobs import Blob
 from rmidl.remote.bulk import fetch
 from rmidl.remote.shm import SharedArray, host_id
@@ -203,7 +211,7 @@ def test_a_budget_full_of_other_tasks_is_a_cluster_error_not_the_inputs_fault(st
         port = proxy.info()["bulk_port"]
         # An unfetched bulk result holds the bulk budget; a second one must wait, not fail its job.
         first = proxy.correlate(one | {"output": "bulk"})
-        with pytest.raises(ClusterError, match="11040 waiting to be fetched") as info:
+        with pytest.raises(WorkerBusy, match="11040 waiting to be fetched") as info:
             proxy.correlate(one | {"task_id": 1, "output": "bulk"})
         assert not isinstance(info.value, InputError)
         out = np.empty(expected.shape, np.float32)
@@ -227,7 +235,8 @@ def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(prox
     good = task(0, (0, 10), (0, 3), band(image, (0, 10), 3))
     nan_bank = bank.copy()
     nan_bank[1, 2, 0, 1] = np.nan
-    gone = {"name": "rmidl_gone", "shape": [12, 12, 2], "dtype": "float32"}
+    with SharedArray.create((12, 12, 2), "float32") as closed:
+        gone = closed.descriptor()
     bad_calls = [
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), bank_id="nope")),
          BankError, "'nope' is not cached"),
@@ -244,7 +253,10 @@ def test_remote_errors_arrive_as_rmidl_classes_and_the_worker_keeps_serving(prox
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"file": "x"})), ShapeError, "input must be"),
         (lambda: proxy.correlate(task(1, (0, 10), (0, 3), band(image, (0, 10), 3), output="disk")),
          ShapeError, "'disk'"),
-        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), ShapeError, "does not exist"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone})), SharedMemoryUnavailable,
+         "is not open in process"),
+        (lambda: proxy.correlate(task(1, (0, 10), (0, 3), {"shm": gone | {"token": "0" * 64}})),
+         SharedMemoryUnavailable, "token does not open it"),
         (lambda: proxy.put_blob("bank2", bank_blob(nan_bank)), NonFiniteInput, "NaN or Inf"),
         (lambda: proxy.put_blob("bank2", bank_blob(bank[0])), ShapeError, r"\(K, kh, kw, C\)"),
         (lambda: proxy.put_blob("", bank_blob(bank)), BankError, "non-empty string"),

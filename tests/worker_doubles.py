@@ -1,9 +1,10 @@
 """Fault-injecting ConvolutionWorker subclasses for the tests (fault injection lives here, not in rmidl).
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
-`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N] [--die-in-gradient N]` with tests/ on
-PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT; its first N correlate calls
-hang, or its N-th gradient call kills the process (SIGKILL) in the middle of the task.
+`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write | --die-in-gradient N]`
+with tests/ on PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first
+N correlate calls hang (or its first shared-memory task writes half its slot and kills the process, or its
+N-th gradient call kills the process with SIGKILL in the middle of the task).
 `--fake` serves instead a stranger's worker: a plain Pyro5 daemon (no rmidl security) that registers
 itself like a worker, accepts any handshake (and keeps what it was sent: `seen()`), and answers every
 correlate with zeros.
@@ -24,8 +25,8 @@ import Pyro5.server
 from Pyro5.api import expose
 
 from rmidl.config import Config
-from rmidl.errors import WorkerBusy, WorkerLost
-from rmidl.remote.contract import WireRecord
+from rmidl.errors import SharedMemoryUnavailable, WorkerBusy, WorkerLost
+from rmidl.remote.contract import CorrelateTask, ShmRef, WireRecord
 from rmidl.remote.naming import object_name, worker_tags
 from rmidl.remote.wire import pack, unpack
 from rmidl.server.daemon import start_worker, worker_loop
@@ -74,6 +75,28 @@ class FailingWorker(ConvolutionWorker):
     def correlate(self, task: WireRecord) -> WireRecord:
         self.calls += 1
         raise self.error
+
+
+class DyingWorker(ConvolutionWorker):
+    """Its first task with a shared-memory output writes NaN over half of its slot, then SIGKILLs the
+    worker's own process: a worker killed mid-write."""
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
+        if isinstance(record.output, ShmRef):
+            (k0, k1), (r0, r1) = record.kernels, record.rows
+            target = self._attach(record.output)[k0:k1, r0:r1]
+            target.reshape(-1)[: target.size // 2] = np.nan
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().correlate(task)
+
+
+class ShmRefusingWorker(ConvolutionWorker):
+    """Cannot map any caller's shared memory (as a worker of another user or pid namespace)."""
+
+    def _attach(self, ref: ShmRef) -> np.ndarray:
+        raise SharedMemoryUnavailable(f"worker {self._name} cannot map shared block {ref.name}")
 
 
 def failing(error: Exception) -> type[FailingWorker]:
@@ -127,7 +150,7 @@ class OlderWorker(CountingWorker):
         return record
 
 
-class DyingWorker(ConvolutionWorker):
+class GradientDyingWorker(ConvolutionWorker):
     """Its `die_in`-th gradient call kills the whole process with SIGKILL, halfway through the task."""
 
     die_in = 1
@@ -145,6 +168,7 @@ class DyingWorker(ConvolutionWorker):
         if dies:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().gradient(task)
+
 
 class BlockingWorker(ConvolutionWorker):
     """Its engine calls block until `release` is set (each one releases `entered` once when it starts), so
@@ -239,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang", type=int, default=1)
     parser.add_argument("--die-in-gradient", type=int, metavar="N", help="die in the N-th gradient call")
     parser.add_argument("--fake", action="store_true", help="a stranger's worker that answers zeros")
+    parser.add_argument("--die-mid-write", action="store_true")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -247,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         serve_fake(args.ns, args.name, stop)
         return 0
     worker_class: type[ConvolutionWorker] = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
+    if args.die_mid_write:
+        worker_class = DyingWorker
     if args.die_in_gradient:
-        worker_class = type("DyingWorker", (DyingWorker,), {"die_in": args.die_in_gradient})
+        worker_class = type("GradientDyingWorker", (GradientDyingWorker,), {"die_in": args.die_in_gradient})
     handle = start_worker(ns=args.ns, name=args.name, threads=1, worker_class=worker_class)
     print(handle.uri, flush=True)
     print("ready", flush=True)

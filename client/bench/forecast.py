@@ -14,6 +14,7 @@ __all__ = [
     "PREDICTION_HEADER",
     "model_error",
     "prediction_block",
+    "payoff",
     "prediction_rows",
     "write_prediction_tables",
 ]
@@ -41,6 +42,9 @@ def prediction_rows(predictions: Sequence[Prediction]) -> list[list[str]]:
             format_seconds(p.kgroup_seconds),
             p.best,
             p.bound + (" (gathering the output)" if p.gather_bound else ""),
+            f"{format_seconds(p.features_seconds)} ({p.features_bound})",
+            f"{p.dataset_images_per_s:.3g} ({p.dataset_bound})",
+            f"{p.dataset_features_images_per_s:.3g} ({p.dataset_features_bound})",
         ]
         for p in predictions
     ]
@@ -57,7 +61,39 @@ PREDICTION_HEADER = [
     "kernel groups (s)",
     "better partitioning",
     "bound",
+    "maps kept, features back (s)",
+    "dataset img/s, maps back",
+    "dataset img/s, features back",
 ]
+
+
+def payoff(predictions: Sequence[Prediction]) -> list[str]:
+    """Per link, the fewest nodes that beat one node by more than 1 % and by how much, and the gain at the
+    most nodes predicted: for the image and for a dataset, maps or pooled features gathered."""
+    lines = []
+    options = {
+        "one image, maps gathered": lambda p: 1.0 / p.seconds,
+        "one image, pooled features gathered": lambda p: 1.0 / p.features_seconds,
+        "a dataset, maps gathered": lambda p: p.dataset_images_per_s,
+        "a dataset, pooled features gathered": lambda p: p.dataset_features_images_per_s,
+    }
+    for link in dict.fromkeys(p.link for p in predictions):
+        points = sorted((p for p in predictions if p.link == link), key=lambda p: p.nodes)
+        one = next((p for p in points if p.nodes == 1), None)
+        if one is None or len(points) < 2:
+            continue
+        said = []
+        for what, speed in options.items():
+            gains = [(p.nodes, speed(p) / speed(one)) for p in points if p.nodes > 1]
+            first = next(((n, g) for n, g in gains if g > 1.01), None)
+            most = gains[-1]
+            if first is None:
+                said.append(f"{what}: never up to {most[0]} nodes ({most[1]:.2f}x one node there)")
+            else:
+                said.append(f"{what}: from {first[0]} nodes ({first[1]:.2f}x one node; {most[1]:.2f}x at "
+                            f"{most[0]})")
+        lines.append(f"- {link}: " + "; ".join(said))
+    return lines
 
 
 def model_error(cal: Calibration) -> str:
@@ -103,6 +139,7 @@ def write_prediction_tables(cal: Calibration, predictions: Sequence[Prediction],
             f"- links are payload rates: line rate x {LINK_EFFICIENCY} (TCP over 1500-byte Ethernet frames)",
         ]
     )
+    pool = predictions[0].pool if predictions else 2
     error = f"Model error on the measured configurations: {model_error(cal)}."
     if cal.fit:
         error = error[:-1] + " (fitted to these same runs, so this is the floor of its error elsewhere)."
@@ -114,7 +151,12 @@ def write_prediction_tables(cal: Calibration, predictions: Sequence[Prediction],
                 markdown_table(PREDICTION_HEADER, prediction_rows(predictions)),
                 "Speed-up is over one core of this machine; nodes are assumed to have its per-core rate. "
                 'Bound "gather" marks where gathering the output over the coordinator\'s link decides the '
-                'time; "better partitioning" says whether kernel groups beat row bands.',
+                'time; "better partitioning" says whether kernel groups beat row bands. "Maps kept, '
+                f'features back" keeps the maps on the nodes and gathers them pooled {pool}x{pool} (what the '
+                "feature pipeline's next stage needs); the dataset columns are the steady-state throughput "
+                "of many such images, each image one task, its input sent out and its maps or features "
+                "gathered over the coordinator's link.",
+                "## When a second node pays off\n\n" + ("\n".join(payoff(predictions)) or "(one node count)"),
                 "## Calibration\n\n" + calibration,
                 "## Model error\n\n"
                 + error

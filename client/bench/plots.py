@@ -16,6 +16,7 @@ from rmidl.client.bench.results import ConfigurationResult, StudyResult
 
 __all__ = [
     "INSTALL_HINT",
+    "plot_dataset_prediction",
     "plot_prediction",
     "plot_speedup",
     "plot_time_vs_cores",
@@ -169,7 +170,9 @@ def plot_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
     for i, link in enumerate(links):
         points = [p for p in predictions if p.link == link]
         xs = [p.nodes for p in points]
-        axes.plot(xs, [p.speedup for p in points], marker="o", color=f"C{i}", label=f"{link}")
+        axes.plot(xs, [p.speedup for p in points], marker="o", color=f"C{i}", label=f"{link}, maps gathered")
+        axes.plot(xs, [p.features_speedup for p in points], marker=".", linestyle="--", color=f"C{i}",
+                  label=f"{link}, maps kept, {points[0].pool}x{points[0].pool}-pooled features gathered")
         bound = [p for p in points if p.gather_bound]
         if bound:
             axes.scatter(
@@ -186,6 +189,31 @@ def plot_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
         axes.plot(
             nodes, [n * predictions[0].cores for n in nodes], color="gray", linestyle=":", label="ideal"
         )
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xticks(nodes, [str(n) for n in nodes])
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_dataset_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
+    """Predicted images per second of a dataset against nodes: per link, maps gathered (solid) and only
+    pooled features gathered (dashed), beside N times one node (dotted)."""
+    cores = predictions[0].cores if predictions else 0
+    figure, axes = _figure(f"Predicted dataset throughput, N nodes x {cores} cores (cost model)", "nodes",
+                           "images per second")
+    for i, link in enumerate(dict.fromkeys(p.link for p in predictions)):
+        points = [p for p in predictions if p.link == link]
+        xs = [p.nodes for p in points]
+        axes.plot(xs, [p.dataset_images_per_s for p in points], marker="o", color=f"C{i}",
+                  label=f"{link}, maps gathered")
+        axes.plot(xs, [p.dataset_features_images_per_s for p in points], marker=".", linestyle="--",
+                  color=f"C{i}", label=f"{link}, pooled features gathered")
+    ones = [p for p in predictions if p.nodes == 1]
+    if ones:
+        nodes = sorted({p.nodes for p in predictions})
+        single = max(p.dataset_features_images_per_s for p in ones)
+        axes.plot(nodes, [n * single for n in nodes], color="gray", linestyle=":", label="N x one node")
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")
         axes.set_xticks(nodes, [str(n) for n in nodes])

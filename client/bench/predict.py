@@ -11,16 +11,28 @@ The model (stated once, used everywhere):
   crosses its link (gather) and their inputs go out over it (scatter). Transfers overlap compute and
   each other (full duplex), so T = max(compute, scatter, gather) + one task's transfer (pipeline fill).
 - tasks: as many as the coordinator's planner would cut (`rmidl.client.cost.balanced_tasks`: tasks per
-  core, but each at least a few round trips long), the same cost model the planner and deadlines read.
+  core, but each at least a few round trips long, and none with a result over MAX_TASK_BYTES), the same
+  cost model the planner and deadlines read.
 - row bands send each remote node its band plus a (kh - 1)-row halo per task and the whole bank;
   kernel groups send each remote node the whole image and its share of the bank, and cannot use more
   nodes than kernels. Both gather the same output. The cheaper one is marked.
+- keeping the maps on the nodes (the feature pipeline's choice): the same job, but what crosses the
+  coordinator's link back is only what the next stage needs, the maps pooled `pool` x `pool` (the paper's
+  network pools 2x2: a quarter of the maps' bytes).
+- a dataset of images like this one: whole images are the tasks (no halo; the bank goes once) taken from
+  the pull queue, so in the steady state the coordinator's node computes images at its own rate and the
+  other N - 1 as fast as their cores or the coordinator's link allow, whichever is less (an image's input
+  out and its result back at once, full duplex). Reported as images per second, with the maps gathered
+  and with only pooled features gathered.
+- `coordinator_computes=False` (a coordinator with no local threads, as `scripts/bench_netns.py` runs
+  it): N remote nodes, everything crosses the coordinator's link.
 The model's error on the configurations that were measured is reported beside every prediction.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,11 +41,12 @@ from typing import Any
 import numpy as np
 
 from rmidl.client.bench.results import ConfigurationResult, StudyResult
-from rmidl.client.cost import ROUND_TRIP_S, balanced_tasks
+from rmidl.client.cost import MAX_TASK_BYTES, ROUND_TRIP_S, balanced_tasks
 from rmidl.errors import OptionError
 from rmidl.geometry import halo, mode_padding
 
 __all__ = [
+    "FEATURE_POOL",
     "LINK_EFFICIENCY",
     "Calibration",
     "Prediction",
@@ -48,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 LINK_EFFICIENCY = 0.94
 """TCP payload over Ethernet line rate with a 1500-byte MTU (1448 / 1538 bytes per frame)."""
+FEATURE_POOL = 2
+"""Pooling window of the features the nodes ship when they keep their maps (the paper's network: 2x2)."""
 
 
 _LINK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bit/s|bps|b|B|B/s|Bps|gbe)\s*$", re.IGNORECASE)
@@ -123,10 +138,12 @@ class Calibration:
 
 
 def _tasks(cal: Calibration, nodes: int, cores: int, limit: int | None = None) -> int:
-    """Tasks the planner would cut the job into on `nodes` x `cores`, at most `limit` (default out_h)."""
+    """Tasks the planner would cut the job into on `nodes` x `cores`, at most `limit` (default out_h):
+    the balance, but no task's result over MAX_TASK_BYTES."""
     overhead = ROUND_TRIP_S if nodes > 1 else 0.0  # local pool threads have no round trip
     planned = balanced_tasks(cal.compute_seconds(nodes * cores), nodes * cores, overhead)
-    return max(1, min(planned, cal.out_h if limit is None else limit))
+    by_size = math.ceil(cal.output_bytes / MAX_TASK_BYTES)
+    return max(1, min(max(planned, by_size), cal.out_h if limit is None else limit))
 
 
 def _fit_amdahl(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -221,7 +238,8 @@ def modelled_seconds(cal: Calibration, kind: str, count: int, threads: int) -> f
 
 @dataclass(frozen=True)
 class Prediction:
-    """The model's time for N nodes x C cores over one link, by partitioning, and what bounds it."""
+    """The model's time for N nodes x C cores over one link, by partitioning, and what bounds it; beside it
+    the same job keeping the maps on the nodes (pooled features gathered), and a dataset's throughput."""
 
     nodes: int
     cores: int
@@ -237,6 +255,17 @@ class Prediction:
     bound: str
     best: str
     error: float
+    features_seconds: float = 0.0
+    """The single image when only `pool` x `pool`-pooled maps come back."""
+    features_bound: str = "compute"
+    dataset_images_per_s: float = 0.0
+    """Steady-state images per second of a dataset of such images, the maps gathered."""
+    dataset_features_images_per_s: float = 0.0
+    """The same with only pooled features gathered."""
+    dataset_bound: str = "compute"
+    dataset_features_bound: str = "compute"
+    pool: int = FEATURE_POOL
+    coordinator_computes: bool = True
 
     @property
     def seconds(self) -> float:
@@ -246,23 +275,29 @@ class Prediction:
     def gather_bound(self) -> bool:
         return self.bound == "gather"
 
+    @property
+    def features_speedup(self) -> float:
+        return self.speedup * self.seconds / self.features_seconds if self.features_seconds else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(seconds=self.seconds, gather_bound=self.gather_bound)
+        data.update(seconds=self.seconds, gather_bound=self.gather_bound,
+                    features_speedup=self.features_speedup)
         return data
 
 
-def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float]) -> Prediction:
-    """Time and speed-up over one core for `nodes` x `cores` (nodes of this machine's per-core rate)."""
-    label, rate = link
-    if nodes < 1 or cores < 1:
-        raise OptionError(f"nodes={nodes} and cores={cores} must both be at least 1")
-    remote = (nodes - 1) / nodes
-    gather = cal.output_bytes * remote / rate
+def _single_image(cal: Calibration, nodes: int, cores: int, *, rate: float, output_bytes: float,
+                  local: bool) -> tuple[float, float, dict[str, float], dict[str, float], str]:
+    """(row bands s, kernel groups s, row-band parts, kernel-group parts, the better) for one image whose
+    gathered result is `output_bytes`; `local`: the coordinator is one of the nodes (its share stays)."""
+    remote_nodes = nodes - 1 if local else nodes
+    remote = remote_nodes / nodes
+    gather = output_bytes * remote / rate
     tasks = _tasks(cal, nodes, cores)
-    band_scatter = (cal.input_bytes + tasks * cal.halo_row_bytes) * remote + (nodes - 1) * cal.bank_bytes
+    band_scatter = (cal.input_bytes + tasks * cal.halo_row_bytes) * remote + remote_nodes * cal.bank_bytes
     group_nodes = min(nodes, cal.n_kernels)
-    group_scatter = (group_nodes - 1) * cal.input_bytes + cal.bank_bytes * (group_nodes - 1) / group_nodes
+    group_remote = group_nodes - 1 if local else group_nodes
+    group_scatter = group_remote * cal.input_bytes + cal.bank_bytes * group_remote / group_nodes
     band_compute = cal.compute_seconds(nodes * cores)
     group_compute = cal.compute_seconds(group_nodes * cores)
     # pipeline fill: the first task's input arrives before compute starts, the last slab leaves after it
@@ -270,10 +305,41 @@ def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float]) -
     group_tasks = _tasks(cal, group_nodes, cores, limit=cal.n_kernels)
     kgroup = max(group_compute, group_scatter / rate, gather) + (group_scatter / rate + gather) / group_tasks
     best = "kernel groups" if kgroup < rowband * 0.99 else "row bands"
-    if best == "row bands":
-        parts = {"compute": band_compute, "scatter": band_scatter / rate, "gather": gather}
-    else:
-        parts = {"compute": group_compute, "scatter": group_scatter / rate, "gather": gather}
+    bands = {"compute": band_compute, "scatter": band_scatter / rate, "gather": gather}
+    groups = {"compute": group_compute, "scatter": group_scatter / rate, "gather": gather}
+    return rowband, kgroup, bands, groups, best
+
+
+def _dataset(cal: Calibration, nodes: int, cores: int, *, rate: float, output_bytes: float,
+             local: bool) -> tuple[float, str]:
+    """(images per second, what bounds the remote nodes' part) for a stream of images like the calibrated
+    one through the pull queue: the coordinator's node computes at its own pace, the others as fast as
+    their cores or the coordinator's link allow (inputs out and results back at once, full duplex)."""
+    per_image = cal.compute_seconds(cores)
+    remote_nodes = nodes - 1 if local else nodes
+    parts = {"compute": per_image / remote_nodes if remote_nodes else float("inf"),
+             "scatter": cal.input_bytes / rate, "gather": output_bytes / rate}
+    bound = max(parts, key=parts.__getitem__)
+    own = 1.0 / per_image if local else 0.0
+    return own + (1.0 / parts[bound] if remote_nodes else 0.0), bound if remote_nodes else "compute"
+
+
+def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float], *, pool: int = FEATURE_POOL,
+            coordinator_computes: bool = True) -> Prediction:
+    """Time and speed-up over one core for `nodes` x `cores` (nodes of this machine's per-core rate)."""
+    label, rate = link
+    if nodes < 1 or cores < 1 or pool < 1:
+        raise OptionError(f"nodes={nodes}, cores={cores} and pool={pool} must all be at least 1")
+    local = coordinator_computes
+    features = cal.output_bytes / pool**2
+    rowband, kgroup, bands, groups, best = _single_image(cal, nodes, cores, rate=rate,
+                                                         output_bytes=cal.output_bytes, local=local)
+    parts = bands if best == "row bands" else groups
+    f_rowband, f_kgroup, f_bands, f_groups, f_best = _single_image(cal, nodes, cores, rate=rate,
+                                                                   output_bytes=features, local=local)
+    f_parts = f_bands if f_best == "row bands" else f_groups
+    maps_rate, maps_bound = _dataset(cal, nodes, cores, rate=rate, output_bytes=cal.output_bytes, local=local)
+    features_rate, features_bound = _dataset(cal, nodes, cores, rate=rate, output_bytes=features, local=local)
     return Prediction(
         nodes=nodes,
         cores=cores,
@@ -283,17 +349,26 @@ def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float]) -
         rowband_seconds=rowband,
         kgroup_seconds=kgroup,
         scatter_seconds=parts["scatter"],
-        gather_seconds=gather,
+        gather_seconds=parts["gather"],
         speedup=cal.single_core_seconds / min(rowband, kgroup),
         ideal_speedup=nodes * cores,
         bound=max(parts, key=parts.__getitem__),
         best=best,
         error=cal.stated_error,
+        features_seconds=min(f_rowband, f_kgroup),
+        features_bound=max(f_parts, key=f_parts.__getitem__),
+        dataset_images_per_s=maps_rate,
+        dataset_features_images_per_s=features_rate,
+        dataset_bound=maps_bound,
+        dataset_features_bound=features_bound,
+        pool=pool,
+        coordinator_computes=coordinator_computes,
     )
 
 
 def predict_many(
-    cal: Calibration, nodes: Sequence[int], cores: int, links: Sequence[tuple[str, float]]
+    cal: Calibration, nodes: Sequence[int], cores: int, links: Sequence[tuple[str, float]], *,
+    pool: int = FEATURE_POOL,
 ) -> list[Prediction]:
     """One prediction per (link, node count), links outermost."""
-    return [predict(cal, n, cores, link) for link in links for n in nodes]
+    return [predict(cal, n, cores, link, pool=pool) for link in links for n in nodes]

@@ -74,4 +74,5 @@ def write_prediction(cal: Calibration, predictions: Sequence[Prediction], out: P
     written = write_prediction_tables(cal, predictions, out)
     if plots.unavailable() is None:
         written.append(plots.plot_prediction(predictions, out / "prediction_speedup.png"))
+        written.append(plots.plot_dataset_prediction(predictions, out / "prediction_dataset.png"))
     return written

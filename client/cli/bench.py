@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-out", metavar="DIR", help="where tables and plots go")
     parser.add_argument("--predict", metavar="NODES", help="predict these node counts, e.g. 1,2,4,8,16,64")
     parser.add_argument("--link", default="1Gbit,10Gbit,25Gbit", help="link rate(s) for --predict")
+    parser.add_argument("--pool", type=int, default=predict.FEATURE_POOL, metavar="P",
+                        help="--predict also keeps the maps on the nodes and gathers them pooled PxP "
+                             "(default %(default)s, the paper network's pooling)")
     parser.add_argument(
         "--node-cores", type=int, metavar="C", help="cores per predicted node (default: ours)"
     )
@@ -188,6 +191,8 @@ def _prediction_options(
     links = [predict.parse_link(text) for text in args.link.split(",")]
     if args.node_cores is not None and args.node_cores < 1:
         raise OptionError(f"--node-cores {args.node_cores} must be at least 1")
+    if args.pool < 1:
+        raise OptionError(f"--pool {args.pool} must be at least 1")
     return nodes, links, args.node_cores
 
 
@@ -254,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     if nodes:
         calibration = predict.calibrate(result)
         cores = node_cores or int(result.machine.get("usable_cores") or 1)
-        predictions = predict.predict_many(calibration, nodes, cores, links)
+        predictions = predict.predict_many(calibration, nodes, cores, links, pool=args.pool)
         result.extra["prediction"] = forecast.prediction_block(calibration, predictions)
         written += report.write_prediction(calibration, predictions, out)
         report.write_results_json(result, out / "results.json")  # again, now with the prediction in it
@@ -263,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
             table(forecast.PREDICTION_HEADER, forecast.prediction_rows(predictions),
                   align=["left"] + ["right"] * (len(forecast.PREDICTION_HEADER) - 1)),
             f"model error on the measured configurations: {forecast.model_error(calibration)}",
+            *forecast.payoff(predictions),
         ]
     lines.append(f"\nwrote {len(written)} files to {out}/")
     print("\n".join(lines))

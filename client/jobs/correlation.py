@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rmidl._memory import empty
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, RmidlError
 from rmidl.geometry import Task, band_rows, max_band_rows, pad_for_mode
 from rmidl.kernels import correlate_valid
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import CorrelateReply, CorrelateTask, ReplyRecord, ShmRef
-from rmidl.remote.shm import SharedArray
 from rmidl.validate import Prepared, check_engine, check_out
 
-from ..cost import Capacity, TaskCost
+from ..cost import MAX_TASK_BYTES, Capacity, TaskCost
 from ..planning import Plan, plan, task_bytes_for
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ __all__ = ["CorrelationJob"]
 
 
 class CorrelationJob:
-    """A `JobKind` of `rmidl.geometry.Task`s. Built (every option checked), then `plan()`-ned for the
-    consumers at hand, then run inside `buffers()`, which yields the result array."""
+    """A `JobKind` of `rmidl.geometry.Task`s. Built (every option checked), then `plan_for()` the
+    consumers at hand, then run inside `buffers()`, after which `out` is the result."""
 
     kind = "correlate"
 
@@ -66,6 +66,8 @@ class CorrelationJob:
         self.engines: Counter[str] = Counter()
         """Tasks each engine ran on the workers (from their replies)."""
         self._shm: tuple[ShmRef, ShmRef, np.ndarray] | None = None
+        self._shm_calls = [0, 0]
+        """Shared-memory calls requested and accepted: any difference is a call that may still write."""
         self._lock = threading.Lock()
 
     # -- before the run ------------------------------------------------------------------------------
@@ -74,8 +76,8 @@ class CorrelationJob:
         """Pad the image and cut the job for these consumers (and the message limits of these workers)."""
         self.padded = pad_for_mode(self.prepared.image, self.kernels.shape[1:3], self.prepared.mode)
         workers = [w for w in workers if self._holds_bank(w)]  # the others sit the job out
-        self.uses_shm = shared_memory and any(w.same_host for w in workers)
-        tcp = [w for w in workers if not (self.uses_shm and w.same_host)]
+        self.uses_shm = shared_memory and any(w.shares_memory for w in workers)
+        tcp = [w for w in workers if not (self.uses_shm and w.shares_memory)]
         max_task, max_rows, self.message_limit = self._message_limits(tcp)
         # Results over TCP are held in the worker's memory budget until sent: plan within each one's.
         itemsize = self.prepared.dtype.itemsize
@@ -96,7 +98,7 @@ class CorrelationJob:
         smallest = min([own] + [w.info.max_message_size or own for w in tcp])
         # Room for the rest of the message: Pyro5's header, the task's other fields, msgpack framing.
         limit = smallest - min(64 << 10, smallest // 8)
-        max_task = min(64 << 20, own // 2, limit)
+        max_task = min(MAX_TASK_BYTES, own // 2, limit)
         if not tcp:
             return max_task, None, smallest
         row_bytes = self.padded.shape[1] * self.padded.shape[2] * self.padded.itemsize
@@ -110,31 +112,36 @@ class CorrelationJob:
         return max_task, rows, smallest
 
     @contextmanager
-    def buffers(self, pool: SharedPool | None = None, *,
-                reusable: Callable[[], bool] = lambda: True) -> Iterator[np.ndarray]:
-        """Yield the result array (the caller's `out`, or a new one), with the shared blocks same-host
-        workers use taken from `pool` for the run and given back after (kept only if `reusable()`)."""
+    def buffers(self, pool: SharedPool | None = None) -> Iterator[None]:
+        """Allocate the job's output for the run (`self.out`: the caller's `out`, or a new array) and the
+        shared blocks same-host workers use, leased from `pool`. Afterwards `self.out` is the result.
+
+        With shared memory and no `out`, the result IS the output block (workers write each byte once,
+        where the caller reads it; `rmidl.client.shared` says how long it lives). If a call may still be
+        writing into the blocks after the job (it timed out or lost its connection mid-task), the caller
+        gets a copy and the blocks are never reused."""
         given = self.caller_out
-        self.out = np.empty(self.out_shape, self.prepared.dtype) if given is None else given
         if not self.uses_shm:
-            yield self.out
+            self.out = empty(self.out_shape, self.prepared.dtype) if given is None else given
+            yield
             return
         assert pool is not None, "a job planned for shared memory needs a SharedPool"
-        shared_in = pool.take("input", self.padded.shape, self.padded.dtype)
-        shared_out: SharedArray | None = None
-        ok = False
+        shared_in = pool.lease(self.padded.shape, self.padded.dtype)
+        shared_out = pool.lease(self.out_shape, self.prepared.dtype)
+        shared_in.array[...] = self.padded
+        self.out = shared_out.array if given is None else given
+        self._shm = (shared_in.ref, shared_out.ref, shared_out.array)
+        self._shm_calls = [0, 0]
         try:
-            shared_out = pool.take("output", self.out_shape, self.prepared.dtype)
-            shared_in.array[...] = self.padded
-            self._shm = (_ref(shared_in), _ref(shared_out), shared_out.array)
-            yield self.out
-            ok = True
+            yield
         finally:
             self._shm = None
-            keep = ok and reusable()
-            pool.give("input", shared_in, reusable=keep)
-            if shared_out is not None:
-                pool.give("output", shared_out, reusable=keep)
+            requested, accepted = self._shm_calls
+            if requested != accepted:
+                pool.discard(shared_in)
+                pool.discard(shared_out)
+        if requested != accepted and given is None:
+            self.out = self.out.copy(order="C")
 
     # -- JobKind -------------------------------------------------------------------------------------
     def tasks(self) -> Sequence[Task]:
@@ -179,8 +186,10 @@ class CorrelationJob:
         if self._shm_for(stub):
             assert self._shm is not None
             source, output = self._shm[0], self._shm[1]
+            with self._lock:
+                self._shm_calls[0] += 1
         else:
-            source, output = self._band(task), "bulk" if stub.info.bulk_port else "inline"
+            source, output = self._band(task), "bulk" if stub.bulk_usable else "inline"
         return CorrelateTask(task.task_id, self.bank.content_id, task.kernels, task.rows, source, output,
                              self.engine)
 
@@ -191,8 +200,11 @@ class CorrelationJob:
                 self.engines[reply.engine] += 1
         if self._shm_for(stub):
             assert self._shm is not None
-            (k0, k1), (r0, r1) = task.kernels, task.rows
-            view[...] = self._shm[2][k0:k1, r0:r1, :]
+            with self._lock:
+                self._shm_calls[1] += 1
+            if self.out is not self._shm[2]:  # the caller's own out=: copy the task's part into it
+                (k0, k1), (r0, r1) = task.kernels, task.rows
+                view[...] = self._shm[2][k0:k1, r0:r1, :]
             return 0
         if reply.result is None:
             raise RmidlError(f"worker {stub.name} sent no result for {self.describe(task)}")
@@ -203,7 +215,7 @@ class CorrelationJob:
         return not (stub.info.blob_budget and self.bank.nbytes > stub.info.blob_budget)
 
     def _shm_for(self, stub: WorkerStub) -> bool:
-        return self._shm is not None and stub.same_host
+        return self._shm is not None and stub.shares_memory
 
     def _band(self, task: Task) -> np.ndarray:
         """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
@@ -213,6 +225,3 @@ class CorrelationJob:
         (k0, k1), (r0, r1) = task.kernels, task.rows
         return self.out[k0:k1, r0:r1, :]
 
-
-def _ref(block: SharedArray) -> ShmRef:
-    return ShmRef(block.name, block.shape, block.dtype)

@@ -31,8 +31,7 @@ from rmidl.remote.gradient import REPLY_FRAMING, GradientReply, GradientTask
 from ..cost import TaskCost, bulk_pays
 
 if TYPE_CHECKING:
-    from rmidl.remote.shm import SharedArray
-
+    from ..shared import Lease
     from ..stub import WorkerStub
 
 __all__ = ["FLOPS_PER_ROW_PARAMETER", "Bundle", "GradientStep", "ShardSet", "weights_blob_id"]
@@ -84,12 +83,12 @@ class ShardSet:
     def block_shape(self) -> tuple[int, int]:
         return self.job.plan.shards, self.job.spec.parameter_count
 
-    def share(self, block: SharedArray | None) -> None:
-        """Keep the gradients in `block` from now on (None: in private memory again)."""
-        if block is None:
+    def share(self, lease: Lease | None) -> None:
+        """Keep the gradients on the shared block of `lease` from now on (None: in private memory)."""
+        if lease is None:
             self.gradients, self.shared = np.empty(self.block_shape), None
         else:
-            self.gradients, self.shared = block.array, ShmRef(block.name, block.shape, block.dtype)
+            self.gradients, self.shared = lease.array, lease.ref
 
     def accepts(self, stub: WorkerStub) -> bool:
         return self.refusal(stub) is None

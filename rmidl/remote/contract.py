@@ -17,6 +17,7 @@ Wire form of a correlate task (`CorrelateTask`), every key required but `engine`
     input:   {"array": <wire dict of the input band>} or {"shm": <ShmRef of the whole padded image>}
     output:  "inline" (the result in the reply) | "bulk" (kept for one fetch over the bulk channel)
              | {"shm": <ShmRef of the whole output (K, OH, OW)>} (out[k0:k1, r0:r1] written in place)
+    a ShmRef: name, shape, dtype, pid, fd, token (the block's capability, see rmidl.remote.shm)
     engine:  "auto" (default) or one of rmidl.kernels.ENGINES
 Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
 dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
@@ -107,22 +108,29 @@ def _shape(value: object, dtype: object, what: str) -> tuple[tuple[int, ...], st
 
 @dataclass(frozen=True)
 class ShmRef:
-    """A shared-memory block on the worker's host (`rmidl.remote.shm.SharedArray`), by name, shape, dtype."""
+    """A shared-memory block on the worker's host (`rmidl.remote.shm`): the array of `shape` and `dtype` at
+    its start, the owner's pid and fd through which it is opened, and the token that opens it (the
+    per-block capability: a worker maps a block only for a request that shows it)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    pid: int
+    fd: int
+    token: str = field(repr=False)
 
     def to_wire(self) -> WireRecord:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "pid": self.pid,
+                "fd": self.fd, "token": self.token}
 
     @classmethod
     def from_wire(cls, data: object, what: str = "shared memory descriptor") -> ShmRef:
-        record = _fields(data, what, {"name", "shape", "dtype"})
-        if not isinstance(record["name"], str):
-            raise ShapeError(f"{what}: name must be a string, got {record['name']!r}")
+        record = _fields(data, what, {"name", "shape", "dtype", "pid", "fd", "token"})
+        if not isinstance(record["name"], str) or not isinstance(record["token"], str):
+            raise ShapeError(f"{what}: name and token must be strings")
         shape, dtype = _shape(record["shape"], record["dtype"], what)
-        return cls(record["name"], shape, dtype)
+        return cls(record["name"], shape, dtype, _int(record["pid"], f"{what} pid"),
+                   _int(record["fd"], f"{what} fd"), record["token"])
 
 
 @dataclass(frozen=True)
