@@ -29,7 +29,13 @@ from rmidl.errors import (
     WorkerLost,
 )
 from rmidl.geometry import band_rows, halo, output_shape
-from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
+from rmidl.kernels import (
+    KernelSpectra,
+    available_cores,
+    choose_engine,
+    correlate_valid_batch,
+    measure_gflops,
+)
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import (
     Blob,
@@ -45,6 +51,7 @@ from rmidl.remote.contract import (
 from rmidl.remote.shm import Attachment, block_name, host_id
 
 from .cache import LruCache
+from .spectra import BankSpectra
 
 __all__ = ["ATTACHMENT_CACHE", "REPLY_FRAMING", "ConvolutionWorker"]
 
@@ -90,6 +97,8 @@ class ConvolutionWorker:
         self._blobs: LruCache[str, Blob] = LruCache(
             config.bank_cache_size, max(1, config.memory_budget // 4), lambda blob: blob.nbytes
         )
+        self._spectra = BankSpectra(self._blobs)
+        """Each cached bank's kernel spectra for the fft engine, counted in the blobs' bytes."""
         # The newest two blocks (a job's input and output) always stay mapped.
         self._attached: LruCache[str, Attachment] = LruCache(
             ATTACHMENT_CACHE, config.memory_budget, lambda block: block.nbytes, keep=2
@@ -222,29 +231,42 @@ class ConvolutionWorker:
         """Run a parsed task; return the engine that ran and the result (None: written to shared memory)."""
         with self._lock:
             blob = self._blobs.get(task.bank_id)
-        if blob is None or blob.kind != "bank":
-            raise BankError(f"bank {task.bank_id!r} is not cached on worker {self._name} (put it again)")
-        bank = blob.arrays["bank"]
-        (k0, k1), (r0, r1) = task.kernels, task.rows
+            if blob is None or blob.kind != "bank":
+                raise BankError(f"bank {task.bank_id!r} is not cached on worker {self._name} (put it again)")
+            spectra = self._spectra.of(blob)
+        try:
+            return self._correlate_with(task, blob.arrays["bank"], spectra)
+        finally:
+            grown = spectra.nbytes  # its own lock: not under ours
+            with self._lock:
+                self._spectra.count(task.bank_id, blob, grown)
+
+    def _correlate_with(self, task: CorrelateTask, bank: np.ndarray,
+                        spectra: KernelSpectra) -> tuple[str, Result]:
+        (k0, k1), (r0, r1), (n0, n1) = task.kernels, task.rows, task.images or (0, 1)
         if k1 > bank.shape[0]:
             raise ShapeError(f"task {task.task_id}: kernels [{k0}, {k1}) outside bank {task.bank_id!r} "
                              f"of {bank.shape[0]}")
         if task.output == "bulk" and self._bulk is None:
             raise ShapeError(f"task {task.task_id}: worker {self._name} has no bulk channel")
         kernels = bank[k0:k1]
-        band = self._band(task, kernels)
-        out_shape = (k1 - k0, *output_shape(band.shape[:2], kernels.shape[1:3], "valid"))
+        spectra = spectra.select(k0, k1)
+        images = self._band(task, kernels)
+        out_shape = (n1 - n0, k1 - k0, *output_shape(images.shape[1:3], kernels.shape[1:3], "valid"))
         if isinstance(task.output, ShmRef):
             target = self._attach(task.output)
-            fits = target.ndim == 3 and target.shape[2] == out_shape[2]
-            if not fits or k1 > target.shape[0] or r1 > target.shape[1]:
+            block = target if task.images is not None else target[None]  # one image: (K, OH, OW)
+            fits = block.ndim == 4 and block.shape[3] == out_shape[3]
+            if not fits or n1 > block.shape[0] or k1 > block.shape[1] or r1 > block.shape[2]:
+                what = f"images [{n0}, {n1}) x " if task.images is not None else ""
                 raise ShapeError(
-                    f"task {task.task_id}: output block of shape {target.shape} cannot hold kernels "
-                    f"[{k0}, {k1}) x rows [{r0}, {r1}) x {out_shape[2]} columns"
+                    f"task {task.task_id}: output block of shape {target.shape} cannot hold {what}kernels "
+                    f"[{k0}, {k1}) x rows [{r0}, {r1}) x {out_shape[3]} columns"
                 )
             if target.dtype != kernels.dtype:
                 raise DTypeError(f"task {task.task_id}: output is {target.dtype} but bank is {kernels.dtype}")
-            return self._compute_into(band, kernels, target[k0:k1, r0:r1, :], task.engine), None
+            view = block[n0:n1, k0:k1, r0:r1, :]
+            return self._compute_into(images, kernels, view, task.engine, spectra), None
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
         if task.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
             # Pyro5 would refuse the reply after the work and drop the connection: say why, before it.
@@ -254,50 +276,60 @@ class ConvolutionWorker:
             )
         with self._reservation(nbytes, task.task_id):
             result = empty(out_shape, kernels.dtype)  # recycled: no page faults once warm
-            engine = self._compute_into(band, kernels, result, task.engine)
+            engine = self._compute_into(images, kernels, result, task.engine, spectra)
+            if task.images is None:
+                result = result[0]
             if task.output == "inline":
                 return engine, result
             assert self._bulk is not None
             ticket = self._bulk.offer(result)
-            return engine, BulkTicket(ticket, nbytes, out_shape, result.dtype.name)
+            return engine, BulkTicket(ticket, nbytes, result.shape, result.dtype.name)
 
     def _band(self, task: CorrelateTask, kernels: np.ndarray) -> np.ndarray:
-        """The task's input band (rows `band_rows(task.rows, kh)`), checked against its kernels."""
+        """The task's input bands (rows `band_rows(task.rows, kh)` of each of its images), checked against its
+        kernels: (n, rows, W', C), n = 1 for a task of one image."""
         _, kh, kw, channels = kernels.shape
         (r0, r1), (first, last) = task.rows, band_rows(task.rows, kh)
+        (n0, n1), one = task.images or (0, 1), task.images is None
         if isinstance(task.source, ShmRef):
             image = self._attach(task.source)
-            if image.ndim != 3 or last > image.shape[0]:
+            batch = image[None] if one else image
+            if batch.ndim != 4 or last > batch.shape[1] or n1 > batch.shape[0]:
+                images = "" if one else f" of images [{n0}, {n1})"
                 raise ShapeError(
-                    f"task {task.task_id}: rows [{r0}, {r1}) with kernel height {kh} exceed the shared image "
-                    f"of shape {image.shape}"
+                    f"task {task.task_id}: rows [{r0}, {r1}){images} with kernel height {kh} exceed the "
+                    f"shared image{'' if one else 's'} of shape {image.shape}"
                 )
-            band = image[first:last]
+            band = batch[n0:n1, first:last]
         else:
-            band = task.source
-            if band.ndim != 3 or band.shape[0] != last - first:
+            band = task.source[None] if one else task.source
+            if band.ndim != 4 or band.shape[:2] != (n1 - n0, last - first):
+                expected = f"{last - first} rows" if one else f"{n1 - n0} images of {last - first} rows"
                 raise ShapeError(
-                    f"task {task.task_id}: input band shape {band.shape} does not hold rows "
-                    f"[{r0}, {r1}) plus a halo of {halo(kh)} (expected {last - first} rows)"
+                    f"task {task.task_id}: input band shape {task.source.shape} does not hold rows "
+                    f"[{r0}, {r1}) plus a halo of {halo(kh)} (expected {expected})"
                 )
-        if band.shape[2] != channels:
-            raise ShapeError(f"task {task.task_id}: input has {band.shape[2]} channel(s), kernels {channels}")
+        if band.shape[3] != channels:
+            raise ShapeError(f"task {task.task_id}: input has {band.shape[3]} channel(s), kernels {channels}")
         if band.dtype != kernels.dtype:
             raise DTypeError(f"task {task.task_id}: input is {band.dtype} but bank is {kernels.dtype}")
-        if kw > band.shape[1]:
-            raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[0]}x{band.shape[1]}")
+        if kw > band.shape[2]:
+            raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[1]}x{band.shape[2]}")
         return band
 
-    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> str:
-        """Run `engine` ("auto" resolved here, so info() can say which ran) with every thread; return it."""
+    def _compute_into(self, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str,
+                      spectra: KernelSpectra | None = None) -> str:
+        """Run `engine` ("auto" resolved here, so info() can say which ran) with every thread on images
+        (n, H, W, C) into out (n, K, OH, OW); `spectra` are the bank's cached kernel spectra. Returns the
+        engine that ran."""
         if engine == "auto":
-            engine = choose_engine(band.shape[:2], kernels.shape, self._threads)
+            engine = choose_engine(images.shape[1:3], kernels.shape, self._threads, batch=images.shape[0])
         while not self._compute.acquire(timeout=STOP_POLL_S):
             self._refuse_if_stopping()  # queued behind another task when the worker began to shut down
         try:
             self._refuse_if_stopping()
             started = time.perf_counter()
-            correlate_valid(band, kernels, out, threads=self._threads, engine=engine)
+            correlate_valid_batch(images, kernels, out, threads=self._threads, engine=engine, spectra=spectra)
             seconds = time.perf_counter() - started
         finally:
             self._compute.release()

@@ -111,10 +111,11 @@ class BlockingWorker(ConvolutionWorker):
         self.entered = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> str:
+    def _compute_into(self, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str,
+                      spectra: Any = None) -> str:
         self.entered.release()
         self.release.wait()
-        return super()._compute_into(band, kernels, out, engine)
+        return super()._compute_into(images, kernels, out, engine, spectra)
 
     def close(self) -> None:
         self.release.set()
