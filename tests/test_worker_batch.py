@@ -8,8 +8,9 @@ import gc
 
 import numpy as np
 import pytest
-from reference import assert_close, reference
+from reference import assert_close, batch_reference
 
+import rmidl
 import rmidl.kernels._fft as fft_engine
 from rmidl.config import Config
 from rmidl.errors import ShapeError
@@ -27,10 +28,6 @@ def batch_task(task_id, images, rows, kernels, source, *, output="inline", engin
 
 def bands(batch, images, rows, kh):
     return {"array": pack(batch[images[0] : images[1], rows[0] : rows[1] + kh - 1])}
-
-
-def batch_reference(batch, bank):
-    return np.stack([reference(image, bank) for image in batch])
 
 
 @pytest.fixture
@@ -78,6 +75,10 @@ def test_batch_tasks_over_tcp_equal_the_reference(worker, proxy, rng, engine, ou
             fetch(worker.host, proxy.info()["bulk_port"], reply["ticket"], view, timeout=10)
         else:
             view[...] = unpack(reply["result"])
+        # The very values rmidl.correlate gives for the task's inputs and engine (cached spectra or not).
+        task_images = batch[slice(*images), rows[0] : rows[1] + 3]
+        in_process = rmidl.correlate(task_images, bank[slice(*ks)], batch=True, engine=engine, threads=1)
+        assert np.array_equal(view, in_process)
     assert_close(out, expected)
 
 
