@@ -17,6 +17,7 @@ from rmidl.validate import check_threads, prepare_any
 from .jobs.correlation import CorrelationJob
 from .scheduler import Scheduler
 from .shared import SharedPool
+from .watching import Watching
 
 if TYPE_CHECKING:
     from rmidl.remote.naming import Registry
@@ -54,6 +55,10 @@ class Coordinator:
     (an ordinary array; `rmidl.client.shared` says how long it lives); the others get their input inline
     and send results over the bulk side channel (or inline). Once closed (`close()`, or leaving its
     `with` block), every job method raises ClusterError.
+
+    With a name server it publishes its jobs there (`rmidl.client.jobfeed`) for dashboards elsewhere;
+    `metrics_port` serves Prometheus metrics of this process and `dashboard_port` a status page of its
+    cluster and jobs, both on 127.0.0.1 (0: any free port; `.metrics_url`, `.dashboard_url` say where).
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class Coordinator:
         *,
         min_tasks: int = 1,
         workers: Sequence[str] | int | None = None,
+        metrics_port: int | None = None,
+        dashboard_port: int | None = None,
     ) -> None:
         if local_threads is not None and (
             isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
@@ -99,12 +106,15 @@ class Coordinator:
         self._scheduler = Scheduler(self.config, local_threads=local_threads,
                                     registry=registry.workers if registry else None,
                                     unregister=registry.remove if registry else None)
-        if registry is not None:
-            try:
+        self._watching: Watching | None = None
+        try:
+            self._watching = Watching(self._scheduler.board, ns=ns, config=self.config, workers=self._rows,
+                                      metrics_port=metrics_port, dashboard_port=dashboard_port)
+            if registry is not None:
                 self._connect(registry, selection)
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _connect(self, registry: Registry, selection: list[str] | int | None) -> None:
@@ -118,6 +128,8 @@ class Coordinator:
         running). Results still held stay valid: see `rmidl.client.shared` for how long they live.
         Idempotent; afterwards every job method raises ClusterError."""
         self._closed = True
+        if self._watching is not None:
+            self._watching.close()
         self._shared.close()
         self._scheduler.close()
 
@@ -184,6 +196,23 @@ class Coordinator:
             }
             for worker in self._scheduler.workers.values()
         ]
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The running jobs and the last finished ones, newest first: progress, tasks per runner, and
+        each task attempt as [task_id, runner, start, end, outcome] (`rmidl.client.jobboard`)."""
+        return self._scheduler.board.jobs()
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this coordinator's metrics are served (`metrics_port`), or None."""
+        metrics = self._watching.metrics if self._watching else None
+        return metrics.url if metrics else None
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Where this coordinator's status page is served (`dashboard_port`), or None."""
+        dashboard = self._watching.dashboard if self._watching else None
+        return dashboard.url if dashboard else None
 
     def stats(self) -> dict[str, int]:
         """Tasks each worker ran in the last job ("local" is this process's pool)."""

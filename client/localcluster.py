@@ -32,6 +32,7 @@ _LOG_LINE = re.compile(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} (\S+) ({'|'.
 
 _ADDRESS = re.compile(r"(?:@|\b)((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d{1,5})\b")
 _READY = re.compile(r"\bready\b", re.IGNORECASE)
+_METRICS = re.compile(r"^metrics (https?://\S+)$")
 # Output lines kept per child: enough for the start-up lines and an error's context.
 KEEP_LINES = 200
 
@@ -156,6 +157,8 @@ class LocalCluster:
             with Coordinator(cluster.address, config=cluster.config) as co:
                 maps = co.correlate(image, bank)
 
+    `metrics_port` P gives every child a Prometheus metrics port: P for the name server and P+i for
+    worker i (P=0: any free ones); `.metrics` maps "ns" and each worker's name to its URL.
     `secure=True` generates a secret the daemons require (unless `config` has one), so other local
     users cannot drive them; `cluster_file=True` also writes a cluster file (see
     `rmidl.remote.clusterfile`) so that `rmidl status` / `rmidl run` find the cluster without `--ns`.
@@ -176,6 +179,7 @@ class LocalCluster:
         secure: bool = False,
         cluster_file: bool = False,
         log_level: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         for what, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -183,6 +187,13 @@ class LocalCluster:
         if isinstance(ns_port, bool) or not isinstance(ns_port, int) or not 0 <= ns_port <= 65535:
             # said here as the input error it is, not as a name server that failed to start
             raise OptionError(f"ns_port={ns_port!r} must be a port number 0-65535 (0: any free port)")
+        if metrics_port is not None and (isinstance(metrics_port, bool) or not isinstance(metrics_port, int)
+                                         or not 0 <= metrics_port <= 65535 - workers):
+            raise OptionError(f"metrics_port={metrics_port!r} must leave room for {workers + 1} ports "
+                              "below 65536 (0: any free ports)")
+        self.metrics_port = metrics_port
+        self.metrics: dict[str, str] = {}
+        """Metrics URL of each child ("ns" and the worker names), with `metrics_port`."""
         self.config = config or Config()
         if secure and not self.config.secret:
             self.config = self.config.replace(secret=clusterfile.new_secret())
@@ -210,7 +221,7 @@ class LocalCluster:
             self._start_ns(ns_port)
             pending = [self._spawn_worker() for _ in range(workers)]
             for process in pending:
-                process.wait_ready(ready_timeout)
+                self._note_metrics(process, process.wait_ready(ready_timeout))
             if cluster_file:
                 self.cluster_file = clusterfile.write(self.ns_address, self.config.secret, workers=workers,
                                                      config=self.config)
@@ -223,10 +234,25 @@ class LocalCluster:
         """The name server's HOST:PORT, as a Coordinator and `--ns` take it."""
         return self.ns_address
 
+    def _metrics_flags(self, index: int) -> list[str]:
+        """`--metrics-port` of child `index` (0 the name server, i worker i), if metrics are asked for."""
+        if self.metrics_port is None:
+            return []
+        return ["--metrics-port", str(self.metrics_port + index if self.metrics_port else 0)]
+
+    def _note_metrics(self, process: Process, lines: list[str]) -> None:
+        for line in lines:
+            match = _METRICS.match(line)
+            if match:
+                self.metrics[process.name.removeprefix("worker ")] = match.group(1)
+                return
+
     def _start_ns(self, port: int) -> None:
-        argv = ["ns", "--host", "127.0.0.1", "--port", str(port), *log_flags(self.log_level)]
+        argv = ["ns", "--host", "127.0.0.1", "--port", str(port), *self._metrics_flags(0),
+                *log_flags(self.log_level)]
         self.ns = Process("ns", argv, self.env, die_with_parent=self.die_with_parent)
         lines = self.ns.wait_ready(self.ready_timeout)
+        self._note_metrics(self.ns, lines)
         for line in reversed(lines):
             match = _ADDRESS.search(line)
             if match:
@@ -246,7 +272,8 @@ class LocalCluster:
         self._count += 1
         name = name or f"w{self._count}"
         argv = ["worker", "--ns", self.ns_address, "--host", "127.0.0.1", "--port", "0",
-                "--threads", str(self.threads_per_worker), "--name", name, *log_flags(self.log_level)]
+                "--threads", str(self.threads_per_worker), "--name", name, *self._metrics_flags(self._count),
+                *log_flags(self.log_level)]
         process = Process(f"worker {name}", argv, {**self.env, **(env or {})},
                           die_with_parent=self.die_with_parent)
         self.workers[name] = process
@@ -255,7 +282,7 @@ class LocalCluster:
     def add_worker(self, name: str | None = None, *, env: Mapping[str, str] | None = None) -> str:
         """Start one more worker (optionally with extra environment, e.g. a test hook); wait until ready."""
         process = self._spawn_worker(name, env)
-        process.wait_ready(self.ready_timeout)
+        self._note_metrics(process, process.wait_ready(self.ready_timeout))
         return process.name.removeprefix("worker ")
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:

@@ -10,7 +10,7 @@ from typing import Generic, Protocol, TypeVar
 
 from rmidl.errors import BudgetExceeded, TaskFailed, WorkerLost
 
-__all__ = ["Keyed", "TaskQueue"]
+__all__ = ["Keyed", "QueueObserver", "TaskQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,26 @@ class Keyed(Protocol):
 
     @property
     def task_id(self) -> int: ...
+
+
+class QueueObserver(Protocol):
+    """Told of every task attempt, of the job's end and (by the scheduler) of every result's bytes
+    (`rmidl.client.jobboard.JobTrace`: the task log and the metrics); the queue calls it under its
+    lock, so it must be quick and never call the queue."""
+
+    def taken(self, task_id: int, runner: str) -> None: ...
+    def finished(self, task_id: int, runner: str, outcome: str) -> None: ...
+    def ended(self, error: BaseException | None) -> None: ...
+    def received(self, runner: str, path: str, nbytes: int) -> None: ...
+
+
+class _Unobserved:
+    """The observer of a queue nobody watches."""
+
+    def taken(self, task_id: int, runner: str) -> None: ...
+    def finished(self, task_id: int, runner: str, outcome: str) -> None: ...
+    def ended(self, error: BaseException | None) -> None: ...
+    def received(self, runner: str, path: str, nbytes: int) -> None: ...
 
 
 T = TypeVar("T", bound=Keyed)
@@ -39,6 +59,7 @@ class TaskQueue(Generic[T]):
         describe: Callable[[T], str],
         max_attempts: int,
         progress: Callable[[int, int], None] | None = None,
+        observer: QueueObserver | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
         self.total = len(tasks)
@@ -57,6 +78,7 @@ class TaskQueue(Generic[T]):
         self._runners: Counter[str] = Counter()
         self._gone: set[str] = set()
         self._progress = progress
+        self.observer: QueueObserver = observer or _Unobserved()
         self._cond = threading.Condition()
 
     @property
@@ -108,6 +130,7 @@ class TaskQueue(Generic[T]):
                         continue
                     del self._pending[i]
                     self._holding[key] = runner
+                    self.observer.taken(key, runner)
                     return task
                 self._cond.wait()
 
@@ -117,6 +140,9 @@ class TaskQueue(Generic[T]):
             self.done += 1
             self.tasks_by[runner] += 1
             done = self.done
+            self.observer.finished(task.task_id, runner, "done")
+            if done == self.total:
+                self.observer.ended(None)
             self._cond.notify_all()
         if self._progress is not None:
             try:
@@ -137,7 +163,9 @@ class TaskQueue(Generic[T]):
             failures = self._failed_on.setdefault(task.task_id, {})
             if counted:
                 failures[runner] = f"{type(error).__name__}: {error}"
-            if len(failures) >= self.max_attempts:
+            last = len(failures) >= self.max_attempts
+            self.observer.finished(task.task_id, runner, "failed" if last else "retried")
+            if last:
                 self._fail(TaskFailed(self._failure_message(task, failures)))
             else:
                 self._pending.appendleft(task)
@@ -151,6 +179,7 @@ class TaskQueue(Generic[T]):
         with self._cond:
             self._holding.pop(task.task_id, None)
             self._cannot.setdefault(task.task_id, {})[runner] = why
+            self.observer.finished(task.task_id, runner, "retried")
             self._pending.appendleft(task)
             self.requeued += 1
             self._check_starved()
@@ -180,6 +209,7 @@ class TaskQueue(Generic[T]):
     def _fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
+            self.observer.ended(error)
 
     def _failure_message(self, task: T, failures: dict[str, str]) -> str:
         where = "; ".join(f"{name}: {why}" for name, why in failures.items())

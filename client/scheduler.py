@@ -30,6 +30,7 @@ from rmidl.errors import (
 
 from .cost import Capacity, deadline, local_gflops
 from .discovery import Discovery
+from .jobboard import JobBoard, result_path
 from .jobs.base import JobKind, T
 from .queue import TaskQueue
 from .stub import WorkerStub
@@ -66,6 +67,8 @@ class Scheduler:
         self.local_threads = local_threads
         self.discovery = Discovery(config, registry=registry, unregister=unregister, only=only)
         self._poll_interval = poll_interval
+        self.board = JobBoard()
+        """The jobs run here: progress, task logs, metrics (the dashboard and the job feed read it)."""
 
     # -- discovery -----------------------------------------------------------------------------------
     @property
@@ -100,8 +103,9 @@ class Scheduler:
 
     def queue(self, job: JobKind[T], progress: Callable[[int, int], None] | None = None) -> TaskQueue[T]:
         """A fresh pull queue of `job`'s tasks (the caller keeps it for the job's figures)."""
-        return TaskQueue(job.tasks(), describe=job.describe, max_attempts=self.config.max_task_attempts,
-                         progress=progress)
+        tasks = job.tasks()
+        return TaskQueue(tasks, describe=job.describe, max_attempts=self.config.max_task_attempts,
+                         progress=progress, observer=self.board.trace(job.kind, len(tasks)))
 
     def close(self) -> None:
         self.discovery.close()
@@ -155,7 +159,9 @@ class Scheduler:
             raise BudgetExceeded(f"no worker can take this {job.kind} job within its limits (each of "
                                  f"{', '.join(sorted(started))} sits it out) and local_threads=0")
         if not first:
-            raise WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+            nobody = WorkerLost("no worker to run the job: no remote worker registered and local_threads=0")
+            queue.fail(nobody)
+            raise nobody
         try:
             launch(first)
             while not queue.wait(self._poll_interval):
@@ -261,7 +267,8 @@ class Scheduler:
             self._run_remote_once(job, queue, worker, task)
 
     def _run_remote_once(self, job: JobKind[T], queue: TaskQueue[T], worker: WorkerStub, task: T) -> None:
-        limit = deadline(job.cost(task), worker.capacity(), floor=self.config.task_deadline_floor)
+        cost = job.cost(task)
+        limit = deadline(cost, worker.capacity(), floor=self.config.task_deadline_floor)
         record = job.request(task, worker)
         started = time.perf_counter()
         reply = worker.call(record, timeout=limit, blobs=job.blobs())
@@ -271,3 +278,4 @@ class Scheduler:
         moved = job.accept(task, reply, worker)
         if moved:
             queue.moved(moved, time.perf_counter() - moving)
+        queue.observer.received(worker.name, result_path(reply.result), moved or cost.result_bytes)

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.signal
 
 from rmidl.client import Coordinator
-from rmidl.client.cli.status import collect
+from rmidl.client.census import census
 from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
 from rmidl.remote.shm import NAME_PREFIX
@@ -168,7 +168,7 @@ def run_soak(jobs: int = 200, coordinators: int = 4, workers: int = 2, *, jobs_p
         seconds = time.perf_counter() - start
         alive = {name: pid for name, pid in pids.items() if cluster.workers[name].alive()}
         after = {name: process_stats(pid) for name, pid in alive.items()}
-        tasks_done = {row["name"]: row["tasks_done"] for row in collect(cluster.ns_address, Config())
+        tasks_done = {row["name"]: row["tasks_done"] for row in census(cluster.ns_address, Config())
                       if row.get("tasks_done") is not None}
     growth = {name: {key: after[name][key] - before[name][key] for key in BOUNDS} for name in alive}
     return {

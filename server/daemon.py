@@ -21,6 +21,7 @@ import rmidl
 from rmidl.config import Config
 from rmidl.errors import AuthenticationError, ClusterError, OptionError
 from rmidl.kernels import available_cores
+from rmidl.metrics import MetricsServer, info_readings, serve_metrics
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.naming import (
     check_worker_name,
@@ -60,6 +61,8 @@ class WorkerHandle:
     bulk: BulkServer | None
     config: Config
     ns_address: str | None = None
+    metrics: MetricsServer | None = None
+    """Its metrics endpoint (`start_worker(metrics_port=...)`), closed with it."""
     _thread: threading.Thread | None = field(default=None, repr=False)
     _heartbeat: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -126,6 +129,8 @@ class WorkerHandle:
             self._thread.join(timeout)
         if self.bulk is not None:
             self.bulk.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def __enter__(self) -> WorkerHandle:
         return self
@@ -145,12 +150,15 @@ def start_worker(
     insecure: bool = False,
     bulk: bool = True,
     worker_class: type[ConvolutionWorker] = ConvolutionWorker,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> WorkerHandle:
     """Create a worker daemon on host:port and register it under `rmidl.worker.<name>` at `ns` (if given).
 
     The daemon is not yet serving: call `handle.serve_in_thread()` or `worker_loop(handle)`.
     `worker_class` serves a subclass of ConvolutionWorker instead (an instrumented worker, or the test
-    suite's fault-injecting ones); it is built with the same keywords.
+    suite's fault-injecting ones); it is built with the same keywords. `metrics_port` (0: any free one)
+    serves Prometheus metrics on `metrics_host` (`rmidl.metrics.serve_metrics`), as `handle.metrics`.
     """
     config = config or Config()
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")
@@ -183,6 +191,13 @@ def start_worker(
         raise
     uri = str(daemon.register(worker, objectId=object_name(name)))
     handle = WorkerHandle(name, uri, advertised, daemon, worker, bulk_server, config)
+    if metrics_port is not None:
+        try:
+            handle.metrics = serve_metrics(metrics_port, metrics_host, config=config,
+                                           readings=info_readings(worker.info))
+        except BaseException:
+            handle.close()
+            raise
     if ns is not None:
         try:
             _register(ns, config, handle)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections import Counter
 from typing import Any
 
 import Pyro5.errors
@@ -17,6 +18,7 @@ from Pyro5 import config as pyro_config
 
 from rmidl.config import Config, MiB
 from rmidl.errors import OptionError
+from rmidl.metrics import MetricsServer, Reading, serve_metrics
 from rmidl.remote.security import Limits, SecretHandshake, check_bind, probe_bind
 from rmidl.remote.transport import configure_pyro
 
@@ -38,6 +40,7 @@ class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
 
     broadcast: Pyro5.nameserver.BroadcastServer | None = None
     broadcast_thread: threading.Thread | None = None
+    metrics: MetricsServer | None = None
 
     def handleRequest(self, conn: Any) -> Any:  # noqa: N802 (Pyro5's name)
         # Pyro5's version turns protocol errors into warnings.warn, which our tests (rightly) treat as
@@ -61,7 +64,17 @@ class NameServerDaemon(SecretHandshake, Pyro5.nameserver.NameServerDaemon):
         if self.broadcast_thread is not None:
             self.broadcast_thread.join(3.0)  # its socket times out every 2 s, then it sees the flag
             self.broadcast_thread = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         super().close()
+
+    def readings(self) -> list[Reading]:
+        """Gauges for the metrics endpoint: registrations by role (rmidl.worker.*, rmidl.coordinator.*)."""
+        names = self.nameserver.list(prefix="rmidl.")
+        roles = Counter(name.split(".")[1] for name in names if "." in name[len("rmidl."):])
+        return [("rmidl_ns_registrations", "Names registered, by role (worker, coordinator)", {"role": role},
+                 count) for role, count in sorted(roles.items())]
 
 
 def start_ns(
@@ -71,8 +84,11 @@ def start_ns(
     config: Config | None = None,
     broadcast: bool = False,
     insecure: bool = False,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> tuple[str, NameServerDaemon]:
-    """Create a name server on host:port (port 0: any free one); returns (uri, daemon), not yet serving."""
+    """Create a name server on host:port (port 0: any free one); returns (uri, daemon), not yet serving.
+    `metrics_port` serves Prometheus metrics on `metrics_host` as `daemon.metrics`, closed with it."""
     config = config or Config()
     if not 0 <= port <= 65535:
         raise OptionError(f"port {port} is outside 0-65535")
@@ -92,6 +108,13 @@ def start_ns(
             daemon.close()
             raise
         daemon.broadcast_thread = daemon.broadcast.runInThread()
+    if metrics_port is not None:
+        try:
+            daemon.metrics = serve_metrics(metrics_port, metrics_host, config=config,
+                                           readings=daemon.readings)
+        except BaseException:
+            daemon.close()
+            raise
     logger.info("name server at %s", uri)
     return uri, daemon
 

@@ -17,6 +17,7 @@ import numpy as np
 from Pyro5.api import behavior, expose
 
 import rmidl
+from rmidl import metrics
 from rmidl._memory import empty
 from rmidl.config import Config
 from rmidl.errors import (
@@ -182,7 +183,7 @@ class ConvolutionWorker:
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
         started = time.perf_counter()
-        with self._task():
+        with self._task("correlate"):
             record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
             engine, result = self._correlate(record)
         return CorrelateReply(record.task_id, time.perf_counter() - started, engine, result).to_wire()
@@ -204,18 +205,20 @@ class ConvolutionWorker:
     # --- internals ------------------------------------------------------------------------------
 
     @contextmanager
-    def _task(self) -> Iterator[None]:
-        """Count a task as busy while it runs and as done if it succeeds; none once shutting down, and
-        none beyond `worker_max_tasks` held at once (WorkerBusy: the caller runs it elsewhere or later),
-        so no caller can make a worker hold unbounded work, threads and memory."""
+    def _task(self, method: str = "task") -> Iterator[None]:
+        """Count a task as busy while it runs and as done if it succeeds (also in the metrics, under
+        `method`); none once shutting down, and none beyond `worker_max_tasks` held at once (WorkerBusy:
+        the caller runs it elsewhere or later), so no caller can make a worker hold unbounded work,
+        threads and memory."""
         with self._lock:
             if self._busy >= self._config.worker_max_tasks:
                 raise WorkerBusy(f"worker {self._name} is busy: {self._busy} tasks held "
                                  f"(worker_max_tasks={self._config.worker_max_tasks})")
             self._busy += 1
         try:
-            self._refuse_if_stopping()
-            yield
+            with metrics.recorder().worker_task(self._name, method):
+                self._refuse_if_stopping()
+                yield
         finally:
             with self._lock:
                 self._busy -= 1

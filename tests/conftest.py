@@ -55,6 +55,21 @@ def cluster_config() -> Config:
 
 
 @pytest.fixture
+def tls_config(tmp_path):
+    """Process-wide 2-way TLS for Pyro5 during the test (Pyro5 keeps SSL settings per process)."""
+    from pki import make_pki
+
+    from rmidl.remote.transport import configure_pyro
+
+    config = Config(environ={}, **make_pki(tmp_path, "good"))
+    configure_pyro(config)
+    try:
+        yield config
+    finally:
+        configure_pyro(Config(environ={}))
+
+
+@pytest.fixture
 def nameserver(cluster_config: Config) -> Iterator[str]:
     """A name server on 127.0.0.1, port 0, serving in a thread; yields "HOST:PORT"; always shut down."""
     from rmidl.server.nameserver import address_of, start_ns
@@ -183,6 +198,45 @@ def children() -> Iterator[Callable[..., Child]]:
     yield spawn
     for child in reversed(started):
         child.stop(signal.SIGKILL)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_metrics(url: str) -> Samples:
+    """GET a Prometheus endpoint and parse it (prometheus_client's parser): {(sample name, labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode("utf-8")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.fixture
+def scrape() -> Callable[[str], Samples]:
+    """scrape(url) -> {(sample name, frozenset of label items): value} of a metrics endpoint."""
+    return scrape_metrics
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Any]:
+    """wait_until(predicate, timeout=30, what=...) -> the first truthy value of predicate(), polled every
+    50 ms: for state another process or a background thread reaches on its own (never a fixed sleep)."""
+
+    def wait(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} not reached within {timeout} s (last value {value!r})")
+            time.sleep(0.05)
+
+    return wait
 
 
 def gaussian_blobs(n: int = 600, features: int = 12, classes: int = 3, spread: float = 1.0,

@@ -41,7 +41,8 @@ def test_the_wheel_carries_licence_types_and_metadata(wheel: Path) -> None:
         names = set(archive.namelist())
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = email.message_from_bytes(archive.read(info))
-    assert {"rmidl/py.typed", "rmidl/__main__.py", "rmidl/data/default.png"} <= names
+    assert {"rmidl/py.typed", "rmidl/__main__.py", "rmidl/data/default.png",
+            "rmidl/client/dashboard/page.html"} <= names  # the status page ships with the code
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert metadata["License-Expression"] == "MIT"
     assert "Typing :: Typed" in metadata.get_all("Classifier")

@@ -45,7 +45,7 @@ def test_its_bank_specs_load_without_aliasing(caplog) -> None:
     assert caplog.records == []
 
 
-@pytest.mark.parametrize("command", ["up", "status", "run", "demo", "bench", "ns", "worker"])
+@pytest.mark.parametrize("command", ["up", "status", "run", "demo", "bench", "ns", "worker", "dashboard"])
 def test_every_command_it_shows_exists(command) -> None:
     from rmidl.client.cli import COMMANDS
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import socket
 import ssl
@@ -14,10 +12,7 @@ import numpy as np
 import Pyro5.api
 import Pyro5.core
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki import make_pki
 from Pyro5.errors import CommunicationError
 from reference import assert_close, reference
 
@@ -253,83 +248,6 @@ def test_a_handshake_in_marshal_is_refused_unread(start_worker, cluster_config, 
 # --- 2-way TLS ------------------------------------------------------------------------------------
 
 
-def _write_pem(path: Path, data: bytes) -> str:
-    path.write_bytes(data)
-    return str(path)
-
-
-def _make_pki(directory: Path, label: str) -> dict[str, str]:
-    """A CA and one node certificate (server and client use, SAN localhost/127.0.0.1) signed by it."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rmidl test CA {label}")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"rmidl node {label}")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    return {
-        "tls_ca": _write_pem(directory / f"ca-{label}.pem", ca_cert.public_bytes(pem)),
-        "tls_cert": _write_pem(directory / f"node-{label}.pem", cert.public_bytes(pem)),
-        "tls_key": _write_pem(
-            directory / f"node-{label}.key",
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        ),
-    }
-
-
-@pytest.fixture
-def tls_config(tmp_path):
-    """Process-wide 2-way TLS for Pyro5 during the test (Pyro5 keeps SSL settings per process)."""
-    config = Config(environ={}, **_make_pki(tmp_path, "good"))
-    configure_pyro(config)
-    try:
-        yield config
-    finally:
-        configure_pyro(Config(environ={}))
-
-
 def test_tls_round_trip_and_bulk_channel(start_worker, tls_config, rng):
     handle = start_worker(config=tls_config, ns=None)
     image, bank, task = _small_task(rng)
@@ -348,7 +266,7 @@ def test_tls_round_trip_and_bulk_channel(start_worker, tls_config, rng):
 def test_tls_refuses_clients_without_a_trusted_certificate(start_worker, tls_config, tmp_path):
     handle = start_worker(config=tls_config, ns=None)
     port = int(handle.uri.rsplit(":", 1)[1])
-    stranger = _make_pki(tmp_path, "stranger")
+    stranger = make_pki(tmp_path, "stranger")
     attempts = {
         "no certificate": ssl.create_default_context(cafile=tls_config.tls_ca),
         "certificate from another CA": ssl.create_default_context(cafile=tls_config.tls_ca),

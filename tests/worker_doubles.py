@@ -60,18 +60,41 @@ class HangingWorker(ConvolutionWorker):
         super().close()
 
 
+class GatedWorker(ConvolutionWorker):
+    """Its correlate calls wait until `gate` is set (by the test, or by close()), then run normally: a
+    job that stays live while a test looks at it. `waiting` is set once a call waits."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    @expose
+    def correlate(self, task: WireRecord) -> WireRecord:
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait()
+        return super().correlate(task)
+
+    def close(self) -> None:
+        self.gate.set()
+        super().close()
+
+
 class FailingWorker(ConvolutionWorker):
-    """Every correlate call raises `error` (see `failing`); `calls` counts them."""
+    """Every correlate call raises `error` (see `failing`); `calls` counts them, the first sets `called`."""
 
     error: Exception = RuntimeError("engine fell over")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.calls = 0
+        self.called = threading.Event()
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
         self.calls += 1
+        self.called.set()
         raise self.error
 
 

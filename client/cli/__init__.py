@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "up": "rmidl.client.cli.up",
     "run": "rmidl.client.cli.run",
     "status": "rmidl.client.cli.status",
+    "dashboard": "rmidl.client.cli.dashboard",
     "demo": "rmidl.client.cli.demo",
     "bench": "rmidl.client.cli.bench",
 }

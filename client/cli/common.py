@@ -30,6 +30,7 @@ __all__ = [
     "LOCAL",
     "Target",
     "add_cluster_arguments",
+    "add_metrics_arguments",
     "add_security_arguments",
     "choose_cluster",
     "config_from_args",
@@ -180,6 +181,15 @@ def add_security_arguments(
     if insecure:
         parser.add_argument("--insecure", action="store_true",
                             help="allow binding a non-loopback address without secret or TLS")
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--metrics-port` / `--metrics-host`: serve Prometheus metrics (`rmidl.metrics.serve_metrics`)."""
+    parser.add_argument("--metrics-port", type=int, metavar="P",
+                        help="serve Prometheus metrics on this port (0: any free one, printed)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address of the metrics port; past loopback it is 2-way TLS with --tls-*, else "
+                        "readable by anyone who reaches it (Prometheus has no authentication)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

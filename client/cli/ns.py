@@ -6,7 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rmidl.client.cli.common import add_security_arguments, config_from_args, main_of, serve_until_stopped
+from rmidl.client.cli.common import (
+    add_metrics_arguments,
+    add_security_arguments,
+    config_from_args,
+    main_of,
+    serve_until_stopped,
+)
 from rmidl.remote import clusterfile
 from rmidl.server.nameserver import NS_MAX_MESSAGE_SIZE, address_of, ns_loop, start_ns
 
@@ -24,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a cluster file (address and secret, generated if none is given) so that "
                         "`rmidl worker --ns local`, `rmidl status` and `rmidl run` find this name server; "
                         "removed on exit")
+    add_metrics_arguments(parser)
     add_security_arguments(parser, insecure=True)
 
 
@@ -35,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
         config = config.replace(secret=clusterfile.new_secret())
     port = config.ns_port if args.port is None else args.port
     host = args.host or config.ns_host
-    _, daemon = start_ns(host, port, config=config, broadcast=args.broadcast, insecure=args.insecure)
+    _, daemon = start_ns(host, port, config=config, broadcast=args.broadcast, insecure=args.insecure,
+                         metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     address = address_of(daemon)
+    if daemon.metrics is not None:
+        print(f"metrics {daemon.metrics.url}", flush=True)
     written = clusterfile.write(address, config.secret, config=config) if args.cluster_file else None
     try:
         return serve_until_stopped(address, lambda stop: ns_loop(daemon, stop))

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from rmidl.client.census import COLUMNS, census
 from rmidl.client.cli.common import (
     EXIT_CLUSTER,
     EXIT_FAILED,
@@ -20,12 +21,10 @@ from rmidl.client.cli.common import (
     table,
 )
 from rmidl.config import Config
-from rmidl.errors import ClusterError, OptionError, WorkerNotFound
+from rmidl.errors import ClusterError, OptionError
 
 HELP = "list the workers of a cluster: name, host, state, cores, tasks done, busy"
 
-COLUMNS = ("name", "host", "state", "cores", "threads", "gflops", "tasks_done", "busy", "banks", "error")
-"""The keys of every row, in the table's order and in `--json` (missing values are null there)."""
 _HEADER = {"tasks_done": "tasks done"}
 _NUMERIC = {"cores", "threads", "gflops", "tasks_done", "busy", "banks"}
 
@@ -41,52 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)
     parser.epilog = (f"Exit codes: {EXIT_OK} every registered worker answered; {EXIT_FAILED} one or more are "
                      f"unreachable (their rows say why); {EXIT_CLUSTER} the name server could not be asked.")
-
-
-def _row(name: str, uri: str, info: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(name=name, host=uri.rsplit("@", 1)[-1].rsplit(":", 1)[0])
-    if info is None:
-        row.update(state="unreachable", error=error)
-        return row
-    busy = info.get("busy")
-    row.update(
-        host=info.get("host") or row["host"],
-        state="busy" if busy else "idle",
-        cores=info.get("cores"),
-        threads=info.get("threads"),
-        gflops=info.get("gflops"),
-        tasks_done=info.get("tasks_done"),
-        busy=busy,
-        banks=len(info.get("banks") or ()),
-    )
-    return row
-
-
-def collect(ns: str | None, config: Config, name: str | None = None) -> list[dict[str, Any]]:
-    """One row (a dict with the COLUMNS keys) per registered worker; one that does not answer is
-    "unreachable", with the reason under "error"."""
-    from rmidl.remote.naming import list_workers
-    from rmidl.remote.transport import configure_pyro, connect_ns, worker_proxy
-
-    configure_pyro(config)
-    with connect_ns(ns, config) as registry:
-        found = list_workers(registry)
-    if name is not None:
-        if name not in found:
-            known = ", ".join(sorted(found)) or "none"
-            raise WorkerNotFound(f"no worker named {name!r} is registered (registered: {known})")
-        found = {name: found[name]}
-    rows = []
-    for worker, uri in found.items():
-        try:
-            with worker_proxy(uri, config, timeout=config.connect_timeout) as proxy:
-                info = proxy.info()
-        except Exception as error:  # whatever it is, the row says it and the others still show
-            rows.append(_row(worker, uri, None, " ".join(str(error).split()) or type(error).__name__))
-            continue
-        rows.append(_row(worker, uri, info, None))
-    return rows
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -107,7 +60,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def _report(args: argparse.Namespace, ns: str, config: Config) -> int:
     """Print one table (or JSON list); EXIT_FAILED if a registered worker is unreachable."""
-    rows = collect(ns, config, args.name)
+    rows = census(ns, config, args.name)
     print(json.dumps(rows, indent=1) if args.json else render(rows), flush=True)
     return EXIT_FAILED if any(row["state"] == "unreachable" for row in rows) else EXIT_OK
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rmidl.client.cli.common import (
     EXIT_FAILED,
@@ -13,6 +15,7 @@ from rmidl.client.cli.common import (
     config_from_args,
     stop_on_signals,
 )
+from rmidl.client.dashboard import Dashboard, serve_dashboard
 from rmidl.client.localcluster import LocalCluster
 from rmidl.errors import RmidlError
 
@@ -39,7 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ns-port", type=int, default=0, metavar="P",
                         help="name server port (0: any free port, printed); a name server that dies is "
                         "restarted on it")
+    parser.add_argument("--metrics-port", type=int, metavar="P",
+                        help="Prometheus metrics of every daemon on 127.0.0.1: the name server on P, "
+                        "worker i on P+i (0: any free ports); each URL is printed")
+    parser.add_argument("--dashboard", type=int, metavar="PORT",
+                        help="serve the status page on 127.0.0.1:PORT (0: any free port, printed): workers, "
+                        "load, the running job's progress, the last job's task timeline")
     add_security_arguments(parser, tls=False)  # the children read the secret from their environment
+
+
+@contextmanager
+def _dashboard(args: argparse.Namespace, cluster: LocalCluster) -> Iterator[Dashboard | None]:
+    """The status page of `cluster` in this process with --dashboard, else None; stopped after."""
+    if args.dashboard is None:
+        yield None
+        return
+    with serve_dashboard(cluster.address, port=args.dashboard, config=cluster.config) as dashboard:
+        yield dashboard
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,11 +66,16 @@ def run(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         config = config_from_args(args)
         with LocalCluster(args.workers, args.threads_per_worker, args.ns_port, config=config,
-                          die_with_parent=True, secure=True, cluster_file=True) as cluster:
+                          die_with_parent=True, secure=True, cluster_file=True,
+                          metrics_port=args.metrics_port) as cluster, _dashboard(args, cluster) as dashboard:
             assert cluster.ns is not None
             print(f"name server {cluster.ns_address} pid {cluster.ns.pid}", flush=True)
             for name, process in cluster.workers.items():
                 print(f"worker {name} pid {process.pid}", flush=True)
+            for name, url in cluster.metrics.items():
+                print(f"metrics of {name}: {url}", flush=True)
+            if dashboard is not None:
+                print(f"dashboard {dashboard.url}", flush=True)
             print(f"cluster file {cluster.cluster_file} (address and secret, for you alone)", flush=True)
             print(f"ready: {len(cluster.workers)} workers at {cluster.ns_address}; `rmidl status` and "
                   "`rmidl run` find them; Ctrl-C stops", flush=True)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from rmidl.client.cli.common import (
     LOCAL,
+    add_metrics_arguments,
     add_security_arguments,
     choose_cluster,
     config_from_args,
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads per task (default: cores)")
     parser.add_argument("--name", default=None, help="worker name (default HOSTNAME-PID)")
+    add_metrics_arguments(parser)
     add_security_arguments(parser, insecure=True)
 
 
@@ -52,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         config=config,
         insecure=args.insecure,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
+    if handle.metrics is not None:
+        print(f"metrics {handle.metrics.url}", flush=True)
     return serve_until_stopped(handle.uri, lambda stop: worker_loop(handle, stop))
 
 
