@@ -23,13 +23,11 @@ from rmidl.config import Config
 from rmidl.errors import (
     BankError,
     BudgetExceeded,
-    DTypeError,
-    KernelTooLarge,
     ShapeError,
     WorkerBusy,
     WorkerLost,
 )
-from rmidl.geometry import band_rows, halo, output_shape
+from rmidl.geometry import output_shape
 from rmidl.kernels import (
     KernelSpectra,
     available_cores,
@@ -52,6 +50,7 @@ from rmidl.remote.contract import (
 from rmidl.remote.shm import Attachment, block_name, host_id
 
 from .cache import LruCache
+from .slots import input_bands, output_slot
 from .spectra import BankSpectra
 
 __all__ = ["ATTACHMENT_CACHE", "REPLY_FRAMING", "ConvolutionWorker"]
@@ -246,7 +245,7 @@ class ConvolutionWorker:
 
     def _correlate_with(self, task: CorrelateTask, bank: np.ndarray,
                         spectra: KernelSpectra) -> tuple[str, Result]:
-        (k0, k1), (r0, r1), (n0, n1) = task.kernels, task.rows, task.images or (0, 1)
+        (k0, k1), (n0, n1) = task.kernels, task.images or (0, 1)
         if k1 > bank.shape[0]:
             raise ShapeError(f"task {task.task_id}: kernels [{k0}, {k1}) outside bank {task.bank_id!r} "
                              f"of {bank.shape[0]}")
@@ -254,21 +253,11 @@ class ConvolutionWorker:
             raise ShapeError(f"task {task.task_id}: worker {self._name} has no bulk channel")
         kernels = bank[k0:k1]
         spectra = spectra.select(k0, k1)
-        images = self._band(task, kernels)
+        shared = self._attach(task.source) if isinstance(task.source, ShmRef) else None
+        images = input_bands(task, kernels, shared)
         out_shape = (n1 - n0, k1 - k0, *output_shape(images.shape[1:3], kernels.shape[1:3], "valid"))
         if isinstance(task.output, ShmRef):
-            target = self._attach(task.output)
-            block = target if task.images is not None else target[None]  # one image: (K, OH, OW)
-            fits = block.ndim == 4 and block.shape[3] == out_shape[3]
-            if not fits or n1 > block.shape[0] or k1 > block.shape[1] or r1 > block.shape[2]:
-                what = f"images [{n0}, {n1}) x " if task.images is not None else ""
-                raise ShapeError(
-                    f"task {task.task_id}: output block of shape {target.shape} cannot hold {what}kernels "
-                    f"[{k0}, {k1}) x rows [{r0}, {r1}) x {out_shape[3]} columns"
-                )
-            if target.dtype != kernels.dtype:
-                raise DTypeError(f"task {task.task_id}: output is {target.dtype} but bank is {kernels.dtype}")
-            view = block[n0:n1, k0:k1, r0:r1, :]
+            view = output_slot(task, kernels, self._attach(task.output), out_shape[3])
             return self._compute_into(images, kernels, view, task.engine, spectra), None
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
         if task.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
@@ -287,38 +276,6 @@ class ConvolutionWorker:
             assert self._bulk is not None
             ticket = self._bulk.offer(result)
             return engine, BulkTicket(ticket, nbytes, result.shape, result.dtype.name)
-
-    def _band(self, task: CorrelateTask, kernels: np.ndarray) -> np.ndarray:
-        """The task's input bands (rows `band_rows(task.rows, kh)` of each of its images), checked against its
-        kernels: (n, rows, W', C), n = 1 for a task of one image."""
-        _, kh, kw, channels = kernels.shape
-        (r0, r1), (first, last) = task.rows, band_rows(task.rows, kh)
-        (n0, n1), one = task.images or (0, 1), task.images is None
-        if isinstance(task.source, ShmRef):
-            image = self._attach(task.source)
-            batch = image[None] if one else image
-            if batch.ndim != 4 or last > batch.shape[1] or n1 > batch.shape[0]:
-                images = "" if one else f" of images [{n0}, {n1})"
-                raise ShapeError(
-                    f"task {task.task_id}: rows [{r0}, {r1}){images} with kernel height {kh} exceed the "
-                    f"shared image{'' if one else 's'} of shape {image.shape}"
-                )
-            band = batch[n0:n1, first:last]
-        else:
-            band = task.source[None] if one else task.source
-            if band.ndim != 4 or band.shape[:2] != (n1 - n0, last - first):
-                expected = f"{last - first} rows" if one else f"{n1 - n0} images of {last - first} rows"
-                raise ShapeError(
-                    f"task {task.task_id}: input band shape {task.source.shape} does not hold rows "
-                    f"[{r0}, {r1}) plus a halo of {halo(kh)} (expected {expected})"
-                )
-        if band.shape[3] != channels:
-            raise ShapeError(f"task {task.task_id}: input has {band.shape[3]} channel(s), kernels {channels}")
-        if band.dtype != kernels.dtype:
-            raise DTypeError(f"task {task.task_id}: input is {band.dtype} but bank is {kernels.dtype}")
-        if kw > band.shape[2]:
-            raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[1]}x{band.shape[2]}")
-        return band
 
     def _compute_into(self, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str,
                       spectra: KernelSpectra | None = None) -> str:
