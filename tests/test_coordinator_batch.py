@@ -9,7 +9,6 @@ import pytest
 from reference import assert_close, batch_reference
 
 import rmidl
-import rmidl.kernels._fft as fft_engine
 from rmidl.client import Coordinator
 from rmidl.client.cost import Capacity
 from rmidl.client.localcluster import LocalCluster
@@ -159,10 +158,8 @@ def test_bad_batch_options_are_refused_before_any_work(nameserver, start_worker,
 
 
 def test_a_second_batch_on_the_same_bank_reuses_the_workers_kernel_spectra(nameserver, start_worker,
-                                                                          cluster_config, rng, monkeypatch):
-    made = []
-    real = fft_engine.kernel_spectra
-    monkeypatch.setattr(fft_engine, "kernel_spectra", lambda *a, **kw: made.append(a[1]) or real(*a, **kw))
+                                                                          cluster_config, rng, spectra_made):
+    made = spectra_made
     handle = start_worker()  # in this process: its engine calls are counted
     images = rng.standard_normal((16, 24, 24, 8)).astype(np.float32)
     bank = rng.standard_normal((12, 7, 7, 8)).astype(np.float32)

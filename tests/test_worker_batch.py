@@ -11,7 +11,6 @@ import pytest
 from reference import assert_close, batch_reference
 
 import rmidl
-import rmidl.kernels._fft as fft_engine
 from rmidl.config import Config
 from rmidl.errors import ShapeError
 from rmidl.remote.blobs import Blob
@@ -28,31 +27,6 @@ def batch_task(task_id, images, rows, kernels, source, *, output="inline", engin
 
 def bands(batch, images, rows, kh):
     return {"array": pack(batch[images[0] : images[1], rows[0] : rows[1] + kh - 1])}
-
-
-@pytest.fixture
-def worker(start_worker):
-    return start_worker()
-
-
-@pytest.fixture
-def proxy(worker, cluster_config):
-    with worker_proxy(worker.uri, cluster_config, timeout=30) as p:
-        yield p
-
-
-@pytest.fixture
-def spectra_made(monkeypatch):
-    """Counts kernel spectra the fft engine computes (the workers run in this process)."""
-    calls = []
-    real = fft_engine.kernel_spectra
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fft_engine, "kernel_spectra", counting)
-    return calls
 
 
 @pytest.mark.parametrize("engine", ["lowering", "direct", "fft"])
