@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,9 @@ from .shared import SharedPool
 from .watching import Watching
 
 if TYPE_CHECKING:
+    from rmidl.datasets import Dataset
+    from rmidl.featureset import FeatureSet
+    from rmidl.network import Network
     from rmidl.remote.naming import Registry
 
     from .localcluster import LocalCluster
@@ -284,13 +288,7 @@ class Coordinator:
         if prepared.images.shape[0] == 0:  # an empty batch: nothing to run anywhere
             return job.caller_out if job.caller_out is not None else np.empty(job.out_shape, prepared.dtype)
         scheduler = self._scheduler
-        if self._registry is not None:
-            # Look in the background (a hung name server must not hold up the job): workers found join
-            # it. Only with nobody to run it at all does the job wait for one look.
-            if scheduler.usable_workers() or local:
-                scheduler.refresh()
-            else:
-                scheduler.discover()
+        self._look_for_workers(local)
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
                                 shared_memory=self.shared_memory, min_tasks=self.min_tasks)
 
@@ -313,6 +311,51 @@ class Coordinator:
                     "engines": dict(job.engines),
                 }
         return job.out
+
+    # -- a dataset through a CNN's feature stages ----------------------------------------------------
+    def features(
+        self,
+        dataset: Dataset | str | os.PathLike[str],
+        net: Network | str | os.PathLike[str],
+        *,
+        batch: int | None = None,
+        progress: bool | Callable[[int, int], None] = True,
+        threads: int | None = None,
+        load: str = "auto",
+        placement: str = "tasks",
+        replicas: Sequence[int] | None = None,
+        pipelines: int = 1,
+    ) -> FeatureSet:
+        """The features (n, F) of every image of `dataset` (a Dataset or what rmidl.datasets.open takes)
+        through `net` (a Network, a saved network file, or a spec / preset built for the images' channels).
+
+        placement "tasks": batches of `batch` images (None: chosen for the job) go to the workers and the
+        local pool (`threads` overrides local_threads), each running the whole chain; `load` says who
+        decodes (rmidl.client.jobs.features.LOADS). placement "stages": LOAD, each CNP stage and FLAT on
+        processors of their own (rmidl.client.pipeline.stages: the workers, else threads here), with
+        `replicas` processors per CNP stage and `pipelines` copies of the whole pipeline. `progress` True
+        draws a tqdm bar on a terminal; a callable gets (images done, total).
+        """
+        from .features import run_features
+
+        self._check_open()
+        local = self.local_threads if threads is None else int(check_threads(threads) or 0)
+        def keep(figures: dict[str, Any]) -> None:
+            self._last = figures
+
+        return run_features(self._scheduler, self.config, dataset, net, local=local,
+                            look=self._look_for_workers, keep=keep, batch=batch, progress=progress, load=load,
+                            placement=placement, replicas=replicas, pipelines=pipelines)
+
+    def _look_for_workers(self, local: int) -> None:
+        """Before a job: look at the registry in the background (a hung name server must not hold up the
+        job; workers found join it), or, with nobody at all to run it, wait for one look."""
+        if self._registry is None:
+            return
+        if self._scheduler.usable_workers() or local:
+            self._scheduler.refresh()
+        else:
+            self._scheduler.discover()
 
 
 def _where(ns: object, config: Config | None) -> tuple[str | None, Config]:

@@ -29,6 +29,7 @@ from rmidl.errors import (
     WorkerLost,
     WorkerNotFound,
 )
+from rmidl.featureset import FeatureSet
 from rmidl.history import History
 from rmidl.imaging import load_image, save_image
 from rmidl.mlp import MLP
@@ -46,6 +47,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DTypeError",
+    "FeatureSet",
     "History",
     "ImageNotFound",
     "ImageReadError",

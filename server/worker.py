@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cache
 
 import numpy as np
@@ -47,9 +48,11 @@ from rmidl.remote.contract import (
     WorkerInfo,
     check_blob_id,
 )
+from rmidl.remote.features import FeaturesTask
 from rmidl.remote.shm import Attachment, block_name, host_id
 
 from .cache import LruCache
+from .features import FeaturesHandler
 from .slots import input_bands, output_slot
 from .spectra import BankSpectra
 
@@ -108,6 +111,9 @@ class ConvolutionWorker:
         self._engines: Counter[str] = Counter()
         self._busy = 0
         self._gflops = _calibrate(self._threads)
+        self._features = FeaturesHandler(
+            threads=self._threads, computing=self._computing, reserve=self._reservation, bulk=bulk, name=name,
+            max_message_size=config.max_message_size, reply_framing=REPLY_FRAMING)
         self._reaper = threading.Thread(target=self._reap, name=f"rmidl-shm-reaper-{name}", daemon=True)
         self._reaper.start()
 
@@ -187,6 +193,14 @@ class ConvolutionWorker:
             engine, result = self._correlate(record)
         return CorrelateReply(record.task_id, time.perf_counter() - started, engine, result).to_wire()
 
+    @expose
+    def features(self, task: WireRecord) -> WireRecord:
+        started = time.perf_counter()
+        with self._task("features"):
+            record = FeaturesTask.from_wire(task, max_bytes=self._config.max_message_size)
+            reply = self._features.run(record, self._blob(record.network_id, "network"))
+        return replace(reply, seconds=time.perf_counter() - started).to_wire()
+
     # --- local use ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -224,6 +238,25 @@ class ConvolutionWorker:
         with self._lock:
             self._tasks_done += 1
 
+    def _blob(self, blob_id: str, kind: str) -> Blob:
+        """The cached blob a task names; BankError (the caller puts it again) if it is not held."""
+        with self._lock:
+            blob = self._blobs.get(blob_id)
+        if blob is None or blob.kind != kind:
+            raise BankError(f"{kind} {blob_id!r} is not cached on worker {self._name} (put it again)")
+        return blob
+
+    @contextmanager
+    def _computing(self) -> Iterator[None]:
+        """Hold the compute lock (one task computes at a time, with every thread); refuse once stopping."""
+        while not self._compute.acquire(timeout=STOP_POLL_S):
+            self._refuse_if_stopping()  # queued behind another task when the worker began to shut down
+        try:
+            self._refuse_if_stopping()
+            yield
+        finally:
+            self._compute.release()
+
     def _refuse_if_stopping(self) -> None:
         if self._stopping.is_set():
             # A ClusterError: the caller runs the task again elsewhere (an InputError would fail its job).
@@ -231,10 +264,8 @@ class ConvolutionWorker:
 
     def _correlate(self, task: CorrelateTask) -> tuple[str, Result]:
         """Run a parsed task; return the engine that ran and the result (None: written to shared memory)."""
+        blob = self._blob(task.bank_id, "bank")
         with self._lock:
-            blob = self._blobs.get(task.bank_id)
-            if blob is None or blob.kind != "bank":
-                raise BankError(f"bank {task.bank_id!r} is not cached on worker {self._name} (put it again)")
             spectra = self._spectra.of(blob)
         try:
             return self._correlate_with(task, blob.arrays["bank"], spectra)
@@ -284,15 +315,10 @@ class ConvolutionWorker:
         engine that ran."""
         if engine == "auto":
             engine = choose_engine(images.shape[1:3], kernels.shape, self._threads, batch=images.shape[0])
-        while not self._compute.acquire(timeout=STOP_POLL_S):
-            self._refuse_if_stopping()  # queued behind another task when the worker began to shut down
-        try:
-            self._refuse_if_stopping()
+        with self._computing():
             started = time.perf_counter()
             correlate_valid_batch(images, kernels, out, threads=self._threads, engine=engine, spectra=spectra)
             seconds = time.perf_counter() - started
-        finally:
-            self._compute.release()
         flops = 2.0 * out.size * kernels[0].size
         with self._lock:
             self._engines[engine] += 1

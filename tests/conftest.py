@@ -287,3 +287,34 @@ def gaussian_blobs(n: int = 600, features: int = 12, classes: int = 3, spread: f
 def blobs() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """Factory of synthetic classification data: blobs(n=600, features=12, classes=3, spread=1.0, seed=0)."""
     return gaussian_blobs
+
+
+def write_image_folder(root: Any, *, classes: int = 2, per_class: int = 5, shape: tuple[int, int] = (24, 20),
+                       seed: int = 0) -> Any:
+    """An ImageFolder tree of seeded 8-bit grayscale PNGs (class folders c0, c1, ...); returns `root`."""
+    from pathlib import Path
+
+    from rmidl.imaging import save_image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"c{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            save_image(folder / f"img{index:03d}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small ImageFolder dataset (2 classes x 5 PNGs of 24x20), made once per module; read-only."""
+    return write_image_folder(tmp_path_factory.mktemp("dataset"))
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds, failing after `timeout` s: waiting on state, not on time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not reached within {timeout} s"
+        time.sleep(0.005)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from lying_files import header_only_png, lying_npy, write_zip
 from reference import assert_close, reference
 
@@ -172,6 +173,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tiny = lying_npy((1, 2, 2))
     made["bank_many"] = write_zip(root / "bank_many.npz", {f"a{i}.npy": tiny for i in range(3000)})
     made["bomb"] = header_only_png(root / "bomb.png", 10_000, 10_000)  # between Pillow's warning and error
+    made["dataset"] = write_image_folder(root / "dataset", per_class=3)
+    made["dataset_bad"] = write_image_folder(root / "dataset_bad", per_class=3)
+    made["dataset_bad"].joinpath("c1", "img001.png").write_bytes(good_bytes[: len(good_bytes) // 2])
+    made["dataset_mixed"] = write_image_folder(root / "dataset_mixed", per_class=3)
+    rmidl.save_image(made["dataset_mixed"] / "c1" / "wide.png", np.zeros((24, 30), np.uint8))
+    made["dataset_empty"] = root / "dataset_empty"
+    (made["dataset_empty"] / "c0").mkdir(parents=True)
     return made
 
 
@@ -188,6 +196,7 @@ def _closed_port() -> int:
 
 RUN = "run {good} --kernels sobel --ns {ns}"
 BENCH = "bench --size 96x64 --kernels random:4x5x5 --runs 2 --out {tmp}/out"
+FEATURES = "features {dataset} --net 2x3x3:relu:max2 --out {tmp}/f.npz -q"
 # (case, argv template with {file}, {ns}, {closed} and {tmp} placeholders, exit code, text the one error
 # line must contain, formatted like the template)
 CLI_CASES: list[tuple[str, str, int, str]] = [
@@ -245,6 +254,30 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("bench empty kernel", BENCH + " --kernels random:4x0x5", 2, "4x0x5"),
     ("bench kernel larger than image", BENCH + " --kernels random:4x99x99", 2, "99x99"),
     ("bench --from missing", BENCH + " --from /nonexistent/results.json", 2, "/nonexistent/results.json"),
+    ("features: truncated image, workers", FEATURES.replace("{dataset}", "{dataset_bad}") + " --ns {ns}", 2,
+     "dataset_bad/c1/img001.png"),
+    ("features: truncated image, local", FEATURES.replace("{dataset}", "{dataset_bad}"), 2, "img001.png"),
+    ("features: mixed sizes", FEATURES.replace("{dataset}", "{dataset_mixed}") + " --ns {ns}", 2,
+     "wide.png' is 24x30 but the dataset's images are 24x20"),
+    ("features: empty dataset", FEATURES.replace("{dataset}", "{dataset_empty}"), 2, "holds no images"),
+    ("features: missing dataset", FEATURES.replace("{dataset}", "{tmp}/gone"), 2, "gone' does not exist"),
+    ("features: unknown preset", "features {dataset} --net seed005 --out {tmp}/f.npz", 2, "'seed005'"),
+    ("features: net larger than the images", "features {dataset} --net 2x30x30 --out {tmp}/f.npz", 2,
+     "30x30 does not fit"),
+    ("features: missing net file", "features {dataset} --net {tmp}/net.npz --out {tmp}/f.npz", 2, "net.npz"),
+    ("features: --out not .npz", "features {dataset} --net 2x3x3 --out {tmp}/f.csv", 2, "must end in .npz"),
+    ("features: --batch 0", FEATURES + " --batch 0", 2, "batch=0"),
+    ("features: --resize malformed", FEATURES + " --resize 20by20", 2, "--resize '20by20'"),
+    ("features: --crop larger than images", FEATURES + " --crop 40x40", 2, "smaller than the crop 40x40"),
+    ("features: --workers without a cluster", FEATURES + " --workers w1", 3, "no local cluster is running"),
+    ("features: --replicas malformed", FEATURES + " --placement stages --replicas 2,x", 2, "'2,x'"),
+    ("features: --replicas without stages", FEATURES + " --replicas 2", 2, "give --placement stages"),
+    ("features: --replicas for other stages", FEATURES + " --placement stages --replicas 1,1", 2,
+     "each of the 1 CNP stages"),
+    ("bench pipeline --images 0", "bench pipeline --images 0 --out {tmp}/bp", 2, "--images 0"),
+    ("bench pipeline --workers 0", "bench pipeline --workers 0 --out {tmp}/bp", 2, "--workers '0'"),
+    ("bench pipeline, net larger than the images", "bench pipeline {dataset} --net 2x30x30 --out {tmp}/bp", 2,
+     "30x30 does not fit"),
     ("bench --image missing",  # --image and --size exclude each other
      "bench --kernels random:4x5x5 --runs 2 --out {tmp}/out --image /nonexistent/p.png", 2,
      "/nonexistent/p.png"),

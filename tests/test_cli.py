@@ -326,3 +326,25 @@ def test_a_bare_name_server_with_a_cluster_file(private_cluster_files):
     finally:
         assert ns.stop(15) == 0
     assert not cluster_file.exists()
+
+
+def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
+    from rmidl.datasets import open_dataset
+    from rmidl.featureset import FeatureSet
+    from rmidl.network import Network
+
+    _, address, _ = up
+    net = Network.from_spec("3x3x3:relu:max2,2x3x3:relu:max2", seed=4)
+    images = open_dataset(image_folder).read().images
+    expected = np.concatenate([net.forward_batch(images[a : a + 5], threads=1) for a in (0, 5)])
+    for where, options in (("here", ["--no-cluster", "--local-threads", "1"]), ("up", ["--ns", address])):
+        out = tmp_path / f"{where}.npz"
+        done = rmidl_cli("features", str(image_folder), "--net", "3x3x3:relu:max2,2x3x3:relu:max2", "--seed",
+                         "4", "--batch", "5", "--out", str(out), *options)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"^10 images x 24 features \(2 classes\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
+        on_workers = re.search(r"tasks per runner: (w[12]=\d+ ?)+;", done.stdout) is not None
+        assert on_workers == (where == "up") and "error" not in done.stderr
+        saved = FeatureSet.load(out)
+        np.testing.assert_array_equal(saved.X, expected)
+        assert saved.labels.tolist() == [0] * 5 + [1] * 5

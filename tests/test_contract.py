@@ -6,7 +6,16 @@ import msgpack
 import numpy as np
 import pytest
 
-from rmidl.errors import BankError, BudgetExceeded, DTypeError, NonFiniteInput, OptionError, ShapeError
+from rmidl.errors import (
+    BankError,
+    BudgetExceeded,
+    DTypeError,
+    InputError,
+    NonFiniteInput,
+    OptionError,
+    ShapeError,
+)
+from rmidl.network import Network, network_parts
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import BulkTicket, CorrelateReply, CorrelateTask, ShmRef
 from rmidl.server.cache import LruCache
@@ -19,6 +28,7 @@ def over_the_wire(record: dict) -> dict:
 
 SHM = ShmRef("rmidl_abc", (30, 20, 2), "float32", 1234, 7, "ab" * 32)
 SHM_FIELDS = {"pid": 1, "fd": 3, "token": "ab" * 32}
+NET_TEXT = network_parts(Network.from_spec("1x2x2"))[0]
 
 
 @pytest.mark.parametrize("source_kind", ["array", "shm"])
@@ -125,7 +135,15 @@ def test_a_blob_parses_back_after_its_kinds_check(rng):
     ("wire", "error", "match"),
     [
         ({"kind": "bank", "arrays": {}}, ShapeError, "exactly 'kind', 'arrays' and 'settings'"),
-        ({"kind": "network", "arrays": {}, "settings": {}}, OptionError, "'network'; this worker knows bank"),
+        ({"kind": "gadget", "arrays": {}, "settings": {}}, OptionError, "'gadget'; this worker knows bank"),
+        ({"kind": "network", "arrays": {}, "settings": {}}, ShapeError, "exactly one setting, 'network'"),
+        (Blob("network", {}, {"network": "{"}).to_wire(), InputError, "unreadable settings"),
+        (Blob("network", {"bank_1": np.ones((1, 2, 2, 1))}, {"network": NET_TEXT}).to_wire(), InputError,
+         r"stages need \['bank_0'\]"),
+        (Blob("network", {"bank_0": np.full((1, 2, 2, 1), np.nan)}, {"network": NET_TEXT}).to_wire(),
+         NonFiniteInput, "bank_0 contains NaN"),
+        (Blob("network", {"bank_0": np.ones((1, 2, 2, 3))}, {"network": NET_TEXT}).to_wire(), ShapeError,
+         r"3 channel\(s\) but its input has 1"),
         ({"kind": "bank", "arrays": [], "settings": {}}, ShapeError, "arrays must map names"),
         ({"kind": "bank", "arrays": {}, "settings": {"x": [1]}}, ShapeError, "settings must map names"),
         ({"kind": "bank", "arrays": {}, "settings": {}}, ShapeError, "one array named 'bank'"),

@@ -224,3 +224,78 @@ def test_no_worker_at_all_is_worker_lost(nameserver, job):
         WorkerLost, match="no worker"
     ):
         coordinator.correlate(image, kernels)
+
+
+# -- the features job ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    """48 PNGs in 2 classes, and a network whose batches take a few milliseconds each."""
+    from conftest import write_image_folder
+
+    from rmidl.network import Network
+
+    root = write_image_folder(tmp_path_factory.mktemp("faults"), per_class=24, shape=(40, 36))
+    return root, Network.from_spec("6x5x5:relu:max2,4x3x3:relu:max2", seed=2)
+
+
+def uninterrupted(root, net, batch: int = 2) -> np.ndarray:
+    """The features of one undisturbed run in this process, in the same batches (the same bits)."""
+    with Coordinator(local_threads=1, config=fault_config()) as coordinator:
+        return coordinator.features(root, net, batch=batch, progress=False).X
+
+
+def test_a_worker_killed_half_way_loses_no_image(textures, caplog):
+    root, net = textures
+    expected = uninterrupted(root, net)
+    with LocalCluster(workers=3) as cluster, Coordinator(
+        cluster.ns_address, local_threads=0, config=fault_config()
+    ) as coordinator:
+        progress = on_progress(24, lambda: cluster.kill("w2"))
+        with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
+            result = coordinator.features(root, net, batch=2, progress=progress)
+        assert progress.fired.is_set()
+        np.testing.assert_array_equal(result.X, expected)  # identical, not merely close
+        assert result.labels.tolist() == [0] * 24 + [1] * 24
+        assert any("w2 lost" in r.getMessage() for r in caplog.records if r.name == SCHEDULER_LOG)
+        assert "w2" not in registered(cluster.ns_address)
+
+
+def test_every_image_is_written_exactly_once_after_faults(textures):
+    from rmidl.client.jobs.features import FeaturesJob
+    from rmidl.client.scheduler import Scheduler
+    from rmidl.datasets import open_dataset
+    from rmidl.remote.naming import list_workers
+    from rmidl.remote.transport import connect_ns
+
+    root, net = textures
+    config = fault_config()
+    with LocalCluster(workers=2) as cluster, connect_ns(cluster.ns_address, config) as ns:
+        job = FeaturesJob(open_dataset(root), net, config=config, batch=2,
+                          progress=on_progress(16, lambda: cluster.kill("w1")))
+        scheduler = Scheduler(config, local_threads=1, registry=lambda: list_workers(ns))
+        try:
+            scheduler.discover()
+            job.plan_for(scheduler.capacities(1), scheduler.usable_workers())
+            queue = scheduler.queue(job)
+            with job.running():
+                scheduler.run(job, queue)
+        finally:
+            scheduler.close()
+    assert job.writes.tolist() == [1] * 48
+    np.testing.assert_array_equal(job.out, uninterrupted(root, net))
+
+
+def test_a_hanging_worker_is_quarantined_and_its_batch_runs_elsewhere(textures, children):
+    root, net = textures
+    expected = uninterrupted(root, net, batch=4)
+    with LocalCluster(workers=1) as cluster:
+        hanging = children("worker_doubles", "--ns", cluster.ns_address, "--name", "hang", "--hang", "1",
+                           env={"PYTHONPATH": str(Path(__file__).parent)})
+        hanging.read_until("ready")
+        config = fault_config(task_deadline_floor=3.0)
+        with Coordinator(cluster.ns_address, local_threads=0, config=config) as coordinator:
+            result = coordinator.features(root, net, batch=4, progress=False)
+            np.testing.assert_array_equal(result.X, expected)
+            assert coordinator.last_job()["requeued"] >= 1
+            states = {w["name"]: w["state"] for w in coordinator.workers()}
+            assert states == {"hang": "quarantined", "w1": "ok"}

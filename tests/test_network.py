@@ -4,47 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.signal import correlate as scipy_correlate
+from reference import ACTIVATIONS
+from reference import network_reference as reference
 
 from rmidl import KernelTooLarge, NonFiniteInput, OptionError, ShapeError
 from rmidl.errors import BankError, DTypeError
 from rmidl.imaging import default_image
 from rmidl.network import Network, Stage
-
-ACTIVATIONS = {
-    None: lambda y: y,
-    "relu": lambda y: np.maximum(y, 0.0),
-    "tanh": np.tanh,
-    "abstanh": lambda y: np.abs(np.tanh(y)),
-    "sigmoid": lambda y: 1.0 / (1.0 + np.exp(-y)),
-}
-
-
-def pool_reference(maps: np.ndarray, kind: str, size: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    """Pooling of (K, H, W) by explicit windows in float64."""
-    (ph, pw), (sh, sw) = size, stride
-    _, h, w = maps.shape
-    rows, cols = range(0, h - ph + 1, sh), range(0, w - pw + 1, sw)
-    reduce = np.max if kind == "max" else np.mean
-    return np.array([[[reduce(m[r : r + ph, c : c + pw]) for c in cols] for r in rows] for m in maps])
-
-
-def reference(net: Network, image: np.ndarray) -> np.ndarray:
-    """The features of `image` (H, W[, C]) computed in float64 with scipy.signal.correlate per map pair."""
-    x = image.astype(np.float64)
-    maps = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    for stage in net.stages:
-        bank = stage.bank.astype(np.float64)
-        k, c = len(bank), len(maps)
-        if stage.depthwise:
-            out = [scipy_correlate(maps[i // (k // c)], bank[i, :, :, 0], mode=stage.mode) for i in range(k)]
-        else:
-            out = [sum(scipy_correlate(maps[j], bank[i, :, :, j], mode=stage.mode) for j in range(c))
-                   for i in range(k)]
-        maps = ACTIVATIONS[stage.activation](np.array(out))
-        if stage.pool is not None:
-            maps = pool_reference(maps, stage.pool, stage.pool_size, stage.pool_stride or stage.pool_size)
-    return maps.reshape(-1)
 
 
 def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
@@ -89,7 +55,8 @@ def test_random_nets_match_float64_reference(seed: int) -> None:
     assert features.shape == (3, *net.output_shape(shape))
     for image, row in zip(images, features, strict=True):
         assert_close(row, reference(net, image))
-        np.testing.assert_allclose(net.forward(image), row, rtol=1e-6, atol=1e-6 * np.abs(row).max())
+        # one image alone may go through another engine than a batch of three: the same to float32 rounding
+        np.testing.assert_allclose(net.forward(image), row, rtol=2e-5, atol=2e-5 * np.abs(row).max())
 
 
 @pytest.mark.parametrize("preset", ["seed004", "seed004-full"])
@@ -277,3 +244,16 @@ def test_bad_forward_options() -> None:
         net.forward(images[..., None])
     with pytest.raises(ShapeError, match=r"images have 8 channel\(s\)"):
         net.forward(images)  # (2, 8, 8) is one image of 8 channels
+
+
+def test_global_pooling_keeps_one_value_per_map(rng: np.random.Generator) -> None:
+    net = Network.from_spec("3x3x3:relu:max2,3x3x3:tanh:gavg:dw,2x1x1:linear:gmax", seed=1)
+    assert [stage.pool for stage in net.stages] == ["max", "global_avg", "global_max"]
+    assert net.stages[1].spec() == "3x3x3:tanh:gavg:dw" and net.output_shape((17, 23)) == (2,)
+    assert net.stage_shapes((17, 23))[1].out == (3, 1, 1)
+    images = rng.random((3, 17, 23), dtype=np.float32)
+    for got, image in zip(net.forward_batch(images, threads=1), images, strict=True):
+        assert_close(got, reference(net, image))
+    summary = net.describe((17, 23)).stages[1]
+    assert summary.flops == 2 * 3 * 5 * 8 * 9 + 3 * 5 * 8 + 3 * 5 * 8  # multiply-adds, tanh, one add each
+    assert Network.from_spec("textures").output_shape((200, 200)) == (24,)

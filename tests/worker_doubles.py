@@ -2,8 +2,8 @@
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
 `python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write]` with tests/ on
-PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N correlate
-calls hang (or its first shared-memory task writes half its slot and kills the process).
+PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N task calls
+(correlate or features) hang (or its first shared-memory task writes half its slot and kills the process).
 `--fake` serves instead a stranger's worker: a plain Pyro5 daemon (no rmidl security) that registers
 itself like a worker, accepts any handshake (and keeps what it was sent: `seen()`), and answers every
 correlate with zeros.
@@ -32,8 +32,8 @@ from rmidl.server.worker import ConvolutionWorker
 
 
 class HangingWorker(ConvolutionWorker):
-    """Its first `hang` correlate calls block until close(), then fail as a worker shutting down does;
-    `hung` is set once one is blocked. The others run normally."""
+    """Its first `hang` task calls (correlate or features) block until close(), then fail as a worker
+    shutting down does; `hung` is set once one is blocked. The others run normally."""
 
     hang = 1
 
@@ -46,11 +46,20 @@ class HangingWorker(ConvolutionWorker):
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
+        self._maybe_hang()
+        return super().correlate(task)
+
+    @expose
+    def features(self, task: WireRecord) -> WireRecord:
+        self._maybe_hang()
+        return super().features(task)
+
+    def _maybe_hang(self) -> None:
         with self._left_lock:
             hang = self._left > 0
             self._left -= hang
         if not hang:
-            return super().correlate(task)
+            return
         self.hung.set()
         self._released.wait()
         raise WorkerLost("the worker shut down under a hung task")

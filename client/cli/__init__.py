@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "worker": "rmidl.client.cli.worker",
     "up": "rmidl.client.cli.up",
     "run": "rmidl.client.cli.run",
+    "features": "rmidl.client.cli.features",
     "status": "rmidl.client.cli.status",
     "dashboard": "rmidl.client.cli.dashboard",
     "demo": "rmidl.client.cli.demo",

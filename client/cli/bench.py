@@ -33,7 +33,8 @@ __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size",
 
 logger = logging.getLogger(__name__)
 
-HELP = "reproduce the paper's scaling study: time per core and worker count, tables, plots, predictions"
+HELP = ("reproduce the paper's scaling study (time per core and worker count, tables, plots, predictions); "
+        "`rmidl bench pipeline` the pipeline study")
 
 
 def parse_counts(text: str, option: str, *, minimum: int) -> tuple[int, ...]:
@@ -59,6 +60,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rmidl.client.cli import bench_pipeline
+
+    studies = parser.add_subparsers(dest="study", metavar="STUDY",
+                                    help="pipeline: the feature pipeline study (none: the scaling study)")
+    bench_pipeline.add_parser(studies, parser.formatter_class)
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--image", metavar="PATH", help="image file to convolve (default: the built-in image)"

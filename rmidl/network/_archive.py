@@ -8,6 +8,7 @@ import stat
 import threading
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from rmidl.errors import BudgetExceeded, InputError, RmidlError
 from rmidl.network._network import Network
 from rmidl.network._stage import Stage
 
-__all__ = ["FORMAT", "VERSION", "load_network", "resolve_network", "save_network"]
+__all__ = ["FORMAT", "VERSION", "load_network", "network_from_parts", "network_parts", "resolve_network",
+           "save_network"]
 
 FORMAT = "rmidl.network"
 VERSION = 1
@@ -29,9 +31,8 @@ _STAGE_KEYS = {"activation", "pool", "pool_size", "pool_stride", "mode", "depthw
 def save_network(net: Network, path: str | os.PathLike[str]) -> Path:
     """Write `net` to `path` through a temporary sibling and a rename (readers never see half a file)."""
     target = Path(path)
-    settings = {"format": FORMAT, "version": VERSION, **net.settings()}
-    arrays: dict[str, Any] = {"settings": np.array(json.dumps(settings))}
-    arrays.update({f"bank_{i}": bank for i, bank in enumerate(net.banks)})
+    text, banks = network_parts(net)
+    arrays: dict[str, Any] = {"settings": np.array(text), **banks}
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with temporary.open("wb") as handle:
@@ -56,8 +57,12 @@ def _settings(archive: Any, where: str, budget: int) -> dict[str, Any]:
     raw = _member(archive, "settings", where, budget)
     if raw.dtype.kind != "U" or raw.ndim != 0:
         raise InputError(f"{where} is not an rmidl network file (its 'settings' is not JSON text)")
+    return _parse_settings(str(raw), where)
+
+
+def _parse_settings(text: str, where: str) -> dict[str, Any]:
     try:
-        settings = json.loads(str(raw))
+        settings = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{where} has unreadable settings: {error}") from None
     if not isinstance(settings, dict) or settings.get("format") != FORMAT:
@@ -72,15 +77,38 @@ def _settings(archive: Any, where: str, budget: int) -> dict[str, Any]:
 
 def _network(archive: Any, where: str, budget: int) -> Network:
     settings = _settings(archive, where, budget)
+    return _build(settings, lambda name: _member(archive, name, where, budget), where)
+
+
+def _build(settings: dict[str, Any], bank: Callable[[str], np.ndarray], where: str) -> Network:
     stages = []
     for i, options in enumerate(settings["stages"]):
         if not isinstance(options, dict) or not set(options) <= _STAGE_KEYS:
             extra = sorted(set(options) - _STAGE_KEYS) if isinstance(options, dict) else options
             raise InputError(f"{where}: stage {i + 1} has unknown settings {extra!r}")
         arguments: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        stages.append(Stage(_member(archive, f"bank_{i}", where, budget), **arguments))
+        stages.append(Stage(bank(f"bank_{i}"), **arguments))
     spec = settings.get("spec")
     return Network(stages, channels=settings.get("channels"), spec=spec if isinstance(spec, str) else None)
+
+
+def network_parts(net: Network, *, spec: bool = True) -> tuple[str, dict[str, np.ndarray]]:
+    """What a network file (and a worker's "network" blob) holds: the settings as JSON text and the banks
+    as bank_0..bank_<n-1>; `spec=False` leaves the spec text out (it does not change what computes)."""
+    settings = {"format": FORMAT, "version": VERSION, **net.settings()}
+    if not spec:
+        settings["spec"] = None
+    return json.dumps(settings), {f"bank_{i}": bank for i, bank in enumerate(net.banks)}
+
+
+def network_from_parts(text: str, banks: Mapping[str, np.ndarray], where: str = "network") -> Network:
+    """The network network_parts() described, every setting checked as a file's are."""
+    settings = _parse_settings(text, where)
+    expected = {f"bank_{i}" for i in range(len(settings["stages"]))}
+    if set(banks) != expected:
+        raise InputError(f"{where} holds arrays {sorted(banks)}; its {len(expected)} stages need "
+                         f"{sorted(expected)}")
+    return _build(settings, lambda name: banks[name], where)
 
 
 def load_network(path: str | os.PathLike[str]) -> Network:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -166,6 +167,16 @@ class Network:
         c, h, w = self.stage_shapes(input_shape)[-1].out
         return (c * h * w,)
 
+    def peak_bytes(self, maps_in: Sequence[int], start: int = 0, stop: int | None = None) -> int:
+        """Bytes one image's float32 maps peak at through stages [start, stop) that take maps (C, H, W): the
+        largest stage's input plus correlation maps, which a batch of n needs n times."""
+        peak, maps = 0, tuple(int(v) for v in maps_in)
+        for index in range(start, len(self.stages) if stop is None else stop):
+            shapes = self.stages[index].shapes(maps, f"stage {index + 1}")  # type: ignore[arg-type]
+            peak = max(peak, 4 * (math.prod(shapes.maps_in) + math.prod(shapes.conv)))
+            maps = shapes.out
+        return peak
+
     def describe(self, input_shape: Sequence[int]) -> NetworkSummary:
         """Per stage the shapes, FLOPs and bytes for one image of `input_shape`; print() it for a table."""
         rows = tuple(StageSummary(f"CNP{i + 1}", stage.spec(), shapes, stage.flops(shapes), stage.bank.nbytes)
@@ -222,15 +233,37 @@ class Network:
         expected = (maps.shape[0], self.output_shape(maps.shape[2:] + maps.shape[1:2])[0])
         if out is not None:
             out = check_out(out, expected, np.dtype(np.float32))
-        for i, stage in enumerate(self.stages):
-            name = f"CNP{i + 1}"
-            maps = stage.forward(maps, threads=n_threads, timings=timings, name=name)
-            end = time.perf_counter()
-            add_time(timings, name, end - start)
-            start = end
+        maps = self._run_stages(maps, (0, len(self.stages)), n_threads, timings, start)
+        start = time.perf_counter()
         features = self.flatten(maps, out)
         add_time(timings, "FLAT", time.perf_counter() - start)
         return features
+
+    def forward_stages(self, maps: np.ndarray, start: int, stop: int, *, threads: int | None = None,
+                       timings: Timings | None = None) -> np.ndarray:
+        """Stages [start, stop) (0-based) on maps (n, C, H, W) float32 that enter stage `start`: the maps
+        stage `stop - 1` makes. What one processor of the stage-mapped pipeline runs; `timings` as in
+        forward_batch (CNP<i> for each stage run). Shapes are checked here, values by the caller."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(self.stages)):
+            raise OptionError(f"stages [{start}, {stop}) are not a range of this network's "
+                              f"{len(self.stages)} stages")
+        if not isinstance(maps, np.ndarray) or maps.ndim != 4 or maps.dtype != np.float32:
+            raise ShapeError("maps entering a stage are a float32 (n, C, H, W) array, got "
+                             f"{getattr(maps, 'dtype', type(maps).__name__)} {getattr(maps, 'shape', '')}")
+        if maps.shape[0] == 0:
+            raise ShapeError("the batch holds no maps")
+        self.stages[start].shapes(maps.shape[1:], f"stage {start + 1}")
+        return self._run_stages(maps, (start, stop), check_threads(threads), timings, time.perf_counter())
+
+    def _run_stages(self, maps: np.ndarray, stages: tuple[int, int], threads: int | None,
+                    timings: Timings | None, start: float) -> np.ndarray:
+        for i in range(*stages):
+            name = f"CNP{i + 1}"
+            maps = self.stages[i].forward(maps, threads=threads, timings=timings, name=name)
+            end = time.perf_counter()
+            add_time(timings, name, end - start)
+            start = end
+        return maps
 
     def forward(self, image: object, *, threads: int | None = None) -> np.ndarray:
         """The feature vector (F,) float32 of one image (H, W[, C])."""

@@ -17,10 +17,13 @@ from rmidl.geometry import output_shape
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
 from rmidl.validate import check_mode
 
-__all__ = ["ACTIVATION_NAMES", "POOL_NAMES", "Stage", "StageShapes", "Timings", "add_time"]
+__all__ = ["ACTIVATION_NAMES", "GLOBAL_POOLS", "POOL_NAMES", "Stage", "StageShapes", "Timings", "add_time"]
 
 ACTIVATION_NAMES = (*ACTIVATIONS, None)
-POOL_NAMES = (*POOL_KINDS, None)
+GLOBAL_POOLS = ("global_avg", "global_max")
+"""Pooling each map to one value (its mean or its maximum), whatever its size: PyTorch's
+AdaptiveAvgPool2d(1) / AdaptiveMaxPool2d(1). A texture's statistic, independent of where things are."""
+POOL_NAMES = (*POOL_KINDS, *GLOBAL_POOLS, None)
 
 Timings = MutableMapping[str, float]
 
@@ -29,11 +32,10 @@ def _correlate_batch(maps: np.ndarray, bank: np.ndarray, mode: str, threads: int
                      out: np.ndarray) -> None:
     """Correlate maps (N, C, H, W) with bank (K, kh, kw, C), summing over C, into out (N, K, OH, OW).
 
-    The one place a Network calls the engine: one rmidl.correlate per image today; a batched engine call
-    (several images in one GEMM) replaces the loop here.
+    The one place a Network calls the engine: one batched rmidl.correlate for the whole batch (the engine
+    shares its plan, kernel spectra and GEMMs between the images).
     """
-    for i in range(maps.shape[0]):
-        correlate(maps[i].transpose(1, 2, 0), bank, mode=mode, threads=threads, out=out[i])
+    correlate(maps.transpose(0, 2, 3, 1), bank, batch=True, mode=mode, threads=threads, out=out)
 
 
 def add_time(timings: Timings | None, key: str, seconds: float) -> None:
@@ -62,7 +64,8 @@ class Stage:
     input map the two rules agree.
 
     activation: "relu", "tanh", "abstanh", "sigmoid" or None; pool: "max", "avg" or None, with a
-    `pool_size` window (int or (rows, cols)) moved by `pool_stride` (default: the window); mode: the
+    `pool_size` window (int or (rows, cols)) moved by `pool_stride` (default: the window), or
+    "global_avg" / "global_max" (each map to its mean / maximum, (K, 1, 1); the window unused); mode: the
     correlation's "valid", "same" or "full" (as scipy.signal.correlate). `bank` may also be anything
     rmidl.load_kernels reads (a spec such as "random:8x5x5" or a .npy/.npz path). Every argument is
     checked here and kept as an attribute of the same name (`bank` as a read-only float32 4-D array,
@@ -126,6 +129,8 @@ class Stage:
         conv = (self.kernels, *output_shape((h, w), (kh, kw), self.mode))
         if self.pool is None:
             return StageShapes(maps_in, conv, conv)
+        if self.pool in GLOBAL_POOLS:
+            return StageShapes(maps_in, conv, (conv[0], 1, 1))
         try:
             out = pool_shape(conv, self.pool_size, self.pool_stride)
         except ShapeError as error:
@@ -140,7 +145,9 @@ class Stage:
         total = 2 * k * oh * ow * depth
         if self.activation is not None:
             total += k * oh * ow
-        if self.pool is not None:
+        if self.pool in GLOBAL_POOLS:
+            total += k * oh * ow
+        elif self.pool is not None:
             total += shapes.out[0] * shapes.out[1] * shapes.out[2] * self.pool_size[0] * self.pool_size[1]
         return total
 
@@ -166,7 +173,12 @@ class Stage:
             activate(conv, self.activation, out=conv)
         activated = time.perf_counter()
         out = conv
-        if self.pool is not None:
+        if self.pool in GLOBAL_POOLS:
+            if self.pool == "global_avg":
+                out = conv.mean(axis=(2, 3), keepdims=True, dtype=np.float32)
+            else:
+                out = conv.max(axis=(2, 3), keepdims=True)
+        elif self.pool is not None:
             out = pool(conv, self.pool_size, stride=self.pool_stride, kind=self.pool)
         add_time(timings, f"{name}.conv", convolved - start)
         add_time(timings, f"{name}.act", activated - convolved)
@@ -185,6 +197,8 @@ class Stage:
         parts = [f"{k}x{kh}x{kw}", self.activation or "linear"]
         if self.pool is None:
             parts.append("nopool")
+        elif self.pool in GLOBAL_POOLS:
+            parts.append("gavg" if self.pool == "global_avg" else "gmax")
         else:
             size = _pair_text(self.pool_size)
             stride = "" if self.pool_stride in (None, self.pool_size) else f"s{_pair_text(self.pool_stride)}"

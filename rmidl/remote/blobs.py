@@ -1,4 +1,4 @@
-"""Blobs: what a worker must hold once before a job's tasks (a kernel bank; later a network, a data shard).
+"""Blobs: what a worker must hold once before a job's tasks (a kernel bank, a network; later a data shard).
 
 A blob is a kind, named float arrays and a few scalar settings, addressed by a content id so that a
 worker already holding one is not sent it again, whoever asks. Each kind has one check, run by the
@@ -13,12 +13,15 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rmidl.errors import NonFiniteInput, OptionError, ShapeError
 from rmidl.remote.wire import pack, unpack, wire_nbytes
+
+if TYPE_CHECKING:
+    from rmidl.network import Network
 
 __all__ = ["KINDS", "Blob", "Scalar"]
 
@@ -38,6 +41,24 @@ class Blob:
     def bank(cls, kernels: np.ndarray) -> Blob:
         """A kernel bank (K, kh, kw, C): the blob a correlation job's tasks name."""
         return cls("bank", {"bank": kernels})
+
+    @classmethod
+    def network(cls, net: Network) -> Blob:
+        """A CNN feature network: its banks and its settings as JSON text (no spec text, so the content id
+        follows what computes, as `Network.fingerprint` does); `as_network()` rebuilds it."""
+        from rmidl.network import network_parts
+
+        text, banks = network_parts(net, spec=False)
+        return cls("network", banks, {"network": text})
+
+    def as_network(self, where: str = "network") -> Network:
+        """The Network a "network" blob holds (its settings checked as a network file's are)."""
+        from rmidl.network import network_from_parts
+
+        text = self.settings.get("network")
+        if self.kind != "network" or not isinstance(text, str):
+            raise ShapeError(f"{where} is a {self.kind} blob, not a network")
+        return network_from_parts(text, self.arrays, where)
 
     @property
     def nbytes(self) -> int:
@@ -101,5 +122,13 @@ def _check_bank(blob: Blob, blob_id: str) -> None:
     _finite(bank, f"bank {blob_id!r}")
 
 
-KINDS: dict[str, Callable[[Blob, str], None]] = {"bank": _check_bank}
+def _check_network(blob: Blob, blob_id: str) -> None:
+    if set(blob.settings) != {"network"}:
+        raise ShapeError(f"network {blob_id!r} must have exactly one setting, 'network'")
+    for name, bank in blob.arrays.items():
+        _finite(bank, f"network {blob_id!r} {name}")
+    blob.as_network(f"network {blob_id!r}")
+
+
+KINDS: dict[str, Callable[[Blob, str], None]] = {"bank": _check_bank, "network": _check_network}
 """Blob kind -> its check (raises an InputError naming the blob id); the kinds a worker accepts."""

@@ -393,6 +393,13 @@ class ConvolutionWorkerAPI(Protocol):
         is shutting down)."""
         ...
 
+    def features(self, task: WireRecord) -> WireRecord:
+        """Run one `rmidl.remote.features.FeaturesTask` (a batch through stages of a "network" blob);
+        returns a `FeaturesReply`. Raises BankError (network not cached: put it again), ShapeError,
+        DTypeError, NonFiniteInput, KernelTooLarge, ImageReadError (a file it was told to read, unless the
+        description says skip_bad), BudgetExceeded; ClusterError and WorkerLost as `correlate` does."""
+        ...
+
     def release_shm(self, names: list[str]) -> int:
         """Unmap the shared-memory blocks with these names (the coordinator calls it when it closes its
         blocks: an unlinked block's memory is freed only once every process has unmapped it); returns
