@@ -1,10 +1,12 @@
-"""The Coordinator (the RMI stub side): rmidl.correlate over the local pool and the workers in a registry."""
+"""The Coordinator (the RMI stub side): rmidl.correlate and rmidl.train over the local pool and the workers
+in a registry."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from .shared import SharedPool
 from .watching import Watching
 
 if TYPE_CHECKING:
+    from rmidl.dataparallel import ComputeShards, TrainingJob
     from rmidl.datasets import Dataset
     from rmidl.featureset import FeatureSet
     from rmidl.network import Network
@@ -44,7 +47,8 @@ AUTO = _Auto()
 
 
 class Coordinator:
-    """Runs correlations as tasks on its own thread pool and on the ConvolutionWorkers of a name server.
+    """Runs correlations and training steps as tasks on its own thread pool and on the ConvolutionWorkers
+    of a name server.
 
     `ns` says where the workers are: "HOST:PORT" a name server (whose registrations it keeps watching
     during a job; given no secret, the secret of a local cluster at that address is used); "local" the
@@ -228,6 +232,20 @@ class Coordinator:
         bytes fetched over TCP (moved_bytes) and the seconds spent receiving them (moving_seconds), and
         the tasks each engine ran on the workers (engines)."""
         return dict(self._last)
+
+    # -- rmidl.train(..., coordinator=co) ------------------------------------------------------------
+    def training_session(self, job: TrainingJob) -> AbstractContextManager[ComputeShards]:
+        """What `rmidl.train(X, y, coordinator=self)` trains with: each step's shards on the workers and
+        the local pool (local_threads) together; same weights as serial, bit for bit. Shards go to each
+        worker once and are dropped when the session ends; last_job() then holds its figures."""
+        from .training import training_session
+
+        self._check_open()
+        if self._registry is not None:
+            self._scheduler.discover()
+        self._last = {}
+        return training_session(self._scheduler, job, local_threads=self.local_threads,
+                                shared=self._shared if self.shared_memory else None, figures=self._last)
 
     # -- the API of rmidl.correlate --------------------------------------------------------------------
     def correlate(

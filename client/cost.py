@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "BULK_BYTES_PER_S",
+    "BULK_SETUP_S",
     "DEADLINE_FACTOR",
     "FALLBACK_GFLOPS",
     "INLINE_BYTES_PER_S",
@@ -26,6 +27,7 @@ __all__ = [
     "Capacity",
     "TaskCost",
     "balanced_tasks",
+    "bulk_pays",
     "deadline",
     "local_gflops",
     "task_seconds",
@@ -45,6 +47,9 @@ BULK_BYTES_PER_S = 1.0e9
 """Results over the bulk side channel (measured on the 2-core dev box, see issue 3)."""
 INLINE_BYTES_PER_S = 0.25e9
 """Arrays inline in a Pyro5 message (msgpack framing and one more copy each way)."""
+BULK_SETUP_S = 3e-3
+"""What one bulk fetch costs besides its bytes (a connection, the channel's handler thread, the ticket):
+2-5 ms measured on the loaded 2-core dev box, where inline replies were faster below ~1 MB."""
 MAX_TASK_BYTES = 64 << 20
 """Largest result of one task: more tasks than the balance asks for when the output is big (the planner
 cuts by it; the bench predictor counts tasks the same way)."""
@@ -110,3 +115,9 @@ def balanced_tasks(job_seconds: float, cores: int, overhead_s: float) -> int:
     # A task on one core takes job_seconds * cores / n.
     worth_it = math.floor(job_seconds * max(1, cores) / (MIN_ROUND_TRIPS * overhead_s))
     return min(balance, max(1, worth_it))
+
+
+def bulk_pays(nbytes: int, round_trip_s: float) -> bool:
+    """Whether a result of `nbytes` comes faster over the bulk channel (its own connection: a round trip
+    and BULK_SETUP_S more) than inline in the reply."""
+    return nbytes / INLINE_BYTES_PER_S - nbytes / BULK_BYTES_PER_S > BULK_SETUP_S + round_trip_s

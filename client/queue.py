@@ -109,13 +109,16 @@ class TaskQueue(Generic[T]):
 
     # -- the queue ------------------------------------------------------------------------------------
     def take(self, runner: str, usable: Callable[[], bool] = lambda: True,
-             misfit: Callable[[T], str | None] | None = None) -> T | None:
+             misfit: Callable[[T], str | None] | None = None,
+             prefer: Callable[[T], bool] | None = None) -> T | None:
         """Block until a task `runner` has not failed on and can hold (`misfit(task)` None) is pending;
-        None once the job is over for it."""
+        None once the job is over for it. With `prefer` (cheap: called under the queue's lock), the first
+        such task it holds true of goes before the others (e.g. one whose data the runner holds)."""
         with self._cond:
             while True:
                 if self.finished or not usable():
                     return None
+                chosen = None
                 for i, task in enumerate(self._pending):
                     key = task.task_id
                     if runner in self._failed_on.get(key, {}) or runner in self._cannot.get(key, {}):
@@ -128,9 +131,16 @@ class TaskQueue(Generic[T]):
                             self._cond.notify_all()
                             return None
                         continue
-                    del self._pending[i]
-                    self._holding[key] = runner
-                    self.observer.taken(key, runner)
+                    if prefer is None or prefer(task):
+                        chosen = i
+                        break
+                    if chosen is None:
+                        chosen = i
+                if chosen is not None:
+                    task = self._pending[chosen]
+                    del self._pending[chosen]
+                    self._holding[task.task_id] = runner
+                    self.observer.taken(task.task_id, runner)
                     return task
                 self._cond.wait()
 

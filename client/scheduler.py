@@ -31,7 +31,7 @@ from rmidl.errors import (
 from .cost import Capacity, deadline, local_gflops
 from .discovery import Discovery
 from .jobboard import JobBoard, result_path
-from .jobs.base import JobKind, T
+from .jobs.base import JobKind, T, TaskBlobs
 from .queue import TaskQueue
 from .stub import WorkerStub
 
@@ -210,10 +210,17 @@ class Scheduler:
         def misfit(task: T) -> str | None:
             return job.misfit(task, worker)
 
+        prefer = None
+        if isinstance(job, TaskBlobs):
+            task_blobs = job.task_blobs
+
+            def prefer(task: T) -> bool:
+                return worker.blobs.issuperset(task_blobs(task))
+
         first, longest = BUSY_BACKOFF_S
         backoff = first
         try:
-            while (task := queue.take(worker.name, usable, misfit)) is not None:
+            while (task := queue.take(worker.name, usable, misfit, prefer)) is not None:
                 try:
                     self._run_remote(job, queue, worker, task)
                 except PyroTimeout as error:
@@ -271,7 +278,10 @@ class Scheduler:
         limit = deadline(cost, worker.capacity(), floor=self.config.task_deadline_floor)
         record = job.request(task, worker)
         started = time.perf_counter()
-        reply = worker.call(record, timeout=limit, blobs=job.blobs())
+        blobs = job.blobs()
+        if isinstance(job, TaskBlobs):
+            blobs = {**blobs, **job.task_blobs(task)}
+        reply = worker.call(record, timeout=limit, blobs=blobs)
         log.debug("%s on %s: %.3f s round trip, %.3f s in the worker", job.describe(task), worker.name,
                   time.perf_counter() - started, reply.seconds)
         moving = time.perf_counter()

@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from rmidl.config import Config
 from rmidl.errors import (
     AuthenticationError,
     BankError,
+    ClusterError,
     DataPlaneError,
     RmidlError,
     SharedMemoryUnavailable,
@@ -81,8 +82,12 @@ class WorkerStub:
         """Ids of the blobs put on the worker (it may have evicted some since: it says so, we put again)."""
         self.in_flight = 0
         """Tasks of this process's jobs running on it now (jobs of one coordinator may run concurrently)."""
+        self.blob_bytes_sent = 0
+        """Bytes of blobs put on the worker so far (a job's figures take differences)."""
         self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._putting = threading.Lock()
+        """Held while blobs are put: threads needing the same blob at once send it once."""
         self._ssl: ssl.SSLContext | None = None
 
     @property
@@ -256,7 +261,14 @@ class WorkerStub:
             except BankError:
                 self._put_blobs(proxy, blobs, force=True)
                 proxy._pyroTimeout = timeout
-                return getattr(proxy, method)(wire)
+                try:
+                    return getattr(proxy, method)(wire)
+                except BankError as error:
+                    # Evicted again at once (by other tasks' blobs): the worker's cache is too small for
+                    # the tasks in flight, not the input's fault; another worker may run it.
+                    raise ClusterError(f"worker {self.name} lost this task's blobs right after they were "
+                                       f"put ({error}); its blob cache is too small for the tasks in "
+                                       "flight (raise its bank_cache_size or memory_budget)") from None
 
         with self.running():
             raw = self.remote(work)
@@ -291,6 +303,26 @@ class WorkerStub:
         into[...] = result
         return int(into.nbytes)
 
+    def put_blobs(self, blobs: Mapping[str, Blob]) -> None:
+        """Put the blobs the worker lacks (as far as we know) now, rather than with the next task."""
+        self.remote(lambda proxy: self._put_blobs(proxy, blobs))
+
+    def drop_blobs(self, blob_ids: Iterable[str]) -> None:
+        """Ask the worker to forget these blobs (best effort: its cache evicts them in time anyway)."""
+        ids = [blob_id for blob_id in blob_ids if blob_id in self.blobs]
+        if not ids:
+            return
+        self.blobs.difference_update(ids)
+        def work(proxy: Any) -> None:
+            proxy._pyroTimeout = self.config.connect_timeout
+            for blob_id in ids:
+                proxy.drop_blob(blob_id)
+
+        try:
+            self.remote(work)
+        except Exception as error:
+            log.debug("worker %s could not drop %d blob(s): %r", self.name, len(ids), error)
+
     def release_shm(self, names: list[str]) -> None:
         """Ask the worker to unmap these shared blocks (best effort: it unmaps them later anyway)."""
         def work(proxy: Any) -> None:
@@ -312,13 +344,15 @@ class WorkerStub:
 
     # -- internals -----------------------------------------------------------------------------------
     def _put_blobs(self, proxy: Any, blobs: Mapping[str, Blob], *, force: bool = False) -> None:
-        missing = [blob_id for blob_id in blobs if force or blob_id not in self.blobs]
-        if not missing:
+        if not force and self.blobs.issuperset(blobs):
             return
-        proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
-        for blob_id in missing:
-            proxy.put_blob(blob_id, blobs[blob_id].to_wire())
-            self.blobs.add(blob_id)
+        with self._putting:
+            missing = [blob_id for blob_id in blobs if force or blob_id not in self.blobs]
+            proxy._pyroTimeout = max(self.config.connect_timeout, self.config.task_deadline_floor)
+            for blob_id in missing:
+                proxy.put_blob(blob_id, blobs[blob_id].to_wire())
+                self.blobs.add(blob_id)
+                self.blob_bytes_sent += blobs[blob_id].nbytes
 
     def _bulk_ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context the worker's bulk channel expects (2-way TLS), or None; made once."""

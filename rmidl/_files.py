@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import stat
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -18,7 +19,8 @@ import numpy as np
 
 from rmidl.errors import InputError
 
-__all__ = ["atomic_write", "clipped", "open_failure", "open_regular", "read_npy", "read_small", "shown"]
+__all__ = ["atomic_write", "clipped", "open_failure", "open_regular", "read_npy", "read_npz", "read_small",
+           "shown"]
 
 SHOWN_CHARS = 200
 """Longest rendering of a user's string (path, spec, decoder message) inside a one-line error."""
@@ -175,6 +177,31 @@ def read_npy(
     flat = np.empty(count, dtype)
     _read_into(handle, flat.view(np.uint8).data, where, error)
     return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def read_npz(path: str | os.PathLike[str], where: str, *, max_bytes: int) -> dict[str, np.ndarray]:
+    """Every array of the .npz archive at `path` (a regular file; members never unpickled; their total
+    unpacked size at most `max_bytes`, checked before any is read); one-line InputErrors otherwise."""
+    try:
+        # our own handle: np.load leaks the one it opens when the file is not a zip
+        with open_regular(path, where) as handle:
+            archive = np.load(handle, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise InputError(f"{where} is a single array (.npy), not an .npz archive")
+            with archive:
+                # a compressed member can inflate far beyond the file's size: check before reading it
+                members: list[zipfile.ZipInfo] = archive.zip.infolist() if archive.zip else []
+                if sum(info.file_size for info in members) > max_bytes:
+                    raise InputError(f"{where} is larger than memory_budget={max_bytes} bytes")
+                return {name: archive[name] for name in archive.files}
+    except InputError:
+        raise
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as failure:
+        detail = str(failure) or type(failure).__name__
+        if "pickle" in detail:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
+            detail = "it holds pickled data, which rmidl never loads"
+        raise InputError(f"{where} {open_failure(failure) or f'is not a valid .npz file: {clipped(detail)}'}"
+                         ) from None
 
 
 def _read_into(handle: IO[bytes], buffer: memoryview, where: str, error: type[Exception]) -> None:

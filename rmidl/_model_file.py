@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmidl._files import atomic_write, open_failure, open_regular, shown
+from rmidl._files import atomic_write, read_npz, shown
 from rmidl.config import Config
 from rmidl.errors import InputError, RmidlError
 
@@ -45,35 +44,14 @@ def save_model(model: MLP, path: str | os.PathLike[str]) -> Path:
 
 
 def _read_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
-    budget = Config().memory_budget
-    try:
-        # our own handle: np.load leaks the one it opens when the file is not a zip
-        with open_regular(path, where) as handle:
-            archive = np.load(handle, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{where} is a single array, not an rmidl model (.npz)")
-            with archive:
-                return _members(archive, where, budget)
-    except RmidlError:
-        raise
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as error:
-        detail = str(error) or type(error).__name__
-        if "pickle" in detail:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
-            detail = "it holds pickled data, which rmidl never loads"
-        raise InputError(f"{where} {open_failure(error) or f'is not a valid .npz file: {detail}'}") from None
-
-
-def _members(archive: Any, where: str, budget: int) -> dict[str, np.ndarray]:
-    # a compressed member can inflate far beyond the file's size: check before reading it
-    if sum(info.file_size for info in archive.zip.infolist()) > budget:
-        raise InputError(f"{where} is larger than memory_budget={budget} bytes")
-    if "format" not in archive.files:
-        held = f"arrays {', '.join(archive.files)}" if archive.files else "no arrays"
+    arrays = read_npz(path, where, max_bytes=Config().memory_budget)
+    if "format" not in arrays:
+        held = f"arrays {', '.join(arrays)}" if arrays else "no arrays"
         raise InputError(f"{where} is not an rmidl model: it holds {held}")
-    missing = [name for name in _REQUIRED if name not in archive.files]
+    missing = [name for name in _REQUIRED if name not in arrays]
     if missing:
         raise InputError(f"{where} is not a complete rmidl model: {', '.join(missing)} missing")
-    return {name: archive[name] for name in archive.files}
+    return arrays
 
 
 def _shown(array: np.ndarray) -> str:

@@ -8,9 +8,10 @@ flat parameter vector. Hence the weights are bitwise identical whichever threads
 which shards, as long as each part is computed with the same numpy/BLAS build on the same kind of CPU
 (BLAS is pinned to one thread inside every part, so its summation order is fixed too).
 
-The seam a cluster fills (phase 2): an object with `training_session(job) -> context manager of
-ComputeShards`. On entry it may ship each shard's data (`job.shards[s]`, plus `job.spec` and `job.plan`,
-all plain arrays and dicts) to the participants once; inside, the training loop calls
+The seam a cluster fills (rmidl.client.Coordinator.training_session does): an object with
+`training_session(job) -> context manager of ComputeShards`. On entry it may ship each shard's data
+(`job.shards[s]`, plus `job.spec` and `job.plan`, all plain arrays and dicts) to the participants
+once; inside, the training loop calls
 `compute_shards(step, weights, shard_ids) -> StepResult` once per step, where `weights.version`
 ("<step>:<hash>") names `weights.vector` so a worker that holds it needs only the version; each
 participant returns `compute_shard(weights.vector, job.shards[s], plan=job.plan, spec=job.spec,
@@ -280,7 +281,7 @@ class ComputeShards(Protocol):
 
 
 class ShardExecutor(Protocol):
-    """Whoever computes shards for rmidl.train: the local pool now, a cluster coordinator later."""
+    """Whoever computes shards for rmidl.train: the local pool, or a cluster's Coordinator."""
 
     def training_session(self, job: TrainingJob) -> AbstractContextManager[ComputeShards]: ...
 

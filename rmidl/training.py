@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rmidl import metrics
 from rmidl._checks import as_features, as_labels, describe_classes, label_indices, number, whole
 from rmidl.dataparallel import (
     SGD,
@@ -212,6 +213,7 @@ class _Run:
         self.history.steps.append(StepRecord(
             step.epoch + 1, step.number, total.count, result.send_seconds, compute, result.gather_seconds,
             t2 - t1, t3 - t2, result.bytes_sent, result.bytes_received))
+        metrics.training_step(t3 - t0, total.loss_sum / max(total.count, 1))
         return total
 
     def epoch(self, compute_shards: ComputeShards, epoch: int, stepped: Callable[[], object]) -> EpochRecord:

@@ -38,6 +38,7 @@ from rmidl.kernels import (
 )
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import (
+    TASK_METHODS,
     Blob,
     BulkTicket,
     CorrelateReply,
@@ -49,10 +50,12 @@ from rmidl.remote.contract import (
     check_blob_id,
 )
 from rmidl.remote.features import FeaturesTask
+from rmidl.remote.gradient import GradientTask
 from rmidl.remote.shm import Attachment, block_name, host_id
 
 from .cache import LruCache
 from .features import FeaturesHandler
+from .gradient import run_gradient
 from .slots import input_bands, output_slot
 from .spectra import BankSpectra
 
@@ -150,6 +153,7 @@ class ConvolutionWorker:
                 blob_budget=self._blobs.max_bytes,
                 blob_slots=self._blobs.max_count,
                 max_tasks=self._config.worker_max_tasks,
+                methods=TASK_METHODS,
             ).to_wire()
 
     @expose
@@ -172,6 +176,15 @@ class ConvolutionWorker:
     def drop_blob(self, blob_id: str) -> bool:
         with self._lock:
             return self._blobs.pop(str(blob_id)) is not None
+
+    @expose
+    def gradient(self, task: WireRecord) -> WireRecord:
+        with self._task("gradient"):
+            record = GradientTask.from_wire(task)
+            reply = run_gradient(record, blob_of=self._cached, attach=self._attach,
+                                 computing=self._computing, threads=self._threads, bulk=self._bulk,
+                                 max_message_size=self._config.max_message_size, worker=self._name)
+        return reply.to_wire()
 
     @expose
     def release_shm(self, names: list[str]) -> int:
@@ -325,6 +338,10 @@ class ConvolutionWorker:
             if seconds >= RATE_MIN_SECONDS:  # a moving average: the rate the coordinator's cost model reads
                 self._gflops = 0.8 * self._gflops + 0.2 * flops / seconds / 1e9
         return engine
+
+    def _cached(self, blob_id: str) -> Blob | None:
+        with self._lock:
+            return self._blobs.get(blob_id)
 
     @contextmanager
     def _reservation(self, nbytes: int, task_id: int) -> Iterator[None]:

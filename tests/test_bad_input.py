@@ -180,6 +180,32 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rmidl.save_image(made["dataset_mixed"] / "c1" / "wide.png", np.zeros((24, 30), np.uint8))
     made["dataset_empty"] = root / "dataset_empty"
     (made["dataset_empty"] / "c0").mkdir(parents=True)
+    made.update(feature_files(root))
+    return made
+
+
+def feature_files(root: Path) -> dict[str, Path]:
+    """Features files for `rmidl train` / `rmidl predict` (600 samples x 12 features, 3 named classes)
+    and a model of the same width."""
+    from conftest import gaussian_blobs
+
+    x, y = gaussian_blobs(600, 12, 3)
+    names = np.array(["cat", "dog", "eel"])
+    contents: dict[str, dict[str, np.ndarray]] = {
+        "feat": {"X": x, "labels": y, "classes": names},
+        "feat_nolabels": {"X": x},
+        "feat_short": {"X": x, "y": y[:-1]},
+        "feat_nan": {"X": with_value(x, (3, 4), np.nan), "y": y},
+        "feat_empty_class": {"X": x, "labels": y, "classes": np.array([*names, "fox"])},
+        "feat_nox": {"features": x, "y": y},
+        "feat_wide": {"X": np.hstack([x, x]), "labels": y, "classes": names},
+        "feat_other_classes": {"X": x, "labels": y, "classes": np.array(["ant", "bee", "cow"])},
+    }
+    made = {}
+    for name, arrays in contents.items():
+        made[name] = root / f"{name}.npz"
+        np.savez(made[name], **arrays)  # type: ignore[arg-type]
+    made["model"] = rmidl.MLP((12, 4, 3), classes=list(names)).save(root / "model.npz")
     return made
 
 
@@ -278,6 +304,30 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("bench pipeline --workers 0", "bench pipeline --workers 0 --out {tmp}/bp", 2, "--workers '0'"),
     ("bench pipeline, net larger than the images", "bench pipeline {dataset} --net 2x30x30 --out {tmp}/bp", 2,
      "30x30 does not fit"),
+    ("train: labels missing", "train {feat_nolabels}", 2, "feat_nolabels.npz' has no labels"),
+    ("train: labels of the wrong length", "train {feat_short}", 2, "holds 599 labels for 600 samples"),
+    ("train: NaN features", "train {feat_nan} --ns {ns}", 2, "X contains NaN"),
+    ("train: a class with no samples", "train {feat_empty_class} --ns {ns}", 2, "class 'fox' has no samples"),
+    ("train: no X", "train {feat_nox}", 2, "has no array X (it holds features, y)"),
+    ("train: missing features file", "train {feat}.gone", 2, "feat.npz.gone' does not exist"),
+    ("train: a bank as features", "train {bank_1d}", 2, "is a single array (.npy), not an .npz archive"),
+    ("train: hidden=0", "train {feat} --hidden 0 --ns {ns}", 2, "every hidden layer needs"),
+    ("train: --hidden malformed", "train {feat} --hidden 25,x", 2, "--hidden '25,x'"),
+    ("train: --batch malformed", "train {feat} --batch many", 2, "--batch 'many'"),
+    ("train: --epochs 0", "train {feat} --epochs 0", 2, "epochs=0"),
+    ("train: --out not .npz", "train {feat} --out {tmp}/model.pkl", 2, "model.pkl' must end in .npz"),
+    ("train: --plot not .png", "train {feat} --plot {tmp}/loss.jpg", 2, "loss.jpg' must end in .png"),
+    ("train: --out under a file", "train {feat} --out {good}/model.npz", 2, "good.png' is not a directory"),
+    ("train: name server down", "train {feat} --ns {closed}", 3, "not reachable"),
+    ("train: unknown worker", "train {feat} --ns {ns} --workers nobody", 3, "no worker 'nobody'"),
+    ("predict: features of another width", "predict {model} {feat_wide}", 2,
+     "X has 24 features; the model takes 12"),
+    ("predict: labels of other classes", "predict {model} {feat_other_classes}", 2,
+     "label 'ant' in y is not one of the model's 3 classes (cat, dog, eel)"),
+    ("predict: a features file as model", "predict {feat} {feat}", 2, "is not an rmidl model"),
+    ("predict: missing model", "predict {tmp}/none.npz {feat}", 2, "none.npz' does not exist"),
+    ("predict: NaN features", "predict {model} {feat_nan}", 2, "X contains NaN"),
+    ("predict: --out bad suffix", "predict {model} {feat} --out {tmp}/p.txt", 2, "p.txt' must end in .csv"),
     ("bench --image missing",  # --image and --size exclude each other
      "bench --kernels random:4x5x5 --runs 2 --out {tmp}/out --image /nonexistent/p.png", 2,
      "/nonexistent/p.png"),

@@ -204,3 +204,33 @@ def test_metrics_stay_on_loopback_whatever_host_the_daemons_bind(cluster_config:
     """The metrics host is its own option: a daemon bound past loopback still serves metrics on loopback."""
     with metrics.serve_metrics(0, config=cluster_config.replace(host="0.0.0.0")) as server:
         assert server.host == "127.0.0.1"
+
+
+def test_features_and_training_jobs_count_images_steps_and_worker_calls(nameserver, start_worker,
+                                                                         cluster_config, tmp_path,
+                                                                         scrape) -> None:
+    from conftest import gaussian_blobs, write_image_folder
+
+    import rmidl
+
+    start_worker(name="w1", ns=nameserver, config=cluster_config)
+    folder = write_image_folder(tmp_path / "images", per_class=6)
+    net = rmidl.Network.from_spec("3x3x3:relu:max2", seed=0)
+    x, y = gaussian_blobs(240, 6, 3)
+    with metrics.serve_metrics(0) as server, Coordinator(nameserver, config=cluster_config,
+                                                          local_threads=1) as co:
+        before = scrape(server.url)
+        features = co.features(folder, net, batch=3, progress=False)
+        _model, history = rmidl.train(x, y, epochs=2, batch=60, validation=0.25, coordinator=co)
+        after = scrape(server.url)
+    assert features.X.shape[0] == 12
+    assert value(after, "rmidl_images_total", kind="features") - value(
+        before, "rmidl_images_total", kind="features") == 12
+    steps = value(after, "rmidl_training_step_seconds_count", kind="gradient") - value(
+        before, "rmidl_training_step_seconds_count", kind="gradient")
+    assert steps == len(history.steps) > 0
+    assert value(after, "rmidl_training_loss", kind="gradient") > 0
+    methods = {dict(labels)["method"] for (name, labels), count in after.items()
+               if name == "rmidl_worker_tasks_total" and dict(labels).get("worker") == "w1" and count > 0
+               and count > value(before, name, **dict(labels))}
+    assert methods and methods <= {"features", "gradient"}  # metered under their own names

@@ -129,6 +129,18 @@ def test_saved_spec_survives_and_resolve_network(tmp_path: Path) -> None:
     assert resolve_network("2x3x3", channels=3).channels == 3
 
 
+def test_a_preset_name_wins_over_a_directory_or_file_of_that_name(tmp_path: Path, monkeypatch) -> None:
+    # `rmidl.datasets.make_textures("textures")` then `--net textures` in the same directory: the preset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "textures").mkdir()
+    (tmp_path / "seed004").write_bytes(b"not a network")
+    assert resolve_network("textures") == Network.from_spec("textures")
+    assert resolve_network("seed004") == Network.from_spec("seed004")
+    saved = Network.from_spec("2x3x3", seed=1).save(tmp_path / "mine.npz")
+    saved.rename(tmp_path / "mine")  # an existing file under a name that is not a preset: the file
+    assert resolve_network("mine") == Network.from_spec("2x3x3", seed=1)
+
+
 def _archive(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     with path.open("wb") as handle:
         np.savez(handle, **arrays)

@@ -466,7 +466,8 @@ def test_the_worker_serves_exactly_the_contract(worker, proxy):
 
     methods = {name for name, value in vars(ConvolutionWorkerAPI).items()
                if inspect.isfunction(value) and not name.startswith("_")}
-    assert methods == {"ping", "info", "put_blob", "drop_blob", "correlate", "features", "release_shm"}
+    assert methods == {"ping", "info", "put_blob", "drop_blob", "correlate", "features", "gradient",
+                       "release_shm"}
     assert isinstance(worker.worker, ConvolutionWorkerAPI)
     for name in methods:  # same parameters, kinds, defaults and annotations
         assert inspect.signature(getattr(ConvolutionWorker, name)) == inspect.signature(

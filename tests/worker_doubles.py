@@ -1,9 +1,10 @@
 """Fault-injecting ConvolutionWorker subclasses for the tests (fault injection lives here, not in rmidl).
 
 In-process: `start_worker(worker_class=HangingWorker)` (the conftest fixture). As a real process:
-`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write]` with tests/ on
-PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first N task calls
-(correlate or features) hang (or its first shared-memory task writes half its slot and kills the process).
+`python -m worker_doubles --ns HOST:PORT --name NAME [--hang N | --die-mid-write | --die-in-gradient N]`
+with tests/ on PYTHONPATH prints the worker's URI and "ready", serves until SIGTERM/SIGINT, and its first
+N task calls (correlate or features) hang (or its first shared-memory task writes half its slot and kills
+the process, or its N-th gradient call kills the process with SIGKILL in the middle of the task).
 `--fake` serves instead a stranger's worker: a plain Pyro5 daemon (no rmidl security) that registers
 itself like a worker, accepts any handshake (and keeps what it was sent: `seen()`), and answers every
 correlate with zeros.
@@ -15,6 +16,7 @@ import argparse
 import os
 import signal
 import threading
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -136,6 +138,72 @@ def failing(error: Exception) -> type[FailingWorker]:
     return type("FailingWorker", (FailingWorker,), {"error": error})
 
 
+class CountingWorker(ConvolutionWorker):
+    """Counts the blobs put on it (by id) and its gradient calls."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.puts: Counter[str] = Counter()
+        self.gradient_calls = 0
+        self._count_lock = threading.Lock()
+
+    @expose
+    def put_blob(self, blob_id: str, record: WireRecord) -> None:
+        with self._count_lock:
+            self.puts[blob_id] += 1
+        super().put_blob(blob_id, record)
+
+    @expose
+    def gradient(self, task: WireRecord) -> WireRecord:
+        with self._count_lock:
+            self.gradient_calls += 1
+        return super().gradient(task)
+
+
+class ForgetfulWorker(CountingWorker):
+    """Forgets every blob it holds at its `forget_at`-th gradient call (as a restart or an eviction would)."""
+
+    forget_at = 3
+
+    @expose
+    def gradient(self, task: WireRecord) -> WireRecord:
+        if self.gradient_calls + 1 == self.forget_at:
+            with self._lock:
+                self._blobs.clear()
+        return super().gradient(task)
+
+
+class OlderWorker(CountingWorker):
+    """Describes itself as a worker of an older rmidl, from before gradient tasks (no `methods` in info)."""
+
+    @expose
+    def info(self) -> WireRecord:
+        record = super().info()
+        del record["methods"]
+        record["version"] = "0.0.9"
+        return record
+
+
+class GradientDyingWorker(ConvolutionWorker):
+    """Its `die_in`-th gradient call kills the whole process with SIGKILL, halfway through the task."""
+
+    die_in = 1
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._calls = 0
+        self._calls_lock = threading.Lock()
+
+    @expose
+    def gradient(self, task: WireRecord) -> WireRecord:
+        with self._calls_lock:
+            self._calls += 1
+            dies = self._calls == self.die_in
+        if dies:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().gradient(task)
+
+
 class BlockingWorker(ConvolutionWorker):
     """Its engine calls block until `release` is set (each one releases `entered` once when it starts), so
     a test holds tasks inside the worker for as long as it likes."""
@@ -224,10 +292,11 @@ def serve_fake(ns: str, name: str, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="a worker process whose first calls hang")
+    parser = argparse.ArgumentParser(description="a worker process whose first calls hang, or that dies")
     parser.add_argument("--ns", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--hang", type=int, default=1)
+    parser.add_argument("--die-in-gradient", type=int, metavar="N", help="die in the N-th gradient call")
     parser.add_argument("--fake", action="store_true", help="a stranger's worker that answers zeros")
     parser.add_argument("--die-mid-write", action="store_true")
     args = parser.parse_args(argv)
@@ -240,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_class: type[ConvolutionWorker] = type("HangingWorker", (HangingWorker,), {"hang": args.hang})
     if args.die_mid_write:
         worker_class = DyingWorker
+    if args.die_in_gradient:
+        worker_class = type("GradientDyingWorker", (GradientDyingWorker,), {"die_in": args.die_in_gradient})
     handle = start_worker(ns=args.ns, name=args.name, threads=1, worker_class=worker_class)
     print(handle.uri, flush=True)
     print("ready", flush=True)

@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "dashboard": "rmidl.client.cli.dashboard",
     "demo": "rmidl.client.cli.demo",
     "bench": "rmidl.client.cli.bench",
+    "train": "rmidl.client.cli.train",
+    "predict": "rmidl.client.cli.predict",
 }
 
 

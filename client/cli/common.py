@@ -30,6 +30,7 @@ __all__ = [
     "LOCAL",
     "Target",
     "add_cluster_arguments",
+    "add_coordinator_arguments",
     "add_metrics_arguments",
     "add_security_arguments",
     "choose_cluster",
@@ -164,6 +165,17 @@ def choose_cluster(args: argparse.Namespace, config: Config, *, fallback: str | 
     return clusterfile.resolve(ns, config, auto=not getattr(args, "no_cluster", False),
                                explicit_secret=bool(getattr(args, "secret_file", None)),
                                fallback=fallback)
+
+
+def add_coordinator_arguments(parser: argparse.ArgumentParser, *, moved: str) -> None:
+    """--workers, --local-threads and --no-shared-memory: whom a Coordinator uses and how data moves
+    (`moved` says what travels over TCP with --no-shared-memory)."""
+    parser.add_argument("--workers", metavar="NAME[,NAME...]",
+                        help="use only these workers of the cluster (default: every registered one)")
+    parser.add_argument("--local-threads", type=int, metavar="N",
+                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help=f"send {moved} over TCP even with workers on this host")
 
 
 def add_security_arguments(

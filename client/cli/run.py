@@ -14,6 +14,7 @@ import numpy as np
 from rmidl.client.cli.common import (
     EXIT_OK,
     add_cluster_arguments,
+    add_coordinator_arguments,
     add_security_arguments,
     choose_cluster,
     config_from_args,
@@ -51,12 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)}")
     parser.add_argument("--convolve", action="store_true", help="true convolution (flipped kernels)")
     add_cluster_arguments(parser, fallback="compute in this process")
-    parser.add_argument("--workers", metavar="NAME[,NAME...]",
-                        help="use only these workers of the cluster (default: every registered one)")
-    parser.add_argument("--local-threads", type=int, metavar="N",
-                        help="threads of this process's pool (default: all cores without a cluster, 0 with)")
-    parser.add_argument("--no-shared-memory", action="store_true",
-                        help="send data over TCP even to workers on this host")
+    add_coordinator_arguments(parser, moved="data")
     add_security_arguments(parser)
     parser.add_argument("--out", metavar="PATH",
                         help="PATH.npy / PATH.npz saves the maps; a directory gets one PNG per map and "

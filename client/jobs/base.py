@@ -8,7 +8,7 @@ typed record (`request`), send it through the worker's stub with its blobs and a
 model (`cost`), and hand the reply back (`accept`). Every option is checked when the job is built,
 before any padding, planning, discovery or shared memory; options travel in the records.
 
-Two more kinds plug in without a change to the scheduler:
+Two more kinds plug in (the second through one optional hook, `TaskBlobs`):
 
 - features (issue 9): tasks are batches of image ids; `blobs()` is the network (its banks and settings
   as one `Blob` kind "network", checked by an entry added to `rmidl.remote.blobs.KINDS`); `request`
@@ -16,22 +16,23 @@ Two more kinds plug in without a change to the scheduler:
   `features(task)` that calls `Network.forward_batch`; `accept` writes the reply's (n, F) rows into
   rows [ids] of the preallocated feature matrix (`stub.receive(reply.result, matrix[i0:i1], ...)`);
   `run_local` runs `forward_batch` on the batch in-process.
-- gradient (issue 10): `Coordinator.training_session(job)` fills rmidl.dataparallel's ShardExecutor
-  seam. Per step it runs a gradient job whose tasks are the step's shard ids; `blobs()` is every
-  `job.shards[s]` as kind "shard" (put once: content ids) plus the step's weights as kind "weights"
-  under `weights.version`; `request` builds a `GradientTask` (step, shard id, weights version) for a
-  worker method `gradient(task)` that calls `rmidl.dataparallel.compute_shard`; `accept` writes the
-  shard's float64 GradientSums into its slot; the StepResult maps each shard id to its part and
-  `reduce_in_order` sums them in shard order, so the weights are the serial ones bit for bit.
+- gradient (issue 10, client/jobs/gradient.py): `Coordinator.training_session(job)` fills
+  rmidl.dataparallel's ShardExecutor seam (client/training.py). Each step is one job whose tasks are
+  fixed bundles of shard ids; `blobs()` is the step's weights (kind "weights", under their version) and
+  `task_blobs(task)` (the optional `TaskBlobs` hook) the bundle's shards (kind "shard", by content id),
+  so a worker is put only the data of the bundles it runs and is offered those bundles first;
+  `request` builds a `GradientTask` (rmidl.remote.gradient) for the worker method `gradient(task)`,
+  which calls `rmidl.dataparallel.compute_shard` per shard; `accept` writes each shard's float64
+  gradient sum into its row, and `reduce_in_order` sums them in shard order: the serial weights.
 
-Each new record goes in `rmidl.remote.contract` beside `CorrelateTask` (frozen dataclass, METHOD, one
+Each new record goes in `rmidl.remote` beside `CorrelateTask` (frozen dataclass, METHOD, one
 to_wire/from_wire pair, parse_reply), and each worker method beside `correlate` in server/worker.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from rmidl.client.cost import TaskCost
 from rmidl.client.queue import Keyed
@@ -41,9 +42,10 @@ from rmidl.remote.contract import ReplyRecord, TaskRecord
 if TYPE_CHECKING:
     from rmidl.client.stub import WorkerStub
 
-__all__ = ["JobKind", "T"]
+__all__ = ["JobKind", "T", "TaskBlobs"]
 
 T = TypeVar("T", bound=Keyed)
+T_contra = TypeVar("T_contra", bound=Keyed, contravariant=True)
 
 
 class JobKind(Protocol[T]):
@@ -90,4 +92,15 @@ class JobKind(Protocol[T]):
     def accept(self, task: T, reply: ReplyRecord, stub: WorkerStub) -> int:
         """Write the reply's result into the job's output (fetching it over the bulk channel if need be);
         return the bytes that crossed TCP."""
+        ...
+
+
+@runtime_checkable
+class TaskBlobs(Protocol[T_contra]):
+    """Optional for a job kind: blobs that only some tasks need (a training shard each). A worker is put
+    those of the tasks it runs, beside `blobs()`, and the queue offers it first the tasks whose blobs it
+    already holds, so each worker keeps working on the data it has."""
+
+    def task_blobs(self, task: T_contra) -> Mapping[str, Blob]:
+        """Blobs (by content id) a worker must hold to run `task`, besides the job's `blobs()`."""
         ...

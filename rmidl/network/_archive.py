@@ -18,6 +18,7 @@ from rmidl._files import open_failure
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, InputError, RmidlError
 from rmidl.network._network import Network
+from rmidl.network._spec import PRESETS
 from rmidl.network._stage import Stage
 
 __all__ = ["FORMAT", "VERSION", "load_network", "network_from_parts", "network_parts", "resolve_network",
@@ -140,11 +141,14 @@ def load_network(path: str | os.PathLike[str]) -> Network:
 
 
 def resolve_network(net: Network | str | os.PathLike[str], *, seed: int = 0, channels: int = 1) -> Network:
-    """What `--net SPEC|FILE` names: a Network as is, a saved file (a path that exists or ends in .npz),
-    else a spec or preset built with `seed` and `channels`."""
+    """What `--net SPEC|FILE` names: a Network as is, a saved file (a path with a directory part, ending in
+    .npz, or an existing file not named as a preset), else a spec or preset built with `seed` and
+    `channels` (a preset's name wins over a directory or file of that name in the working directory)."""
     if isinstance(net, Network):
         return net
+    text = net.strip().lower() if isinstance(net, str) else ""
     if isinstance(net, os.PathLike) or (isinstance(net, str) and (
-            net.strip().lower().endswith(".npz") or os.path.sep in net or Path(net).exists())):
+            text.endswith(".npz") or os.path.sep in net
+            or (text not in PRESETS and Path(net).is_file()))):
         return load_network(Path(net).expanduser() if isinstance(net, str) else Path(net))
     return Network.from_spec(net, seed=seed, channels=channels)

@@ -1,4 +1,5 @@
-"""Blobs: what a worker must hold once before a job's tasks (a kernel bank, a network; later a data shard).
+"""Blobs: what a worker must hold once before a job's tasks (a kernel bank, a network, a training
+shard, weights).
 
 A blob is a kind, named float arrays and a few scalar settings, addressed by a content id so that a
 worker already holding one is not sent it again, whoever asks. Each kind has one check, run by the
@@ -59,6 +60,17 @@ class Blob:
         if self.kind != "network" or not isinstance(text, str):
             raise ShapeError(f"{where} is a {self.kind} blob, not a network")
         return network_from_parts(text, self.arrays, where)
+
+    @classmethod
+    def shard(cls, shard: int, x: np.ndarray, y: np.ndarray) -> Blob:
+        """Logical shard `shard` of a training set: standardised float64 features (n, F) and class indices
+        (n,), which travel as float64 (only floats cross the wire; indices are exact in float64)."""
+        return cls("shard", {"x": x, "y": np.asarray(y, dtype=np.float64)}, {"shard": int(shard)})
+
+    @classmethod
+    def weights(cls, vector: np.ndarray, version: str) -> Blob:
+        """A training step's flat float64 parameter vector, named by its version ("<step>:<hash>")."""
+        return cls("weights", {"weights": vector}, {"version": version})
 
     @property
     def nbytes(self) -> int:
@@ -130,5 +142,32 @@ def _check_network(blob: Blob, blob_id: str) -> None:
     blob.as_network(f"network {blob_id!r}")
 
 
-KINDS: dict[str, Callable[[Blob, str], None]] = {"bank": _check_bank, "network": _check_network}
+def _check_shard(blob: Blob, blob_id: str) -> None:
+    shard = blob.settings.get("shard")
+    if set(blob.arrays) != {"x", "y"} or set(blob.settings) != {"shard"} \
+            or isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ShapeError(f"shard {blob_id!r} must hold arrays 'x' and 'y' and a setting 'shard' >= 0")
+    x, y = blob.arrays["x"], blob.arrays["y"]
+    if x.dtype != np.float64 or x.ndim != 2 or 0 in x.shape or y.dtype != np.float64 \
+            or y.shape != x.shape[:1]:
+        raise ShapeError(f"shard {blob_id!r} must be x (n, F) float64 and y (n,) float64, not x {x.shape} "
+                         f"{x.dtype} and y {y.shape} {y.dtype}")
+    _finite(x, f"shard {blob_id!r}")
+    if not (np.isfinite(y).all() and (y >= 0).all() and (y == np.floor(y)).all() and y.max() < 2**31):
+        raise ShapeError(f"shard {blob_id!r}: y must hold class indices (whole numbers >= 0)")
+
+
+def _check_weights(blob: Blob, blob_id: str) -> None:
+    if set(blob.arrays) != {"weights"} or set(blob.settings) != {"version"} \
+            or not isinstance(blob.settings["version"], str):
+        raise ShapeError(f"weights {blob_id!r} must hold one array 'weights' and a setting 'version'")
+    vector = blob.arrays["weights"]
+    if vector.dtype != np.float64 or vector.ndim != 1 or vector.size == 0:
+        raise ShapeError(f"weights {blob_id!r} must be a non-empty flat float64 vector, not {vector.shape} "
+                         f"{vector.dtype}")
+    _finite(vector, f"weights {blob_id!r}")
+
+
+KINDS: dict[str, Callable[[Blob, str], None]] = {"bank": _check_bank, "network": _check_network,
+                                                  "shard": _check_shard, "weights": _check_weights}
 """Blob kind -> its check (raises an InputError naming the blob id); the kinds a worker accepts."""

@@ -27,6 +27,8 @@ key allowed:
              out[n0:n1, k0:k1, r0:r1] is written.
 Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
 dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
+
+The gradient task of data-parallel training and its reply live in `rmidl.remote.gradient`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "ReplyRecord",
     "Result",
     "ShmRef",
+    "TASK_METHODS",
     "TaskRecord",
     "WireRecord",
     "WorkerInfo",
@@ -60,6 +63,8 @@ __all__ = [
 
 WireRecord = dict[str, Any]
 """A record as it crosses the wire: a msgpack-able dict."""
+TASK_METHODS = ("correlate", "gradient")
+"""The task methods of this version's contract (a worker tells which it serves in `info()`)."""
 OUTPUTS = ("inline", "bulk")
 """Where a task's result goes besides shared memory: in the reply, or held for the bulk channel."""
 
@@ -296,7 +301,7 @@ _INFO_TYPES: dict[str, tuple[type, ...]] = {
     "cores": (int,), "threads": (int,), "version": (str,), "gflops": (int, float), "tasks_done": (int,),
     "busy": (int,), "engines": (dict,), "blobs": (list,), "banks": (list,), "bulk_port": (int, type(None)),
     "shm_blocks": (int,), "max_message_size": (int,), "memory_budget": (int,), "blob_budget": (int,),
-    "blob_slots": (int,), "max_tasks": (int,),
+    "blob_slots": (int,), "max_tasks": (int,), "methods": (list,),
 }
 
 
@@ -336,10 +341,17 @@ class WorkerInfo:
     """Blobs it caches at once."""
     max_tasks: int = 0
     """Tasks it holds at once (running and queued); more are refused as WorkerBusy."""
+    methods: tuple[str, ...] = ()
+    """The task methods it serves (TASK_METHODS of its version); () from a worker older than the field."""
+
+    def serves(self, method: str) -> bool:
+        """Whether the worker runs tasks of `method` (a worker that does not say serves only "correlate")."""
+        return method in self.methods or (not self.methods and method == "correlate")
 
     def to_wire(self) -> WireRecord:
         record = {name: getattr(self, name) for name in _INFO_TYPES}
-        record.update(engines=dict(self.engines), blobs=list(self.blobs), banks=list(self.banks))
+        record.update(engines=dict(self.engines), blobs=list(self.blobs), banks=list(self.banks),
+                      methods=list(self.methods))
         return record
 
     @classmethod
@@ -359,6 +371,7 @@ class WorkerInfo:
             values[name] = value
         values["blobs"] = tuple(map(str, values.get("blobs", ())))
         values["banks"] = tuple(map(str, values.get("banks", ())))
+        values["methods"] = tuple(map(str, values.get("methods", ())))
         values["gflops"] = float(values.get("gflops", 0.0))
         return cls(**values)
 
@@ -398,6 +411,13 @@ class ConvolutionWorkerAPI(Protocol):
         returns a `FeaturesReply`. Raises BankError (network not cached: put it again), ShapeError,
         DTypeError, NonFiniteInput, KernelTooLarge, ImageReadError (a file it was told to read, unless the
         description says skip_bad), BudgetExceeded; ClusterError and WorkerLost as `correlate` does."""
+        ...
+
+    def gradient(self, task: WireRecord) -> WireRecord:
+        """Run one `rmidl.remote.gradient.GradientTask`; returns a `GradientReply`. Raises BankError (a shard
+        or weights blob not cached: put it again), ShapeError, OptionError (spec, plan, step or shard outside
+        the plan, data of another size), BudgetExceeded (an inline reply over max_message_size); and, to
+        be run again or elsewhere, WorkerBusy (max_tasks held) and WorkerLost (shutting down)."""
         ...
 
     def release_shm(self, names: list[str]) -> int:
