@@ -15,7 +15,7 @@ import numpy as np
 from rmidl.config import Config
 from rmidl.errors import ClusterError, OptionError, WorkerNotFound
 from rmidl.kernels import available_cores
-from rmidl.validate import check_threads, prepare
+from rmidl.validate import check_threads, prepare_any
 
 from .jobs.correlation import CorrelationJob
 from .scheduler import Scheduler
@@ -227,7 +227,8 @@ class Coordinator:
         return dict(self._last.get("tasks_by", {}))
 
     def last_job(self) -> dict[str, Any]:
-        """The last job's figures: tasks, tasks_by, requeued, band, group, flops, shared_memory, the result
+        """The last job's figures: tasks, tasks_by, requeued, band, group, images (per task of a batch),
+        flops, shared_memory, the result
         bytes fetched over TCP (moved_bytes) and the seconds spent receiving them (moving_seconds), and
         the tasks each engine ran on the workers (engines)."""
         return dict(self._last)
@@ -252,15 +253,17 @@ class Coordinator:
         image: object,
         kernels: object,
         *,
+        batch: bool = False,
         mode: str = "valid",
         threads: int | None = None,
         engine: str = "auto",
         out: np.ndarray | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
-        """Same arguments and result as `rmidl.correlate`; `threads` overrides local_threads for this call,
+        """Same arguments and result as `rmidl.correlate` (`batch=True`: images (N, H, W[, C]) ->
+        (N, K, OH, OW), tasks split by images too); `threads` overrides local_threads for this call,
         `progress(done, total)` is called as tasks finish."""
-        return self._run(image, kernels, mode=mode, threads=threads, engine=engine, out=out,
+        return self._run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out,
                          progress=progress, flip=False)
 
     def convolve(
@@ -268,6 +271,7 @@ class Coordinator:
         image: object,
         kernels: object,
         *,
+        batch: bool = False,
         mode: str = "valid",
         threads: int | None = None,
         engine: str = "auto",
@@ -275,7 +279,7 @@ class Coordinator:
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Same as `rmidl.convolve`: correlation with every kernel flipped in both spatial axes."""
-        return self._run(image, kernels, mode=mode, threads=threads, engine=engine, out=out,
+        return self._run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out,
                          progress=progress, flip=True)
 
     def _run(
@@ -283,6 +287,7 @@ class Coordinator:
         image: object,
         kernels: object,
         *,
+        batch: bool,
         mode: str,
         threads: int | None,
         engine: str,
@@ -296,9 +301,10 @@ class Coordinator:
         local = self.local_threads if threads is None else int(check_threads(threads) or 0)
         if progress is not None and not callable(progress):
             raise OptionError(f"progress={progress!r} must be a callable (done, total) or None")
-        prepared = prepare(image, kernels, mode)
-        job = CorrelationJob(prepared.flipped() if flip else prepared, config=self.config, engine=engine,
-                             out=out)
+        prepared = prepare_any(image, kernels, mode, batch=batch, flip=flip)
+        job = CorrelationJob(prepared, config=self.config, engine=engine, out=out)
+        if prepared.images.shape[0] == 0:  # an empty batch: nothing to run anywhere
+            return job.caller_out if job.caller_out is not None else np.empty(job.out_shape, prepared.dtype)
         scheduler = self._scheduler
         self._look_for_workers(local)
         job_plan = job.plan_for(scheduler.capacities(local), scheduler.usable_workers(),
@@ -315,6 +321,7 @@ class Coordinator:
                     "requeued": queue.requeued,
                     "band": job_plan.band,
                     "group": job_plan.group,
+                    "images": job_plan.images,
                     "flops": job_plan.flops,
                     "shared_memory": job.uses_shm,
                     "moved_bytes": queue.moved_bytes,

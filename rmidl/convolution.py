@@ -7,10 +7,9 @@ import logging
 import numpy as np
 
 from rmidl._memory import empty
-from rmidl.errors import OptionError
-from rmidl.geometry import mode_padding
+from rmidl.geometry import pad_for_mode
 from rmidl.kernels import correlate_valid, correlate_valid_batch
-from rmidl.validate import check_engine, check_out, check_threads, prepare, prepare_batch
+from rmidl.validate import check_engine, check_out, check_threads, prepare_any
 
 __all__ = ["convolve", "correlate"]
 
@@ -39,19 +38,9 @@ def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int
          out: np.ndarray | None, flip: bool) -> np.ndarray:
     n_threads = check_threads(threads)
     engine = check_engine(engine)
-    if not isinstance(batch, (bool, np.bool_)):
-        raise OptionError(f"batch={batch!r} must be True or False")
-    out_shape: tuple[int, ...]
-    if batch:
-        many = prepare_batch(image, kernels, mode)
-        many = many.flipped() if flip else many
-        images, bank, dtype, out_shape = many.images, many.kernels, many.dtype, many.out_shape
-    else:
-        one = prepare(image, kernels, mode)
-        one = one.flipped() if flip else one
-        images, bank, dtype, out_shape = one.image[None], one.kernels, one.dtype, one.out_shape
-    rows, cols = mode_padding(bank.shape[1:3], mode)
-    padded = images if rows == cols == (0, 0) else np.pad(images, [(0, 0), rows, cols, (0, 0)])
+    prepared = prepare_any(image, kernels, mode, batch=batch, flip=flip)
+    bank, dtype, out_shape = prepared.kernels, prepared.dtype, prepared.out_shape
+    padded = pad_for_mode(prepared.images, bank.shape[1:3], mode, batch=True)
     result = empty(out_shape, dtype) if out is None else check_out(out, out_shape, dtype)
     target4 = result if batch else result[None]
     # The engines write rows straight into `out`; any other layout, or an `out` that overlaps the inputs

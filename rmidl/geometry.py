@@ -1,8 +1,9 @@
 """The one owner of shapes: output shapes, mode padding, row bands and their halos, kernel groups, tasks.
 
-Everything distributed is a valid correlation of a padded image (see `pad_for_mode`); a task's output
-rows [r0, r1) need the input rows [r0, r1 + halo) with halo = kh - 1 (`band_rows`): the coordinator
-slices bands with it, the worker checks bands with it, the planner sizes bands with it.
+Everything distributed is a valid correlation of padded images (see `pad_for_mode`); a task's output
+rows [r0, r1) need the input rows [r0, r1 + halo) with halo = kh - 1 (`band_rows`) of each of its images
+[n0, n1): the coordinator slices bands with it, the worker checks bands with it, the planner sizes bands
+with it.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ def mode_padding(kernel_hw: tuple[int, int], mode: str) -> tuple[tuple[int, int]
     return (kh // 2, (kh - 1) // 2), (kw // 2, (kw - 1) // 2)
 
 
-def pad_for_mode(image: np.ndarray, kernel_hw: tuple[int, int], mode: str) -> np.ndarray:
-    """The (H', W'[, C]) image whose valid correlation equals the `mode` correlation of `image`."""
+def pad_for_mode(image: np.ndarray, kernel_hw: tuple[int, int], mode: str, *,
+                 batch: bool = False) -> np.ndarray:
+    """The (H', W'[, C]) image whose valid correlation equals the `mode` correlation of `image`; with
+    `batch`, the (N, H', W'[, C]) images of a batch (N, H, W[, C])."""
     rows, cols = mode_padding(kernel_hw, mode)
     if rows == cols == (0, 0):
         return image
-    pads = [rows, cols] + [(0, 0)] * (image.ndim - 2)
+    lead = [(0, 0)] if batch else []
+    pads = lead + [rows, cols] + [(0, 0)] * (image.ndim - 2 - len(lead))
     return np.pad(image, pads)
 
 
@@ -82,19 +86,26 @@ def max_band_rows(limit_bytes: int, input_row_bytes: int, kernel_h: int) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work: output rows [r0, r1) for kernels [k0, k1) of a valid correlation."""
+    """One unit of work: output rows [r0, r1) for kernels [k0, k1) of images [n0, n1) of a valid
+    correlation (a job of one image has only image 0)."""
 
     task_id: int
     rows: tuple[int, int]
     kernels: tuple[int, int]
+    images: tuple[int, int] = (0, 1)
 
     def out_elements(self, out_w: int) -> int:
         """Output values this task writes for an output `out_w` columns wide."""
-        return (self.rows[1] - self.rows[0]) * (self.kernels[1] - self.kernels[0]) * out_w
+        (n0, n1), (r0, r1), (k0, k1) = self.images, self.rows, self.kernels
+        return (n1 - n0) * (r1 - r0) * (k1 - k0) * out_w
 
 
-def plan_tasks(out_h: int, n_kernels: int, *, band: int, group: int) -> list[Task]:
-    """Row bands of at most `band` rows crossed with kernel groups of at most `group` kernels."""
+def plan_tasks(out_h: int, n_kernels: int, *, band: int, group: int, n_images: int = 1,
+               images: int = 1) -> list[Task]:
+    """Groups of at most `images` of the `n_images` images, crossed with row bands of at most `band` rows
+    and kernel groups of at most `group` kernels."""
     bands = split_range(out_h, size=band)
     groups = split_range(n_kernels, size=group)
-    return [Task(i, rows, ks) for i, (rows, ks) in enumerate((r, g) for g in groups for r in bands)]
+    image_groups = split_range(n_images, size=images)
+    grid = ((r, g, n) for g in groups for n in image_groups for r in bands)
+    return [Task(i, rows, ks, ns) for i, (rows, ks, ns) in enumerate(grid)]

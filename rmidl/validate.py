@@ -21,6 +21,7 @@ __all__ = [
     "first_non_finite",
     "float32_overflow",
     "prepare",
+    "prepare_any",
     "prepare_batch",
 ]
 
@@ -42,6 +43,11 @@ class Prepared:
         h, w, _ = self.image.shape
         k, kh, kw, _ = self.kernels.shape
         return (k, *output_shape((h, w), (kh, kw), self.mode))
+
+    @property
+    def images(self) -> np.ndarray:
+        """The image as a batch of one, (1, H, W, C): what batch code takes."""
+        return self.image[None]
 
     def flipped(self) -> Prepared:
         """The same inputs with every kernel flipped in both spatial axes: convolution as correlation."""
@@ -171,6 +177,15 @@ def prepare_batch(images: object, kernels: object, mode: str = "valid") -> Prepa
     _check_fit(img.shape[1:3], ker, mode, "images")
     img, ker, dtype = _canonical(img, ker, ("images", "kernels"))
     return PreparedBatch(img, ker, dtype, mode)
+
+
+def prepare_any(images: object, kernels: object, mode: str = "valid", *, batch: object = False,
+                flip: bool = False) -> Prepared | PreparedBatch:
+    """`prepare`, or with `batch=True` `prepare_batch`; kernels flipped (true convolution) with `flip`."""
+    if not isinstance(batch, (bool, np.bool_)):
+        raise OptionError(f"batch={batch!r} must be True or False")
+    prepared = prepare_batch(images, kernels, mode) if batch else prepare(images, kernels, mode)
+    return prepared.flipped() if flip else prepared
 
 
 def _kernels_4d(ker: np.ndarray) -> np.ndarray:

@@ -9,11 +9,13 @@ output. Slow rows (direct, ndimage) run a slice of the bank and are scaled to 12
 
 With --multichannel: the CNN layer 48 x (95x95x25) * (25, 11, 11, 25), valid, through rmidl's batch
 API (auto, and each engine) against torch.nn.functional.conv2d (the optional `bench` extra) and SGEMM,
-all at 1 and 2 threads, interleaved in one run; --map adds the crossover map of every engine over
-C in {1,3,8,25,64}, K in {8,25,128}, kernels 3..15 and images 200, 95, 42, 16 (and --json FILE keeps it).
+all at 1 and 2 threads, interleaved in one run (--cluster: and on a local cluster of 2 workers x 1
+thread through the Coordinator, against rmidl.correlate at 2 threads); --map adds the crossover map of
+every engine over C in {1,3,8,25,64}, K in {8,25,128}, kernels 3..15 and images 200, 95, 42, 16 (and
+--json FILE keeps it).
 
 Usage: .venv/bin/python scripts/bench_engines.py [--repeat 3] [--threads 1 2] [--crossover]
-       .venv/bin/python scripts/bench_engines.py --multichannel [--map [--cpu-time] --json FILE]
+       .venv/bin/python scripts/bench_engines.py --multichannel [--cluster] [--map [--cpu-time] --json FILE]
        .venv/bin/python scripts/bench_engines.py --fit FILE   (the cost model's constants from a map)
 """
 
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multichannel", action="store_true",
                         help="the 48 x (95x95x25) * (25, 11, 11, 25) layer instead of the reference job")
     parser.add_argument("--map", action="store_true", help="with --multichannel: the crossover map too")
+    parser.add_argument("--cluster", action="store_true",
+                        help="with --multichannel: the layer on 2 local workers x 1 thread too")
     parser.add_argument("--json", help="with --map: write every timing to this file")
     parser.add_argument("--fit", metavar="FILE", help="refit the cost model to a --map --json FILE and stop")
     parser.add_argument("--cpu-time", action="store_true",
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.multichannel:
         from bench_multichannel import crossover_map, layer_table
 
-        layer_table(args.threads, repeat)
+        layer_table(args.threads, repeat, cluster=args.cluster)
         if args.map:
             clock = time.process_time if args.cpu_time else time.perf_counter
             crossover_map(max(args.threads), args.json, clock)

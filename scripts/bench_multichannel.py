@@ -2,11 +2,14 @@
 
 The layer is 48 x (95x95x25) * (25, 11, 11, 25), valid (a feature-pipeline stage). Every row of the table
 is timed in the same interleaved rounds (one run of each per round, median over rounds), so load from
-other processes hits all of them alike; read ratios, not absolute seconds.
+other processes hits all of them alike; read ratios, not absolute seconds. With `cluster`, the layer also
+runs as one `Coordinator.correlate(batch=True)` on a local cluster of 2 workers x 1 thread (shared memory,
+and TCP with the bulk channel) against `rmidl.correlate(batch=True)` in-process at 2 threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -33,8 +36,9 @@ def _torch() -> object | None:
     return torch
 
 
-def layer_table(thread_counts: list[int], repeat: int) -> None:
-    """Print the layer's table: rmidl auto / fft / lowering, torch conv2d, SGEMM; 1 and 2 threads."""
+def layer_table(thread_counts: list[int], repeat: int, *, cluster: bool = False) -> None:
+    """Print the layer's table: rmidl auto / fft / lowering, torch conv2d, SGEMM; 1 and 2 threads; with
+    `cluster`, the layer on 2 local workers x 1 thread and the in-process call it is measured against."""
     rng = np.random.default_rng(14)
     images = rng.standard_normal((N, H, W, C)).astype(np.float32)
     bank = rng.standard_normal((K, KH, KW, C)).astype(np.float32)
@@ -54,7 +58,10 @@ def layer_table(thread_counts: list[int], repeat: int) -> None:
             x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
             w = torch.from_numpy(np.ascontiguousarray(bank.transpose(0, 3, 1, 2)))
             runs[("torch conv2d", t)] = lambda t=t, x=x, w=w: _torch_conv(torch, x, w, t)
-    seconds = _interleaved(runs, repeat)
+    with contextlib.ExitStack() as stack:
+        if cluster:
+            runs.update(_cluster_runs(stack, images, bank))
+        seconds = _interleaved(runs, repeat)
     picks = {t: choose_engine((H, W), bank.shape, t, batch=N) for t in thread_counts}
     versions = f"torch {torch.__version__}" if torch is not None else "torch not installed (bench extra)"
     print(f"\nlayer: {N} x ({H}x{W}x{C}) * ({K}, {KH}, {KW}, {C}), valid, float32; {GFLOP:.2f} GFLOP "
@@ -69,6 +76,30 @@ def layer_table(thread_counts: list[int], repeat: int) -> None:
         ratio = f"{torch_s / value:.2f}x" if torch_s and not name.startswith("SGEMM") else "-"
         scale = f"{one / value:.2f}x" if one and t != 1 else "-"
         print(f"| {name} | {t} | {value:.3f} | {rate:.1f} | {ratio} | {scale} |")
+    baseline = seconds.get((IN_PROCESS, 2))
+    for (name, _), value in seconds.items():
+        if baseline and name.startswith("cluster"):
+            print(f"{name}: {baseline / value:.2f}x the speed of {IN_PROCESS} at 2 threads")
+
+
+IN_PROCESS = "rmidl.correlate(batch=True)"
+"""The in-process call the cluster rows are measured against (validation and all, as theirs)."""
+
+
+def _cluster_runs(stack: contextlib.ExitStack, images: np.ndarray, bank: np.ndarray) -> Runs:
+    """The layer through Coordinator.correlate(batch=True) on a local cluster of 2 workers x 1 thread (over
+    shared memory, and over TCP with results on the bulk channel), and rmidl.correlate at 2 threads."""
+    import rmidl
+    from rmidl.client import Coordinator
+    from rmidl.client.localcluster import LocalCluster
+
+    local = stack.enter_context(LocalCluster(workers=2, threads_per_worker=1))
+    runs: Runs = {(IN_PROCESS, 2): lambda: rmidl.correlate(images, bank, batch=True, threads=2)}
+    for shared in (True, False):
+        coordinator = stack.enter_context(Coordinator(local, local_threads=0, shared_memory=shared))
+        name = f"cluster 2 workers x 1 thread, {'shared memory' if shared else 'TCP + bulk'}"
+        runs[(name, 2)] = lambda c=coordinator: c.correlate(images, bank, batch=True)
+    return runs
 
 
 def _sgemm(a: np.ndarray, threads: int) -> None:

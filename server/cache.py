@@ -22,6 +22,8 @@ class LruCache(Generic[K, V]):
         self.keep = keep
         self._size = size
         self._entries: OrderedDict[K, V] = OrderedDict()
+        self._sizes: dict[K, int] = {}
+        """Bytes counted for each entry (`size` when put, or what `resize` said since)."""
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -55,19 +57,33 @@ class LruCache(Generic[K, V]):
         """Store `value` as the newest entry (replacing one under `key`); return what was evicted."""
         evicted = [old] if (old := self.pop(key)) is not None else []
         self._entries[key] = value
-        self._bytes += self._size(value)
+        self._sizes[key] = self._size(value)
+        self._bytes += self._sizes[key]
+        return evicted + self._evict()
+
+    def resize(self, key: K, value: V, nbytes: int) -> list[V]:
+        """Count `nbytes` for `key` from now on if it still holds `value` (which grew, e.g. a cache of its
+        own), evicting the oldest entries beyond the bounds; return what was evicted."""
+        if self._entries.get(key) is not value:
+            return []
+        self._bytes += nbytes - self._sizes[key]
+        self._sizes[key] = nbytes
+        return self._evict()
+
+    def _evict(self) -> list[V]:
+        evicted = []
         while len(self._entries) > self.keep and (
             len(self._entries) > self.max_count or self._bytes > self.max_bytes
         ):
-            _, oldest = self._entries.popitem(last=False)
-            self._bytes -= self._size(oldest)
+            key, oldest = self._entries.popitem(last=False)
+            self._bytes -= self._sizes.pop(key)
             evicted.append(oldest)
         return evicted
 
     def pop(self, key: K) -> V | None:
         value = self._entries.pop(key, None)
         if value is not None:
-            self._bytes -= self._size(value)
+            self._bytes -= self._sizes.pop(key)
         return value
 
     def pop_where(self, predicate: Callable[[V], bool]) -> list[V]:
@@ -78,4 +94,5 @@ class LruCache(Generic[K, V]):
     def clear(self) -> list[V]:
         """Empty the cache; return what it held."""
         values, self._entries, self._bytes = list(self._entries.values()), OrderedDict(), 0
+        self._sizes.clear()
         return values

@@ -24,14 +24,18 @@ from rmidl.config import Config
 from rmidl.errors import (
     BankError,
     BudgetExceeded,
-    DTypeError,
-    KernelTooLarge,
     ShapeError,
     WorkerBusy,
     WorkerLost,
 )
-from rmidl.geometry import band_rows, halo, output_shape
-from rmidl.kernels import available_cores, choose_engine, correlate_valid, measure_gflops
+from rmidl.geometry import output_shape
+from rmidl.kernels import (
+    KernelSpectra,
+    available_cores,
+    choose_engine,
+    correlate_valid_batch,
+    measure_gflops,
+)
 from rmidl.remote.bulk import BulkServer
 from rmidl.remote.contract import (
     TASK_METHODS,
@@ -52,6 +56,8 @@ from rmidl.remote.shm import Attachment, block_name, host_id
 from .cache import LruCache
 from .features import FeaturesHandler
 from .gradient import run_gradient
+from .slots import input_bands, output_slot
+from .spectra import BankSpectra
 
 __all__ = ["ATTACHMENT_CACHE", "REPLY_FRAMING", "ConvolutionWorker"]
 
@@ -97,6 +103,8 @@ class ConvolutionWorker:
         self._blobs: LruCache[str, Blob] = LruCache(
             config.bank_cache_size, max(1, config.memory_budget // 4), lambda blob: blob.nbytes
         )
+        self._spectra = BankSpectra(self._blobs)
+        """Each cached bank's kernel spectra for the fft engine, counted in the blobs' bytes."""
         # The newest two blocks (a job's input and output) always stay mapped.
         self._attached: LruCache[str, Attachment] = LruCache(
             ATTACHMENT_CACHE, config.memory_budget, lambda block: block.nbytes, keep=2
@@ -269,27 +277,32 @@ class ConvolutionWorker:
 
     def _correlate(self, task: CorrelateTask) -> tuple[str, Result]:
         """Run a parsed task; return the engine that ran and the result (None: written to shared memory)."""
-        bank = self._blob(task.bank_id, "bank").arrays["bank"]
-        (k0, k1), (r0, r1) = task.kernels, task.rows
+        blob = self._blob(task.bank_id, "bank")
+        with self._lock:
+            spectra = self._spectra.of(blob)
+        try:
+            return self._correlate_with(task, blob.arrays["bank"], spectra)
+        finally:
+            grown = spectra.nbytes  # its own lock: not under ours
+            with self._lock:
+                self._spectra.count(task.bank_id, blob, grown)
+
+    def _correlate_with(self, task: CorrelateTask, bank: np.ndarray,
+                        spectra: KernelSpectra) -> tuple[str, Result]:
+        (k0, k1), (n0, n1) = task.kernels, task.images or (0, 1)
         if k1 > bank.shape[0]:
             raise ShapeError(f"task {task.task_id}: kernels [{k0}, {k1}) outside bank {task.bank_id!r} "
                              f"of {bank.shape[0]}")
         if task.output == "bulk" and self._bulk is None:
             raise ShapeError(f"task {task.task_id}: worker {self._name} has no bulk channel")
         kernels = bank[k0:k1]
-        band = self._band(task, kernels)
-        out_shape = (k1 - k0, *output_shape(band.shape[:2], kernels.shape[1:3], "valid"))
+        spectra = spectra.select(k0, k1)
+        shared = self._attach(task.source) if isinstance(task.source, ShmRef) else None
+        images = input_bands(task, kernels, shared)
+        out_shape = (n1 - n0, k1 - k0, *output_shape(images.shape[1:3], kernels.shape[1:3], "valid"))
         if isinstance(task.output, ShmRef):
-            target = self._attach(task.output)
-            fits = target.ndim == 3 and target.shape[2] == out_shape[2]
-            if not fits or k1 > target.shape[0] or r1 > target.shape[1]:
-                raise ShapeError(
-                    f"task {task.task_id}: output block of shape {target.shape} cannot hold kernels "
-                    f"[{k0}, {k1}) x rows [{r0}, {r1}) x {out_shape[2]} columns"
-                )
-            if target.dtype != kernels.dtype:
-                raise DTypeError(f"task {task.task_id}: output is {target.dtype} but bank is {kernels.dtype}")
-            return self._compute_into(band, kernels, target[k0:k1, r0:r1, :], task.engine), None
+            view = output_slot(task, kernels, self._attach(task.output), out_shape[3])
+            return self._compute_into(images, kernels, view, task.engine, spectra), None
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
         if task.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
             # Pyro5 would refuse the reply after the work and drop the connection: say why, before it.
@@ -299,47 +312,25 @@ class ConvolutionWorker:
             )
         with self._reservation(nbytes, task.task_id):
             result = empty(out_shape, kernels.dtype)  # recycled: no page faults once warm
-            engine = self._compute_into(band, kernels, result, task.engine)
+            engine = self._compute_into(images, kernels, result, task.engine, spectra)
+            if task.images is None:
+                result = result[0]
             if task.output == "inline":
                 return engine, result
             assert self._bulk is not None
             ticket = self._bulk.offer(result)
-            return engine, BulkTicket(ticket, nbytes, out_shape, result.dtype.name)
+            return engine, BulkTicket(ticket, nbytes, result.shape, result.dtype.name)
 
-    def _band(self, task: CorrelateTask, kernels: np.ndarray) -> np.ndarray:
-        """The task's input band (rows `band_rows(task.rows, kh)`), checked against its kernels."""
-        _, kh, kw, channels = kernels.shape
-        (r0, r1), (first, last) = task.rows, band_rows(task.rows, kh)
-        if isinstance(task.source, ShmRef):
-            image = self._attach(task.source)
-            if image.ndim != 3 or last > image.shape[0]:
-                raise ShapeError(
-                    f"task {task.task_id}: rows [{r0}, {r1}) with kernel height {kh} exceed the shared image "
-                    f"of shape {image.shape}"
-                )
-            band = image[first:last]
-        else:
-            band = task.source
-            if band.ndim != 3 or band.shape[0] != last - first:
-                raise ShapeError(
-                    f"task {task.task_id}: input band shape {band.shape} does not hold rows "
-                    f"[{r0}, {r1}) plus a halo of {halo(kh)} (expected {last - first} rows)"
-                )
-        if band.shape[2] != channels:
-            raise ShapeError(f"task {task.task_id}: input has {band.shape[2]} channel(s), kernels {channels}")
-        if band.dtype != kernels.dtype:
-            raise DTypeError(f"task {task.task_id}: input is {band.dtype} but bank is {kernels.dtype}")
-        if kw > band.shape[1]:
-            raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[0]}x{band.shape[1]}")
-        return band
-
-    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> str:
-        """Run `engine` ("auto" resolved here, so info() can say which ran) with every thread; return it."""
+    def _compute_into(self, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str,
+                      spectra: KernelSpectra | None = None) -> str:
+        """Run `engine` ("auto" resolved here, so info() can say which ran) with every thread on images
+        (n, H, W, C) into out (n, K, OH, OW); `spectra` are the bank's cached kernel spectra. Returns the
+        engine that ran."""
         if engine == "auto":
-            engine = choose_engine(band.shape[:2], kernels.shape, self._threads)
+            engine = choose_engine(images.shape[1:3], kernels.shape, self._threads, batch=images.shape[0])
         with self._computing():
             started = time.perf_counter()
-            correlate_valid(band, kernels, out, threads=self._threads, engine=engine)
+            correlate_valid_batch(images, kernels, out, threads=self._threads, engine=engine, spectra=spectra)
             seconds = time.perf_counter() - started
         flops = 2.0 * out.size * kernels[0].size
         with self._lock:

@@ -113,6 +113,38 @@ def start_worker(request: pytest.FixtureRequest, cluster_config: Config) -> Iter
             handle.close()
 
 
+@pytest.fixture
+def worker(start_worker: Callable[..., Any]) -> Any:
+    """One in-process worker daemon (see `start_worker`): its handle."""
+    return start_worker()
+
+
+@pytest.fixture
+def proxy(worker: Any, cluster_config: Config) -> Iterator[Any]:
+    """A Pyro5 proxy of the `worker` fixture's ConvolutionWorker, closed after the test."""
+    from rmidl.remote.transport import worker_proxy
+
+    with worker_proxy(worker.uri, cluster_config, timeout=30) as p:
+        yield p
+
+
+@pytest.fixture
+def spectra_made(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The FFT size of every kernel spectrum the fft engine computes in this process (in-process workers
+    included), in order: what a cache of spectra must save."""
+    import rmidl.kernels._fft as fft_engine
+
+    made: list[tuple[int, int]] = []
+    real = fft_engine.kernel_spectra
+
+    def counting(kernels: np.ndarray, shape: tuple[int, int], *args: Any, **kwargs: Any) -> np.ndarray:
+        made.append(shape)
+        return real(kernels, shape, *args, **kwargs)
+
+    monkeypatch.setattr(fft_engine, "kernel_spectra", counting)
+    return made
+
+
 class Child:
     """A child process whose stdout lines are read by a thread, so waits can have deadlines; a second
     thread drains stderr, so a chatty child never blocks on a full pipe."""

@@ -14,7 +14,8 @@ import scipy.signal
 if TYPE_CHECKING:
     from rmidl.network import Network
 
-__all__ = ["ACTIVATIONS", "assert_close", "network_reference", "pool_reference", "reference"]
+__all__ = ["ACTIVATIONS", "assert_close", "batch_reference", "network_reference", "pool_reference",
+           "reference"]
 
 FLOAT32_BAR = 1e-5
 """float32 results: max|result - reference| <= FLOAT32_BAR x max|reference| (the engine's exactness bar)."""
@@ -42,6 +43,12 @@ def reference(
         sum(fn(image[:, :, c], kernel[:, :, c], mode=mode) for c in range(image.shape[2]))
         for kernel in kernels
     ])
+
+
+def batch_reference(images: np.ndarray, kernels: np.ndarray, mode: str = "valid", *,
+                    flip: bool = False) -> np.ndarray:
+    """(N, K, OH, OW) in float64 for a batch (N, H, W[, C]): `reference`, image by image."""
+    return np.stack([reference(image, kernels, mode, flip=flip) for image in images])
 
 
 def assert_close(result: np.ndarray, expected: np.ndarray) -> None:

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import assert_close, reference
+from reference import assert_close, batch_reference
 
 import rmidl
 from rmidl import errors
 from rmidl import kernels as engines
 from rmidl.kernels import KernelSpectra, correlate_valid_batch
 from rmidl.validate import MODES
-
-
-def batch_reference(images: np.ndarray, kernels: np.ndarray, mode: str, flip: bool = False) -> np.ndarray:
-    """(N, K, OH, OW): the single-image float64 reference, image by image."""
-    return np.stack([reference(image, kernels, mode, flip=flip) for image in images])
 
 
 def batch_cases(count: int, seed: int) -> list[tuple[int, tuple[int, int, int], tuple[int, int], int]]:

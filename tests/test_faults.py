@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import assert_close, reference
+from reference import assert_close, batch_reference, reference
 from worker_doubles import failing
 
+import rmidl
 from rmidl.client import Coordinator
 from rmidl.client.localcluster import LocalCluster
 from rmidl.config import Config
@@ -70,6 +71,32 @@ def test_killed_worker_tasks_run_elsewhere(job, caplog):
         # The next job runs on the survivors.
         assert_close(coordinator.correlate(image, kernels), ref)
         assert set(coordinator.stats()) <= {"w1", "w3"}
+
+
+def test_a_worker_killed_mid_batch_loses_no_work(rng):
+    images = rng.standard_normal((30, 40, 36, 4)).astype(np.float32)
+    bank = rng.standard_normal((8, 5, 6, 4)).astype(np.float32)
+    in_process = rmidl.correlate(images, bank, batch=True, engine="direct")
+    config = fault_config()
+    killed = threading.Event()
+    with LocalCluster(workers=3) as cluster, Coordinator(
+        cluster.ns_address, local_threads=0, shared_memory=False, config=config, min_tasks=60
+    ) as coordinator:
+        victim = coordinator._scheduler.workers["w2"]
+
+        def kill_while_w2_works(done: int, total: int) -> None:
+            # Killed while it holds a task (its busy count says so), not between two.
+            if done >= 6 and not killed.is_set() and victim.remote(lambda proxy: proxy.info())["busy"] > 0:
+                killed.set()
+                cluster.kill("w2")
+
+        result = coordinator.correlate(images, bank, batch=True, engine="direct",
+                                       progress=kill_while_w2_works)
+        assert killed.is_set()
+        assert coordinator.last_job()["requeued"] >= 1 and coordinator.last_job()["images"] == 1
+        assert np.array_equal(result, in_process)
+        assert_close(result, batch_reference(images, bank, "valid"))
+        assert {w["name"]: w["state"] for w in coordinator.workers()}["w2"] == "dead"
 
 
 def test_hanging_worker_is_quarantined_and_its_task_requeued(job, caplog, children):

@@ -43,17 +43,6 @@ def bank_blob(bank):
     return Blob.bank(bank).to_wire()
 
 
-@pytest.fixture
-def worker(start_worker):
-    return start_worker()
-
-
-@pytest.fixture
-def proxy(worker, cluster_config):
-    with worker_proxy(worker.uri, cluster_config, timeout=30) as p:
-        yield p
-
-
 def test_ping_and_info_describe_the_worker(worker, proxy):
     assert proxy.ping() == "pong"
     info = proxy.info()

@@ -111,15 +111,17 @@ class FailingWorker(ConvolutionWorker):
 
 class DyingWorker(ConvolutionWorker):
     """Its first task with a shared-memory output writes NaN over half of its slot, then SIGKILLs the
-    worker's own process: a worker killed mid-write."""
+    worker's own process: a worker killed mid-write (of one image's task or a batch's)."""
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
         record = CorrelateTask.from_wire(task, max_bytes=self._config.max_message_size)
         if isinstance(record.output, ShmRef):
-            (k0, k1), (r0, r1) = record.kernels, record.rows
-            target = self._attach(record.output)[k0:k1, r0:r1]
-            target.reshape(-1)[: target.size // 2] = np.nan
+            block = self._attach(record.output)
+            batch = block if record.images is not None else block[None]
+            (n0, n1), (k0, k1), (r0, r1) = record.images or (0, 1), record.kernels, record.rows
+            target = batch[n0:n1, k0:k1, r0:r1]
+            target.flat[: target.size // 2] = np.nan  # .flat writes through a strided view
             os.kill(os.getpid(), signal.SIGKILL)
         return super().correlate(task)
 
@@ -211,10 +213,11 @@ class BlockingWorker(ConvolutionWorker):
         self.entered = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def _compute_into(self, band: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str) -> str:
+    def _compute_into(self, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, engine: str,
+                      spectra: Any = None) -> str:
         self.entered.release()
         self.release.wait()
-        return super()._compute_into(band, kernels, out, engine)
+        return super()._compute_into(images, kernels, out, engine, spectra)
 
     def close(self) -> None:
         self.release.set()

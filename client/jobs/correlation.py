@@ -1,9 +1,12 @@
-"""The correlation job: one image x one bank as tasks of output rows x kernels (rmidl.correlate on a cluster).
+"""The correlation job: one image, or a batch of images, x one bank as tasks of images x output rows x
+kernels (rmidl.correlate on a cluster, with or without `batch=True`).
 
-Every task is a valid correlation of the mode-padded image (the padding is done once, here): output rows
-[r0, r1) x kernels [k0, k1), whose input is the band `band_rows((r0, r1), kh)`. Same-host workers read the
-padded image from and write their results into shared memory; the others get their band inline and send
-results back over the bulk channel (or inline, without one).
+Every task is a valid correlation of the mode-padded images (the padding is done once, here): images
+[n0, n1) x output rows [r0, r1) x kernels [k0, k1), whose input is the band `band_rows((r0, r1), kh)` of
+each of its images. A job of one image is a batch of one inside; only its records and its result keep
+the image's own shapes (no image axis). Same-host workers read the padded images from and write their
+results into shared memory; the others get their bands inline and send results back over the bulk
+channel (or inline, without one).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from rmidl._memory import empty
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, RmidlError
 from rmidl.geometry import Task, band_rows, max_band_rows, pad_for_mode
-from rmidl.kernels import correlate_valid
+from rmidl.kernels import correlate_valid_batch
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import CorrelateReply, CorrelateTask, ReplyRecord, ShmRef
-from rmidl.validate import Prepared, check_engine, check_out
+from rmidl.validate import Prepared, PreparedBatch, check_engine, check_out
 
 from ..cost import MAX_TASK_BYTES, Capacity, TaskCost
 from ..planning import Plan, plan, task_bytes_for
@@ -37,27 +40,34 @@ __all__ = ["CorrelationJob"]
 
 class CorrelationJob:
     """A `JobKind` of `rmidl.geometry.Task`s. Built (every option checked), then `plan_for()` the
-    consumers at hand, then run inside `buffers()`, after which `out` is the result."""
+    consumers at hand, then run inside `buffers()`, after which `out` is the result: (K, OH, OW) for a
+    `Prepared` image, (N, K, OH, OW) for a `PreparedBatch`."""
 
     kind = "correlate"
 
-    def __init__(self, prepared: Prepared, *, config: Config, engine: str = "auto",
+    def __init__(self, prepared: Prepared | PreparedBatch, *, config: Config, engine: str = "auto",
                  out: np.ndarray | None = None) -> None:
         self.engine = check_engine(engine)
-        shape = prepared.out_shape
+        self.batch = isinstance(prepared, PreparedBatch)
+        shape: tuple[int, ...] = prepared.out_shape
         nbytes = int(np.prod(shape)) * prepared.dtype.itemsize
         if nbytes > config.memory_budget:
             raise BudgetExceeded(
-                f"output {shape[0]}x{shape[1]}x{shape[2]} {prepared.dtype.name} needs {nbytes / 2**20:.0f} "
+                f"output {'x'.join(map(str, shape))} {prepared.dtype.name} needs {nbytes / 2**20:.0f} "
                 f"MiB, over the memory budget of {config.memory_budget / 2**20:.0f} MiB"
             )
         self.out_shape = shape
         self.caller_out = None if out is None else check_out(out, shape, prepared.dtype)
         self.prepared = prepared
         self.config = config
-        self.kernels = prepared.kernels
-        self.bank = Blob.bank(prepared.kernels)
-        self.padded = prepared.image  # padded for its mode by plan()
+        images, self.kernels = prepared.images, prepared.kernels
+        given = self.caller_out
+        if given is not None and any(np.may_share_memory(given, a) for a in (images, self.kernels)):
+            # Tasks read inputs after others wrote results: inputs under the caller's out= are copied first.
+            images, self.kernels = images.copy(), self.kernels.copy()
+        self.bank = Blob.bank(self.kernels)
+        self.images = images
+        self.padded = images  # (N, H, W, C), padded for its mode by plan_for()
         self.plan: Plan | None = None
         self.message_limit: int | None = None
         """The max_message_size the tasks were sized for: a worker taking arrays over TCP needs as much."""
@@ -73,8 +83,8 @@ class CorrelationJob:
     # -- before the run ------------------------------------------------------------------------------
     def plan_for(self, consumers: Sequence[Capacity], workers: Sequence[WorkerStub], *,
                  shared_memory: bool, min_tasks: int) -> Plan:
-        """Pad the image and cut the job for these consumers (and the message limits of these workers)."""
-        self.padded = pad_for_mode(self.prepared.image, self.kernels.shape[1:3], self.prepared.mode)
+        """Pad the images and cut the job for these consumers (and the message limits of these workers)."""
+        self.padded = pad_for_mode(self.images, self.kernels.shape[1:3], self.prepared.mode, batch=True)
         workers = [w for w in workers if self._holds_bank(w)]  # the others sit the job out
         self.uses_shm = shared_memory and any(w.shares_memory for w in workers)
         tcp = [w for w in workers if not (self.uses_shm and w.shares_memory)]
@@ -84,10 +94,11 @@ class CorrelationJob:
         in_flight = max(1, self.config.tasks_in_flight)
         rooms = [w.info.memory_budget // in_flight for w in tcp if w.info.memory_budget]
         bounded = {w.name for w in tcp if w.info.memory_budget}
-        max_task = task_bytes_for(max_task, rooms, self.out_shape[2] * itemsize,
+        max_task = task_bytes_for(max_task, rooms, self.out_shape[-1] * itemsize,
                                   unbounded=any(c.name not in bounded for c in consumers))
-        self.plan = plan(self.out_shape, self.kernels.shape, consumers, itemsize=itemsize,
-                         max_task_bytes=max_task, max_band_rows=max_rows, min_tasks=min_tasks)
+        self.plan = plan(self.out_shape[-3:], self.kernels.shape, consumers, itemsize=itemsize,
+                         max_task_bytes=max_task, max_band_rows=max_rows, min_tasks=min_tasks,
+                         images=self.padded.shape[0])
         return self.plan
 
     def _message_limits(self, tcp: Sequence[WorkerStub]) -> tuple[int, int | None, int]:
@@ -101,7 +112,7 @@ class CorrelationJob:
         max_task = min(MAX_TASK_BYTES, own // 2, limit)
         if not tcp:
             return max_task, None, smallest
-        row_bytes = self.padded.shape[1] * self.padded.shape[2] * self.padded.itemsize
+        row_bytes = self.padded.shape[2] * self.padded.shape[3] * self.padded.itemsize
         kh = int(self.kernels.shape[1])
         rows = max_band_rows(limit, row_bytes, kh)
         if rows < 1:
@@ -126,9 +137,9 @@ class CorrelationJob:
             yield
             return
         assert pool is not None, "a job planned for shared memory needs a SharedPool"
-        shared_in = pool.lease(self.padded.shape, self.padded.dtype)
+        shared_in = pool.lease(self._own(self.padded).shape, self.padded.dtype)
         shared_out = pool.lease(self.out_shape, self.prepared.dtype)
-        shared_in.array[...] = self.padded
+        shared_in.array[...] = self._own(self.padded)
         self.out = shared_out.array if given is None else given
         self._shm = (shared_in.ref, shared_out.ref, shared_out.array)
         self._shm_calls = [0, 0]
@@ -149,12 +160,13 @@ class CorrelationJob:
         return self.plan.tasks
 
     def describe(self, task: Task) -> str:
-        (r0, r1), (k0, k1) = task.rows, task.kernels
-        return f"task {task.task_id} (rows {r0}:{r1}, kernels {k0}:{k1})"
+        (n0, n1), (r0, r1), (k0, k1) = task.images, task.rows, task.kernels
+        images = f"images {n0}:{n1}, " if self.batch else ""
+        return f"task {task.task_id} ({images}rows {r0}:{r1}, kernels {k0}:{k1})"
 
     def cost(self, task: Task) -> TaskCost:
         _, kh, kw, channels = self.kernels.shape
-        out_elements = task.out_elements(self.out_shape[2])
+        out_elements = task.out_elements(self.out_shape[-1])
         return TaskCost(flops=2.0 * kh * kw * channels * out_elements, input_bytes=self._band(task).nbytes,
                         result_bytes=out_elements * self.prepared.dtype.itemsize)
 
@@ -169,7 +181,7 @@ class CorrelationJob:
     def misfit(self, task: Task, stub: WorkerStub) -> str | None:
         if self._shm_for(stub):
             return None  # written in place: nothing held in the worker's budget
-        nbytes = task.out_elements(self.out_shape[2]) * self.prepared.dtype.itemsize
+        nbytes = task.out_elements(self.out_shape[-1]) * self.prepared.dtype.itemsize
         budget = stub.info.memory_budget
         if budget and nbytes > budget:
             return f"its output of {nbytes} bytes is over the memory budget of {budget} bytes"
@@ -177,8 +189,8 @@ class CorrelationJob:
 
     def run_local(self, task: Task, threads: int) -> None:
         (k0, k1) = task.kernels
-        correlate_valid(self._band(task), self.kernels[k0:k1], self._out_view(task), threads=threads,
-                        engine=self.engine)
+        correlate_valid_batch(self._band(task), self.kernels[k0:k1], self._out_view(task), threads=threads,
+                              engine=self.engine)
 
     def request(self, task: Task, stub: WorkerStub) -> CorrelateTask:
         source: np.ndarray | ShmRef
@@ -189,9 +201,9 @@ class CorrelationJob:
             with self._lock:
                 self._shm_calls[0] += 1
         else:
-            source, output = self._band(task), "bulk" if stub.bulk_usable else "inline"
+            source, output = self._own(self._band(task)), "bulk" if stub.bulk_usable else "inline"
         return CorrelateTask(task.task_id, self.bank.content_id, task.kernels, task.rows, source, output,
-                             self.engine)
+                             self.engine, task.images if self.batch else None)
 
     def accept(self, task: Task, reply: ReplyRecord, stub: WorkerStub) -> int:
         view = self._out_view(task)
@@ -203,12 +215,11 @@ class CorrelationJob:
             with self._lock:
                 self._shm_calls[1] += 1
             if self.out is not self._shm[2]:  # the caller's own out=: copy the task's part into it
-                (k0, k1), (r0, r1) = task.kernels, task.rows
-                view[...] = self._shm[2][k0:k1, r0:r1, :]
+                view[...] = self._slot(self._shm[2], task)
             return 0
         if reply.result is None:
             raise RmidlError(f"worker {stub.name} sent no result for {self.describe(task)}")
-        return stub.receive(reply.result, view, what=self.describe(task))
+        return stub.receive(reply.result, self._own(view), what=self.describe(task))
 
     # -- internals -----------------------------------------------------------------------------------
     def _holds_bank(self, stub: WorkerStub) -> bool:
@@ -217,11 +228,20 @@ class CorrelationJob:
     def _shm_for(self, stub: WorkerStub) -> bool:
         return self._shm is not None and stub.shares_memory
 
+    def _own(self, array: np.ndarray) -> np.ndarray:
+        """A batch-shaped array (leading image axis) in the job's own shapes: without it for one image."""
+        return array if self.batch else array[0]
+
     def _band(self, task: Task) -> np.ndarray:
-        """Input rows the task needs (its output rows plus the kernel's halo): a contiguous view."""
-        return self.padded[slice(*band_rows(task.rows, self.kernels.shape[1]))]
+        """Input rows the task needs (its output rows plus the kernel's halo) of its images:
+        (n1 - n0, rows, W', C), a view."""
+        return self.padded[slice(*task.images), slice(*band_rows(task.rows, self.kernels.shape[1]))]
+
+    def _slot(self, out: np.ndarray, task: Task) -> np.ndarray:
+        """The task's part (n1 - n0, k1 - k0, r1 - r0, OW) of an output in the job's own shape."""
+        batch = out if self.batch else out[None]
+        return batch[slice(*task.images), slice(*task.kernels), slice(*task.rows)]
 
     def _out_view(self, task: Task) -> np.ndarray:
-        (k0, k1), (r0, r1) = task.kernels, task.rows
-        return self.out[k0:k1, r0:r1, :]
+        return self._slot(self.out, task)
 

@@ -8,9 +8,11 @@ replies and `info()`. Errors are the `rmidl.errors` classes named in the Protoco
 
 A correlation task asks for a *valid* correlation (the coordinator pads the image for the job's mode and
 flips kernels for true convolution): output rows [r0, r1) and kernels [k0, k1) of the job, whose input is
-the band of rows `rmidl.geometry.band_rows((r0, r1), kh)`, with the bank of a blob put earlier.
+the band of rows `rmidl.geometry.band_rows((r0, r1), kh)`, with the bank of a blob put earlier; in a batch
+job (`images` given), of images [n0, n1) of the batch.
 
-Wire form of a correlate task (`CorrelateTask`), every key required but `engine`; no other key allowed:
+Wire form of a correlate task (`CorrelateTask`), every key required but `engine` and `images`; no other
+key allowed:
     task_id: int (tasks are idempotent: running one twice writes the same values)
     bank_id: str, the id of a "bank" blob given earlier to `put_blob`
     kernels: [k0, k1]    rows: [r0, r1] (output rows)
@@ -19,6 +21,10 @@ Wire form of a correlate task (`CorrelateTask`), every key required but `engine`
              | {"shm": <ShmRef of the whole output (K, OH, OW)>} (out[k0:k1, r0:r1] written in place)
     a ShmRef: name, shape, dtype, pid, fd, token (the block's capability, see rmidl.remote.shm)
     engine:  "auto" (default) or one of rmidl.kernels.ENGINES
+    images:  [n0, n1] (a batch job): every array above gains a leading image axis. The input band is
+             (n1 - n0, rows, W', C) and the result (n1 - n0, k1 - k0, r1 - r0, OW); the shared input is the
+             whole padded batch (N, H', W', C) and the shared output (N, K, OH, OW), of which
+             out[n0:n1, k0:k1, r0:r1] is written.
 Its reply (`CorrelateReply`): task_id, seconds, engine (the one that ran), and for "inline" "result" (a wire
 dict), for "bulk" "ticket", "nbytes", "shape", "dtype"; nothing more for shared memory.
 
@@ -236,27 +242,30 @@ class CorrelateTask:
     output: str | ShmRef
     """"inline", "bulk", or the whole output in shared memory."""
     engine: str = "auto"
+    images: tuple[int, int] | None = None
+    """Images [n0, n1) of a batch job (its arrays have a leading image axis); None for one image."""
 
     def to_wire(self) -> WireRecord:
         source = {"shm": self.source.to_wire()} if isinstance(self.source, ShmRef) else {
             "array": pack(self.source)}
         output = {"shm": self.output.to_wire()} if isinstance(self.output, ShmRef) else self.output
-        return {"task_id": self.task_id, "bank_id": self.bank_id, "kernels": list(self.kernels),
-                "rows": list(self.rows), "input": source, "output": output, "engine": self.engine}
+        record = {"task_id": self.task_id, "bank_id": self.bank_id, "kernels": list(self.kernels),
+                  "rows": list(self.rows), "input": source, "output": output, "engine": self.engine}
+        if self.images is not None:
+            record["images"] = list(self.images)
+        return record
 
     @classmethod
     def from_wire(cls, data: object, *, max_bytes: int) -> CorrelateTask:
         """The task a wire dict describes; ShapeError, BankError, OptionError name the bad field."""
         record = _fields(data, "task", {"task_id", "bank_id", "kernels", "rows", "input", "output"},
-                         frozenset({"engine"}))
+                         frozenset({"engine", "images"}))
         task_id = _int(record["task_id"], "task_id")
         bank_id = check_blob_id(record["bank_id"])
-        kernels = _pair(record["kernels"], "kernels")
-        rows = _pair(record["rows"], "rows")
-        if not 0 <= rows[0] < rows[1]:
-            raise ShapeError(f"task {task_id}: rows [{rows[0]}, {rows[1]}) are empty or negative")
-        if not 0 <= kernels[0] < kernels[1]:
-            raise ShapeError(f"task {task_id}: kernels [{kernels[0]}, {kernels[1]}) are empty or negative")
+        ranges = {name: _pair(record[name], name) for name in ("kernels", "rows", "images") if name in record}
+        for name, (start, stop) in ranges.items():
+            if not 0 <= start < stop:
+                raise ShapeError(f"task {task_id}: {name} [{start}, {stop}) are empty or negative")
         source_record = record["input"]
         if not (isinstance(source_record, dict) and len(source_record) == 1
                 and next(iter(source_record)) in ("array", "shm")):
@@ -277,7 +286,8 @@ class CorrelateTask:
                 f"task {task_id}: output {output_record!r} is not 'inline', 'bulk' or {{'shm': ...}}"
             )
         engine = check_engine(record.get("engine", "auto"))
-        return cls(task_id, bank_id, kernels, rows, source, output, engine)
+        return cls(task_id, bank_id, ranges["kernels"], ranges["rows"], source, output, engine,
+                   ranges.get("images"))
 
     def parse_reply(self, data: object, *, max_bytes: int) -> CorrelateReply:
         reply = CorrelateReply.from_wire(data, max_bytes=max_bytes)
