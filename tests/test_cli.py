@@ -342,9 +342,37 @@ def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
         done = rmidl_cli("features", str(image_folder), "--net", "3x3x3:relu:max2,2x3x3:relu:max2", "--seed",
                          "4", "--batch", "5", "--out", str(out), *options)
         assert done.returncode == 0, done.stderr
-        assert re.search(r"^10 images x 24 features \(2 classes\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
+        assert re.search(r"^10 images x 24 features \(2 classes: c0, c1\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
         on_workers = re.search(r"tasks per runner: (w[12]=\d+ ?)+;", done.stdout) is not None
         assert on_workers == (where == "up") and "error" not in done.stderr
         saved = FeatureSet.load(out)
         np.testing.assert_array_equal(saved.X, expected)
         assert saved.labels.tolist() == [0] * 5 + [1] * 5
+
+
+def test_ctrl_c_in_a_job_says_interrupted_and_exits_130(monkeypatch, capsys):
+    from rmidl.client import cli
+    from rmidl.client.cli import run as run_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_command, "run", interrupted)
+    assert cli.main(["run", "default", "--kernels", "sobel", "--no-cluster"]) == 130
+    assert capsys.readouterr().err.strip() == "rmidl: interrupted"
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    from conftest import gaussian_blobs
+
+    x, y = gaussian_blobs(300, 6, 3)
+    np.savez(tmp_path / "feat.npz", X=x, y=y)
+    model = rmidl.MLP((6, 4, 3)).save(tmp_path / "model.npz")
+    process = subprocess.Popen([sys.executable, "-m", "rmidl.client.cli", "predict", str(model),
+                                str(tmp_path / "feat.npz")], env=env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the command writes a line (`| head -0`)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

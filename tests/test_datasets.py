@@ -163,6 +163,7 @@ def test_bad_files_stop_the_read_or_are_skipped_and_recorded(folder: Path) -> No
     with pytest.raises(ImageReadError) as caught:
         datasets.open(folder).read()
     assert paths[1] in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("(skip_bad=True, or --skip-bad, leaves such images out)")
     with pytest.raises(ImageReadError, match="is not a regular file"):
         datasets.open(folder)[4]
     ds = datasets.open(folder, skip_bad=True)
@@ -370,3 +371,18 @@ def test_bad_descriptions(folder: Path) -> None:
         with pytest.raises(InputError, match=None) as caught:
             datasets.from_dict(description)
         assert text in str(caught.value), text
+
+
+def test_a_tree_of_splits_opened_one_level_too_high_is_warned_about(tmp_path: Path, caplog) -> None:
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "set" / "train", per_class=2)
+    write_image_folder(tmp_path / "set" / "test", per_class=1)
+    with caplog.at_level("WARNING", logger="rmidl.datasets"):
+        whole = datasets.open(tmp_path / "set")
+    assert whole.classes == ("test", "train")
+    assert "look like the splits" in caplog.text and "set/train" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rmidl.datasets"):
+        split = datasets.open(tmp_path / "set" / "train")
+    assert split.classes == ("c0", "c1") and caplog.text == ""

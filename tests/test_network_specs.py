@@ -33,7 +33,8 @@ def test_spec_tokens_in_any_order_with_defaults() -> None:
 BAD_SPECS = [
     ("", "empty"),
     ("  ", "empty"),
-    ("axb", "'axb' is not a bank size"),
+    ("axb", "'axb' is not a preset (seed004, seed004-full, textures), a network file or a spec"),
+    ("3xb", "'3xb' is not a bank size"),
     ("25x11x11:foo", "unknown token 'foo'"),
     ("25x11x11:relu:tanh", "two activation tokens, 'relu' and 'tanh'"),
     ("25x11x11:max2:nopool", "two pool tokens"),
@@ -42,7 +43,9 @@ BAD_SPECS = [
     ("2x3x3:max0", "sizes must be >= 1, got 0"),
     ("2x3x3:max2s0", "sizes must be >= 1, got 0"),
     ("2x3x3,", "stage 2 ''"),
-    ("seed005", "'seed005' is not a bank size"),
+    ("seed005", "'seed005' is not a preset (seed004, seed004-full, textures), a network file or a spec such "
+                "as 25x11x11:relu:max2; did you mean 'seed004'?"),
+    ("texture", "did you mean 'textures'?"),
 ]
 
 

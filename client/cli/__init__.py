@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Protocol
@@ -15,6 +16,7 @@ from typing import Protocol
 import rmidl
 from rmidl.client.cli.common import (
     EXIT_CLUSTER,
+    EXIT_FAILED,
     EXIT_INPUT,
     EXIT_INTERRUPTED,
     HelpFormatter,
@@ -82,14 +84,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with logging_configured(log_level(args)):
         try:
-            return int(args.handler(args) or 0)
+            code = int(args.handler(args) or 0)
+            sys.stdout.flush()  # here, so that a closed pipe is seen by the handler below
+            return code
         except RmidlError as error:
             if args.debug:
                 raise
             print(f"rmidl: error: {error}", file=sys.stderr)
             return EXIT_CLUSTER if isinstance(error, ClusterError) else EXIT_INPUT
         except KeyboardInterrupt:
+            print("rmidl: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (`rmidl predict ... | head`): stop quietly, as command-line tools do.
+            # Python's own flush at exit would fail again, so stdout becomes /dev/null first.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ def summary(features: object, job: dict, out: Path) -> str:
     else:
         by = " ".join(f"{name}={n}" for name, n in sorted(job.get("tasks_by", {}).items())) or "-"
         where = f"tasks per runner: {by}"
-    classes = f" ({len(features.classes)} classes)" if features.classes else ""
+    names = ", ".join(features.classes[:6]) + (", ..." if len(features.classes) > 6 else "")
+    classes = f" ({len(features.classes)} classes: {names})" if features.classes else ""
     return (f"{len(features)} images x {features.X.shape[1]} features{classes} in {seconds:.2f} s, "
             f"{rate:.1f} images/s, {job.get('placement', 'tasks')} placement, {where}; "
             f"wrote {out}")

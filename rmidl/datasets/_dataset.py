@@ -190,12 +190,12 @@ class Dataset(Sequence[np.ndarray]):
             return self._decoded(image_id)
         except (ImageReadError, ShapeError) as error:
             if not self.settings["skip_bad"]:
-                raise
+                raise type(error)(f"{error} (skip_bad=True, or --skip-bad, leaves such images out)") from None
             with self._shared.lock:
                 new = image_id not in self._shared.bad
                 self._shared.bad[image_id] = str(error)
             if new:
-                log.warning("skipping %s", error)
+                log.warning("left out (skip_bad): %s", error)
             return None
 
     @property

@@ -213,6 +213,10 @@ def _image_files(folder: str) -> list[str]:
     return found
 
 
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "dev", "training", "testing"})
+"""Folder names of a dataset's splits: a tree whose "classes" are only these is opened one level too high."""
+
+
 def _folder(root: str, gray: bool | None) -> Listing:
     entries = sorted(os.listdir(root))
     classes = [e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(root, e))]
@@ -222,6 +226,9 @@ def _folder(root: str, gray: bool | None) -> Listing:
                          f"({loose[0]}, ...): move the images into a class folder or open a glob")
     if not classes:
         return Listing(FileSource([os.path.join(root, e) for e in loose], gray), len(loose), None, ())
+    if len(classes) > 1 and {c.lower() for c in classes} <= SPLIT_NAMES:
+        log.warning("dataset %r: its class folders %s look like the splits of a dataset, not its classes; "
+                    "open one split (e.g. %r)", root, ", ".join(classes), os.path.join(root, classes[-1]))
     paths: list[str] = []
     labels: list[int] = []
     for index, name in enumerate(classes):

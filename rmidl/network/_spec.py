@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -113,6 +114,12 @@ def parse_spec(spec: str) -> list[StageSpec]:
     if not text.strip():
         raise OptionError("network spec is empty: give stages such as 25x11x11:relu:max2 or a preset "
                           f"({', '.join(PRESETS)})")
+    word = text.strip()
+    if re.fullmatch(r"[A-Za-z][\w.-]*", word):  # a name, not a stage: a mistyped preset or a missing file
+        close = difflib.get_close_matches(word.lower(), list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise OptionError(f"network {spec!r} is not a preset ({', '.join(PRESETS)}), a network file or a "
+                          f"spec such as 25x11x11:relu:max2{hint}")
     parts = text.split(",")
     return [_stage(part, f"network spec {spec!r}, stage {i + 1} {part.strip()!r}")
             for i, part in enumerate(parts)]
