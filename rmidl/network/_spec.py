@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 
