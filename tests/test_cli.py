@@ -342,7 +342,8 @@ def test_features_on_the_local_pool_and_through_up(up, image_folder, tmp_path):
         done = rmidl_cli("features", str(image_folder), "--net", "3x3x3:relu:max2,2x3x3:relu:max2", "--seed",
                          "4", "--batch", "5", "--out", str(out), *options)
         assert done.returncode == 0, done.stderr
-        assert re.search(r"^10 images x 24 features \(2 classes: c0, c1\) in [\d.]+ s, [\d.]+ images/s", done.stdout)
+        assert re.search(r"^10 images x 24 features \(2 classes: c0, c1\) in [\d.]+ s, [\d.]+ images/s",
+                         done.stdout)
         on_workers = re.search(r"tasks per runner: (w[12]=\d+ ?)+;", done.stdout) is not None
         assert on_workers == (where == "up") and "error" not in done.stderr
         saved = FeatureSet.load(out)
