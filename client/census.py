@@ -10,8 +10,11 @@ from rmidl.errors import WorkerNotFound
 
 __all__ = ["COLUMNS", "census"]
 
-COLUMNS = ("name", "host", "state", "cores", "threads", "gflops", "tasks_done", "busy", "banks", "error")
-"""The keys of every row, in `rmidl status`'s order and in its `--json` (missing values are None)."""
+COLUMNS = ("name", "host", "state", "cores", "threads", "gflops", "tasks_done", "busy", "banks", "blobs",
+           "error")
+"""The keys of every row, in `rmidl status`'s order and in its `--json` (missing values are None): `banks`
+counts the kernel banks a worker holds, `blobs` everything it holds (banks, networks, training shards,
+weights)."""
 
 
 def _row(name: str, uri: str, info: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
@@ -30,6 +33,7 @@ def _row(name: str, uri: str, info: dict[str, Any] | None, error: str | None) ->
         tasks_done=info.get("tasks_done"),
         busy=busy,
         banks=len(info.get("banks") or ()),
+        blobs=len(info.get("blobs") or ()),
     )
     return row
 

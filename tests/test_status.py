@@ -28,8 +28,8 @@ def test_a_dead_worker_is_an_unreachable_row_and_exit_1(one_dead, capsys) -> Non
     out = capsys.readouterr().out.splitlines()
     header, rule, live, dead, summary = out
     assert header.split() == ["name", "host", "state", "cores", "threads", "gflops", "tasks", "done", "busy",
-                              "banks", "error"]
-    assert re.match(r"w1\s+127\.0\.0\.1\s+idle\s+\d+\s+1\s+[\d.]+\s+0\s+0\s+0$", live)
+                              "banks", "blobs", "error"]
+    assert re.match(r"w1\s+127\.0\.0\.1\s+idle\s+\d+\s+1\s+[\d.]+\s+0\s+0\s+0\s+0$", live)
     assert re.match(r"w2\s+127\.0\.0\.1\s+unreachable\s+\S", dead)
     # the reason sits in the last column, where the header says "error"; every other column keeps its place
     assert dead.index("unreachable") == header.index("state") and len(dead) > header.index("error")

@@ -26,7 +26,7 @@ from rmidl.errors import ClusterError, OptionError
 HELP = "list the workers of a cluster: name, host, state, cores, tasks done, busy"
 
 _HEADER = {"tasks_done": "tasks done"}
-_NUMERIC = {"cores", "threads", "gflops", "tasks_done", "busy", "banks"}
+_NUMERIC = {"cores", "threads", "gflops", "tasks_done", "busy", "banks", "blobs"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

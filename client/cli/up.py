@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
             if dashboard is not None:
                 print(f"dashboard {dashboard.url}", flush=True)
             print(f"cluster file {cluster.cluster_file} (address and secret, for you alone)", flush=True)
-            print(f"ready: {len(cluster.workers)} workers at {cluster.ns_address}; `rmidl status` and "
-                  "`rmidl run` find them; Ctrl-C stops", flush=True)
+            count = len(cluster.workers)
+            print(f"ready: {count} worker{'s' if count != 1 else ''} at {cluster.ns_address}; `rmidl run`, "
+                  "`features`, `train` and `status` find them; Ctrl-C stops", flush=True)
             exited: set[str] = set()
             restarts: deque[float] = deque(maxlen=NS_RESTARTS)
             while not stop.wait(1.0):
