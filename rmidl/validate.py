@@ -131,7 +131,7 @@ def prepare(image: object, kernels: object, mode: str = "valid") -> Prepared:
     _check_bank(ker)
     if ker.shape[3] != channels:
         # An (N, H, W) stack read as one image of N x H with W channels: say what batch=True would do.
-        hint = (f"; did you mean batch=True ({img.shape[0]} images of {img.shape[1]}x{img.shape[2]})?"
+        hint = (f"; did you mean batch=True ({img.shape[0]} images of {img.shape[2]}x{img.shape[1]})?"
                 if ker.shape[3] == 1 else "")
         raise ShapeError(f"kernels have {ker.shape[3]} channel(s) but the image has {channels}{hint}")
     _check_fit(img.shape[:2], ker, mode, "image")

@@ -131,9 +131,9 @@ def test_bad_batches_are_refused_with_a_clear_message(name, images, bank, error,
 
 
 def test_a_stack_without_batch_true_points_at_batch_true() -> None:
-    # (8, 64, 80) with a single-channel bank reads as one 8x64 image with 80 channels: say what was meant.
+    # (8, 64, 80) with a 1-channel bank reads as one 64x8 image (WxH) of 80 channels: say what was meant.
     with pytest.raises(errors.ShapeError,
-                       match=r"1 channel.*has 80; did you mean batch=True \(8 images of 64x80\)"):
+                       match=r"1 channel.*has 80; did you mean batch=True \(8 images of 80x64\)"):
         rmidl.correlate(np.ones((8, 64, 80)), np.ones((2, 3, 3)))
     with pytest.raises(errors.ShapeError, match=r"got shape \(8, 64, 80, 3\); did you mean batch=True"):
         rmidl.convolve(np.ones((8, 64, 80, 3)), np.ones((2, 3, 3, 3)))
