@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rmidl.config import Config
-from rmidl.errors import ClusterError, OptionError, WorkerNotFound
+from rmidl.errors import ClusterError, OptionError
 from rmidl.kernels import available_cores
 from rmidl.validate import check_threads, prepare_any
 
 from .jobs.correlation import CorrelationJob
 from .scheduler import Scheduler
+from .selection import AUTO, Auto, check_selection, choose, where
 from .shared import SharedPool
 from .watching import Watching
 
@@ -34,16 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["AUTO", "Coordinator"]
 
 log = logging.getLogger(__name__)
-
-
-class _Auto:
-    """The default `ns`: the running local cluster of this user if there is one, else this process."""
-
-    def __repr__(self) -> str:
-        return "AUTO"
-
-
-AUTO = _Auto()
 
 
 class Coordinator:
@@ -71,7 +62,7 @@ class Coordinator:
 
     def __init__(
         self,
-        ns: str | LocalCluster | _Auto | None = AUTO,
+        ns: str | LocalCluster | Auto | None = AUTO,
         local_threads: int | None = None,
         shared_memory: bool = True,
         config: Config | None = None,
@@ -85,12 +76,12 @@ class Coordinator:
             isinstance(local_threads, bool) or not isinstance(local_threads, int) or local_threads < 0
         ):
             raise OptionError(f"local_threads={local_threads!r} must be a non-negative integer")
-        ns, config = _where(ns, config)
+        ns, config = where(ns, config)
         if local_threads is None:
             local_threads = 0 if ns is not None else available_cores()
         if ns is None and local_threads == 0:
             raise OptionError("local_threads=0 without a name server leaves nobody to do the work")
-        selection = _check_selection(workers)
+        selection = check_selection(workers)
         if selection is not None and ns is None:
             raise OptionError(f"workers={workers!r} chooses among registered workers: it needs a name server")
         if selection == 0 and local_threads == 0:
@@ -128,7 +119,7 @@ class Coordinator:
     def _connect(self, registry: Registry, selection: list[str] | int | None) -> None:
         found = registry.workers()  # RegistryError now if the name server is not there
         if selection is not None:
-            self._scheduler.only = frozenset(_choose(selection, sorted(found), registry.address))
+            self._scheduler.only = frozenset(choose(selection, sorted(found), registry.address))
         self._scheduler.discover()
 
     def close(self) -> None:
@@ -374,64 +365,3 @@ class Coordinator:
             self._scheduler.refresh()
         else:
             self._scheduler.discover()
-
-
-def _where(ns: object, config: Config | None) -> tuple[str | None, Config]:
-    """The name server (None: none) and settings `ns` means (see the class docstring)."""
-    from rmidl.remote import clusterfile
-
-    from .localcluster import LocalCluster
-
-    if isinstance(ns, LocalCluster):
-        base = config or ns.config
-        if not base.secret and ns.config.secret:
-            base = base.replace(secret=ns.config.secret)
-        return ns.address, base
-    auto = isinstance(ns, _Auto)
-    if auto or ns is None:
-        address = None
-    elif isinstance(ns, str):
-        address = ns
-    else:
-        raise OptionError(f"ns={ns!r} must be 'HOST:PORT', 'local', a LocalCluster or None")
-    resolved = clusterfile.resolve(address, config or Config(), auto=auto,
-                                   explicit_secret=bool(config and config.secret),
-                                   fallback="this process's pool runs the jobs")
-    if auto and resolved.ns is not None:
-        log.info("Coordinator: %s", resolved.note)
-    return resolved.ns, resolved.config
-
-
-def _check_selection(workers: object) -> list[str] | int | None:
-    """The `workers` argument as None, a count or a list of names; OptionError for anything else."""
-    if workers is None:
-        return None
-    if isinstance(workers, int) and not isinstance(workers, bool):
-        if workers < 0:
-            raise OptionError(f"workers={workers!r} must be a non-negative count or a list of names")
-        return workers
-    # A bare string is a Sequence too: refuse it, or "w1" would mean the workers "w" and "1".
-    if isinstance(workers, (str, bytes)) or not isinstance(workers, Sequence):
-        raise OptionError(f"workers={workers!r} must be a list of worker names, a count or None")
-    names = list(workers)
-    if not names:
-        raise OptionError("workers=[] names no worker (None means all of them)")
-    bad = [name for name in names if not isinstance(name, str) or not name]
-    if bad:
-        raise OptionError(f"workers={workers!r}: {bad[0]!r} is not a worker name")
-    return names
-
-
-def _choose(selection: list[str] | int, registered: list[str], ns: str) -> list[str]:
-    """The names `selection` picks out of the sorted `registered` ones; WorkerNotFound if it cannot."""
-    known = ", ".join(registered) or "none"
-    if isinstance(selection, int):
-        if selection > len(registered):
-            raise WorkerNotFound(f"workers={selection} but {len(registered)} registered at {ns}: {known}")
-        return registered[:selection]
-    missing = [name for name in selection if name not in registered]
-    if missing:
-        which = ", ".join(map(repr, missing))
-        raise WorkerNotFound(f"no worker{'s' if len(missing) > 1 else ''} {which} registered at {ns} "
-                             f"(registered: {known})")
-    return selection
