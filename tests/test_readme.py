@@ -19,7 +19,8 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, re.DOTALL)
 
 
-def test_the_python_example_runs(capsys) -> None:
+def test_the_python_example_runs(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # it writes a dataset ("textures/") where it runs, as a user's would
     (example,) = blocks("python")
     exec(compile(example, "README.md", "exec"), {})
     out = capsys.readouterr().out
