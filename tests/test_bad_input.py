@@ -5,6 +5,7 @@ go on serving."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -156,6 +157,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["text"].write_text("this is not an image\n")
     made["empty"] = root / "empty.png"
     made["empty"].write_bytes(b"")
+    made["fifo"] = root / "results.fifo"  # nobody ever writes to it: a plain open() would wait forever
+    os.mkfifo(made["fifo"])
+    made["huge"] = root / "huge.json"  # sparse, 64 MiB of nothing on disk: past any JSON cap we read
+    with made["huge"].open("wb") as handle:
+        handle.truncate(64 << 20)
+    made["json_list"] = root / "list.json"
+    made["json_list"].write_text("[1, 2]\n")
     for name, array in {
         "bank_1d": np.ones(9, np.float32),
         "bank_5d": np.ones((1, 2, 3, 3, 1, 1), np.float32),
@@ -280,6 +288,12 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("bench empty kernel", BENCH + " --kernels random:4x0x5", 2, "4x0x5"),
     ("bench kernel larger than image", BENCH + " --kernels random:4x99x99", 2, "99x99"),
     ("bench --from missing", BENCH + " --from /nonexistent/results.json", 2, "/nonexistent/results.json"),
+    ("bench --from a FIFO", BENCH + " --from {fifo}", 2, "results.fifo' is a FIFO (named pipe)"),
+    ("bench --from a device", BENCH + " --from /dev/null", 2, "'/dev/null' is a character device"),
+    ("bench --from a huge file", BENCH + " --from {huge}", 2, "huge.json' is larger than 16777216 bytes"),
+    ("bench --from not JSON", BENCH + " --from {text}", 2, "notes.txt' is not JSON"),
+    ("bench --from other JSON", BENCH + " --from {json_list}", 2,
+     "list.json' is not a results.json of rmidl bench (it holds a list)"),
     ("features: truncated image, workers", FEATURES.replace("{dataset}", "{dataset_bad}") + " --ns {ns}", 2,
      "dataset_bad/c1/img001.png"),
     ("features: truncated image, local", FEATURES.replace("{dataset}", "{dataset_bad}"), 2, "img001.png"),
