@@ -48,7 +48,7 @@ def child_env() -> dict[str, str]:
 # that blocks (a FIFO with no writer) or reads without end (/dev/zero) fails its case instead of the suite.
 
 READERS = {"image": ImageReadError, "bank": BankError, "bank spec": BankError, "secret": OptionError,
-           "bench --from": OptionError}
+           "bench --from": OptionError, "network": InputError}
 SPECIAL = {"fifo": "is a FIFO (named pipe), not a regular file",
            "/dev/zero": "is a character device, not a regular file",
            "/dev/urandom": "is a character device, not a regular file",
@@ -63,6 +63,7 @@ SPECIAL_CASES = [(r, s) for r in READERS for s in SPECIAL
 CHILD = textwrap.dedent("""
     import json, pathlib, signal, sys
     import rmidl
+    import rmidl.network
     from rmidl.client.cli.bench import _load_earlier
     from rmidl.remote.security import read_secret
 
@@ -72,6 +73,7 @@ CHILD = textwrap.dedent("""
         "bank spec": rmidl.load_kernels,  # a string naming a file by its .npy suffix
         "secret": read_secret,
         "bench --from": _load_earlier,  # an earlier results.json
+        "network": rmidl.network.load_network,
     }
 
     def hung(*args):
