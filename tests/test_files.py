@@ -57,7 +57,8 @@ SPECIAL = {"fifo": "is a FIFO (named pipe), not a regular file",
 # a spec string names a file by its .npy suffix: /dev/zero is a spec, not a file; --from DIR reads
 # DIR/results.json
 SPECIAL_CASES = [(r, s) for r in READERS for s in SPECIAL
-                 if not (r == "bank spec" and s.startswith("/dev")) and not (r == "bench --from" and s == "directory")]
+                 if not (r == "bank spec" and s.startswith("/dev"))
+                 and not (r == "bench --from" and s == "directory")]
 
 
 CHILD = textwrap.dedent("""
