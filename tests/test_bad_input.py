@@ -255,6 +255,11 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("unknown bank kind", "run {good} --kernels nosuch:3", 2, "nosuch:3"),
     ("malformed bank spec", "run {good} --kernels random:axb --ns {ns}", 2, "random:axb"),
     ("kernel larger than image", "run {small} --kernels random:2x25x25 --ns {ns}", 2, "25x25"),
+    ("named bank over the memory budget", "run {good} --kernels gabor:100000x301", 2,
+     "kernel bank gabor:100000x301 needs 36244748848 bytes"),
+    ("named bank whose maps are over the memory budget", "run {good} --kernels random:2000000x3x3", 2,
+     "kernel bank random:2000000x3x3 (2000000 kernels 3x3) makes 2000000 maps 38x46 float32 of "
+     "13984000000 bytes, more than memory_budget="),
     ("kernel larger than image, local", "run {good} --kernels random:2x50x50", 2, "50x50"),
     ("bad mode", RUN + " --mode diagonal", 2, "mode 'diagonal'"),
     ("malformed --ns port", "run {good} --kernels sobel --ns 127.0.0.1:http", 2, "127.0.0.1:http"),
@@ -372,6 +377,21 @@ def test_cli_output_over_memory_budget_is_refused_before_work(cluster, files, ca
     argv = ["run", str(files["good"]), "--kernels", "random:64x3x3", "--ns", cluster.ns_address]
     code, err = run_cli(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and "budget" in err, err
+
+
+def test_cli_refuses_a_named_bank_before_building_it(files, capsys, monkeypatch) -> None:
+    """Its maps would be over the budget: known from the spec, so no minute is spent building the bank."""
+    import rmidl.banks
+
+    def built(*args: object) -> None:
+        raise AssertionError("the bank was built before its size was checked")
+
+    monkeypatch.setattr(rmidl.banks, "_gabor_chunk", built)
+    for command in ("run", "bench"):
+        image = [str(files["good"])] if command == "run" else ["--image", str(files["good"])]
+        code, err = run_cli(capsys, command, *image, "--kernels", "gabor:2000000x3")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "kernel bank gabor:2000000x3 (2000000 kernels 3x3) makes 2000000 maps 38x46" in err, err
 
 
 def test_cli_name_server_down_fails_fast(files, capsys) -> None:

@@ -142,14 +142,17 @@ def _sized_default_image(width: int, height: int) -> tuple[np.ndarray, str]:
 def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, results.Job]:
     """The image and bank the options name, checked and made canonical before any timing starts."""
     import rmidl
+    from rmidl.client.cli.inputs import image_and_bank
     from rmidl.validate import prepare
 
-    kernels = rmidl.load_kernels(args.kernels)
     if args.image:
+        image_source = str(args.image)
         # as `rmidl run` reads it: grayscale for a (K, kh, kw) bank, colour for a (K, kh, kw, C) one
-        image, image_source = rmidl.load_image(args.image, gray=kernels.ndim == 3), str(args.image)
+        image, kernels = image_and_bank(args.kernels, lambda gray: rmidl.load_image(args.image, gray=gray),
+                                        args.mode)
     else:
-        image, image_source = _sized_default_image(*parse_size(args.size))
+        default, image_source = _sized_default_image(*parse_size(args.size))
+        image, kernels = image_and_bank(args.kernels, lambda gray: default, args.mode)
     prepared = prepare(image, kernels, args.mode)
     job = results.job_of(
         prepared.image,
