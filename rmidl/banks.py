@@ -358,10 +358,10 @@ def describe_bank(spec: str | os.PathLike[str] | np.ndarray) -> str:
     """One line for CLI summaries, e.g. ``sobel: 2 kernels 3x3, float32, 72 B, values in [-2, 2]``."""
     bank = load_kernels(spec)
     k, kh, kw = bank.shape[:3]
-    channels = f"x{bank.shape[3]}" if bank.ndim == 4 else ""
+    channels = f" of {bank.shape[3]} channels" if bank.ndim == 4 else ""
     name = "array" if isinstance(spec, np.ndarray) else str(spec).strip()
     return (
-        f"{name}: {k} kernel{'s' if k != 1 else ''} {kh}x{kw}{channels}, float32, "
+        f"{name}: {k} kernel{'s' if k != 1 else ''} {kw}x{kh}{channels}, float32, "  # sizes W x H
         f"{_human_bytes(bank.nbytes)}, values in [{bank.min():.3g}, {bank.max():.3g}]"
     )
 

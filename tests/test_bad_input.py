@@ -65,8 +65,10 @@ BAD_INPUT: list[tuple[str, Callable[[], tuple[Any, Any, dict[str, Any]]], type[e
     ("channel mismatch", lambda: (np.ones((8, 9, 3)), np.ones((2, 3, 3, 2)), {}), errors.ShapeError,
      "2 channel.* 3"),
     ("gray image, colour bank", lambda: (IMAGE, np.ones((2, 3, 3, 3)), {}), errors.ShapeError, "3 channel"),
-    ("kernel taller than image", lambda: (IMAGE, np.ones((1, 9, 3)), {}), errors.KernelTooLarge, "9x3.*8x9"),
-    ("kernel wider than image", lambda: (IMAGE, np.ones((1, 2, 10)), {}), errors.KernelTooLarge, "2x10.*8x9"),
+    ("kernel taller than image", lambda: (IMAGE, np.ones((1, 9, 3)), {}), errors.KernelTooLarge,
+     "kernel 3x9 .*image 9x8"),  # sizes W x H
+    ("kernel wider than image", lambda: (IMAGE, np.ones((1, 2, 10)), {}), errors.KernelTooLarge,
+     "kernel 10x2 .*image 9x8"),
     ("NaN in image", lambda: (with_value(IMAGE, (3, 4), np.nan), BANK, {}), errors.NonFiniteInput,
      r"image contains NaN.*\(3, 4, 0\)"),
     ("Inf in image", lambda: (with_value(IMAGE, (0, 1), -np.inf), BANK, {}), errors.NonFiniteInput,
@@ -171,6 +173,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bank_nan": np.array([[[1.0, np.nan], [0.0, 1.0]]], np.float32),
         "bank_inf": np.array([[[1.0, np.inf], [0.0, 1.0]]], np.float32),
         "bank_empty": np.ones((0, 3, 3), np.float32),
+        "bank_wide": np.ones((2, 10, 45), np.float32),
     }.items():
         made[name] = root / f"{name}.npy"
         np.save(made[name], array)
@@ -261,6 +264,10 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
      "kernel bank random:2000000x3x3 (2000000 kernels 3x3) makes 2000000 maps 38x46 float32 of "
      "13984000000 bytes, more than memory_budget="),
     ("kernel larger than image, local", "run {good} --kernels random:2x50x50", 2, "50x50"),
+    ("kernel wider than image (sizes W x H)", "run {good} --kernels random:2x10x45", 2,
+     "kernel 45x10 does not fit image 40x48"),
+    ("kernel wider than image, in a file", "run {good} --kernels {bank_wide}", 2,
+     "kernel 45x10 does not fit image 40x48"),
     ("bad mode", RUN + " --mode diagonal", 2, "mode 'diagonal'"),
     ("malformed --ns port", "run {good} --kernels sobel --ns 127.0.0.1:http", 2, "127.0.0.1:http"),
     ("malformed --ns", "run {good} --kernels sobel --ns host:port:x", 2, "host:port:x"),
@@ -303,12 +310,14 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
      "dataset_bad/c1/img001.png"),
     ("features: truncated image, local", FEATURES.replace("{dataset}", "{dataset_bad}"), 2, "img001.png"),
     ("features: mixed sizes", FEATURES.replace("{dataset}", "{dataset_mixed}") + " --ns {ns}", 2,
-     "wide.png' is 24x30 but the dataset's images are 24x20"),
+     "wide.png' is 30x24 but the dataset's images are 20x24"),  # W x H
     ("features: empty dataset", FEATURES.replace("{dataset}", "{dataset_empty}"), 2, "holds no images"),
     ("features: missing dataset", FEATURES.replace("{dataset}", "{tmp}/gone"), 2, "gone' does not exist"),
     ("features: unknown preset", "features {dataset} --net seed005 --out {tmp}/f.npz", 2, "'seed005'"),
     ("features: net larger than the images", "features {dataset} --net 2x30x30 --out {tmp}/f.npz", 2,
      "30x30 does not fit"),
+    ("features: net wider than the images (W x H)", "features {dataset} --net 2x3x30 --out {tmp}/f.npz", 2,
+     "kernel 30x3 does not fit maps 20x24"),
     ("features: missing net file", "features {dataset} --net {tmp}/net.npz --out {tmp}/f.npz", 2, "net.npz"),
     ("features: --out not .npz", "features {dataset} --net 2x3x3 --out {tmp}/f.csv", 2, "must end in .npz"),
     ("features: --batch 0", FEATURES + " --batch 0", 2, "batch=0"),

@@ -123,7 +123,8 @@ def test_describe_bank() -> None:
     assert describe_bank("sobel") == "sobel: 2 kernels 3x3, float32, 72 B, values in [-2, 2]"
     summary = describe_bank("random:128x11x11")
     assert summary.startswith("random:128x11x11: 128 kernels 11x11, float32, 60.5 KiB")
-    assert "1 kernel 5x5x3," in describe_bank(np.ones((1, 5, 5, 3)))
+    assert "1 kernel 5x5 of 3 channels," in describe_bank(np.ones((1, 5, 5, 3)))
+    assert "1 kernel 7x3," in describe_bank(np.ones((3, 7)))  # sizes W x H
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -77,7 +77,8 @@ def _notes(study: dict[str, Any]) -> list[str]:
     seq = study["sequential"]
     busy = (float(sum(seq["times"]) / sum(seq["cpu_times"])) if seq["cpu_times"] and sum(seq["cpu_times"])
             else None)
-    shape = "x".join(map(str, data["shape"]))
+    shape = f"{data['shape'][1]}x{data['shape'][0]}" + (f" with {data['shape'][2]} channels"
+                                                         if len(data["shape"]) == 3 else "")
     notes = [
         f"Ours: {machine.get('cpu_model')}, {settings['cores']} usable cores; {data['images']} images of "
         f"{shape} from {data['origin']}; network {study['net']['spec']}: {stages}.",
