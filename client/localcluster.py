@@ -163,7 +163,8 @@ class LocalCluster:
     users cannot drive them; `cluster_file=True` also writes a cluster file (see
     `rmidl.remote.clusterfile`) so that `rmidl status` / `rmidl run` find the cluster without `--ns`.
     Children log at `log_level` (default: the level of the "rmidl" logger here), and their log lines
-    are logged again here under their own logger names.
+    are logged again here under their own logger names. `env` is added to every child's environment
+    (RMIDL_* settings; BLAS starts single-threaded unless `env` says otherwise).
     """
 
     def __init__(
@@ -280,7 +281,8 @@ class LocalCluster:
         return process
 
     def add_worker(self, name: str | None = None, *, env: Mapping[str, str] | None = None) -> str:
-        """Start one more worker (optionally with extra environment, e.g. a test hook); wait until ready."""
+        """Start one more worker and wait until it is ready; `env` is added to its environment alone, over
+        the cluster's: RMIDL_* settings that make it differ (a smaller memory_budget, another cache size)."""
         process = self._spawn_worker(name, env)
         self._note_metrics(process, process.wait_ready(self.ready_timeout))
         return process.name.removeprefix("worker ")

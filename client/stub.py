@@ -268,7 +268,8 @@ class WorkerStub:
                     # the tasks in flight, not the input's fault; another worker may run it.
                     raise ClusterError(f"worker {self.name} lost this task's blobs right after they were "
                                        f"put ({error}); its blob cache is too small for the tasks in "
-                                       "flight (raise its bank_cache_size or memory_budget)") from None
+                                       "flight (raise its bank_cache_size, the blobs it keeps, or its "
+                                       "memory_budget, a quarter of which their bytes may take)") from None
 
         with self.running():
             raw = self.remote(work)

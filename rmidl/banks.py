@@ -8,6 +8,7 @@ import os
 import re
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,7 +19,7 @@ from rmidl.config import Config
 from rmidl.errors import BankError, BankNotFound, BudgetExceeded, RmidlError
 from rmidl.validate import first_non_finite, float32_overflow
 
-__all__ = ["BANK_NAMES", "describe_bank", "load_kernels"]
+__all__ = ["BANK_NAMES", "bank_shape", "describe_bank", "load_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,16 @@ _INT = r"(\d+)"
 _FLOAT = r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
 
 
-def _random(args: str, spec: str) -> np.ndarray:
+@dataclass(frozen=True)
+class _Plan:
+    """A named bank's shape, known from its spec alone (parsed, checked against the budget), and how to
+    build it: the shape serves size checks that must come before minutes of building."""
+
+    shape: tuple[int, ...]
+    build: Callable[[], np.ndarray]
+
+
+def _random(args: str, spec: str) -> _Plan:
     match = re.fullmatch(rf"{_INT}[xX]{_INT}[xX]{_INT}(?:[xX]{_INT})?(?::(\d+))?", args)
     if match is None:
         raise BankError(f"bank spec {shown(spec)}: expected random:KxHxW[:seed] or random:KxHxWxC[:seed]")
@@ -35,10 +45,14 @@ def _random(args: str, spec: str) -> np.ndarray:
     shape = (k, h, w) if c is None else (k, h, w, c)
     _check_budget(spec, 4 * math.prod(shape))
     seed = _sizes(spec, match[5], least=0)[0] if match[5] else 0
-    # scaled so that a kernel's response to unit-variance input has unit variance, like He/Glorot init
-    bank = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    bank *= np.float32(1.0 / math.sqrt(h * w * (c or 1)))
-    return bank
+
+    def build() -> np.ndarray:
+        # scaled so that a kernel's response to unit-variance input has unit variance, like He/Glorot init
+        bank = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        bank *= np.float32(1.0 / math.sqrt(h * w * (c or 1)))
+        return bank
+
+    return _Plan(shape, build)
 
 
 _WORK_BYTES = 32 << 20
@@ -47,7 +61,7 @@ _GABOR_ARRAYS = 6  # float64 arrays of one chunk alive at once in _gabor_chunk
 _GABOR_OCTAVE = 0.56  # sigma / wavelength of a one-octave bandwidth
 
 
-def _gabor(args: str, spec: str) -> np.ndarray:
+def _gabor(args: str, spec: str) -> _Plan:
     match = re.fullmatch(rf"{_INT}(?:[xX]{_INT})?(?::{_FLOAT})?", args)
     if match is None:
         raise BankError(f"bank spec {shown(spec)}: expected gabor:K[xS][:sigma]")
@@ -56,14 +70,18 @@ def _gabor(args: str, spec: str) -> np.ndarray:
         raise BankError(f"bank spec {shown(spec)}: Gabor kernels need a size S >= 3, got {size}")
     chunk = _work_chunk(spec, 4 * k * size * size, _GABOR_ARRAYS * 8 * size * size, k, "float64 work arrays")
     sigma = _sigma(match[3], spec) if match[3] else size / 4.5
-    if sigma / _GABOR_OCTAVE < 2:  # below Nyquist: the stripes alias into a pattern of another frequency
-        log.warning("bank spec %s: Gabor wavelength %.2f px is below 2 px, so the kernels alias; use S >= 6 "
-                    "(e.g. gabor:%dx11) or a larger sigma", shown(spec), sigma / _GABOR_OCTAVE, k)
-    y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
-    bank = np.empty((k, size, size), np.float32)
-    for first in range(0, k, chunk):
-        bank[first : first + chunk] = _gabor_chunk(x, y, range(first, min(k, first + chunk)), k, sigma)
-    return bank
+
+    def build() -> np.ndarray:
+        if sigma / _GABOR_OCTAVE < 2:  # below Nyquist: the stripes alias into a pattern of another frequency
+            log.warning("bank spec %s: Gabor wavelength %.2f px is below 2 px, so the kernels alias; use "
+                        "S >= 6 (e.g. gabor:%dx11) or a larger sigma", shown(spec), sigma / _GABOR_OCTAVE, k)
+        y, x = np.mgrid[:size, :size].astype(np.float64) - (size - 1) / 2
+        bank = np.empty((k, size, size), np.float32)
+        for first in range(0, k, chunk):
+            bank[first : first + chunk] = _gabor_chunk(x, y, range(first, min(k, first + chunk)), k, sigma)
+        return bank
+
+    return _Plan((k, size, size), build)
 
 
 def _gabor_chunk(x: np.ndarray, y: np.ndarray, indices: range, k: int, sigma: float) -> np.ndarray:
@@ -95,7 +113,7 @@ def _gabor_chunk(x: np.ndarray, y: np.ndarray, indices: range, k: int, sigma: fl
     return kernel
 
 
-def _gaussian(args: str, spec: str) -> np.ndarray:
+def _gaussian(args: str, spec: str) -> _Plan:
     match = re.fullmatch(rf"{_INT}(?::{_FLOAT})?", args)
     if match is None:
         raise BankError(f"bank spec {shown(spec)}: expected gaussian:S[:sigma]")
@@ -103,34 +121,41 @@ def _gaussian(args: str, spec: str) -> np.ndarray:
     rows = _work_chunk(spec, 4 * size * size, 8 * size, size, "float64 work rows")
     # OpenCV's default sigma for a given size, so `gaussian:5` matches cv2.getGaussianKernel(5, 0)
     sigma = _sigma(match[2], spec) if match[2] else 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
-    g /= g.sum()  # the outer product then sums to 1
-    kernel = np.empty((1, size, size), np.float32)
-    for first in range(0, size, rows):
-        kernel[0, first : first + rows] = np.outer(g[first : first + rows], g)
-    return kernel
+
+    def build() -> np.ndarray:
+        g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+        g /= g.sum()  # the outer product then sums to 1
+        kernel = np.empty((1, size, size), np.float32)
+        for first in range(0, size, rows):
+            kernel[0, first : first + rows] = np.outer(g[first : first + rows], g)
+        return kernel
+
+    return _Plan((1, size, size), build)
 
 
-def _box(args: str, spec: str) -> np.ndarray:
+def _box(args: str, spec: str) -> _Plan:
     match = re.fullmatch(_INT, args)
     if match is None:
         raise BankError(f"bank spec {shown(spec)}: expected box:S")
     (size,) = _sizes(spec, match[1])
     _check_budget(spec, 4 * size * size)
-    return np.full((1, size, size), 1.0 / (size * size), np.float32)
+    return _Plan((1, size, size), lambda: np.full((1, size, size), 1.0 / (size * size), np.float32))
 
 
-def _fixed(kernels: list[list[list[float]]]) -> Callable[[str, str], np.ndarray]:
-    def build(args: str, spec: str) -> np.ndarray:
+def _fixed(kernels: list[list[list[float]]]) -> Callable[[str, str], _Plan]:
+    array = np.array(kernels, np.float64)
+    array.flags.writeable = False  # shared by every plan; _as_bank copies it to float32
+
+    def plan(args: str, spec: str) -> _Plan:
         if args:
             raise BankError(f"bank spec {shown(spec)}: {spec.partition(':')[0]} takes no arguments")
-        return np.array(kernels, np.float64)
+        return _Plan(array.shape, lambda: array)
 
-    return build
+    return plan
 
 
-# name -> builder(args after the first ':', whole spec); each returns a (K, kh, kw[, C]) array
-_BUILDERS: dict[str, Callable[[str, str], np.ndarray]] = {
+# name -> planner(args after the first ':', whole spec); each plans a (K, kh, kw[, C]) array
+_BUILDERS: dict[str, Callable[[str, str], _Plan]] = {
     "random": _random,
     "gabor": _gabor,
     # correlation responses: positive where brightness grows to the right (x) / downwards (y)
@@ -302,25 +327,41 @@ def load_kernels(spec: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
     text = spec.strip()
     if text.lower().endswith((".npy", ".npz")):
         return _load_file(Path(text).expanduser())
-    name, _, args = text.partition(":")
-    builder = _BUILDERS.get(name.lower())
-    if builder is None:
-        raise BankError(
-            f"unknown kernel bank {shown(spec)}: expected a .npy/.npz file or one of {', '.join(BANK_NAMES)}"
-        )
-    bank = builder(args, text)
+    bank = _plan(text).build()
     log.debug("built bank %s with shape %s", text, bank.shape)
     return _as_bank(bank, f"kernel bank {shown(text)}")
+
+
+def bank_shape(spec: str | os.PathLike[str] | np.ndarray) -> tuple[int, ...] | None:
+    """The shape load_kernels(spec) returns, from a named spec alone (parsed and checked against the
+    budget as load_kernels does, nothing built), so that what depends on it is checked first; an array's
+    own shape (2-D as one kernel); None for a file, whose header load_kernels reads bounded."""
+    if isinstance(spec, np.ndarray):
+        return (1, *spec.shape) if spec.ndim == 2 else tuple(spec.shape)
+    if isinstance(spec, os.PathLike) or not isinstance(spec, str):
+        return None
+    text = spec.strip()
+    return None if text.lower().endswith((".npy", ".npz")) else _plan(text).shape
+
+
+def _plan(text: str) -> _Plan:
+    name, _, args = text.partition(":")
+    planner = _BUILDERS.get(name.lower())
+    if planner is None:
+        raise BankError(
+            f"unknown kernel bank {shown(text)}: expected a .npy/.npz file or one of {', '.join(BANK_NAMES)}"
+        )
+    return planner(args, text)
 
 
 def describe_bank(spec: str | os.PathLike[str] | np.ndarray) -> str:
     """One line for CLI summaries, e.g. ``sobel: 2 kernels 3x3, float32, 72 B, values in [-2, 2]``."""
     bank = load_kernels(spec)
     k, kh, kw = bank.shape[:3]
-    channels = f"x{bank.shape[3]}" if bank.ndim == 4 else ""
+    channels = f" of {bank.shape[3]} channels" if bank.ndim == 4 else ""
     name = "array" if isinstance(spec, np.ndarray) else str(spec).strip()
     return (
-        f"{name}: {k} kernel{'s' if k != 1 else ''} {kh}x{kw}{channels}, float32, "
+        f"{name}: {k} kernel{'s' if k != 1 else ''} {kw}x{kh}{channels}, float32, "  # sizes W x H
         f"{_human_bytes(bank.nbytes)}, values in [{bank.min():.3g}, {bank.max():.3g}]"
     )
 

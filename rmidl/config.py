@@ -20,7 +20,8 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "serializer": (str, "msgpack", "Pyro5 serializer of rmidl proxies and daemons (never serpent or pickle)"),
     "max_message_size": (int, 256 * MiB, "largest Pyro5 message a daemon or proxy accepts"),
     "memory_budget": (int, 8 * GiB, "largest output (bytes) a job or worker task may allocate"),
-    "bank_cache_size": (int, 64, "blobs (kernel banks, training shards, weights) a worker keeps (LRU)"),
+    "bank_cache_size": (int, 64, "blobs of every kind (kernel banks, networks, training shards, weights) a "
+                        "worker keeps, least recently used out first; their bytes: memory_budget / 4"),
     "image_max_pixels": (int, 89_478_485, "largest image (W x H) load_image decodes; Pillow's bomb limit"),
     "task_deadline_floor": (float, 10.0, "seconds a task may take at the least before it is re-queued"),
     "max_task_attempts": (int, 3, "workers a task may fail on before the job fails"),

@@ -42,7 +42,7 @@ def pool_shape(
         raise ShapeError(f"pool needs at least 2 dimensions (..., H, W), got shape {tuple(shape)}")
     h, w = shape[-2:]
     if ph > h or pw > w:
-        raise ShapeError(f"pool window {ph}x{pw} does not fit input {h}x{w}")
+        raise ShapeError(f"pool window {pw}x{ph} does not fit input {w}x{h}")  # sizes W x H
     return (*shape[:-2], (h - ph) // sh + 1, (w - pw) // sw + 1)
 
 

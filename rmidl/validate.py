@@ -206,7 +206,7 @@ def _check_bank(ker: np.ndarray) -> None:
 def _check_fit(image_hw: tuple[int, ...], ker: np.ndarray, mode: str, what: str) -> None:
     (h, w), (kh, kw) = image_hw, ker.shape[1:3]
     if mode == "valid" and (kh > h or kw > w):
-        raise KernelTooLarge(f"kernel {kh}x{kw} does not fit {what} {h}x{w} in valid mode")
+        raise KernelTooLarge(f"kernel {kw}x{kh} does not fit {what} {w}x{h} in valid mode")  # sizes W x H
 
 
 def _canonical(img: np.ndarray, ker: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray,

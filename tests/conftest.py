@@ -308,7 +308,7 @@ def write_image_folder(root: Any, *, classes: int = 2, per_class: int = 5, shape
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A small ImageFolder dataset (2 classes x 5 PNGs of 24x20), made once per module; read-only."""
+    """A small ImageFolder dataset (2 classes x 5 PNGs of 20x24, W x H), made once per module; read-only."""
     return write_image_folder(tmp_path_factory.mktemp("dataset"))
 
 

@@ -5,6 +5,7 @@ go on serving."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -64,8 +65,10 @@ BAD_INPUT: list[tuple[str, Callable[[], tuple[Any, Any, dict[str, Any]]], type[e
     ("channel mismatch", lambda: (np.ones((8, 9, 3)), np.ones((2, 3, 3, 2)), {}), errors.ShapeError,
      "2 channel.* 3"),
     ("gray image, colour bank", lambda: (IMAGE, np.ones((2, 3, 3, 3)), {}), errors.ShapeError, "3 channel"),
-    ("kernel taller than image", lambda: (IMAGE, np.ones((1, 9, 3)), {}), errors.KernelTooLarge, "9x3.*8x9"),
-    ("kernel wider than image", lambda: (IMAGE, np.ones((1, 2, 10)), {}), errors.KernelTooLarge, "2x10.*8x9"),
+    ("kernel taller than image", lambda: (IMAGE, np.ones((1, 9, 3)), {}), errors.KernelTooLarge,
+     "kernel 3x9 .*image 9x8"),  # sizes W x H
+    ("kernel wider than image", lambda: (IMAGE, np.ones((1, 2, 10)), {}), errors.KernelTooLarge,
+     "kernel 10x2 .*image 9x8"),
     ("NaN in image", lambda: (with_value(IMAGE, (3, 4), np.nan), BANK, {}), errors.NonFiniteInput,
      r"image contains NaN.*\(3, 4, 0\)"),
     ("Inf in image", lambda: (with_value(IMAGE, (0, 1), -np.inf), BANK, {}), errors.NonFiniteInput,
@@ -156,6 +159,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["text"].write_text("this is not an image\n")
     made["empty"] = root / "empty.png"
     made["empty"].write_bytes(b"")
+    made["fifo"] = root / "results.fifo"  # nobody ever writes to it: a plain open() would wait forever
+    os.mkfifo(made["fifo"])
+    made["huge"] = root / "huge.json"  # sparse, 64 MiB of nothing on disk: past any JSON cap we read
+    with made["huge"].open("wb") as handle:
+        handle.truncate(64 << 20)
+    made["json_list"] = root / "list.json"
+    made["json_list"].write_text("[1, 2]\n")
     for name, array in {
         "bank_1d": np.ones(9, np.float32),
         "bank_5d": np.ones((1, 2, 3, 3, 1, 1), np.float32),
@@ -163,6 +173,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bank_nan": np.array([[[1.0, np.nan], [0.0, 1.0]]], np.float32),
         "bank_inf": np.array([[[1.0, np.inf], [0.0, 1.0]]], np.float32),
         "bank_empty": np.ones((0, 3, 3), np.float32),
+        "bank_wide": np.ones((2, 10, 45), np.float32),
     }.items():
         made[name] = root / f"{name}.npy"
         np.save(made[name], array)
@@ -247,7 +258,16 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("unknown bank kind", "run {good} --kernels nosuch:3", 2, "nosuch:3"),
     ("malformed bank spec", "run {good} --kernels random:axb --ns {ns}", 2, "random:axb"),
     ("kernel larger than image", "run {small} --kernels random:2x25x25 --ns {ns}", 2, "25x25"),
+    ("named bank over the memory budget", "run {good} --kernels gabor:100000x301", 2,
+     "kernel bank gabor:100000x301 needs 36244748848 bytes"),
+    ("named bank whose maps are over the memory budget", "run {good} --kernels random:2000000x3x3", 2,
+     "kernel bank random:2000000x3x3 (2000000 kernels 3x3) makes 2000000 maps 38x46 float32 of "
+     "13984000000 bytes, more than memory_budget="),
     ("kernel larger than image, local", "run {good} --kernels random:2x50x50", 2, "50x50"),
+    ("kernel wider than image (sizes W x H)", "run {good} --kernels random:2x10x45", 2,
+     "kernel 45x10 does not fit image 40x48"),
+    ("kernel wider than image, in a file", "run {good} --kernels {bank_wide}", 2,
+     "kernel 45x10 does not fit image 40x48"),
     ("bad mode", RUN + " --mode diagonal", 2, "mode 'diagonal'"),
     ("malformed --ns port", "run {good} --kernels sobel --ns 127.0.0.1:http", 2, "127.0.0.1:http"),
     ("malformed --ns", "run {good} --kernels sobel --ns host:port:x", 2, "host:port:x"),
@@ -280,16 +300,24 @@ CLI_CASES: list[tuple[str, str, int, str]] = [
     ("bench empty kernel", BENCH + " --kernels random:4x0x5", 2, "4x0x5"),
     ("bench kernel larger than image", BENCH + " --kernels random:4x99x99", 2, "99x99"),
     ("bench --from missing", BENCH + " --from /nonexistent/results.json", 2, "/nonexistent/results.json"),
+    ("bench --from a FIFO", BENCH + " --from {fifo}", 2, "results.fifo' is a FIFO (named pipe)"),
+    ("bench --from a device", BENCH + " --from /dev/null", 2, "'/dev/null' is a character device"),
+    ("bench --from a huge file", BENCH + " --from {huge}", 2, "huge.json' is larger than 16777216 bytes"),
+    ("bench --from not JSON", BENCH + " --from {text}", 2, "notes.txt' is not JSON"),
+    ("bench --from other JSON", BENCH + " --from {json_list}", 2,
+     "list.json' is not a results.json of rmidl bench (it holds a list)"),
     ("features: truncated image, workers", FEATURES.replace("{dataset}", "{dataset_bad}") + " --ns {ns}", 2,
      "dataset_bad/c1/img001.png"),
     ("features: truncated image, local", FEATURES.replace("{dataset}", "{dataset_bad}"), 2, "img001.png"),
     ("features: mixed sizes", FEATURES.replace("{dataset}", "{dataset_mixed}") + " --ns {ns}", 2,
-     "wide.png' is 24x30 but the dataset's images are 24x20"),
+     "wide.png' is 30x24 but the dataset's images are 20x24"),  # W x H
     ("features: empty dataset", FEATURES.replace("{dataset}", "{dataset_empty}"), 2, "holds no images"),
     ("features: missing dataset", FEATURES.replace("{dataset}", "{tmp}/gone"), 2, "gone' does not exist"),
     ("features: unknown preset", "features {dataset} --net seed005 --out {tmp}/f.npz", 2, "'seed005'"),
     ("features: net larger than the images", "features {dataset} --net 2x30x30 --out {tmp}/f.npz", 2,
      "30x30 does not fit"),
+    ("features: net wider than the images (W x H)", "features {dataset} --net 2x3x30 --out {tmp}/f.npz", 2,
+     "kernel 30x3 does not fit maps 20x24"),
     ("features: missing net file", "features {dataset} --net {tmp}/net.npz --out {tmp}/f.npz", 2, "net.npz"),
     ("features: --out not .npz", "features {dataset} --net 2x3x3 --out {tmp}/f.csv", 2, "must end in .npz"),
     ("features: --batch 0", FEATURES + " --batch 0", 2, "batch=0"),
@@ -358,6 +386,21 @@ def test_cli_output_over_memory_budget_is_refused_before_work(cluster, files, ca
     argv = ["run", str(files["good"]), "--kernels", "random:64x3x3", "--ns", cluster.ns_address]
     code, err = run_cli(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and "budget" in err, err
+
+
+def test_cli_refuses_a_named_bank_before_building_it(files, capsys, monkeypatch) -> None:
+    """Its maps would be over the budget: known from the spec, so no minute is spent building the bank."""
+    import rmidl.banks
+
+    def built(*args: object) -> None:
+        raise AssertionError("the bank was built before its size was checked")
+
+    monkeypatch.setattr(rmidl.banks, "_gabor_chunk", built)
+    for command in ("run", "bench"):
+        image = [str(files["good"])] if command == "run" else ["--image", str(files["good"])]
+        code, err = run_cli(capsys, command, *image, "--kernels", "gabor:2000000x3")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "kernel bank gabor:2000000x3 (2000000 kernels 3x3) makes 2000000 maps 38x46" in err, err
 
 
 def test_cli_name_server_down_fails_fast(files, capsys) -> None:

@@ -123,7 +123,8 @@ def test_describe_bank() -> None:
     assert describe_bank("sobel") == "sobel: 2 kernels 3x3, float32, 72 B, values in [-2, 2]"
     summary = describe_bank("random:128x11x11")
     assert summary.startswith("random:128x11x11: 128 kernels 11x11, float32, 60.5 KiB")
-    assert "1 kernel 5x5x3," in describe_bank(np.ones((1, 5, 5, 3)))
+    assert "1 kernel 5x5 of 3 channels," in describe_bank(np.ones((1, 5, 5, 3)))
+    assert "1 kernel 7x3," in describe_bank(np.ones((3, 7)))  # sizes W x H
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -254,3 +255,43 @@ def test_a_gabor_bank_whose_wavelength_aliases_is_warned_about(caplog) -> None:
     (record,) = caplog.records
     message = record.getMessage()
     assert "Gabor wavelength 1.19 px is below 2 px" in message and "gabor:8x11" in message
+
+
+@pytest.mark.parametrize("spec", ["random:3x5x7", "random:2x3x4x3:9", "gabor:4x9", "gabor:5", "sobel",
+                                  "gaussian:7", "laplacian", "box:4"])
+def test_bank_shape_is_the_built_shape_without_building(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmidl.banks
+
+    expected = load_kernels(spec).shape
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bank_shape built the bank")
+
+    for name in ("_gabor_chunk", "np"):
+        monkeypatch.setattr(rmidl.banks, name, built if name == "_gabor_chunk" else _NoArrays())
+    assert rmidl.banks.bank_shape(spec) == expected
+
+
+class _NoArrays:
+    """Stands in for numpy inside rmidl.banks: any use of it is a bank being built."""
+
+    ndarray = np.ndarray  # the type, to tell an array from a spec
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"bank_shape used np.{name}")
+
+
+def test_bank_shape_refuses_what_load_kernels_refuses(tmp_path: Path) -> None:
+    from rmidl.banks import bank_shape
+
+    assert bank_shape(str(tmp_path / "bank.npy")) is None  # a file: read (bounded) by load_kernels
+    assert bank_shape(np.ones((3, 3))) == (1, 3, 3)
+    for spec, error in (("gabor:100000x301", BudgetExceeded), ("wavelets:3", BankError),
+                        ("random:2x0x3", BankError), ("sobel:2", BankError)):
+        with pytest.raises(error) as refused:
+            bank_shape(spec)
+        with pytest.raises(error) as loading:
+            load_kernels(spec)
+        assert str(refused.value) == str(loading.value)
+    with pytest.raises(BudgetExceeded, match=r"^kernel bank gabor:100000x301 needs 36244748848 bytes"):
+        bank_shape("gabor:100000x301")

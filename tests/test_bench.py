@@ -507,3 +507,62 @@ def test_bench_runs_each_worker_count_on_the_workers_of_a_name_server(
     assert two["verified"] and two["details"]["workers"] == 2
     assert set(two["details"]["last_job"]["tasks_by"]) <= {"w0", "w1"}
     assert three["failure"].startswith("WorkerNotFound: workers=3 but 2 registered") and not three["times"]
+
+
+def _no_bigger_than(limit: int) -> Callable[[], None]:
+    """preexec_fn: files of this process grow to `limit` bytes at most (then writes fail with EFBIG)."""
+    import resource
+    import signal
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+def test_a_write_failing_half_way_keeps_the_earlier_results_json(cores_run: tuple[int, Path],
+                                                                 tmp_path: Path) -> None:
+    """The disk fills while results.json is written: the earlier one stays whole for --from to read."""
+    _, earlier = cores_run
+    out = tmp_path / "out"
+    out.mkdir()
+    before = (earlier / "results.json").read_bytes()
+    (out / "results.json").write_bytes(before)
+    assert len(before) > 4096  # over the limit below, so writing it fails part-way
+    done = subprocess.run(
+        [sys.executable, "-m", "rmidl.client.cli", "bench", "--from", str(out), "--out", str(out)],
+        capture_output=True, text=True, timeout=100, check=False, preexec_fn=_no_bigger_than(4096),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"rmidl: error: cannot write '.*results\.json': File too large\n", done.stderr)
+    assert (out / "results.json").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_plot_failing_half_way_keeps_the_earlier_plot(cores_run: tuple[int, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from rmidl.client.bench import plots
+    from rmidl.errors import InputError
+
+    def half_then_full(self: Figure, target: object, **kwargs: object) -> None:
+        if hasattr(target, "write"):
+            target.write(b"partial png")
+        else:
+            Path(str(target)).write_bytes(b"partial png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _, earlier = cores_run
+    result = StudyResult.from_dict(_results(earlier))
+    plots.plot_speedup(result, tmp_path / "fig11_speedup.png")
+    before = (tmp_path / "fig11_speedup.png").read_bytes()
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    with pytest.raises(InputError, match=r"^cannot write '.*fig11_speedup\.png': No space left on device$"):
+        plots.plot_speedup(result, tmp_path / "fig11_speedup.png")
+    assert (tmp_path / "fig11_speedup.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig11_speedup.png"]

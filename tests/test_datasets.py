@@ -188,7 +188,7 @@ def test_mixed_sizes_need_resize_or_crop(tmp_path: Path, rng: np.random.Generato
     with pytest.raises(ShapeError) as caught:
         datasets.open(tmp_path / "m").read()
     message = str(caught.value)
-    assert "b.png" in message and "9x16" in message and "12x10" in message and "resize=" in message
+    assert "b.png' is 16x9 " in message and "images are 10x12 " in message and "resize=" in message  # W x H
     with pytest.raises(ShapeError):  # skip_bad does not hide a configuration problem
         datasets.open(tmp_path / "m", skip_bad=True).read()
     assert datasets.open(tmp_path / "m", resize=(8, 6)).read().images.shape == (2, 8, 6)
@@ -196,7 +196,7 @@ def test_mixed_sizes_need_resize_or_crop(tmp_path: Path, rng: np.random.Generato
     # resize=int sets the shorter side (aspect kept), so mixed aspects still need a crop
     assert datasets.open(tmp_path / "m" / "a.png", resize=5)[0].shape == (6, 5)
     assert datasets.open(tmp_path / "m", resize=9, crop=9).read().images.shape == (2, 9, 9)
-    with pytest.raises(ShapeError, match="smaller than the crop 11x10"):
+    with pytest.raises(ShapeError, match="is 16x9, smaller than the crop 10x11"):  # W x H
         datasets.open(tmp_path / "m", crop=(11, 10)).read()
     skipped = datasets.open(tmp_path / "m", crop=(11, 10), skip_bad=True)
     assert skipped.read().ids.tolist() == [0] and "smaller than the crop" in skipped.bad[1]

@@ -116,7 +116,7 @@ BATCH_ERRORS = [
     ("empty images", np.ones((2, 0, 9)), np.ones((2, 3, 3)), errors.ShapeError,
      r"empty: shape \(2, 0, 9, 1\)"),
     ("kernel too large", np.ones((2, 8, 9)), np.ones((1, 9, 3)), errors.KernelTooLarge,
-     "kernel 9x3 does not fit images 8x9"),
+     "kernel 3x9 does not fit images 9x8"),  # W x H
     ("NaN in a batch", np.where(np.eye(9)[None, :8] > 0, np.nan, 1.0).repeat(2, 0), np.ones((1, 3, 3)),
      errors.NonFiniteInput, r"images contains NaN \(first at index \(0, 0, 0, 0\)\)"),
     ("complex images", np.ones((2, 8, 9), complex), np.ones((1, 3, 3)), errors.DTypeError, "images dtype"),

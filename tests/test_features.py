@@ -173,7 +173,7 @@ def test_bad_files_are_skipped_and_reported_or_stop_the_job(with_bad_file: Path,
 def test_bad_datasets_and_options_are_refused_before_work(tmp_path: Path, image_folder: Path) -> None:
     mixed = write_image_folder(tmp_path / "mixed", per_class=2)
     rmidl.save_image(mixed / "c0" / "z_big.png", np.zeros((30, 30), np.uint8))
-    with pytest.raises(ShapeError, match=r"z_big.png' is 30x30 but the dataset's images are 24x20.*resize"):
+    with pytest.raises(ShapeError, match=r"z_big.png' is 30x30 but the dataset's images are 20x24.*resize"):
         local_features(mixed, "2x3x3")
     assert len(local_features(open_dataset(mixed, resize=(24, 20)), "2x3x3")) == 5
     (tmp_path / "empty" / "c0").mkdir(parents=True)

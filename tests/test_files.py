@@ -47,19 +47,25 @@ def child_env() -> dict[str, str]:
 # Special files: one child runs every reader on every special path, each call under an alarm, so a reader
 # that blocks (a FIFO with no writer) or reads without end (/dev/zero) fails its case instead of the suite.
 
-READERS = {"image": ImageReadError, "bank": BankError, "bank spec": BankError, "secret": OptionError}
+READERS = {"image": ImageReadError, "bank": BankError, "bank spec": BankError, "secret": OptionError,
+           "bench --from": OptionError, "network": InputError}
 SPECIAL = {"fifo": "is a FIFO (named pipe), not a regular file",
            "/dev/zero": "is a character device, not a regular file",
            "/dev/urandom": "is a character device, not a regular file",
            "directory": "is a directory"}
 
-# a spec string names a file by its .npy suffix: /dev/zero is a spec, not a file
-SPECIAL_CASES = [(r, s) for r in READERS for s in SPECIAL if not (r == "bank spec" and s.startswith("/dev"))]
+# a spec string names a file by its .npy suffix: /dev/zero is a spec, not a file; --from DIR reads
+# DIR/results.json
+SPECIAL_CASES = [(r, s) for r in READERS for s in SPECIAL
+                 if not (r == "bank spec" and s.startswith("/dev"))
+                 and not (r == "bench --from" and s == "directory")]
 
 
 CHILD = textwrap.dedent("""
     import json, pathlib, signal, sys
     import rmidl
+    import rmidl.network
+    from rmidl.client.cli.bench import _load_earlier
     from rmidl.remote.security import read_secret
 
     READERS = {
@@ -67,6 +73,8 @@ CHILD = textwrap.dedent("""
         "bank": lambda path: rmidl.load_kernels(pathlib.Path(path)),
         "bank spec": rmidl.load_kernels,  # a string naming a file by its .npy suffix
         "secret": read_secret,
+        "bench --from": _load_earlier,  # an earlier results.json
+        "network": rmidl.network.load_network,
     }
 
     def hung(*args):

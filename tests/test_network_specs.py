@@ -178,8 +178,8 @@ def _bad_files(tmp_path: Path) -> list[tuple[Path, type, str]]:
         ("text.npz", InputError, "not an rmidl network file"),
         ("empty.npz", InputError, "not an rmidl network file"),
         ("single.npy", InputError, "single array"),
-        ("fifo.npz", InputError, "not a regular file"),
-        ("folder.npz", InputError, "not a regular file"),
+        ("fifo.npz", InputError, "is a FIFO (named pipe), not a regular file"),
+        ("folder.npz", InputError, "is a directory"),
         ("missing.npz", InputError, "does not exist"),
     ]
     archives = {

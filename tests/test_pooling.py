@@ -93,9 +93,9 @@ BAD = [
     ((x2, 2), {"stride": (1, "a")}, OptionError, "stride="),
     ((x2, 2), {"kind": "min"}, OptionError, "min"),
     ((x2, 7), {}, ShapeError, "7x7 does not fit input 6x6"),
-    ((x2, (2, 7)), {}, ShapeError, "2x7"),
+    ((x2, (2, 7)), {}, ShapeError, "window 7x2 does not fit input 6x6"),  # W x H
     ((np.zeros(6), 2), {}, ShapeError, r"\(6,\)"),
-    ((np.zeros((0, 4)), 1), {}, ShapeError, "0x4"),
+    ((np.zeros((0, 4)), 1), {}, ShapeError, "4x0"),
     ((np.zeros((4, 4), bool), 2), {}, DTypeError, "bool"),
     ((np.zeros((4, 4), complex), 2), {"kind": "avg"}, DTypeError, "complex128"),
 ]

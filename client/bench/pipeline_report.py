@@ -4,11 +4,11 @@ paper's Figs. 4-7 drawn from the spans of real runs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rmidl.client.bench import plots
+from rmidl.client.bench.output import save_figure, write_json
 from rmidl.client.bench.tables import markdown_table, write_csv, write_markdown
 
 __all__ = ["SCHEME_HEADER", "SPEEDUP_HEADER", "TABLE3_HEADER", "scheme_rows", "speedup_rows", "table3_rows",
@@ -77,7 +77,8 @@ def _notes(study: dict[str, Any]) -> list[str]:
     seq = study["sequential"]
     busy = (float(sum(seq["times"]) / sum(seq["cpu_times"])) if seq["cpu_times"] and sum(seq["cpu_times"])
             else None)
-    shape = "x".join(map(str, data["shape"]))
+    shape = f"{data['shape'][1]}x{data['shape'][0]}" + (f" with {data['shape'][2]} channels"
+                                                         if len(data["shape"]) == 3 else "")
     notes = [
         f"Ours: {machine.get('cpu_model')}, {settings['cores']} usable cores; {data['images']} images of "
         f"{shape} from {data['origin']}; network {study['net']['spec']}: {stages}.",
@@ -116,9 +117,7 @@ def write_pipeline_report(study: dict[str, Any], out: Path) -> list[Path]:
         plain = [[cell.replace("**", "") for cell in row] for row in rows]
         written.append(write_csv(out / f"{name}.csv", header, plain))
         written.append(write_markdown(out / f"{name}.md", title, [markdown_table(header, rows), notes]))
-    path = out / "pipeline.json"
-    path.write_text(json.dumps(study, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    written.append(path)
+    written.append(write_json(out / "pipeline.json", study))
     if plots.unavailable() is None:
         written.append(plot_gantt(study, out / "gantt.png"))
         written.append(plot_speedups(study, out / "speedup.png"))
@@ -165,8 +164,7 @@ def plot_gantt(study: dict[str, Any], path: Path) -> Path:
     figure.legend(handles=[Patch(color=_colour(s), label=s) for s in study["stages"]],
                   loc="outside right upper")
     figure.suptitle("Space-time diagrams of the pipeline (cf. the paper's Figs. 4-7), from real runs")
-    figure.savefig(path, format="png")
-    return path
+    return save_figure(figure, path)
 
 
 def plot_speedups(study: dict[str, Any], path: Path) -> Path:
@@ -192,5 +190,4 @@ def plot_speedups(study: dict[str, Any], path: Path) -> Path:
     axes.set_ylabel("speed-up over the sequential run")
     axes.set_title("Pipeline and task parallelism on this machine")
     axes.legend(fontsize=8)
-    figure.savefig(path, format="png")
-    return path
+    return save_figure(figure, path)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rmidl.client.bench.derived import PAPER, baseline, counted_results
+from rmidl.client.bench.output import save_figure
 from rmidl.client.bench.predict import Prediction
 from rmidl.client.bench.results import ConfigurationResult, StudyResult
 
@@ -52,11 +53,6 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return figure, axes
 
 
-def _save(figure: Any, path: Path) -> Path:
-    figure.savefig(path, format="png")
-    return path
-
-
 def _mark_oversubscribed(axes: Any, results: Sequence[ConfigurationResult], values: Sequence[float]) -> None:
     over = [(r.config.count, v) for r, v in zip(results, values, strict=True) if r.config.oversubscribed]
     if over:
@@ -91,7 +87,7 @@ def plot_time_vs_cores(study: StudyResult, path: Path) -> Path:
     ticks = sorted({*PAPER["cores"], *(r.config.count for r in cores)})
     axes.set_xticks(ticks, [str(t) for t in ticks])
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_speedup(study: StudyResult, path: Path) -> Path:
@@ -128,7 +124,7 @@ def plot_speedup(study: StudyResult, path: Path) -> Path:
         label="paper (Java 8, Opteron 6136)",
     )
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_time_vs_workers(study: StudyResult, path: Path) -> Path | None:
@@ -158,7 +154,7 @@ def plot_time_vs_workers(study: StudyResult, path: Path) -> Path | None:
     axes.set_xticks(xs, [str(x) for x in xs])
     axes.set_ylim(bottom=0)
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
@@ -193,7 +189,7 @@ def plot_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
         axes.set_yscale("log")
         axes.set_xticks(nodes, [str(n) for n in nodes])
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_dataset_prediction(predictions: Sequence[Prediction], path: Path) -> Path:
@@ -218,4 +214,4 @@ def plot_dataset_prediction(predictions: Sequence[Prediction], path: Path) -> Pa
         axes.set_yscale("log")
         axes.set_xticks(nodes, [str(n) for n in nodes])
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)

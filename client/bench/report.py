@@ -3,7 +3,6 @@ installed, the plots (laid out like the paper's Tables III-IV and Figs. 10-11)."
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from rmidl.client.bench.derived import (
     speedup_matrix,
 )
 from rmidl.client.bench.forecast import write_prediction_tables
+from rmidl.client.bench.output import write_json
 from rmidl.client.bench.predict import Calibration, Prediction
 from rmidl.client.bench.results import StudyResult
 from rmidl.client.bench.tables import write_tables
@@ -40,14 +40,7 @@ def write_results_json(study: StudyResult, path: Path) -> Path:
         },
     }
     data["paper"] = PAPER
-    path.write_text(
-        json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
-    )
-    return path
-
-
-def _json_default(value: object) -> object:
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return write_json(path, data)
 
 
 def write_report(study: StudyResult, out: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from rmidl.errors import RmidlError
 from rmidl.geometry import output_shape
 
 __all__ = [
+    "MAX_RESULTS_BYTES",
     "SCHEMA",
     "Configuration",
     "ConfigurationResult",
@@ -24,6 +25,9 @@ __all__ = [
 
 SCHEMA = 1
 """Version of the results.json layout; bump when a key changes meaning."""
+
+MAX_RESULTS_BYTES = 16 << 20
+"""Largest results.json `rmidl bench --from` reads (a study of hundreds of configurations is under 1 MiB)."""
 
 
 @dataclass(frozen=True)

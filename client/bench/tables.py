@@ -6,6 +6,7 @@ The paper's own figures sit beside ours, always labelled as the paper's.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from rmidl.client.bench.derived import (
     paper_rows,
     speedup_matrix,
 )
+from rmidl.client.bench.output import write_text
 from rmidl.client.bench.results import ConfigurationResult, StudyResult
 
 __all__ = [
@@ -63,16 +65,15 @@ def column_label(result: ConfigurationResult) -> str:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())
 
 
 def write_markdown(path: Path, title: str, blocks: Sequence[str]) -> Path:
-    path.write_text(f"# {title}\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
-    return path
+    return write_text(path, f"# {title}\n\n" + "\n\n".join(blocks) + "\n")
 
 
 def csv_value(value: object) -> object:

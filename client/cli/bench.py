@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rmidl._files import clipped, read_small, shown
 from rmidl.client.bench import forecast, plots, predict, report, results, study, tables
 from rmidl.client.cli.common import (
     EXIT_FAILED,
@@ -27,7 +28,7 @@ from rmidl.client.cli.common import (
     note,
     table,
 )
-from rmidl.errors import ImageReadError, OptionError
+from rmidl.errors import ImageReadError, OptionError, RmidlError
 
 __all__ = ["HELP", "add_arguments", "load_inputs", "parse_counts", "parse_size", "run"]
 
@@ -141,14 +142,17 @@ def _sized_default_image(width: int, height: int) -> tuple[np.ndarray, str]:
 def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, results.Job]:
     """The image and bank the options name, checked and made canonical before any timing starts."""
     import rmidl
+    from rmidl.client.cli.inputs import image_and_bank
     from rmidl.validate import prepare
 
-    kernels = rmidl.load_kernels(args.kernels)
     if args.image:
+        image_source = str(args.image)
         # as `rmidl run` reads it: grayscale for a (K, kh, kw) bank, colour for a (K, kh, kw, C) one
-        image, image_source = rmidl.load_image(args.image, gray=kernels.ndim == 3), str(args.image)
+        image, kernels = image_and_bank(args.kernels, lambda gray: rmidl.load_image(args.image, gray=gray),
+                                        args.mode)
     else:
-        image, image_source = _sized_default_image(*parse_size(args.size))
+        default, image_source = _sized_default_image(*parse_size(args.size))
+        image, kernels = image_and_bank(args.kernels, lambda gray: default, args.mode)
     prepared = prepare(image, kernels, args.mode)
     job = results.job_of(
         prepared.image,
@@ -220,17 +224,23 @@ def _progress(total: int) -> Iterator[study.OnRun]:
 
 
 def _load_earlier(path: str) -> results.StudyResult:
+    """The study in an earlier results.json (or the one in a directory), read bounded: a FIFO, a device
+    or a huge file is refused in one line rather than waited on or held in memory."""
     file = Path(path)
     if file.is_dir():
         file = file / "results.json"
+    where = f"--from {shown(file)}"
+    text = read_small(file, where, results.MAX_RESULTS_BYTES, OptionError)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise OptionError(f"--from {path!r}: cannot read results.json ({error})") from None
+        data = json.loads(text)
+    except ValueError as error:  # also a UnicodeDecodeError
+        raise OptionError(f"{where} is not JSON ({clipped(error)})") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"{where} is not a results.json of rmidl bench (it holds a {type(data).__name__})")
     try:
         return results.StudyResult.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
-        raise OptionError(f"--from {path!r}: not a results.json of rmidl bench ({error!r})") from None
+    except (KeyError, TypeError, ValueError, RmidlError) as error:
+        raise OptionError(f"{where} is not a results.json of rmidl bench ({clipped(repr(error))})") from None
 
 
 def _make_out(out: Path) -> None:

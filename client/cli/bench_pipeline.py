@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:
             why = error.strerror or error
             raise OptionError(f"--out {str(out)!r} cannot be a directory: {why}") from None
-        note(args, f"{len(dataset)} images of {'x'.join(map(str, shape))} through {net!r}: "
+        colour = f" with {shape[2]} channels" if len(shape) == 3 else ""
+        note(args, f"{len(dataset)} images of {shape[1]}x{shape[0]}{colour} through {net!r}: "
                    f"{settings.runs} runs of {2 + len(workers) + (settings.pipelines > 1)} schemes")
         study = run_pipeline_study(dataset, net, settings)
     written = pipeline_report.write_pipeline_report(study, out)

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if kernels.ndim != 3:
         raise OptionError(f"--kernels {spec!r}: the demo image is grayscale, use a (K, kh, kw) bank")
     flops = 2.0 * k * kh * kw * (height - kh + 1) * (width - kw + 1)
-    print(f"experiment: {width}x{height} image, {k} kernels {kh}x{kw}, valid: {flops / 1e9:.2f} GFLOP; "
+    print(f"experiment: {width}x{height} image, {k} kernels {kw}x{kh}, valid: {flops / 1e9:.2f} GFLOP; "
           f"starting {args.workers} workers x 1 thread", flush=True)
     with LocalCluster(workers=args.workers, threads_per_worker=1, die_with_parent=True,
                       secure=True) as cluster:

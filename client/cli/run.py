@@ -148,15 +148,15 @@ def _load_image(path: str, gray: bool) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmidl.banks import load_kernels
+    from rmidl.client.cli.inputs import image_and_bank
     from rmidl.validate import check_mode, prepare
 
     mode = check_mode(args.mode)
     out = _check_out(args.out)
     workers = parse_workers(args.workers)
-    kernels = load_kernels(args.kernels)
     # every check of the input before a cluster is chosen, contacted or told about
-    prepared = prepare(_load_image(args.image, gray=kernels.ndim == 3), kernels, mode)
+    image, kernels = image_and_bank(args.kernels, lambda gray: _load_image(args.image, gray), mode)
+    prepared = prepare(image, kernels, mode)
     # --workers chooses among a cluster's workers: without one running, say so rather than compute here
     fallback = None if workers else "compute in this process"
     target = choose_cluster(args, config_from_args(args), fallback=fallback)

@@ -186,7 +186,7 @@ def phase_lines(history: History) -> list[str]:
 
 def _plot(history: History, path: Path) -> str:
     """Loss and accuracy per epoch (training and validation) as a PNG; or why there is none."""
-    from rmidl._files import atomic_write, shown
+    from rmidl.client.bench.output import save_figure
     from rmidl.client.bench.plots import unavailable
 
     why = unavailable()
@@ -213,6 +213,5 @@ def _plot(history: History, path: Path) -> str:
         axes.grid(True, alpha=0.3)
         axes.legend()
     figure.suptitle(f"rmidl train: {history.settings.get('sizes')}, {history.settings.get('activation')}")
-    with atomic_write(path, f"plot {shown(path)}") as handle:
-        figure.savefig(handle, format="png")
+    save_figure(figure, path)
     return f"plot {path}"

@@ -92,13 +92,15 @@ def _resized(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def _cropped(image: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
     h, w = image.shape[:2]
     if size[0] > h or size[1] > w:
-        raise ShapeError(f"{name} is {h}x{w}, smaller than the crop {size[0]}x{size[1]}")
+        raise ShapeError(f"{name} is {w}x{h}, smaller than the crop {size[1]}x{size[0]}")  # W x H
     top, left = (h - size[0]) // 2, (w - size[1]) // 2
     return np.ascontiguousarray(image[top : top + size[0], left : left + size[1]])
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "x".join(str(v) for v in shape)
+def _size_text(shape: tuple[int, ...]) -> str:
+    """An image's (H, W[, C]) as users give sizes: 'WxH', and its channels when it has them."""
+    channels = f" with {shape[2]} channels" if len(shape) == 3 else ""
+    return f"{shape[1]}x{shape[0]}{channels}"
 
 
 class Dataset(Sequence[np.ndarray]):
@@ -220,8 +222,8 @@ class Dataset(Sequence[np.ndarray]):
             image = self._decoded(image_id)
         if image.shape != self.shape:
             raise ShapeError(
-                f"{self.name(image_id)} is {_shape_text(image.shape)} but the dataset's images are "
-                f"{_shape_text(self.shape)} (as {self._shared.shape_from}): pass resize=/crop= for sizes, "
+                f"{self.name(image_id)} is {_size_text(image.shape)} but the dataset's images are "
+                f"{_size_text(self.shape)} (as {self._shared.shape_from}): pass resize=/crop= for sizes, "
                 "gray= for channels")
         return image
 
@@ -282,7 +284,7 @@ class Dataset(Sequence[np.ndarray]):
 
     def __repr__(self) -> str:
         classes = f", {len(self.classes)} classes" if self.classes else ""
-        shape = f", {_shape_text(self._shared.shape)}" if self._shared.shape is not None else ""
+        shape = f", {_size_text(self._shared.shape)}" if self._shared.shape is not None else ""
         return f"<Dataset {self.origin!r}: {len(self)} images{classes}{shape}>"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import threading
 import zipfile
 import zlib
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rmidl._files import open_failure
+from rmidl._files import open_failure, open_regular
 from rmidl.config import Config
 from rmidl.errors import BudgetExceeded, InputError, RmidlError
 from rmidl.network._network import Network
@@ -119,10 +118,7 @@ def load_network(path: str | os.PathLike[str]) -> Network:
     where = f"network file {str(source)!r}"
     budget = Config().memory_budget
     try:
-        mode = source.stat().st_mode
-        if not stat.S_ISREG(mode):  # a FIFO would block the open below
-            raise InputError(f"{where} is not a regular file")
-        with source.open("rb") as handle:
+        with open_regular(source, where) as handle:  # a FIFO or a device is refused, never waited on
             archive = np.load(handle, allow_pickle=False)
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise InputError(f"{where} holds a single array, not an rmidl network (.npz) file")

@@ -125,7 +125,7 @@ class Stage:
             raise ShapeError(f"{where}: {problem}")
         kh, kw = self.kernel_hw
         if self.mode == "valid" and (kh > h or kw > w):
-            raise KernelTooLarge(f"{where}: kernel {kh}x{kw} does not fit maps {h}x{w} in valid mode")
+            raise KernelTooLarge(f"{where}: kernel {kw}x{kh} does not fit maps {w}x{h} in valid mode")
         conv = (self.kernels, *output_shape((h, w), (kh, kw), self.mode))
         if self.pool is None:
             return StageShapes(maps_in, conv, conv)

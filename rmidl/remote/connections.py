@@ -9,11 +9,12 @@ first (type, size, serializer, flags), goes to a small bounded pool of handler t
 daemon reads it from the buffer and answers. So a connection costs a thread only while its request is
 handled, and a request that is not whole costs none.
 
-Bounds and deadlines: at most `max_connections` connections, `per_peer` of them from one host; at a bound
-the connection quiet the longest makes room, strangers (not yet authenticated) before members, and never
-one whose request is being handled. A new connection has `handshake_timeout` for its TLS and Pyro5
-handshakes and its authentication, a message may go `io_timeout` without progress (a peer that stops
-sending, or stops reading our answer), and an idle connection is closed after `idle_timeout`.
+Bounds and deadlines (`Limits`, and which connection gives way: rmidl/remote/limits.py): at most
+`max_connections` connections, `per_peer` of them from one host; at a bound the connection quiet the
+longest makes room, strangers (not yet authenticated) before members, and never one whose request is
+being handled. A new connection has `handshake_timeout` for its TLS and Pyro5 handshakes and its
+authentication, a message may go `io_timeout` without progress (a peer that stops sending, or stops
+reading our answer), and an idle connection is closed after `idle_timeout`.
 """
 
 from __future__ import annotations
@@ -28,63 +29,30 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol
 
-from rmidl.config import Config
 from rmidl.remote.framing import (
     HANDSHAKE_MAX_BYTES,
     HELLO,
     READY,
-    SERIALIZER_IDS,
     TLS,
     Connection,
     Header,
     Refused,
     connect_fail,
-    flag_names,
-    serializer_names,
 )
+from rmidl.remote.limits import Limits, check_header, make_room, overdue
 
 __all__ = ["HANDSHAKE_MAX_BYTES", "ConnectionServer", "Limits"]
 
 log = logging.getLogger(__name__)
 
-_MARSHAL = SERIALIZER_IDS["marshal"]
-_REQUEST_FLAGS = protocol.FLAGS_CORR_ID | protocol.FLAGS_ONEWAY
-"""Flags a request may carry: compressed (a zlib bomb), batched and kept-serialized (unpickled by marshal)
-calls are no part of any contract here."""
 _ACCEPTS_PER_WAKE = 64
 _HOUSEKEEPING_S = 5.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a daemon's connections may cost it (see the module docstring)."""
-
-    max_connections: int = 512
-    per_peer: int = 128
-    handshake_timeout: float = 10.0
-    io_timeout: float = 20.0
-    idle_timeout: float = 600.0
-    handlers: int = 8
-    """Threads handling whole requests at once (more requests wait their turn)."""
-    max_message: int = 256 << 20
-    serializers: frozenset[int] = frozenset({SERIALIZER_IDS["msgpack"]})
-    """Serializers a handshake may use; the connection then keeps the handshake's one."""
-
-    @classmethod
-    def from_config(cls, config: Config, *, handlers: int, serializers: tuple[str, ...] = ("msgpack",)
-                    ) -> Limits:
-        connections = _within_fd_limit(config.max_connections)
-        return cls(max_connections=connections, per_peer=max(4, connections // 4),
-                   handshake_timeout=config.handshake_timeout, io_timeout=config.io_timeout,
-                   idle_timeout=config.idle_timeout, handlers=handlers, max_message=config.max_message_size,
-                   serializers=frozenset(SERIALIZER_IDS[name] for name in serializers))
 
 
 class _Handlers:
@@ -275,16 +243,10 @@ class ConnectionServer:
 
     def _make_room(self, peer: str) -> bool:
         """Room for one more connection from `peer`, made by closing the quietest idle one if need be."""
-        if self._per_peer[peer] >= self.limits.per_peer:
-            candidates = [c for c in self._conns if c.peer == peer and not c.busy]
-        elif len(self._conns) >= self.limits.max_connections:
-            candidates = [c for c in self._conns if not c.busy]
-        else:
-            return True
-        if not candidates:
-            return False
-        self._drop(min(candidates, key=lambda c: (c.authenticated, c.active)), "room")
-        return True
+        room, quietest = make_room(peer, self._conns, self._per_peer[peer], self.limits)
+        if quietest is not None:
+            self._drop(quietest, "room")
+        return room
 
     def _tls_step(self, conn: Connection) -> None:
         sock = conn.sock
@@ -324,35 +286,7 @@ class ConnectionServer:
             self._handlers.submit(conn)
 
     def _check(self, conn: Connection, header: Header) -> None:
-        """Refuse a message its header shows to be no part of the protocol here, before reading it."""
-        if conn.state == HELLO:
-            if header.msgtype != protocol.MSG_CONNECT:
-                raise Refused(f"expected a handshake, got message type {header.msgtype}")
-            if header.size > HANDSHAKE_MAX_BYTES:
-                raise Refused(f"handshake of {header.size} bytes exceeds the limit of {HANDSHAKE_MAX_BYTES}",
-                               reply=True)
-            if header.serializer_id not in self.limits.serializers:
-                if header.serializer_id == _MARSHAL:
-                    raise Refused("handshake in marshal refused (unsafe on untrusted data)", reply=True)
-                raise Refused(f"handshake in serializer {header.serializer_id} refused (this daemon "
-                               f"speaks {serializer_names(self.limits.serializers)})", reply=True)
-            if header.flags & ~protocol.FLAGS_CORR_ID:
-                raise Refused(f"handshake with flags {flag_names(header.flags)} refused", reply=True)
-            return
-        if header.msgtype == protocol.MSG_PING:  # answered without decoding anything
-            if header.size > HANDSHAKE_MAX_BYTES:
-                raise Refused(f"ping of {header.size} bytes")
-            return
-        if header.msgtype != protocol.MSG_INVOKE:
-            raise Refused(f"message type {header.msgtype} is not a request")
-        if header.size > self.limits.max_message:
-            limit = self.limits.max_message
-            raise Refused(f"request of {header.size} bytes exceeds max_message_size={limit}")
-        if header.serializer_id != conn.serializer_id:
-            raise Refused(f"request in serializer {header.serializer_id} on a connection that shook hands "
-                           f"in {conn.serializer_id} (one serializer per connection)")
-        if header.flags & ~_REQUEST_FLAGS:
-            raise Refused(f"request with flags {flag_names(header.flags & ~_REQUEST_FLAGS)} refused")
+        check_header(conn, header, self.limits)
 
     def _refuse(self, conn: Connection, reason: str, *, reply: bool = False,
                 level: int = logging.WARNING) -> None:
@@ -406,19 +340,13 @@ class ConnectionServer:
         if self.sock is not None and self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self.sock, selectors.EVENT_READ, None)
-        limits = self.limits
         for conn in list(self._conns):
-            if conn.busy:
-                continue
-            if conn.state != READY or not conn.authenticated:
-                if now - conn.created > limits.handshake_timeout:
-                    reason = f"handshake timeout after {limits.handshake_timeout:g} s"
-                    self._refuse(conn, reason, reply=conn.state == HELLO, level=logging.INFO)
-            elif conn.mid_message:
-                if now - conn.active > limits.io_timeout:
-                    self._drop(conn, "io timeout")
-            elif now - conn.active > limits.idle_timeout:
-                self._drop(conn, "idle")
+            late = overdue(conn, now, self.limits)
+            if late == "handshake":
+                reason = f"handshake timeout after {self.limits.handshake_timeout:g} s"
+                self._refuse(conn, reason, reply=conn.state == HELLO, level=logging.INFO)
+            elif late is not None:
+                self._drop(conn, late)
 
     # -- handler threads -----------------------------------------------------------------------------
     def _handle(self, conn: Connection) -> None:
@@ -463,14 +391,3 @@ class ConnectionServer:
                 declared = set()
             if method not in declared:
                 raise Pyro5.errors.SecurityError(f"one-way call of {method!r}, which is not declared one-way")
-
-
-def _within_fd_limit(wanted: int) -> int:
-    """`wanted`, or half this process's descriptor limit if that is less (the rest is the daemon's own)."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return wanted
-    return wanted if soft == resource.RLIM_INFINITY else max(4, min(wanted, soft // 2))
