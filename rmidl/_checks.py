@@ -76,8 +76,13 @@ def as_labels(y: object, count: int, what: str = "y") -> np.ndarray:
 def label_indices(classes: np.ndarray, labels: np.ndarray, what: str = "y") -> np.ndarray:
     """Each label's index in `classes` (int64); a label outside them is an OptionError naming it."""
     if (labels.dtype.kind == "U") != (classes.dtype.kind == "U"):
-        kinds = ("text", "numbers") if labels.dtype.kind == "U" else ("numbers", "text")
-        raise OptionError(f"labels {what} are {kinds[0]} but the model's classes are {kinds[1]}")
+        if labels.dtype.kind == "U":
+            raise OptionError(f"labels {what} are text but the model's classes are numbers "
+                              f"({describe_classes(classes)})")
+        # indices cannot be mapped safely: into which list of names? (a test set may lack a class)
+        raise OptionError(f"labels {what} are numbers but the model's classes are names "
+                          f"({describe_classes(classes)}): give the names (a FeatureSet's y, or "
+                          "classes[indices]) or the FeatureSet itself")
     order = np.argsort(classes, kind="stable")
     ordered = classes[order]
     position = np.minimum(np.searchsorted(ordered, labels), len(ordered) - 1)

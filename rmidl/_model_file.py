@@ -1,4 +1,8 @@
-"""The MLP's file: a .npz of plain arrays (no pickle) with its settings as JSON text and a format version."""
+"""The MLP's file: a .npz of plain arrays (no pickle) with its settings as JSON text and a format version.
+
+Version 2 adds `features` to the settings: where the training features came from (rmidl.provenance;
+null when not known). Version 1 files (without it) still load, with no provenance.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import numpy as np
 from rmidl._files import atomic_write, read_npz, shown
 from rmidl.config import Config
 from rmidl.errors import InputError, RmidlError
+from rmidl.provenance import Provenance
 
 if TYPE_CHECKING:
     from rmidl.mlp import MLP
@@ -19,9 +24,10 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_model", "save_model"]
 
 FORMAT = "rmidl.mlp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _REQUIRED = ("format", "format_version", "settings", "parameters", "classes")
-_SETTINGS = {"sizes", "activation", "output", "seed", "weight_decay"}
+_SETTINGS = {1: {"sizes", "activation", "output", "seed", "weight_decay"}}
+_SETTINGS[2] = _SETTINGS[1] | {"features"}
 
 
 def save_model(model: MLP, path: str | os.PathLike[str]) -> Path:
@@ -66,13 +72,13 @@ def _settings(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
     if version.shape != () or version.dtype.kind not in "iu" or not 1 <= int(version) <= FORMAT_VERSION:
         raise InputError(f"{where} has model format version {_shown(version)}; this rmidl reads "
                          f"1 to {FORMAT_VERSION} (a newer rmidl wrote it?)")
-    text = arrays["settings"]
+    text, keys = arrays["settings"], _SETTINGS[int(version)]
     try:
         settings = json.loads(str(text)) if text.shape == () and text.dtype.kind == "U" else None
     except json.JSONDecodeError:
         settings = None
-    if not isinstance(settings, dict) or set(settings) != _SETTINGS:
-        expected = ", ".join(sorted(_SETTINGS))
+    if not isinstance(settings, dict) or set(settings) != keys:
+        expected = ", ".join(sorted(keys))
         raise InputError(f"{where} has malformed settings (expected JSON with {expected})")
     return settings
 
@@ -86,9 +92,12 @@ def load_model(path: str | os.PathLike[str]) -> MLP:
     arrays = _read_arrays(source, where)
     settings = _settings(arrays, where)
     classes = arrays["classes"]
+    features = settings.get("features")
+    provenance = None if features is None else Provenance.from_dict(features, f"{where} settings")
     try:
         model = MLP(settings["sizes"], activation=settings["activation"], output=settings["output"],
-                    seed=settings["seed"], weight_decay=settings["weight_decay"], classes=list(classes))
+                    seed=settings["seed"], weight_decay=settings["weight_decay"], classes=list(classes),
+                    provenance=provenance)
     except RmidlError as error:
         raise InputError(f"{where} has bad settings: {error}") from None
     parameters = arrays["parameters"]

@@ -13,12 +13,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rmidl._checks import as_features, as_labels, describe_classes, label_indices, number, whole
 from rmidl.errors import OptionError, ShapeError
+from rmidl.provenance import Provenance
+
+if TYPE_CHECKING:
+    from rmidl.featureset import FeatureSet
 
 __all__ = [
     "ACTIVATIONS",
@@ -263,15 +267,22 @@ class MLP:
     `activation` is the hidden layers' ("sigmoid", "relu", "tanh"); `output="softmax"` pairs softmax with
     cross-entropy, `output="sigmoid"` sigmoid units with squared error (the paper's network). The
     objective is the mean data loss plus weight_decay / 2 * (sum of squared weights; biases spared).
+
+    `provenance` (an rmidl.provenance.Provenance, or its dict) says which network and images the
+    training features came from; it is saved with the model, and predict/score refuse a FeatureSet of
+    other features (raw arrays cannot say, so they are taken as they are). `predict`, `predict_proba`
+    and `score` take X or a FeatureSet (score then uses its labels, as names).
     """
 
     def __init__(self, sizes: Sequence[int], *, activation: str = "sigmoid", output: str = "softmax",
-                 seed: int = 0, weight_decay: float = 1e-4, classes: Sequence[Any] | None = None) -> None:
+                 seed: int = 0, weight_decay: float = 1e-4, classes: Sequence[Any] | None = None,
+                 provenance: Provenance | dict[str, Any] | None = None) -> None:
         self.spec = MLPSpec(check_sizes(sizes), activation, output)
         self.seed = whole("seed", seed, lowest=0)
         self.weight_decay = number("weight_decay", weight_decay, 0.0, math.inf, open_hi=True)
         self.parameters = self.spec.initial_parameters(self.seed)
         self.classes = self._check_classes(classes)
+        self.provenance = None if provenance is None else Provenance.from_dict(provenance)
         self.mean: np.ndarray | None = None
         self.scale: np.ndarray | None = None
 
@@ -329,20 +340,45 @@ class MLP:
             data = (data - self.mean) / self.scale
         return data
 
+    def check_features(self, provenance: Provenance | None, where: str = "the features") -> None:
+        """Refuse features of another network or image shape than the model was trained on (one
+        InputError line naming both); passes when either side does not know where its features came from."""
+        if self.provenance is not None:
+            self.provenance.check(provenance, where)
+
+    def _features(self, x: object) -> object:
+        """X itself, or a FeatureSet's X once its provenance is checked against the model's."""
+        from rmidl.featureset import FeatureSet
+
+        if isinstance(x, FeatureSet):
+            self.check_features(x.provenance, repr(x))
+            return x.X
+        return x
+
     def predict_proba(self, x: object) -> np.ndarray:
-        """(samples, classes) class probabilities (sigmoid outputs are normalised to sum to 1)."""
-        scores = output_scores(self.spec, self.parameters, self.standardise(x))
+        """(samples, classes) class probabilities of X or a FeatureSet (sigmoid outputs are normalised to
+        sum to 1)."""
+        scores = output_scores(self.spec, self.parameters, self.standardise(self._features(x)))
         if self.spec.output == "sigmoid":
             scores /= scores.sum(axis=1, keepdims=True)
         return scores
 
     def predict(self, x: object) -> np.ndarray:
-        """The most probable class label of each sample."""
+        """The most probable class label of each sample (of X or a FeatureSet)."""
         return self.classes[self.predict_proba(x).argmax(axis=1)]
 
-    def score(self, x: object, y: object) -> float:
-        """Accuracy: the fraction of samples whose predicted label equals y."""
-        data = self.standardise(x)
+    def score(self, x: FeatureSet | object, y: object = None) -> float:
+        """Accuracy: the fraction of samples whose predicted label equals y; `score(feats)` scores a
+        labelled FeatureSet against its labels (as names, feats.y). Labels must be the model's classes:
+        class indices for a model of names are refused, since indices into another class list (a test set
+        missing a class) would silently mis-score."""
+        from rmidl.featureset import FeatureSet
+
+        if isinstance(x, FeatureSet) and y is None:
+            if x.labels is None:
+                raise OptionError(f"{x!r} is unlabelled: nothing to score it against")
+            y = x.y
+        data = self.standardise(self._features(x))
         target = label_indices(self.classes, as_labels(y, data.shape[0]))
         scores = output_scores(self.spec, self.parameters, data)
         return float(np.mean(scores.argmax(axis=1) == target))
@@ -374,8 +410,10 @@ class MLP:
         return load_model(path)
 
     def settings(self) -> dict[str, Any]:
-        """The constructor's arguments besides classes (what a file stores as JSON)."""
-        return {**self.spec.to_dict(), "seed": self.seed, "weight_decay": self.weight_decay}
+        """The constructor's arguments besides classes, as JSON-ready values (what a file stores);
+        `features` is the provenance's dict (None when not known)."""
+        return {**self.spec.to_dict(), "seed": self.seed, "weight_decay": self.weight_decay,
+                "features": None if self.provenance is None else self.provenance.to_dict()}
 
     def __repr__(self) -> str:
         return (f"MLP(sizes={self.sizes}, activation={self.activation!r}, output={self.output!r}, "

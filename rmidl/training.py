@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,10 @@ from rmidl.errors import InputError, OptionError
 from rmidl.history import EpochRecord, History, StepRecord
 from rmidl.kernels import blas_pinned
 from rmidl.mlp import ACTIVATIONS, MLP, OUTPUTS, GradientSums, check_choice, evaluate, scaling_of
+from rmidl.provenance import Provenance
+
+if TYPE_CHECKING:
+    from rmidl.featureset import FeatureSet
 
 __all__ = ["stratified_split", "train"]
 
@@ -57,6 +61,23 @@ def _hidden(hidden: object) -> tuple[int, ...]:
     return tuple(int(size) for size in layers)
 
 
+def _inputs(features: object, labels: object, classes: Sequence[Any] | None,
+            provenance: Provenance | dict[str, Any] | None) -> tuple[object, object, Any, Any]:
+    """(X, labels, classes, provenance): given as arrays, or taken from a labelled FeatureSet."""
+    from rmidl.featureset import FeatureSet
+
+    if not isinstance(features, FeatureSet):
+        return features, labels, classes, provenance
+    given = [name for name, value in (("labels", labels), ("classes", classes), ("provenance", provenance))
+             if value is not None]
+    if given:
+        raise OptionError(f"train({features!r}) takes its labels, classes and provenance from the set; "
+                          f"give X and y to set {', '.join(given)}")
+    if features.labels is None:
+        raise InputError(f"{features!r} is unlabelled: a classifier needs labels")
+    return features.X, features.labels, features.classes or None, features.provenance
+
+
 def _executor(coordinator: object, threads: int | None) -> ShardExecutor:
     if coordinator is None:
         return LocalPool(threads)
@@ -67,13 +88,19 @@ def _executor(coordinator: object, threads: int | None) -> ShardExecutor:
 
 
 def _classes_and_targets(labels: np.ndarray, classes: Sequence[Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """The class labels (given, or those present, sorted) and each sample's class index."""
+    """The class labels (given, or those present, sorted) and each sample's class index; integer labels
+    with class names given are indices into those names."""
     if classes is None:
         known = np.unique(labels)
     else:
         known = as_labels(classes, len(classes), "classes")
         if len(np.unique(known)) != len(known):
             raise OptionError(f"classes ({describe_classes(known)}) are not distinct")
+        if labels.dtype.kind in "iu" and known.dtype.kind == "U":  # indices into the names given
+            if labels.size and (labels.min() < 0 or labels.max() >= len(known)):
+                raise InputError(f"labels y are class indices 0..{len(known) - 1} into classes, but hold "
+                                 f"{labels.min()}..{labels.max()}")
+            labels = known[labels]
     if len(known) < 2:
         raise InputError(f"y holds a single class ({describe_classes(known)}); a classifier needs at least 2")
     if labels.shape[0] < len(known):
@@ -102,8 +129,8 @@ def stratified_split(targets: np.ndarray, classes: int, fraction: float,
 
 
 def train(
-    features: object,
-    labels: object,
+    features: FeatureSet | object,
+    labels: object = None,
     /,
     *,
     hidden: int | Sequence[int] = (25,),
@@ -118,6 +145,7 @@ def train(
     validation: float = 0.2,
     shards: int | None = None,
     classes: Sequence[Any] | None = None,
+    provenance: Provenance | dict[str, Any] | None = None,
     threads: int | None = None,
     coordinator: object = None,
     progress: bool = False,
@@ -125,11 +153,16 @@ def train(
 ) -> tuple[MLP, History]:
     """Train an MLP classifier on features (samples, features) and their labels; return (model, history).
 
+    `train(feats)` takes a labelled FeatureSet whole: its X, its labels with their class names, and its
+    provenance (which network and images made the features; the model keeps it and refuses other
+    features later). With arrays, `classes` names the label set: given as names with integer labels,
+    the labels are indices into it (as in a features file); `provenance` may be given too.
+
     Minibatch SGD with momentum on the mean loss plus L2 decay: each epoch reshuffles (seeded) and takes
     ceil(n / batch) steps; batch=None (or >= n) is full-batch gradient descent. `validation` of each class
     is held out (stratified) and scored after every epoch. Features are standardised by the training
     part's mean and spread, kept in the model. `classes` declares the label set (default: the labels in
-    y). `shards` fixes the logical partition of each step (never the worker count; None: min(16,
+    y, sorted). `shards` fixes the logical partition of each step (never the worker count; None: min(16,
     batch // 32), at least 1); `threads` sizes the local pool (None: every core, 0: the calling thread);
     `coordinator` replaces the pool by a cluster's training_session. `callback(record, model)` runs
     after each epoch and stops training by returning False. Same inputs, same weights, bit for bit.
@@ -148,12 +181,13 @@ def train(
     if callback is not None and not callable(callback):
         raise OptionError(f"callback={callback!r} is not callable")
     executor = _executor(coordinator, threads)
+    features, labels, classes, provenance = _inputs(features, labels, classes, provenance)
 
     x = as_features(features)
     known, targets = _classes_and_targets(as_labels(labels, x.shape[0]), classes)
     train_rows, val_rows = stratified_split(targets, len(known), validation, seed)
     model = MLP((x.shape[1], *layers, len(known)), activation=activation, output=output, seed=seed,
-                weight_decay=weight_decay, classes=list(known))
+                weight_decay=weight_decay, classes=list(known), provenance=provenance)
     train_x = x[train_rows]  # a copy, scaled in place
     model.mean, model.scale = scaling_of(train_x)
     train_x -= model.mean

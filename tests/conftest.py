@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,25 @@ def gaussian_blobs(n: int = 600, features: int = 12, classes: int = 3, spread: f
 def blobs() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """Factory of synthetic classification data: blobs(n=600, features=12, classes=3, spread=1.0, seed=0)."""
     return gaussian_blobs
+
+
+def make_feature_set(x: np.ndarray, labels: np.ndarray | None, classes: Sequence[str] = (), *,
+                     fingerprint: str | None = "ab12" * 16, image_shape: Sequence[int] = (48, 48)) -> Any:
+    """A FeatureSet as `rmidl features` makes one, with the provenance of a network `fingerprint` on
+    images of `image_shape` (fingerprint None: a set that does not say where it came from)."""
+    from rmidl.featureset import FeatureSet
+
+    network = {} if fingerprint is None else {"fingerprint": fingerprint, "spec": "6x5x5:relu:gavg",
+                                                "channels": 1}
+    return FeatureSet(x.astype(np.float32), labels, tuple(classes), None, np.arange(len(x)), network,
+                      {"image_shape": list(image_shape), "preprocessing": {"resize": None, "crop": None,
+                                                                            "gray": None}})
+
+
+@pytest.fixture
+def feature_set() -> Callable[..., Any]:
+    """Factory of FeatureSets with provenance: feature_set(x, labels, classes, fingerprint=, image_shape=)."""
+    return make_feature_set
 
 
 def write_image_folder(root: Any, *, classes: int = 2, per_class: int = 5, shape: tuple[int, int] = (24, 20),

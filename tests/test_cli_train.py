@@ -148,3 +148,89 @@ def test_images_to_features_to_model_to_predictions_on_a_local_cluster(tmp_path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("accuracy ") and "on 12 samples" in lines[0]
     assert [line.split()[0] for line in lines[3:9]] == list(textures.classes)
+
+
+NET = "6x5x5:relu:gavg"
+
+
+def _features(capsys, *argv: str) -> None:
+    assert main(["features", *argv, "--no-cluster", "-q"]) == 0
+    capsys.readouterr()
+
+
+@pytest.fixture
+def image_model(tmp_path, capsys) -> tuple[Path, Path]:
+    """(images folder, model): `rmidl train` on the `rmidl features` of 2 classes of 8 gray 24x20 images."""
+    from conftest import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", classes=2, per_class=8)
+    _features(capsys, str(images), "--net", NET, "--out", str(tmp_path / "train.npz"))
+    model = tmp_path / "model.npz"
+    assert main(["train", str(tmp_path / "train.npz"), "--epochs", "2", "--batch", "8", "--out", str(model),
+                 "--no-plot", "-q"]) == 0
+    capsys.readouterr()
+    return images, model
+
+
+def test_predict_new_unlabelled_images(image_model, tmp_path, capsys):
+    """Predict's main use: features of a glob of new images (no labels, no classes) -> class names."""
+    images, model = image_model
+    unlabelled = tmp_path / "new.npz"
+    _features(capsys, str(images / "*" / "*.png"), "--net", NET, "--out", str(unlabelled))
+    with np.load(unlabelled) as stored:
+        assert "classes" not in stored.files and "labels" not in stored.files
+    table = tmp_path / "predicted.csv"
+    assert main(["predict", str(model), str(unlabelled), "--out", str(table)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"16 samples of features file {str(unlabelled)!r} (no labels to score): c0: ")
+    with table.open() as handle:
+        rows = list(csv.reader(handle))
+    expected = rmidl.MLP.load(model).predict(rmidl.FeatureSet.load(unlabelled))
+    assert rows[0] == ["path", "predicted"] and len(rows) == 17
+    names = [f"img{i:03d}.png" for _ in range(2) for i in range(8)]
+    assert [Path(path).name for path, _ in rows[1:]] == names
+    assert [label for _, label in rows[1:]] == list(expected) and set(expected) <= {"c0", "c1"}
+    # what rmidl features wrote for an unlabelled set before: an empty classes array
+    with np.load(unlabelled) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    np.savez(tmp_path / "old.npz", **arrays, classes=np.array([], dtype="<U1"))
+    assert main(["predict", str(model), str(tmp_path / "old.npz")]) == 0
+    assert capsys.readouterr().out.startswith("16 samples of features file")
+
+
+@pytest.mark.parametrize(("case", "options", "needle"), [
+    ("3-channel net on RGB images", ("--color",), "on 24x20 RGB images (made RGB), but the model"),
+    ("another spec of the same width", ("--net", "6x3x3:relu:gavg"),
+     "network '6x3x3:relu:gavg' (fingerprint"),
+    ("resized images", ("--resize", "16"), "on 19x16 gray images (resized to 16), but the model"),
+])
+def test_predict_refuses_features_of_another_network_or_images(image_model, tmp_path, capsys, case, options,
+                                                               needle):
+    images, model = image_model
+    other = tmp_path / "other.npz"
+    _features(capsys, str(images), "--net", NET, *options, "--out", str(other))
+    assert main(["predict", str(model), str(other)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"rmidl: error: features file {str(other)!r} holds features of network ")
+    assert needle in captured.err
+    assert f"the model was trained on features of network {NET!r} (fingerprint " in captured.err
+    assert captured.err.rstrip().endswith("on 24x20 gray images")
+
+
+def test_provenance_is_checked_only_where_both_sides_know_it(image_model, tmp_path, capsys):
+    """A model of Python's rmidl.train(X, y) or a user's own X/y file predicts as before; the model of
+    `rmidl train` keeps the features file's provenance."""
+    images, model = image_model
+    trained = rmidl.FeatureSet.load(tmp_path / "train.npz")
+    assert rmidl.MLP.load(model).provenance == trained.provenance is not None
+    assert trained.provenance.image_shape == (24, 20)
+    colour = tmp_path / "colour.npz"
+    _features(capsys, str(images), "--net", NET, "--color", "--out", str(colour))
+    bare, _ = rmidl.train(trained.X, trained.y, epochs=1)
+    bare.save(tmp_path / "bare.npz")
+    assert main(["predict", str(tmp_path / "bare.npz"), str(colour)]) == 0
+    np.savez(tmp_path / "own.npz", X=trained.X, y=trained.y)
+    assert main(["predict", str(model), str(tmp_path / "own.npz")]) == 0
+    assert capsys.readouterr().out.startswith("accuracy ")
+

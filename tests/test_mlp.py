@@ -12,6 +12,7 @@ import pytest
 import rmidl
 from rmidl import errors
 from rmidl.mlp import ACTIVATIONS, OUTPUTS, MLPSpec, evaluate, gradient_sums
+from rmidl.provenance import Provenance
 
 
 def numeric_gradient(model: rmidl.MLP, x: np.ndarray, y: np.ndarray, h: float = 1e-6) -> np.ndarray:
@@ -141,6 +142,29 @@ def test_save_without_scaling_and_text_classes(tmp_path) -> None:
     assert loaded.mean is None and list(loaded.classes) == ["no", "yes"]
 
 
+PROVENANCE = Provenance("ab12" * 16, (200, 200), spec="24x7x7:relu:max2", channels=1,
+                        preprocessing={"resize": 200})
+
+
+def test_provenance_round_trips_through_the_file(tmp_path) -> None:
+    model = rmidl.MLP((3, 2), provenance=PROVENANCE.to_dict())
+    assert model.provenance == PROVENANCE
+    loaded = rmidl.MLP.load(model.save(tmp_path / "m.npz"))
+    assert loaded.provenance == PROVENANCE and loaded.settings() == model.settings()
+    assert rmidl.MLP.load(rmidl.MLP((3, 2)).save(tmp_path / "bare.npz")).provenance is None
+
+
+def test_a_version_1_model_file_still_loads_without_provenance(tmp_path) -> None:
+    """What rmidl wrote before models kept their features' provenance (format version 1)."""
+    model = rmidl.MLP((4, 3, 2), seed=5, classes=["a", "b"])
+    path = model.save(tmp_path / "m.npz")
+    settings = {key: value for key, value in model.settings().items() if key != "features"}
+    old = _rewrite(path, tmp_path / "v1.npz", format_version=1, settings=json.dumps(settings))
+    loaded = rmidl.MLP.load(old)
+    assert loaded.provenance is None and list(loaded.classes) == ["a", "b"]
+    assert np.array_equal(loaded.parameters, model.parameters)
+
+
 def _rewrite(path: Path, target: Path, **changes: object) -> Path:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
@@ -173,8 +197,13 @@ BAD_FILES = [
     ("unknown setting", lambda p, t: _rewrite(p, t, settings=json.dumps({"sizes": [4, 2]})), "malformed"),
     ("other shape", lambda p, t: _rewrite(p, t, parameters=np.zeros(7)), "parameters of shape (7,)"),
     ("bad sizes", lambda p, t: _rewrite(p, t, settings=json.dumps(
-        {"sizes": [4, 0, 2], "activation": "relu", "output": "softmax", "seed": 0, "weight_decay": 0})),
-     "bad settings"),
+        {"sizes": [4, 0, 2], "activation": "relu", "output": "softmax", "seed": 0, "weight_decay": 0,
+         "features": None})), "bad settings"),
+    ("version 1 settings with provenance", lambda p, t: _rewrite(p, t, format_version=1),
+     "malformed settings"),
+    ("bad provenance", lambda p, t: _rewrite(p, t, settings=json.dumps(
+        {"sizes": [4, 3, 2], "activation": "sigmoid", "output": "softmax", "seed": 0, "weight_decay": 0,
+         "features": {"fingerprint": "ab", "image_shape": [0, 4]}})), "malformed features provenance"),
     ("classes", lambda p, t: _rewrite(p, t, classes=np.arange(5)), "5 classes given for an output"),
     ("mean", lambda p, t: _rewrite(p, t, mean=np.zeros(3)), "mean of shape (3,)"),
     ("half scaling", lambda p, t: _rewrite(p, t, scale=None), "only one of mean and scale"),
@@ -293,3 +322,46 @@ def test_spec_round_trips_as_dict_and_refuses_junk() -> None:
         MLPSpec.from_dict({"sizes": [6, 2]})
     with pytest.raises(errors.ShapeError, match="parameter vector has shape"):
         spec.views(np.zeros(3))
+
+
+NAMES = ("cat", "dog", "eel")
+
+
+def test_score_takes_names_or_a_feature_set_never_bare_indices_for_named_classes(rng, feature_set) -> None:
+    """Index labels are ambiguous for a model of names (indices into whose list?), so they are refused;
+    a FeatureSet's y is its names, and the set itself scores against them."""
+    model = rmidl.MLP((4, 3), classes=list(NAMES), seed=1)
+    model.set_parameters(rng.standard_normal(model.parameters.size))
+    x = rng.standard_normal((40, 4))
+    predicted = np.asarray(NAMES)[model.predict_proba(x).argmax(axis=1)]
+    full = feature_set(x, rng.integers(0, 3, 40), NAMES)
+    expected = float(np.mean(predicted == np.asarray(NAMES)[full.labels]))
+    assert list(full.y) == [NAMES[i] for i in full.labels]
+    assert model.score(full.X, full.y) == model.score(full) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(errors.OptionError, match=r"numbers but the model's classes are names .*a FeatureSet"):
+        model.score(full.X, full.labels)
+    # a test set without 'dog': its index 1 is 'eel', which the model's index 1 is not
+    lacking = feature_set(x, rng.integers(0, 2, 40), ("cat", "eel"))
+    truth = np.array(["cat", "eel"])[lacking.labels]
+    assert model.score(lacking) == pytest.approx(float(np.mean(predicted == truth)), abs=1e-6)
+    with pytest.raises(errors.OptionError, match="is unlabelled: nothing to score"):
+        model.score(feature_set(x, None))
+    assert list(model.predict(full)) == list(model.predict(x))
+
+
+def test_features_of_another_network_or_image_shape_are_refused(rng, feature_set) -> None:
+    x, labels = rng.standard_normal((10, 4)), rng.integers(0, 3, 10)
+    trained = feature_set(x, labels, NAMES)
+    model = rmidl.MLP((4, 3), classes=list(NAMES), provenance=trained.provenance)
+    assert model.predict(feature_set(x, labels, NAMES)).shape == (10,)  # the same feature space
+    for other, needle in ((feature_set(x, labels, NAMES, fingerprint="cd34" * 16), "fingerprint cd34cd34"),
+                          (feature_set(x, labels, NAMES, image_shape=(40, 40, 3)), "on 40x40 RGB images")):
+        for call in (model.predict, model.predict_proba, model.score):
+            with pytest.raises(errors.InputError) as caught:
+                call(other)
+            message = str(caught.value)
+            assert needle in message and "but the model was trained on features of network '6x5x5" in message
+            assert "fingerprint ab12ab12" in message and "48x48 gray images" in message
+    assert model.score(feature_set(x, labels, NAMES, fingerprint=None)) >= 0  # a set that does not say
+    other = feature_set(x, labels, NAMES, fingerprint="cd34" * 16)
+    assert rmidl.MLP((4, 3), classes=list(NAMES)).score(other) >= 0  # a model that does not say

@@ -150,6 +150,28 @@ def test_text_labels_and_declared_classes(blobs) -> None:
         rmidl.train(x, names, classes=["cat", "dog", "owl", "yak"])
 
 
+def test_a_feature_set_trains_whole_keeping_names_and_provenance(blobs, feature_set) -> None:
+    """train(feats) == train(X, indices, classes=names) == train(X, names), bit for bit; the model keeps
+    the names and the features' provenance."""
+    x, y = blobs(n=300)
+    feats = feature_set(x, y, ("cat", "dog", "owl"))
+    whole, _ = rmidl.train(feats, epochs=5)
+    indexed, _ = rmidl.train(feats.X, feats.labels, classes=feats.classes, provenance=feats.provenance,
+                             epochs=5)
+    named, _ = rmidl.train(feats.X, feats.y, epochs=5)
+    assert list(whole.classes) == list(indexed.classes) == list(named.classes) == ["cat", "dog", "owl"]
+    assert np.array_equal(whole.parameters, indexed.parameters)
+    assert np.array_equal(whole.parameters, named.parameters)
+    assert whole.provenance == indexed.provenance == feats.provenance and named.provenance is None
+    assert whole.score(feats) == whole.score(feats.X, feats.y) > 0.9
+    with pytest.raises(errors.OptionError, match="takes its labels, classes and provenance from the set"):
+        rmidl.train(feats, feats.y)
+    with pytest.raises(errors.InputError, match="is unlabelled"):
+        rmidl.train(feature_set(x, None))
+    with pytest.raises(errors.InputError, match=r"class indices 0\.\.1 into classes, but hold 0\.\.2"):
+        rmidl.train(x, y, classes=["cat", "dog"])
+
+
 def test_stratified_split_keeps_every_class_in_training() -> None:
     targets = np.array([0] * 50 + [1] * 10 + [2] * 1 + [3] * 2)
     train, held = stratified_split(targets, 4, 0.2, seed=0)

@@ -2,12 +2,14 @@
 
 Arrays: `X` (samples, features), real; labels as `y` or `labels` (class indices, or the labels themselves:
 integers or text); optional `classes` (the class names, when the labels are indices into them, or the
-full label set) and `paths` (one per sample, e.g. the images the features came from). Other arrays are
-ignored. Never unpickled; sizes checked before reading (rmidl._files.read_npz).
+full label set; empty: none) and `paths` (one per sample, e.g. the images the features came from). In a
+file `rmidl features` wrote, `network` and `stats` give the features' provenance (rmidl.provenance).
+Other arrays are ignored. Never unpickled; sizes checked before reading (rmidl._files.read_npz).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from rmidl._files import read_npz, shown
 from rmidl.config import Config
 from rmidl.errors import InputError, ShapeError
+from rmidl.featureset import FORMAT
+from rmidl.provenance import Provenance
 
 __all__ = ["LABEL_KEYS", "FeatureFile", "read_features"]
 
@@ -25,13 +29,15 @@ LABEL_KEYS = ("y", "labels")
 
 @dataclass(frozen=True)
 class FeatureFile:
-    """A features file's contents: X as stored, labels (names when the file maps indices to `classes`)."""
+    """A features file's contents: X as stored, labels (names when the file maps indices to `classes`),
+    and where the features came from (None when the file does not say)."""
 
     path: Path
     x: np.ndarray
     labels: np.ndarray | None
     classes: np.ndarray | None
     paths: np.ndarray | None
+    provenance: Provenance | None = None
 
     @property
     def where(self) -> str:
@@ -57,6 +63,8 @@ def read_features(path: str | Path, *, labels_required: bool) -> FeatureFile:
         raise ShapeError(f"{where} holds {labels.shape[0] if labels.ndim else 1} labels for {x.shape[0]} "
                          "samples of X")
     classes = arrays.get("classes")
+    if classes is not None and classes.shape == (0,):
+        classes = None  # what rmidl features wrote for an unlabelled set before it left `classes` out
     if classes is not None:
         if classes.ndim != 1 or classes.size == 0 or classes.dtype.kind not in "iuU":
             raise ShapeError(f"{where}: classes must be a non-empty list of integers or text, got "
@@ -70,7 +78,21 @@ def read_features(path: str | Path, *, labels_required: bool) -> FeatureFile:
     if paths is not None and (paths.dtype.kind != "U" or paths.shape != x.shape[:1]):
         raise ShapeError(f"{where}: paths must be one text entry per sample of X, got {paths.shape} "
                          f"{paths.dtype}")
-    return FeatureFile(source, x, labels, classes, paths)
+    return FeatureFile(source, x, labels, classes, paths, _provenance(arrays, where))
+
+
+def _provenance(arrays: dict[str, np.ndarray], where: str) -> Provenance | None:
+    """The features' provenance from the `network` and `stats` of a file `rmidl features` wrote."""
+    if not str(arrays.get("format", "")).startswith(f"{FORMAT} ") or "network" not in arrays:
+        return None
+    try:
+        network = json.loads(str(arrays["network"]))
+        stats = json.loads(str(arrays["stats"])) if "stats" in arrays else {}
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: its network or stats are not JSON ({error})") from None
+    if not isinstance(network, dict) or not isinstance(stats, dict):
+        raise InputError(f"{where}: its network and stats must be JSON objects")
+    return Provenance.of_features(network, stats, where)
 
 
 def _labels(arrays: dict[str, np.ndarray], where: str) -> np.ndarray | None:

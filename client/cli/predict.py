@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--out {args.out!r} must end in .csv or .npz")
     model = rmidl.MLP.load(args.model)
     data = read_features(args.features, labels_required=False)
+    model.check_features(data.provenance, data.where)  # same width is not the same features
     probabilities = model.predict_proba(data.x)
     predicted = model.classes[probabilities.argmax(axis=1)]
     lines = []

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "hidden": hidden, "activation": args.activation, "output": args.output, "epochs": args.epochs,
         "batch": batch, "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
         "validation": args.validation, "seed": args.seed, "shards": args.shards,
-        "classes": None if data.classes is None else list(data.classes),
+        "classes": None if data.classes is None else list(data.classes), "provenance": data.provenance,
     }
     # --workers chooses among a cluster's workers: without one running, say so rather than train here
     target = choose_cluster(args, config_from_args(args), fallback=None if workers else FALLBACK)

@@ -31,6 +31,7 @@ from rmidl.featureset import FeatureSet
 from rmidl.geometry import split_range
 from rmidl.network import Network
 from rmidl.network._stage import add_time
+from rmidl.provenance import PREPROCESSING
 from rmidl.remote.blobs import Blob
 from rmidl.remote.contract import ReplyRecord
 from rmidl.remote.features import FeaturesReply, FeaturesTask
@@ -306,11 +307,13 @@ class FeaturesJob:
             stats=stats, bad=bad)
 
     def figures(self) -> dict[str, Any]:
-        """Per-stage seconds, where batches were decoded, the batch size and task count."""
+        """Per-stage seconds, where batches were decoded, the batch size and task count, the images' shape
+        and preprocessing (with the network's fingerprint, the features' provenance)."""
         with self._lock:
             return {"images": len(self.dataset), "features": self.width, "batch": self.batch_size,
                     "tasks": len(self._tasks), "stage_seconds": dict(self.stage_seconds),
                     "load": dict(self.load_where), "image_shape": list(self.shape),
+                    "preprocessing": {key: self.dataset.settings[key] for key in PREPROCESSING},
                     "bad": len(self.dataset.bad) + len(self.worker_bad)}
 
     @property
