@@ -62,13 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
-    """--hidden '64,32' -> (64, 32); 'none' -> () (rmidl.train checks the sizes)."""
+    """--hidden '64,32' -> (64, 32); 'none' -> (); a size below 1 is named in the CLI's terms."""
     if text.strip().lower() in ("none", ""):
         return ()
     try:
-        return tuple(int(part) for part in text.split(","))
+        sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise OptionError(f"--hidden {text!r} is not a comma-separated list of sizes (or 'none')") from None
+    if min(sizes) < 1:
+        raise OptionError(f"--hidden {text!r}: every hidden layer needs a whole number of units >= 1 "
+                          "(--hidden none trains without a hidden layer)")
+    return sizes
 
 
 def parse_batch(text: str) -> int | None:
