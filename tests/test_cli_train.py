@@ -234,3 +234,10 @@ def test_provenance_is_checked_only_where_both_sides_know_it(image_model, tmp_pa
     assert main(["predict", str(model), str(tmp_path / "own.npz")]) == 0
     assert capsys.readouterr().out.startswith("accuracy ")
 
+
+def test_train_without_a_cluster_says_so_as_run_and_features_do(features, capsys):
+    assert main(["train", str(features), *TRAIN, "--no-plot"]) == 0
+    note = "rmidl: no local cluster is running (`rmidl up` starts one): compute in this process\n"
+    assert capsys.readouterr().err == note
+    assert main(["train", str(features), *TRAIN, "--no-plot", "--no-cluster"]) == 0
+    assert capsys.readouterr().err == ""

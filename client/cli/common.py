@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "HERE",
     "HelpFormatter",
     "add_output_arguments",
     "LOCAL",
@@ -55,6 +56,8 @@ EXIT_CLUSTER = 3
 """The cluster failed the command (`rmidl.errors.ClusterError`: unreachable, refused, workers lost)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C, as shells report SIGINT."""
+HERE = "compute in this process"
+"""What `run`, `features` and `train` do without a cluster (their --ns help and their one stderr note)."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -157,11 +160,14 @@ Target = Resolved
 def choose_cluster(args: argparse.Namespace, config: Config, *, fallback: str | None = None) -> Target:
     """Which cluster: `--ns HOST:PORT` as given; `--ns local` (or no `--ns`) the newest running local
     cluster from its cluster file, with its secret; none running and no `--ns`: no cluster when the
-    command has a `fallback` (say so), else a one-line RegistryError; `--no-cluster`: none. The rule is
+    command has a `fallback` (say so), else a one-line RegistryError; `--no-cluster`: none. `--workers`
+    chooses among a cluster's workers, so with it none running is that RegistryError too. The rule is
     `rmidl.remote.clusterfile.resolve`, which `Coordinator(ns=...)` follows too."""
     from rmidl.remote import clusterfile
 
     ns = getattr(args, "ns", None)
+    if getattr(args, "workers", None):
+        fallback = None
     return clusterfile.resolve(ns, config, auto=not getattr(args, "no_cluster", False),
                                explicit_secret=bool(getattr(args, "secret_file", None)),
                                fallback=fallback)

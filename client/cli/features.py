@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rmidl.client.cli.common import (
     EXIT_OK,
+    HERE,
     add_cluster_arguments,
     add_security_arguments,
     choose_cluster,
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(PRESETS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of a spec's banks (default 0)")
     parser.add_argument("--out", required=True, metavar="PATH.npz", help="where the features go")
-    add_cluster_arguments(parser, fallback="compute in this process")
+    add_cluster_arguments(parser, fallback=HERE)
     parser.add_argument("--workers", metavar="NAME[,NAME...]",
                         help="use only these workers of the cluster (default: every registered one)")
     parser.add_argument("--local-threads", type=int, metavar="N",
@@ -113,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
     net.output_shape(dataset.shape)
     if replicas is not None:
         check_replicas(replicas, len(net.stages))
-    # --workers chooses among a cluster's workers: without one running, say so rather than compute here
-    fallback = None if workers else "compute in this process"
-    target = choose_cluster(args, config_from_args(args), fallback=fallback)
+    target = choose_cluster(args, config_from_args(args), fallback=HERE)
     with Coordinator(target.ns, local_threads=args.local_threads, config=target.config,
                      workers=workers) as co:
         if target.note:  # once the options are all accepted: a refused command says one line only

@@ -13,6 +13,7 @@ import numpy as np
 
 from rmidl.client.cli.common import (
     EXIT_OK,
+    HERE,
     add_cluster_arguments,
     add_coordinator_arguments,
     add_security_arguments,
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(syntax below)")
     parser.add_argument("--mode", default="valid", help=f"one of {', '.join(MODES)}")
     parser.add_argument("--convolve", action="store_true", help="true convolution (flipped kernels)")
-    add_cluster_arguments(parser, fallback="compute in this process")
+    add_cluster_arguments(parser, fallback=HERE)
     add_coordinator_arguments(parser, moved="data")
     add_security_arguments(parser)
     parser.add_argument("--out", metavar="PATH",
@@ -157,9 +158,7 @@ def run(args: argparse.Namespace) -> int:
     # every check of the input before a cluster is chosen, contacted or told about
     image, kernels = image_and_bank(args.kernels, lambda gray: _load_image(args.image, gray), mode)
     prepared = prepare(image, kernels, mode)
-    # --workers chooses among a cluster's workers: without one running, say so rather than compute here
-    fallback = None if workers else "compute in this process"
-    target = choose_cluster(args, config_from_args(args), fallback=fallback)
+    target = choose_cluster(args, config_from_args(args), fallback=HERE)
     progress = _Progress()
     shm = not args.no_shared_memory
     image, kernels = prepared.image, prepared.kernels

@@ -12,6 +12,7 @@ from typing import Any
 
 from rmidl.client.cli.common import (
     EXIT_OK,
+    HERE,
     add_cluster_arguments,
     add_coordinator_arguments,
     add_security_arguments,
@@ -24,7 +25,6 @@ from rmidl.errors import OptionError
 from rmidl.history import PHASES, EpochRecord, History
 
 HELP = "train the classifier (an MLP) on FEATURES.npz, on the cluster or here; save the model"
-FALLBACK = "train in this process"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the initial weights, the split and the shuffles")
     parser.add_argument("--shards", type=int, metavar="N",
                         help="logical shards per step (default min(16, batch / 32)): never the worker count")
-    add_cluster_arguments(parser, fallback=FALLBACK)
+    add_cluster_arguments(parser, fallback=HERE)
     add_coordinator_arguments(parser, moved="gradients")
     add_security_arguments(parser)
     parser.add_argument("--out", metavar="MODEL.npz", help="save the trained model here")
@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "validation": args.validation, "seed": args.seed, "shards": args.shards,
         "classes": None if data.classes is None else list(data.classes), "provenance": data.provenance,
     }
-    # --workers chooses among a cluster's workers: without one running, say so rather than train here
-    target = choose_cluster(args, config_from_args(args), fallback=None if workers else FALLBACK)
+    target = choose_cluster(args, config_from_args(args), fallback=HERE)
     # said after the first epoch, once rmidl.train accepted every option: a refused command says one line
     settings["callback"] = _EpochLines(quiet=quiet, first=lambda: target.note and note(args, target.note))
     started = time.perf_counter()
