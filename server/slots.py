@@ -42,7 +42,7 @@ def input_bands(task: CorrelateTask, kernels: np.ndarray, shared: np.ndarray | N
     if band.dtype != kernels.dtype:
         raise DTypeError(f"task {task.task_id}: input is {band.dtype} but bank is {kernels.dtype}")
     if kw > band.shape[2]:
-        raise KernelTooLarge(f"kernel {kh}x{kw} does not fit input band {band.shape[1]}x{band.shape[2]}")
+        raise KernelTooLarge(f"kernel {kw}x{kh} does not fit input band {band.shape[2]}x{band.shape[1]}")
     return band
 
 
