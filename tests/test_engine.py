@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_info
 
 import rmidl
 from rmidl import kernels as engines
-from rmidl.kernels._threads import blas_pinned, run_tiles
+from rmidl.kernels._threads import POOL_THREADS, blas_pinned, run_tiles
 
 MODES = ("valid", "same", "full")
 
@@ -243,6 +243,36 @@ def test_a_failing_tile_fails_the_call_and_stops_the_rest(threads) -> None:
     with pytest.raises(ZeroDivisionError, match="tile 3"):
         run_tiles(list(range(1000)), work, lambda: None, threads)
     assert 3 not in done and len(done) < 999
+
+
+def test_tiles_run_on_shared_helpers_every_tile_once_nested_and_concurrent() -> None:
+    """Helper threads are made once for the process, not per call; a call inside a tile (or many calls
+    at once, more than there are helpers) still runs every tile exactly once and returns."""
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def inner(tile: int, scratch: object) -> None:
+        with lock:
+            seen.append(("inner", tile))
+
+    def outer(tile: int, scratch: object) -> None:
+        run_tiles(list(range(4)), inner, lambda: None, 3)
+        with lock:
+            seen.append(("outer", tile))
+
+    run_tiles(list(range(8)), outer, lambda: None, 2)  # the helpers exist from here on
+    before = threading.active_count()
+    seen.clear()
+    callers = [threading.Thread(target=run_tiles, args=(list(range(8)), outer, lambda: None, 4))
+               for _ in range(20)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(60)
+    assert not any(caller.is_alive() for caller in callers)
+    expected = [("outer", t) for t in range(8)] * 20 + [("inner", t) for t in range(4)] * 160
+    assert sorted(seen) == sorted(expected)
+    assert threading.active_count() <= before + POOL_THREADS  # helpers are bounded, whoever calls
 
 
 def test_correlate_valid_refuses_an_unknown_engine() -> None:

@@ -104,11 +104,41 @@ def blas_pinned() -> Iterator[None]:
         pin.release()
 
 
+POOL_THREADS = 64
+"""Most helper threads alive at once, over all engine calls of the process (made when first needed)."""
+
+
+class _SharedPool:
+    """One pool of helper threads for every engine call: starting threads per call cost ~2-8 ms, which
+    decided small calls (a depthwise stage's per-map calls, small images) at 2+ threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="rmidl-tile")
+            return self._pool
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = None  # a forked child has none of the parent's threads
+
+
+_HELPERS = _SharedPool()
+
+
 def run_tiles(tiles: Sequence[T], work: Callable[[T, Any], None], make_scratch: Callable[[], Any],
               threads: int) -> None:
     """Run `work(tile, scratch)` for every tile on `threads` threads, each with its own scratch.
 
     Threads pull tiles from a shared queue (not fixed shares), so a core slowed by other load does less.
+    The calling thread is one of them and the others come from the process's shared pool; helpers that
+    have not started by the time the tiles run out are cancelled, so a busy pool (or a nested call) only
+    means fewer helpers, never a wait.
     """
     threads = max(1, min(threads, len(tiles)))
     if threads == 1:
@@ -133,7 +163,16 @@ def run_tiles(tiles: Sequence[T], work: Callable[[T, Any], None], make_scratch: 
                 failed.set()
                 raise
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmidl-tile") as pool:
-        futures = [pool.submit(loop) for _ in range(threads)]
-        for future in futures:
-            future.result()
+    pool = _HELPERS.get()
+    helpers = [pool.submit(loop) for _ in range(threads - 1)]
+    try:
+        loop()
+    finally:
+        started = [future for future in helpers if not future.cancel()]
+        errors = []
+        for future in started:  # running or done: their tiles write into the caller's arrays
+            error = future.exception()
+            if error is not None:
+                errors.append(error)
+    if errors:
+        raise errors[0]
