@@ -38,6 +38,30 @@ def _correlate_batch(maps: np.ndarray, bank: np.ndarray, mode: str, threads: int
     correlate(maps.transpose(0, 2, 3, 1), bank, batch=True, mode=mode, threads=threads, out=out)
 
 
+DENSE_DEPTHWISE_MAPS = 64
+"""A depthwise stage on at most this many maps ..."""
+DENSE_DEPTHWISE_AREA = 64 * 64
+"""... of at most this area runs as one call with a block-diagonal bank (C times the multiply-adds, one
+engine call instead of C). Measured on 25 maps, 11x11 kernels, 4 images, 1 thread: 0.08x the per-map
+time at 16x16, 0.49x at 42x42, 1.36x at 95x95 (at 2 threads 0.07-0.42x at every size): below ~64x64 a
+call's fixed cost outweighs the extra arithmetic."""
+
+
+def dense_depthwise(maps_in: tuple[int, ...]) -> bool:
+    """Whether a depthwise stage runs maps (C, H, W) as one block-diagonal call (see DENSE_DEPTHWISE_*)."""
+    channels, h, w = maps_in
+    return 1 < channels <= DENSE_DEPTHWISE_MAPS and h * w <= DENSE_DEPTHWISE_AREA
+
+
+def block_diagonal(bank: np.ndarray, channels: int) -> np.ndarray:
+    """A depthwise bank (K, kh, kw, 1) as the standard bank (K, kh, kw, C) that computes the same maps:
+    kernel k on input map k // (K // C), zeros on the others (they add exact zeros)."""
+    kernels, kh, kw, _ = bank.shape
+    dense = np.zeros((kernels, kh, kw, channels), bank.dtype)
+    dense[np.arange(kernels), :, :, np.arange(kernels) // (kernels // channels)] = bank[:, :, :, 0]
+    return dense
+
+
 def add_time(timings: Timings | None, key: str, seconds: float) -> None:
     """timings[key] += seconds (from 0), unless timings is None."""
     if timings is not None:
@@ -161,7 +185,9 @@ class Stage:
         n = maps.shape[0]
         shapes = self.shapes(maps.shape[1:], name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        if self.depthwise:
+        if self.depthwise and dense_depthwise(maps.shape[1:]):
+            _correlate_batch(maps, block_diagonal(self.bank, maps.shape[1]), self.mode, threads, conv)
+        elif self.depthwise:
             per_map = self.kernels // maps.shape[1]
             for c in range(maps.shape[1]):
                 group = slice(c * per_map, (c + 1) * per_map)
