@@ -253,7 +253,8 @@ class Coordinator:
     ) -> np.ndarray:
         """Same arguments and result as `rmidl.correlate` (`batch=True`: images (N, H, W[, C]) ->
         (N, K, OH, OW), tasks split by images too); `threads` overrides local_threads for this call,
-        `progress(done, total)` is called as tasks finish."""
+        `progress(done, total)` is called as tasks finish. With same-host workers the result is the
+        shared block they wrote: valid while you hold it (also after close()), recycled when it goes."""
         return self._run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out,
                          progress=progress, flip=False)
 
