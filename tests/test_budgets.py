@@ -79,3 +79,18 @@ def test_a_job_nobody_can_hold_fails_with_budget_exceeded(nameserver, start_work
           pytest.raises(BudgetExceeded, match=match)):
         coordinator.correlate(image, kernels)
     assert handle.worker.info()["tasks_done"] == 0
+
+
+def test_a_bank_over_a_workers_message_limit_is_not_sent_to_it(nameserver, start_worker, cluster_config, rng):
+    # the bank travels as one put_blob message: over the worker's max_message_size it would be refused
+    # and the connection dropped ("not enough data"), failing the job when nobody else could run it
+    small = start_worker(name="small", config=cluster_config.replace(max_message_size=200_000))
+    image = rng.standard_normal((40, 40)).astype(np.float32)
+    kernels = rng.standard_normal((256, 15, 15)).astype(np.float32)  # 230 kB
+    with Coordinator(nameserver, local_threads=1, config=cluster_config, min_tasks=4) as coordinator:
+        assert_close(coordinator.correlate(image, kernels), reference(image, kernels))
+        assert set(coordinator.stats()) == {"local"}
+    with Coordinator(nameserver, local_threads=0, config=cluster_config, min_tasks=4) as coordinator, \
+            pytest.raises(BudgetExceeded, match="each of small sits it out"):
+        coordinator.correlate(image, kernels)
+    assert small.worker.info()["blobs"] == []

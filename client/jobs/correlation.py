@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["CorrelationJob"]
 
 
+BLOB_FRAMING = 4096
+"""Bytes a put_blob message holds beside the bank's own (header, names, settings), with room to spare."""
+
+
 class CorrelationJob:
     """A `JobKind` of `rmidl.geometry.Task`s. Built (every option checked), then `plan_for()` the
     consumers at hand, then run inside `buffers()`, after which `out` is the result: (K, OH, OW) for a
@@ -223,7 +227,12 @@ class CorrelationJob:
 
     # -- internals -----------------------------------------------------------------------------------
     def _holds_bank(self, stub: WorkerStub) -> bool:
-        return not (stub.info.blob_budget and self.bank.nbytes > stub.info.blob_budget)
+        """Whether the bank fits the worker's blob budget and, as one put_blob message, both ends'
+        max_message_size (a bigger one is refused by the worker, which drops the connection)."""
+        if stub.info.blob_budget and self.bank.nbytes > stub.info.blob_budget:
+            return False
+        limits = [limit for limit in (stub.info.max_message_size, self.config.max_message_size) if limit > 0]
+        return not limits or self.bank.nbytes + BLOB_FRAMING <= min(limits)
 
     def _shm_for(self, stub: WorkerStub) -> bool:
         return self._shm is not None and stub.shares_memory
