@@ -167,3 +167,22 @@ def test_the_lru_cache_is_bounded_by_count_and_bytes_and_keeps_the_newest():
         cache.put(key, b"1")
     assert cache.keys() == ["e", "f", "g"]  # by count
     assert cache.pop_where(lambda v: v == b"1") == [b"1"] * 3 and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_replies_refuse_seconds_and_losses_that_are_not_numbers() -> None:
+    from rmidl.remote.features import FeaturesReply
+    from rmidl.remote.gradient import GradientReply
+
+    features = FeaturesReply(3, 0.5, (0, 1), {"CNP1": 0.25}).to_wire()
+    assert FeaturesReply.from_wire(features, max_bytes=1 << 20).timings == {"CNP1": 0.25}
+    for change, text in [({"seconds": -1.0}, "features reply seconds must be a non-negative number, got -1.0"),
+                         ({"seconds": True}, "features reply seconds must be a non-negative number"),
+                         ({"timings": {"CNP1": float("nan")}}, "timing 'CNP1' must be a non-negative number")]:
+        with pytest.raises(ShapeError, match=text):
+            FeaturesReply.from_wire({**features, **change}, max_bytes=1 << 20)
+    gradient = GradientReply(4, 0.5, (0,), (1.5,), (2,), (1,)).to_wire()
+    assert GradientReply.from_wire(gradient, max_bytes=1 << 20).loss_sums == (1.5,)
+    for change, text in [({"seconds": "slow"}, "gradient reply seconds must be a number, got 'slow'"),
+                         ({"loss_sums": [None]}, "gradient reply loss must be a number, got None")]:
+        with pytest.raises(ShapeError, match=text):
+            GradientReply.from_wire({**gradient, **change}, max_bytes=1 << 20)

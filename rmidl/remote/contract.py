@@ -96,6 +96,13 @@ def _int(value: object, what: str) -> int:
     return value
 
 
+def _number(value: object, what: str, *, non_negative: bool = False) -> float:
+    """A JSON-like number (not a bool) as float; with non_negative, also >= 0 (NaN refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (non_negative and not value >= 0):
+        raise ShapeError(f"{what} must be a {'non-negative ' if non_negative else ''}number, got {value!r}")
+    return float(value)
+
+
 def _pair(value: object, what: str) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ShapeError(f"{what} must be [start, stop], got {value!r}")
@@ -221,10 +228,8 @@ class CorrelateReply:
     @classmethod
     def from_wire(cls, data: object, *, max_bytes: int) -> CorrelateReply:
         record = _fields(data, "correlate reply", {"task_id", "seconds", "engine"}, _RESULT_KEYS)
-        seconds = record["seconds"]
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise ShapeError(f"correlate reply: seconds must be a number, got {seconds!r}")
-        return cls(_int(record["task_id"], "task_id"), float(seconds), check_engine(record["engine"]),
+        seconds = _number(record["seconds"], "correlate reply: seconds")
+        return cls(_int(record["task_id"], "task_id"), seconds, check_engine(record["engine"]),
                    _result_from_wire(record, "correlate reply", max_bytes))
 
 

@@ -32,6 +32,7 @@ from rmidl.remote.contract import (
     WireRecord,
     _fields,
     _int,
+    _number,
     _pair,
     _result_from_wire,
     _result_to_wire,
@@ -54,12 +55,6 @@ def _ids(value: object, what: str) -> tuple[int, ...]:
     if min(ids, default=0) < 0 or len(set(ids)) != len(ids):
         raise ShapeError(f"{what} must be distinct non-negative image ids")
     return ids
-
-
-def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ShapeError(f"{what} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -91,8 +86,9 @@ class FeaturesReply:
                 isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[1], str) for b in bad_record):
             raise ShapeError("features reply bad must be a list of [image id, reason]")
         bad = tuple((_int(i, "features reply bad id"), str(why)[:MAX_REASON]) for i, why in bad_record)
-        return cls(_int(record["task_id"], "task_id"), _seconds(record["seconds"], "features reply seconds"),
-                   ids, {k: _seconds(v, f"features reply timing {k!r}") for k, v in timings.items()}, bad,
+        seconds = _number(record["seconds"], "features reply seconds", non_negative=True)
+        spent = {k: _number(v, f"features reply timing {k!r}", non_negative=True) for k, v in timings.items()}
+        return cls(_int(record["task_id"], "task_id"), seconds, ids, spent, bad,
                    _result_from_wire(record, "features reply", max_bytes))
 
 

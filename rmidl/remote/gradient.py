@@ -37,6 +37,7 @@ from rmidl.remote.contract import (
     WireRecord,
     _fields,
     _int,
+    _number,
     _result_from_wire,
     _result_to_wire,
     check_blob_id,
@@ -47,12 +48,6 @@ __all__ = ["REPLY_FRAMING", "GradientReply", "GradientTask"]
 REPLY_FRAMING = 4096
 """Bytes a gradient reply adds to its gradients (per-shard figures, keys, Pyro5's header): an inline
 reply of n gradient bytes needs n + REPLY_FRAMING <= max_message_size at both ends."""
-
-
-def _number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ShapeError(f"{what} must be a number, got {value!r}")
-    return float(value)
 
 
 def _list(value: object, what: str, length: int | None = None) -> list:
