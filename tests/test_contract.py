@@ -175,9 +175,10 @@ def test_replies_refuse_seconds_and_losses_that_are_not_numbers() -> None:
 
     features = FeaturesReply(3, 0.5, (0, 1), {"CNP1": 0.25}).to_wire()
     assert FeaturesReply.from_wire(features, max_bytes=1 << 20).timings == {"CNP1": 0.25}
-    for change, text in [({"seconds": -1.0}, "features reply seconds must be a non-negative number, got -1.0"),
-                         ({"seconds": True}, "features reply seconds must be a non-negative number"),
-                         ({"timings": {"CNP1": float("nan")}}, "timing 'CNP1' must be a non-negative number")]:
+    refusals = [({"seconds": -1.0}, "features reply seconds must be a non-negative number, got -1.0"),
+                ({"seconds": True}, "features reply seconds must be a non-negative number"),
+                ({"timings": {"CNP1": float("nan")}}, "timing 'CNP1' must be a non-negative number")]
+    for change, text in refusals:
         with pytest.raises(ShapeError, match=text):
             FeaturesReply.from_wire({**features, **change}, max_bytes=1 << 20)
     gradient = GradientReply(4, 0.5, (0,), (1.5,), (2,), (1,)).to_wire()
