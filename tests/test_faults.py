@@ -46,6 +46,42 @@ def on_progress(at: int, action):
     return progress
 
 
+def kill_mid_job(cluster: LocalCluster, victim: str, at: int):
+    """A progress callback that SIGKILLs `victim` once `at` units are done, then holds every other
+    worker's runner at its next progress report until the scheduler has logged the victim lost.
+
+    Without the hold the survivors may drain the queue while the victim's runner is still reaping the
+    kill (the callback runs on whichever runner finished a task), and the loss goes unnoticed: the
+    result is still exact, but the test would not have shown a loss mid-job.
+    """
+    noticed = threading.Event()
+
+    class Notice(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"{victim} lost" in record.getMessage():
+                noticed.set()
+
+    handler = Notice(logging.WARNING)
+    logging.getLogger(SCHEDULER_LOG).addHandler(handler)
+    victims_runner = f"rmidl-{victim}-"
+
+    def hold() -> None:
+        if not threading.current_thread().name.startswith(victims_runner):
+            assert noticed.wait(30), f"{victim} was killed but never reported lost"
+
+    progress = on_progress(at, lambda: cluster.kill(victim))
+
+    def report(done: int, total: int) -> None:
+        progress(done, total)
+        if progress.fired.is_set():
+            hold()
+
+    report.fired = progress.fired  # type: ignore[attr-defined]
+    report.noticed = noticed  # type: ignore[attr-defined]
+    report.close = lambda: logging.getLogger(SCHEDULER_LOG).removeHandler(handler)  # type: ignore[attr-defined]
+    return report
+
+
 def registered(address: str) -> set[str]:
     from rmidl.remote.naming import list_workers
     from rmidl.remote.transport import connect_ns
@@ -59,9 +95,12 @@ def test_killed_worker_tasks_run_elsewhere(job, caplog):
     with LocalCluster(workers=3) as cluster, Coordinator(
         cluster.ns_address, local_threads=0, config=fault_config(), min_tasks=120
     ) as coordinator:
-        progress = on_progress(10, lambda: cluster.kill("w2"))
+        progress = kill_mid_job(cluster, "w2", at=10)
         with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
-            result = coordinator.correlate(image, kernels, progress=progress)
+            try:
+                result = coordinator.correlate(image, kernels, progress=progress)
+            finally:
+                progress.close()
         assert progress.fired.is_set()
         assert_close(result, ref)
         lost = [r for r in caplog.records if r.name == SCHEDULER_LOG and "w2 lost" in r.getMessage()]
@@ -250,9 +289,12 @@ def test_a_worker_killed_half_way_loses_no_image(textures, caplog):
     with LocalCluster(workers=3) as cluster, Coordinator(
         cluster.ns_address, local_threads=0, config=fault_config()
     ) as coordinator:
-        progress = on_progress(24, lambda: cluster.kill("w2"))
+        progress = kill_mid_job(cluster, "w2", at=24)
         with caplog.at_level(logging.WARNING, logger=SCHEDULER_LOG):
-            result = coordinator.features(root, net, batch=2, progress=progress)
+            try:
+                result = coordinator.features(root, net, batch=2, progress=progress)
+            finally:
+                progress.close()
         assert progress.fired.is_set()
         np.testing.assert_array_equal(result.X, expected)  # identical, not merely close
         assert result.labels.tolist() == [0] * 24 + [1] * 24
