@@ -263,3 +263,28 @@ def test_global_pooling_keeps_one_value_per_map(rng: np.random.Generator) -> Non
     summary = net.describe((17, 23)).stages[1]
     assert summary.flops == 2 * 3 * 5 * 8 * 9 + 3 * 5 * 8 + 3 * 5 * 8  # multiply-adds, tanh, one add each
     assert Network.from_spec("textures").output_shape((200, 200)) == (24,)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg", "global_max", None])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "abstanh", None])
+def test_a_stage_is_its_activation_then_its_pooling_bit_for_bit(rng: np.random.Generator, activation,
+                                                                pool) -> None:
+    """Max pooling after a non-decreasing activation runs pool-first (fewer values to activate); the
+    result must be exactly activate-then-pool on the same maps, at 1 and 2 threads."""
+    from rmidl import activate
+    from rmidl import pool as pool_maps
+    from rmidl.convolution import correlate
+
+    maps = rng.standard_normal((3, 2, 41, 37)).astype(np.float32)
+    bank = rng.standard_normal((4, 3, 5, 2)).astype(np.float32)
+    stage = Stage(bank, activation=activation, pool=pool, pool_size=(2, 3))
+    conv = correlate(maps.transpose(0, 2, 3, 1), bank, batch=True)
+    activated = conv if activation is None else activate(conv, activation)
+    if pool == "global_max":
+        expected = activated.max(axis=(2, 3), keepdims=True)
+    elif pool is None:
+        expected = activated
+    else:
+        expected = pool_maps(activated, (2, 3), kind=pool)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(stage.forward(maps, threads=threads), expected)

@@ -73,6 +73,25 @@ def test_feature_map_stack_strided_and_fresh(rng: np.random.Generator) -> None:
     assert not np.shares_memory(pool(stack, 1), stack)
 
 
+@pytest.mark.parametrize("tile_bytes", [64, 700, 1 << 20])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_tiles_and_threads_give_the_same_bits(rng: np.random.Generator, monkeypatch, kind: str,
+                                              tile_bytes: int) -> None:
+    """Tiles of row bands (a map bigger than a tile) or of map groups, on 1-3 threads: the loop reference
+    and, between thread counts, bitwise the same result."""
+    from rmidl import pooling
+
+    monkeypatch.setattr(pooling, "TILE_BYTES", tile_bytes)
+    for shape, size, stride in [((5, 3, 37, 29), 2, None), ((2, 64, 50), (3, 2), (2, 1)), ((9, 9), 3, 1),
+                                ((40, 12, 12), 2, None)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        results = [pool(x, size, stride=stride, kind=kind, threads=t) for t in (1, 2, 3, None)]
+        expected = reference(x, pair(size), pair(stride or size), kind)
+        np.testing.assert_allclose(results[0], expected, rtol=1e-6, atol=1e-6)
+        for other in results[1:]:
+            np.testing.assert_array_equal(other, results[0])
+
+
 def test_nan_propagates_in_max() -> None:
     x = np.zeros((4, 4), np.float32)
     x[0, 1] = np.nan
