@@ -11,7 +11,7 @@ from rmidl.errors import OptionError, ShapeError
 from rmidl.geometry import split_range
 from rmidl.kernels import resolve_threads
 from rmidl.kernels._threads import run_tiles
-from rmidl.validate import check_real
+from rmidl.validate import check_out, check_real
 
 __all__ = ["POOL_KINDS", "pool", "pool_shape", "window_pair"]
 
@@ -82,6 +82,7 @@ def pool(
     stride: int | tuple[int, int] | None = None,
     kind: str = "max",
     threads: int | None = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Max or average pooling of `x` (..., H, W) over its last two axes with a `size` window.
 
@@ -90,7 +91,8 @@ def pool(
     dropped: the output is (..., (H - ph)//sh + 1, (W - pw)//sw + 1), so a 5x5 map pooled 2x2 gives 2x2.
     Max keeps the input dtype (integers included) and propagates NaN; avg returns float64 for float64
     input and float32 otherwise. bool, complex and object arrays are refused. `threads` (None: every
-    core) share the tiles; the result is the same bits at any thread count.
+    core) share the tiles; the result is the same bits at any thread count. `out=` writes into a
+    caller's array of the result's shape and dtype (any strides) and returns it.
     """
     if kind not in POOL_KINDS:
         raise OptionError(f"pool kind {kind!r} is not one of {', '.join(POOL_KINDS)}")
@@ -103,7 +105,9 @@ def pool(
         array = array.astype(np.float32)
     h, w = array.shape[-2:]
     maps = array.reshape(-1, h, w)  # a view for the contiguous maps a stage makes
-    out = np.empty((maps.shape[0], oh, ow), array.dtype)
+    given = None if out is None else check_out(out, shape, array.dtype)
+    target = None if given is None else _maps_view(given, oh, ow)
+    result = np.empty((maps.shape[0], oh, ow), array.dtype) if target is None else target
     used_w = sw * (ow - 1) + pw
     tiles = _tiles(maps.shape[0], (oh, ow), used_w * array.itemsize, sh)
     rows_per_tile = max(m1 - m0 for m0, m1, _, _ in tiles) * max(r1 - r0 for _, _, r0, r1 in tiles)
@@ -120,9 +124,22 @@ def pool(
         first = r0 * sh
         _combine([maps[m0:m1, first + a : first + a + sh * (r1 - r0 - 1) + 1 : sh, :used_w]
                   for a in range(ph)], rows, kind)
-        _combine([rows[:, :, b : b + sw * (ow - 1) + 1 : sw] for b in range(pw)], out[m0:m1, r0:r1], kind)
+        _combine([rows[:, :, b : b + sw * (ow - 1) + 1 : sw] for b in range(pw)], result[m0:m1, r0:r1],
+                 kind)
 
     run_tiles(tiles, work, make_scratch, resolve_threads(threads))
     if kind == "avg":
-        out /= ph * pw
-    return out.reshape(shape)
+        result /= ph * pw
+    if given is None:
+        return result.reshape(shape)
+    if target is None:
+        np.copyto(given, result.reshape(shape))
+    return given
+
+
+def _maps_view(out: np.ndarray, oh: int, ow: int) -> np.ndarray | None:
+    """`out` (..., oh, ow) as (maps, oh, ow) without a copy, or None when its strides do not allow it."""
+    try:
+        return np.reshape(out, (-1, oh, ow), copy=False)  # raises rather than copy
+    except ValueError:
+        return None

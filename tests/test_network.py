@@ -44,14 +44,18 @@ def random_net(rng: np.random.Generator, image_hw: tuple[int, int]) -> tuple[Net
         return net, channels
 
 
-@pytest.mark.parametrize("depthwise_path", ["dense", "per map"])
+@pytest.mark.parametrize("path", ["dense", "per map", "bands"])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_nets_match_float64_reference(seed: int, depthwise_path: str, monkeypatch) -> None:
-    # small maps run depthwise stages as one block-diagonal call; force the per-map calls too
-    from rmidl.network import _stage
+def test_random_nets_match_float64_reference(seed: int, path: str, monkeypatch) -> None:
+    # small maps run depthwise stages as one block-diagonal call; force the per-map calls too, and the
+    # row bands big maps run in (bands of a few rows here, the last one short)
+    from rmidl.network import _bands, _stage
 
-    if depthwise_path == "per map":
+    if path == "per map":
         monkeypatch.setattr(_stage, "DENSE_DEPTHWISE_AREA", 0)
+    if path == "bands":
+        monkeypatch.setattr(_bands, "BANDED_MAP_BYTES", 0)
+        monkeypatch.setattr(_bands, "BAND_BYTES", 1)
     rng = np.random.default_rng(seed)
     hw = (int(rng.integers(6, 24)), int(rng.integers(6, 24)))
     net, channels = random_net(rng, hw)
@@ -288,3 +292,27 @@ def test_a_stage_is_its_activation_then_its_pooling_bit_for_bit(rng: np.random.G
         expected = pool_maps(activated, (2, 3), kind=pool)
     for threads in (1, 2):
         np.testing.assert_array_equal(stage.forward(maps, threads=threads), expected)
+
+
+def test_banded_stages_are_the_same_bits_on_any_thread_count(rng: np.random.Generator, monkeypatch) -> None:
+    """A big-map stage in row bands: against the float64 reference, the same bits at 1-3 threads, and
+    timings that add up to the stage's time."""
+    from rmidl.network import _bands
+
+    monkeypatch.setattr(_bands, "BANDED_MAP_BYTES", 0)
+    monkeypatch.setattr(_bands, "BAND_BYTES", 3 * 7 * 58 * 4)  # 3 conv rows of 7 maps: 1 pooled row
+    bank = rng.standard_normal((7, 5, 4, 2)).astype(np.float32)
+    for stage in (Stage(bank, activation="relu", pool="max", pool_size=(3, 2), pool_stride=(2, 2)),
+                  Stage(bank, activation="abstanh", pool="avg", mode="same")):
+        net = Network([stage], channels=2)
+        images = rng.standard_normal((2, 33, 61, 2)).astype(np.float32)
+        runs = []
+        for threads in (1, 2, 3):
+            timings: dict[str, float] = {}
+            runs.append(net.forward_batch(images, threads=threads, timings=timings))
+            parts = sum(v for key, v in timings.items() if key.startswith("CNP1."))
+            assert 0 < parts <= timings["CNP1"] * 1.001
+        for image, row in zip(images, runs[0], strict=True):
+            assert_close(row, reference(net, image))
+        for other in runs[1:]:
+            np.testing.assert_array_equal(other, runs[0])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rmidl.errors import NonFiniteInput, OptionError, ShapeError
+from rmidl.network._bands import banded
 from rmidl.network._spec import RECTIFIED, parse_spec, seeded_bank
 from rmidl.network._stage import Stage, StageShapes, Timings, add_time
 from rmidl.validate import check_out, check_real, check_threads, first_non_finite, float32_overflow
@@ -169,11 +170,13 @@ class Network:
 
     def peak_bytes(self, maps_in: Sequence[int], start: int = 0, stop: int | None = None) -> int:
         """Bytes one image's float32 maps peak at through stages [start, stop) that take maps (C, H, W): the
-        largest stage's input plus correlation maps, which a batch of n needs n times."""
+        largest stage's input plus correlation maps, which a batch of n needs n times (a stage in row
+        bands holds its pooled maps instead, and a band per thread whatever the batch)."""
         peak, maps = 0, tuple(int(v) for v in maps_in)
         for index in range(start, len(self.stages) if stop is None else stop):
             shapes = self.stages[index].shapes(maps, f"stage {index + 1}")  # type: ignore[arg-type]
-            peak = max(peak, 4 * (math.prod(shapes.maps_in) + math.prod(shapes.conv)))
+            made = shapes.out if banded(self.stages[index], shapes) else shapes.conv
+            peak = max(peak, 4 * (math.prod(shapes.maps_in) + math.prod(made)))
             maps = shapes.out
         return peak
 

@@ -16,10 +16,12 @@ from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
 from rmidl.geometry import output_shape, split_range
 from rmidl.kernels import resolve_threads
 from rmidl.kernels._threads import run_tiles
+from rmidl.network._bands import banded, forward_banded
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
 from rmidl.validate import check_mode
 
-__all__ = ["ACTIVATION_NAMES", "GLOBAL_POOLS", "POOL_NAMES", "Stage", "StageShapes", "Timings", "add_time"]
+__all__ = ["ACTIVATION_NAMES", "GLOBAL_POOLS", "POOL_NAMES", "EngineCall", "Stage", "StageShapes", "Timings",
+           "add_time"]
 
 ACTIVATION_NAMES = (*ACTIVATIONS, None)
 GLOBAL_POOLS = ("global_avg", "global_max")
@@ -28,6 +30,8 @@ AdaptiveAvgPool2d(1) / AdaptiveMaxPool2d(1). A texture's statistic, independent 
 POOL_NAMES = (*POOL_KINDS, *GLOBAL_POOLS, None)
 
 Timings = MutableMapping[str, float]
+EngineCall = tuple[slice, np.ndarray, slice]
+"""One engine call of a stage: (its input maps, its bank, the output maps it makes)."""
 
 
 def _correlate_batch(maps: np.ndarray, bank: np.ndarray, mode: str, threads: int | None,
@@ -72,6 +76,9 @@ ACTIVATE_CHUNK = 1 << 20
 
 def _activate_in_place(maps: np.ndarray, activation: str, threads: int) -> None:
     """maps = activation(maps) in chunks shared by `threads` threads (element-wise: the same bits)."""
+    if not maps.flags.c_contiguous:  # a band of a bigger array: one call, in place
+        activate(maps, activation, out=maps)
+        return
     flat = maps.reshape(-1)
     chunks = split_range(flat.size, size=ACTIVATE_CHUNK)
 
@@ -204,34 +211,45 @@ class Stage:
         start = time.perf_counter()
         n = maps.shape[0]
         shapes = self.shapes(maps.shape[1:], name)
+        calls = self.engine_calls(maps.shape[1:])
+        if banded(self, shapes):
+            return forward_banded(self, maps, shapes, calls=calls, threads=resolve_threads(threads),
+                                  timings=timings, name=name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        if self.depthwise and dense_depthwise(maps.shape[1:]):
-            _correlate_batch(maps, block_diagonal(self.bank, maps.shape[1]), self.mode, threads, conv)
-        elif self.depthwise:
-            per_map = self.kernels // maps.shape[1]
-            for c in range(maps.shape[1]):
-                group = slice(c * per_map, (c + 1) * per_map)
-                _correlate_batch(maps[:, c : c + 1], self.bank[group], self.mode, threads, conv[:, group])
-        else:
-            _correlate_batch(maps, self.bank, self.mode, threads, conv)
+        for channels, bank, kernels in calls:
+            _correlate_batch(maps[:, channels], bank, self.mode, threads, conv[:, kernels])
         convolved = time.perf_counter()
-        out = self._activate_and_pool(conv, threads, timings, name)
+        out = self.activate_and_pool(conv, resolve_threads(threads), timings, name)
         add_time(timings, f"{name}.conv", convolved - start)
         return out
 
-    def _activate_and_pool(self, conv: np.ndarray, threads: int | None, timings: Timings | None,
-                           name: str) -> np.ndarray:
-        """The activation and the pooling of the correlation's maps, on `threads` threads.
+    def engine_calls(self, maps_in: tuple[int, ...]) -> list[EngineCall]:
+        """The engine calls that make this stage's maps from maps (C, H, W): (input maps, bank, output
+        maps) each -- one for the standard rule and small depthwise stages, one per map otherwise."""
+        every = slice(None)
+        channels = int(maps_in[0])
+        if self.depthwise and dense_depthwise((channels, int(maps_in[1]), int(maps_in[2]))):
+            return [(every, block_diagonal(self.bank, channels), every)]
+        if self.depthwise:
+            per_map = self.kernels // channels
+            return [(slice(c, c + 1), self.bank[c * per_map : (c + 1) * per_map],
+                     slice(c * per_map, (c + 1) * per_map)) for c in range(channels)]
+        return [(every, self.bank, every)]
+
+    def activate_and_pool(self, conv: np.ndarray, threads: int, timings: Timings | None, name: str, *,
+                          out: np.ndarray | None = None) -> np.ndarray:
+        """The activation and the pooling of the correlation's maps, on `threads` threads (into `out`,
+        the pooled maps' array, when given; a stage without pooling activates `conv` in place).
 
         Max pooling after a non-decreasing activation (MONOTONE) pools first and activates the pooled
         maps: max(f(a), f(b)) is f(max(a, b)), so the result is the same while f runs on a quarter of
         the values (2x2) and the full maps are read once.
         """
-        count = resolve_threads(threads)
+        count = threads
         activation, pooling = self.activation, self.pool
         if pooling in ("max", "global_max") and activation in MONOTONE:
             began = time.perf_counter()
-            out = self._pool(conv, count)
+            out = self._pool(conv, count, out)
             pooled = time.perf_counter()
             _activate_in_place(out, activation, count)
             add_time(timings, f"{name}.pool", pooled - began)
@@ -241,18 +259,19 @@ class Stage:
         if activation is not None:
             _activate_in_place(conv, activation, count)
         activated = time.perf_counter()
-        out = self._pool(conv, count)
+        out = self._pool(conv, count, out)
         add_time(timings, f"{name}.act", activated - began)
         add_time(timings, f"{name}.pool", time.perf_counter() - activated)
         return out
 
-    def _pool(self, conv: np.ndarray, threads: int) -> np.ndarray:
+    def _pool(self, conv: np.ndarray, threads: int, out: np.ndarray | None) -> np.ndarray:
         if self.pool == "global_avg":
-            return conv.mean(axis=(2, 3), keepdims=True, dtype=np.float32)
+            return conv.mean(axis=(2, 3), keepdims=True, dtype=np.float32, out=out)
         if self.pool == "global_max":
-            return conv.max(axis=(2, 3), keepdims=True)
+            return conv.max(axis=(2, 3), keepdims=True, out=out)
         if self.pool is not None:
-            return pool(conv, self.pool_size, stride=self.pool_stride, kind=self.pool, threads=threads)
+            return pool(conv, self.pool_size, stride=self.pool_stride, kind=self.pool, threads=threads,
+                        out=out)
         return conv
 
     def settings(self) -> dict[str, object]:
