@@ -17,14 +17,21 @@ the model predicts them with `predict(..., coordinator_computes=False)`, calibra
 a line rate (x LINK_EFFICIENCY, TCP over 1500-byte frames): veth hands tbf 64 KiB GSO packets, so it
 could not count per-frame overheads itself. A plain TCP stream over each shaped link is measured too.
 Delay: added with netem when the kernel has it (LATENCY_US each way); otherwise the links keep veth's
-own ~0.03 ms and the script says so. The feature pipeline's check needs issue 9's features job on the
-cluster: not measured yet.
+own ~0.03 ms and the script says so.
+
+The feature pipeline (a dataset, maps kept on the nodes): `--images N` reference-sized frames (the
+bundled picture, shifted) go through one CNP stage of the same bank (relu, 2x2 max pool) with
+`Coordinator.features(..., load="coordinator")`, so each frame crosses the link out and its pooled
+features come back, and the measured images per second stand beside the model's
+`dataset_features_images_per_s` (the pull-queue stream the README's "a second node pays off for a
+dataset" rests on). The features are checked bit for bit against the same job in this process.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -239,9 +246,48 @@ class Cluster:
             raise SystemExit(f"result on {count} worker(s) differs from the in-process one by {error:.1e}")
         return seconds
 
+    def features(self, count: int, dataset: Path, net: rmidl.Network, expected: np.ndarray) -> float:
+        """Seconds of the features job on `count` workers; it must equal the in-process features."""
+        start = time.perf_counter()
+        result = self.coordinators[count].features(str(dataset), net, batch=1, load="coordinator",
+                                                   progress=False)
+        seconds = time.perf_counter() - start
+        if not np.array_equal(result.X, expected):
+            raise SystemExit(f"features on {count} worker(s) differ from the in-process ones")
+        return seconds
+
     def close(self) -> None:
         for coordinator in self.coordinators.values():
             coordinator.close()
+
+
+def frames(directory: Path, count: int) -> Path:
+    """`count` frames of the reference size (the bundled picture, each shifted) in an .npz dataset."""
+    base = default_image(np.uint8)
+    path = directory / "frames.npz"
+    np.savez(path, images=np.stack([np.roll(base, 97 * i, axis=1) for i in range(count)]))
+    return path
+
+
+def features_network(kernels: np.ndarray) -> rmidl.Network:
+    """One CNP stage of the reference bank: correlate, relu, 2x2 max pool (the model's FEATURE_POOL)."""
+    stage = rmidl.Stage(kernels, activation="relu", pool="max", pool_size=predict.FEATURE_POOL)
+    return rmidl.Network([stage])
+
+
+def features_in_process(dataset: Path, net: rmidl.Network, threads: int = 2) -> tuple[np.ndarray, float]:
+    """The features of the same job run by this process alone on `threads` threads (what every cluster
+    run must equal), and its seconds."""
+    with Coordinator(local_threads=threads, config=Config(environ={})) as alone:
+        start = time.perf_counter()
+        features = alone.features(str(dataset), net, batch=1, progress=False).X
+        return features, time.perf_counter() - start
+
+
+def per_image(cal: predict.Calibration, seconds: float) -> predict.Calibration:
+    """`cal` with one core's compute per image set to `seconds` (the features job's own, measured in
+    process), so the comparison tests the model's transfers rather than its correlation-only compute."""
+    return dataclasses.replace(cal, rate_per_core=cal.flops / seconds, serial_fraction=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts (each a node x 1 core)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kernels", default="random:128x11x11")
+    parser.add_argument("--images", type=int, default=8,
+                        help="frames of the feature-pipeline check (0: only the single-image job)")
     args = parser.parse_args(argv)
     reason = skip_reason()
     if reason is not None:
@@ -266,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from rmidl.server.nameserver import address_of, start_ns
 
-    rows = []
+    rows, feature_rows = [], []
+    net = features_network(kernels)
     with tempfile.TemporaryDirectory() as tmp:
+        dataset = frames(Path(tmp), args.images) if args.images else None
+        expected_features = features_in_process(dataset, net)[0] if dataset else None
         secret_file = Path(tmp, "secret")
         secret_file.write_text(os.urandom(16).hex())
         secret_file.chmod(0o600)
@@ -298,6 +349,21 @@ def main(argv: list[str] | None = None) -> int:
                     model = predict.predict(cal, count, 1, (label, rate), coordinator_computes=False)
                     at_tcp = predict.predict(cal, count, 1, (label, goodput), coordinator_computes=False)
                     rows.append((label, rate, goodput, count, statistics.median(times), model, at_tcp, cal))
+                if dataset is None or expected_features is None:
+                    continue
+                on_features: dict[int, list[float]] = {n: [] for n in counts}
+                alone: list[float] = []
+                for round_ in range(args.repeat + 1):
+                    seconds = features_in_process(dataset, net, threads=1)[1]
+                    alone.extend([seconds] if round_ else [])
+                    for count, times in on_features.items():
+                        seconds = cluster.features(count, dataset, net, expected_features)
+                        times.extend([seconds] if round_ else [])
+                own = per_image(cal, statistics.median(alone) / args.images)
+                for count, times in on_features.items():
+                    model = predict.predict(cal, count, 1, (label, rate), coordinator_computes=False)
+                    at_own = predict.predict(own, count, 1, (label, rate), coordinator_computes=False)
+                    feature_rows.append((label, count, args.images / statistics.median(times), model, at_own))
         finally:
             if cluster is not None:
                 cluster.close()
@@ -326,9 +392,40 @@ def main(argv: list[str] | None = None) -> int:
     print("\ncalibration per link (fitted in the same rounds): " + "; ".join(f"{a}: {b}" for a, b in fits))
     print(f"model error over {len(errors)} configurations: at most {max(errors):.1%}, mean "
           f"{statistics.mean(errors):.1%}; at the plain TCP rate measured on the shaped link: at most "
-          f"{max(tcp_errors):.1%}, mean {statistics.mean(tcp_errors):.1%}. Feature pipeline: not measured "
-          "(needs issue 9's features job on the cluster).")
+          f"{max(tcp_errors):.1%}, mean {statistics.mean(tcp_errors):.1%}.")
+    if feature_rows:
+        print_features(feature_rows, args.images, expected_features)
     return 0
+
+
+FeatureRow = tuple[str, int, float, predict.Prediction, predict.Prediction]
+
+
+def print_features(rows: list[FeatureRow], images: int, expected: np.ndarray | None) -> None:
+    """The feature pipeline's table: measured images per second against the model's, with the compute
+    the model takes (the correlation's) and with the features job's own per-image compute."""
+    megabytes = expected.nbytes / images / 1e6 if expected is not None else 0.0
+    print(f"\nfeature pipeline: {images} frames through one CNP stage (relu, {predict.FEATURE_POOL}x"
+          f"{predict.FEATURE_POOL} max pool), load on the coordinator, {megabytes:.0f} MB of features per "
+          "frame back over the link; equal bit for bit to the in-process features. Errors are of the time "
+          "per image; 'own compute' is the model given the features job's in-process seconds per image "
+          "at 1 thread (measured in the same rounds) instead of the correlation's\n")
+    print("| link | workers | measured images/s | model images/s | error | bound "
+          "| model, own compute | error | bound |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---|")
+    errors: list[float] = []
+    own_errors: list[float] = []
+    for label, count, measured, model, at_own in rows:
+        cells = []
+        for prediction, kept in ((model, errors), (at_own, own_errors)):
+            predicted = prediction.dataset_features_images_per_s
+            error = (measured - predicted) / predicted  # (predicted - measured) / measured, in seconds
+            kept.append(abs(error))
+            cells.append(f"{predicted:.2f} | {error:+.1%} | {prediction.dataset_features_bound}")
+        print(f"| {label} | {count} | {measured:.2f} | {cells[0]} | {cells[1]} |")
+    print(f"feature-pipeline model error over {len(errors)} configurations: at most {max(errors):.1%}, "
+          f"mean {statistics.mean(errors):.1%}; with the job's own compute: at most {max(own_errors):.1%}, "
+          f"mean {statistics.mean(own_errors):.1%}")
 
 
 if __name__ == "__main__":
