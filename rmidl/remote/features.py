@@ -25,18 +25,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rmidl.errors import ShapeError
-from rmidl.remote.contract import (
-    _RESULT_KEYS,
+from rmidl.remote.records import (
     OUTPUTS,
+    RESULT_KEYS,
     Result,
     WireRecord,
-    _fields,
-    _int,
-    _number,
-    _pair,
-    _result_from_wire,
-    _result_to_wire,
     check_blob_id,
+    check_fields,
+    check_int,
+    check_number,
+    check_pair,
+    result_from_wire,
+    result_to_wire,
 )
 from rmidl.remote.wire import pack, unpack
 
@@ -51,7 +51,7 @@ MAX_REASON = 500
 def _ids(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_BATCH:
         raise ShapeError(f"{what} must be a list of at most {MAX_BATCH} image ids")
-    ids = tuple(_int(v, what) for v in value)
+    ids = tuple(check_int(v, what) for v in value)
     if min(ids, default=0) < 0 or len(set(ids)) != len(ids):
         raise ShapeError(f"{what} must be distinct non-negative image ids")
     return ids
@@ -71,12 +71,12 @@ class FeaturesReply:
     def to_wire(self) -> WireRecord:
         return {"task_id": self.task_id, "seconds": self.seconds, "ids": list(self.ids),
                 "timings": dict(self.timings), "bad": [[i, why[:MAX_REASON]] for i, why in self.bad],
-                **_result_to_wire(self.result)}
+                **result_to_wire(self.result)}
 
     @classmethod
     def from_wire(cls, data: object, *, max_bytes: int) -> FeaturesReply:
         required = {"task_id", "seconds", "ids", "timings", "bad"}
-        record = _fields(data, "features reply", required, _RESULT_KEYS)
+        record = check_fields(data, "features reply", required, RESULT_KEYS)
         ids = _ids(record["ids"], "features reply ids")
         timings = record["timings"]
         if not isinstance(timings, dict) or not all(isinstance(k, str) for k in timings):
@@ -85,11 +85,12 @@ class FeaturesReply:
         if not isinstance(bad_record, list) or not all(
                 isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[1], str) for b in bad_record):
             raise ShapeError("features reply bad must be a list of [image id, reason]")
-        bad = tuple((_int(i, "features reply bad id"), str(why)[:MAX_REASON]) for i, why in bad_record)
-        seconds = _number(record["seconds"], "features reply seconds", non_negative=True)
-        spent = {k: _number(v, f"features reply timing {k!r}", non_negative=True) for k, v in timings.items()}
-        return cls(_int(record["task_id"], "task_id"), seconds, ids, spent, bad,
-                   _result_from_wire(record, "features reply", max_bytes))
+        bad = tuple((check_int(i, "features reply bad id"), str(why)[:MAX_REASON]) for i, why in bad_record)
+        seconds = check_number(record["seconds"], "features reply seconds", non_negative=True)
+        spent = {k: check_number(v, f"features reply timing {k!r}", non_negative=True)
+                 for k, v in timings.items()}
+        return cls(check_int(record["task_id"], "task_id"), seconds, ids, spent, bad,
+                   result_from_wire(record, "features reply", max_bytes))
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,11 @@ class FeaturesTask:
     @classmethod
     def from_wire(cls, data: object, *, max_bytes: int) -> FeaturesTask:
         """The task a wire dict describes; ShapeError or BankError name the bad field."""
-        record = _fields(data, "features task", {"task_id", "network_id", "stages", "ids", "input", "output"})
-        task_id = _int(record["task_id"], "task_id")
+        record = check_fields(data, "features task",
+                              {"task_id", "network_id", "stages", "ids", "input", "output"})
+        task_id = check_int(record["task_id"], "task_id")
         network_id = check_blob_id(record["network_id"])
-        stages = _pair(record["stages"], "stages")
+        stages = check_pair(record["stages"], "stages")
         if not 0 <= stages[0] < stages[1]:
             raise ShapeError(f"task {task_id}: stages [{stages[0]}, {stages[1]}) are empty or negative")
         ids = _ids(record["ids"], f"task {task_id}: ids")

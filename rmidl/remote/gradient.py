@@ -28,19 +28,19 @@ from typing import ClassVar
 from rmidl.dataparallel import ShardPlan, Step
 from rmidl.errors import OptionError, ShapeError
 from rmidl.mlp import MLPSpec
-from rmidl.remote.contract import (
-    _RESULT_KEYS,
+from rmidl.remote.records import (
     OUTPUTS,
+    RESULT_KEYS,
     BulkTicket,
     Result,
     ShmRef,
     WireRecord,
-    _fields,
-    _int,
-    _number,
-    _result_from_wire,
-    _result_to_wire,
     check_blob_id,
+    check_fields,
+    check_int,
+    check_number,
+    result_from_wire,
+    result_to_wire,
 )
 
 __all__ = ["REPLY_FRAMING", "GradientReply", "GradientTask"]
@@ -73,20 +73,23 @@ class GradientReply:
     def to_wire(self) -> WireRecord:
         return {"task_id": self.task_id, "seconds": self.seconds, "shards": list(self.shards),
                 "loss_sums": list(self.loss_sums), "counts": list(self.counts), "correct": list(self.correct),
-                **_result_to_wire(self.result)}
+                **result_to_wire(self.result)}
 
     @classmethod
     def from_wire(cls, data: object, *, max_bytes: int) -> GradientReply:
         what = "gradient reply"
-        record = _fields(data, what, {"task_id", "seconds", "shards", "loss_sums", "counts", "correct"},
-                         _RESULT_KEYS)
-        shards = tuple(_int(s, f"{what} shard") for s in _list(record["shards"], f"{what} shards"))
+        record = check_fields(data, what, {"task_id", "seconds", "shards", "loss_sums", "counts", "correct"},
+                         RESULT_KEYS)
+        shards = tuple(check_int(s, f"{what} shard") for s in _list(record["shards"], f"{what} shards"))
         k = len(shards)
-        losses = tuple(_number(v, f"{what} loss") for v in _list(record["loss_sums"], f"{what} loss_sums", k))
-        counts = tuple(_int(v, f"{what} count") for v in _list(record["counts"], f"{what} counts", k))
-        correct = tuple(_int(v, f"{what} correct") for v in _list(record["correct"], f"{what} correct", k))
-        return cls(_int(record["task_id"], "task_id"), _number(record["seconds"], f"{what} seconds"), shards,
-                   losses, counts, correct, _result_from_wire(record, what, max_bytes))
+        losses = tuple(check_number(v, f"{what} loss")
+                       for v in _list(record["loss_sums"], f"{what} loss_sums", k))
+        counts = tuple(check_int(v, f"{what} count") for v in _list(record["counts"], f"{what} counts", k))
+        correct = tuple(check_int(v, f"{what} correct")
+                        for v in _list(record["correct"], f"{what} correct", k))
+        seconds = check_number(record["seconds"], f"{what} seconds")
+        return cls(check_int(record["task_id"], "task_id"), seconds, shards, losses, counts, correct,
+                   result_from_wire(record, what, max_bytes))
 
 
 @dataclass(frozen=True)
@@ -140,15 +143,16 @@ class GradientTask:
     @classmethod
     def from_wire(cls, data: object) -> GradientTask:
         """The task a wire dict describes; ShapeError, BankError, OptionError name the bad field."""
-        record = _fields(data, "gradient task", {"task_id", "step", "shards", "weights", "spec", "plan",
+        record = check_fields(data, "gradient task", {"task_id", "step", "shards", "weights", "spec", "plan",
                                                  "output"})
-        task_id = _int(record["task_id"], "task_id")
+        task_id = check_int(record["task_id"], "task_id")
         what = f"gradient task {task_id}"
-        epoch, index, number = (_int(v, f"{what} step") for v in _list(record["step"], f"{what} step", 3))
+        epoch, index, number = (check_int(v, f"{what} step")
+                                for v in _list(record["step"], f"{what} step", 3))
         shards = []
         for pair in _list(record["shards"], f"{what} shards"):
             shard, blob_id = _list(pair, f"{what} shard entry", 2)
-            shards.append((_int(shard, f"{what} shard id"), check_blob_id(blob_id)))
+            shards.append((check_int(shard, f"{what} shard id"), check_blob_id(blob_id)))
         spec, plan = record["spec"], record["plan"]
         if not isinstance(spec, dict) or not isinstance(spec.get("sizes"), list):
             raise OptionError(f"{what}: spec {spec!r} is not a dict with a list of sizes")
