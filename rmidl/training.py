@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rmidl import metrics
+from rmidl._backprop import check_choice
 from rmidl._checks import as_features, as_labels, describe_classes, label_indices, number, whole
 from rmidl.dataparallel import (
     SGD,
@@ -32,7 +33,7 @@ from rmidl.dataparallel import (
 from rmidl.errors import InputError, OptionError
 from rmidl.history import EpochRecord, History, StepRecord
 from rmidl.kernels import blas_pinned
-from rmidl.mlp import ACTIVATIONS, MLP, OUTPUTS, GradientSums, check_choice, evaluate, scaling_of
+from rmidl.mlp import ACTIVATIONS, MLP, OUTPUTS, GradientSums, evaluate, scaling_of
 from rmidl.provenance import Provenance
 
 if TYPE_CHECKING:
