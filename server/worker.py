@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
@@ -51,8 +50,9 @@ from rmidl.remote.contract import (
 )
 from rmidl.remote.features import FeaturesTask
 from rmidl.remote.gradient import GradientTask
-from rmidl.remote.shm import Attachment, block_name, host_id
+from rmidl.remote.shm import host_id
 
+from .attachments import ATTACHMENT_CACHE, AttachedBlocks
 from .cache import LruCache
 from .features import FeaturesHandler
 from .gradient import run_gradient
@@ -63,11 +63,6 @@ __all__ = ["ATTACHMENT_CACHE", "REPLY_FRAMING", "ConvolutionWorker"]
 
 logger = logging.getLogger(__name__)
 
-ATTACHMENT_CACHE = 8
-"""Shared-memory blocks a worker keeps mapped (a job uses two: padded input and output); their bytes are
-bounded too, by the worker's memory budget."""
-REAP_S = 1.0
-"""How often a worker unmaps blocks whose owner closed them or died (their memory is freed only then)."""
 RATE_MIN_SECONDS = 0.02
 """Only engine calls at least this long refine the reported rate: shorter ones are mostly call overhead."""
 REPLY_FRAMING = 512
@@ -105,10 +100,7 @@ class ConvolutionWorker:
         )
         self._spectra = BankSpectra(self._blobs)
         """Each cached bank's kernel spectra for the fft engine, counted in the blobs' bytes."""
-        # The newest two blocks (a job's input and output) always stay mapped.
-        self._attached: LruCache[str, Attachment] = LruCache(
-            ATTACHMENT_CACHE, config.memory_budget, lambda block: block.nbytes, keep=2
-        )
+        self._attached = AttachedBlocks(config.memory_budget, name=name)
         self._reserved = 0
         self._tasks_done = 0
         self._engines: Counter[str] = Counter()
@@ -117,8 +109,6 @@ class ConvolutionWorker:
         self._features = FeaturesHandler(
             threads=self._threads, computing=self._computing, reserve=self._reservation, bulk=bulk, name=name,
             max_message_size=config.max_message_size, reply_framing=REPLY_FRAMING)
-        self._reaper = threading.Thread(target=self._reap, name=f"rmidl-shm-reaper-{name}", daemon=True)
-        self._reaper.start()
 
     # --- the remote interface -------------------------------------------------------------------
 
@@ -128,7 +118,7 @@ class ConvolutionWorker:
 
     @expose
     def info(self) -> WireRecord:
-        self._prune_attachments()
+        self._attached.prune()
         with self._lock:
             blobs = self._blobs.items()
             return WorkerInfo(
@@ -181,7 +171,7 @@ class ConvolutionWorker:
     def gradient(self, task: WireRecord) -> WireRecord:
         with self._task("gradient"):
             record = GradientTask.from_wire(task)
-            reply = run_gradient(record, blob_of=self._cached, attach=self._attach,
+            reply = run_gradient(record, blob_of=self._cached, attach=self._attached.attach,
                                  computing=self._computing, threads=self._threads, bulk=self._bulk,
                                  max_message_size=self._config.max_message_size, worker=self._name)
         return reply.to_wire()
@@ -191,12 +181,7 @@ class ConvolutionWorker:
         """Unmap the shared-memory blocks named (their owner is done with them); return how many were."""
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
             raise ShapeError(f"release_shm takes a list of block names, not {names!r}")
-        wanted = set(names)
-        with self._lock:
-            blocks = self._attached.pop_where(lambda block: block.name in wanted)
-        for block in blocks:
-            block.close()
-        return len(blocks)
+        return self._attached.release(set(names))
 
     @expose
     def correlate(self, task: WireRecord) -> WireRecord:
@@ -221,12 +206,8 @@ class ConvolutionWorker:
         every shared-memory block (the daemon calls this first on shutdown)."""
         self._stopping.set()
         with self._lock:
-            attached = self._attached.clear()
             self._blobs.clear()
-        for block in attached:
-            block.close()
-        if self._reaper is not threading.current_thread():
-            self._reaper.join(REAP_S + 1.0)
+        self._attached.close()
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -297,11 +278,11 @@ class ConvolutionWorker:
             raise ShapeError(f"task {task.task_id}: worker {self._name} has no bulk channel")
         kernels = bank[k0:k1]
         spectra = spectra.select(k0, k1)
-        shared = self._attach(task.source) if isinstance(task.source, ShmRef) else None
+        shared = self._attached.attach(task.source) if isinstance(task.source, ShmRef) else None
         images = input_bands(task, kernels, shared)
         out_shape = (n1 - n0, k1 - k0, *output_shape(images.shape[1:3], kernels.shape[1:3], "valid"))
         if isinstance(task.output, ShmRef):
-            view = output_slot(task, kernels, self._attach(task.output), out_shape[3])
+            view = output_slot(task, kernels, self._attached.attach(task.output), out_shape[3])
             return self._compute_into(images, kernels, view, task.engine, spectra), None
         nbytes = int(np.prod(out_shape)) * kernels.itemsize
         if task.output == "inline" and nbytes + REPLY_FRAMING > self._config.max_message_size:
@@ -362,51 +343,6 @@ class ConvolutionWorker:
         finally:
             with self._lock:
                 self._reserved -= nbytes
-
-    def _attach(self, ref: ShmRef) -> np.ndarray:
-        """The array a shared block holds, the block mapped once (after its capability is checked) and
-        cached; taken under the lock, so a later eviction cannot close it under the caller (the view
-        keeps the mapping alive)."""
-        descriptor = ref.to_wire()
-        with self._lock:
-            block = self._attached.get(ref.name)
-            # The capability is checked on every use, as when the block was mapped.
-            same = block is not None and block.pid == ref.pid and block.fd == ref.fd
-            if block is not None and same and hmac.compare_digest(block_name(ref.token), ref.name):
-                array = block.array(descriptor)
-            else:
-                block = None
-        if block is not None:
-            block.populate()
-            return array
-        self._prune_attachments()
-        block = Attachment(descriptor)
-        with self._lock:
-            # Old blocks belong to finished jobs (and pin their memory while mapped): evicted by count
-            # and bytes; a task still using an evicted block keeps its views.
-            evicted = self._attached.put(ref.name, block)
-        for old in evicted:
-            old.close()
-        return block.array(descriptor)
-
-    def _prune_attachments(self) -> None:
-        """Unmap blocks their owner has closed or died with: their memory is freed only when we let go."""
-        with self._lock:
-            candidates = self._attached.values()
-        gone = {id(block) for block in candidates if not block.owner_holds()}
-        if not gone:
-            return
-        with self._lock:
-            blocks = self._attached.pop_where(lambda block: id(block) in gone)
-        for block in blocks:
-            block.close()
-
-    def _reap(self) -> None:
-        while not self._stopping.wait(REAP_S):
-            try:
-                self._prune_attachments()
-            except Exception as error:  # never let the reaper die
-                logger.warning("unmapping finished shared blocks failed: %r", error)
 
 
 @cache

@@ -29,6 +29,7 @@ from rmidl.errors import SharedMemoryUnavailable, WorkerBusy, WorkerLost
 from rmidl.remote.contract import CorrelateTask, ShmRef, WireRecord
 from rmidl.remote.naming import object_name, worker_tags
 from rmidl.remote.wire import pack, unpack
+from rmidl.server.attachments import AttachedBlocks
 from rmidl.server.daemon import start_worker, worker_loop
 from rmidl.server.worker import ConvolutionWorker
 
@@ -126,11 +127,20 @@ class DyingWorker(ConvolutionWorker):
         return super().correlate(task)
 
 
+class RefusingBlocks(AttachedBlocks):
+    """Maps no block: every attach is refused as a foreign user's or pid namespace's would be."""
+
+    def attach(self, ref: ShmRef) -> np.ndarray:
+        raise SharedMemoryUnavailable(f"this worker cannot map shared block {ref.name}")
+
+
 class ShmRefusingWorker(ConvolutionWorker):
     """Cannot map any caller's shared memory (as a worker of another user or pid namespace)."""
 
-    def _attach(self, ref: ShmRef) -> np.ndarray:
-        raise SharedMemoryUnavailable(f"worker {self._name} cannot map shared block {ref.name}")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._attached.close()
+        self._attached = RefusingBlocks(1, name=self._name)
 
 
 def failing(error: Exception) -> type[FailingWorker]:
