@@ -284,7 +284,7 @@ class WorkerStub:
             if result.shape != into.shape or result.dtype != into.dtype.name:
                 raise RmidlError(f"worker {self.name} offers {result.shape} {result.dtype} for {what}, "
                                  f"expected {into.shape} {into.dtype.name}")
-            from rmidl.remote.bulk import fetch
+            from rmidl.remote.bulk_fetch import fetch
 
             if not self.info.bulk_port:
                 raise WorkerLost(f"worker {self.name} offered a bulk result but has no bulk channel")

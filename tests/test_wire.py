@@ -266,7 +266,7 @@ def test_bulk_fetch_fills_a_fortran_ordered_out(rng):
 
 
 def test_bulk_pieces_of_a_big_strided_out_fit_the_bounce_buffer(monkeypatch, rng):
-    from rmidl.remote import bulk
+    from rmidl.remote import bulk_fetch as bulk
 
     monkeypatch.setattr(bulk, "BOUNCE_BYTES", 256)
     result = rng.standard_normal((2, 30, 7)).astype(np.float32)
