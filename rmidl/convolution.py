@@ -8,10 +8,10 @@ import numpy as np
 
 from rmidl._memory import empty
 from rmidl.geometry import pad_for_mode
-from rmidl.kernels import correlate_valid, correlate_valid_batch
+from rmidl.kernels import KernelSpectra, correlate_valid, correlate_valid_batch
 from rmidl.validate import check_engine, check_out, check_threads, prepare_any
 
-__all__ = ["convolve", "correlate"]
+__all__ = ["convolve", "correlate", "correlate_batch_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,16 @@ def convolve(image: object, kernels: object, *, batch: bool = False, mode: str =
     return _run(image, kernels, batch=batch, mode=mode, threads=threads, engine=engine, out=out, flip=True)
 
 
+def correlate_batch_cached(images: object, kernels: object, spectra: KernelSpectra, *, mode: str = "valid",
+                           threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """`correlate(images, kernels, batch=True, ...)` with the bank's kernel spectra kept by the caller
+    (a Network's stage keeps its own): the FFT engine then transforms the bank once per size, not per call."""
+    return _run(images, kernels, batch=True, mode=mode, threads=threads, engine="auto", out=out, flip=False,
+                spectra=spectra)
+
+
 def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int | None, engine: str,
-         out: np.ndarray | None, flip: bool) -> np.ndarray:
+         out: np.ndarray | None, flip: bool, spectra: KernelSpectra | None = None) -> np.ndarray:
     n_threads = check_threads(threads)
     engine = check_engine(engine)
     prepared = prepare_any(image, kernels, mode, batch=batch, flip=flip)
@@ -49,7 +57,7 @@ def _run(image: object, kernels: object, *, batch: bool, mode: str, threads: int
                                                 or np.may_share_memory(result, bank))
     target = target4 if direct else np.empty(target4.shape, dtype)
     if batch:
-        correlate_valid_batch(padded, bank, target, threads=n_threads, engine=engine)
+        correlate_valid_batch(padded, bank, target, threads=n_threads, engine=engine, spectra=spectra)
     else:
         correlate_valid(padded[0], bank, target[0], threads=n_threads, engine=engine)
     if target is not target4:

@@ -316,3 +316,24 @@ def test_banded_stages_are_the_same_bits_on_any_thread_count(rng: np.random.Gene
             assert_close(row, reference(net, image))
         for other in runs[1:]:
             np.testing.assert_array_equal(other, runs[0])
+
+
+def test_a_stage_keeps_its_kernel_spectra_between_batches(rng: np.random.Generator, monkeypatch) -> None:
+    """The FFT engine's bank transform is made once per stage and size, not per batch; the same bits."""
+    from rmidl.convolution import correlate
+    from rmidl.kernels import _fft
+
+    made = []
+    original = _fft.kernel_spectra
+    monkeypatch.setattr(_fft, "kernel_spectra", lambda *a, **k: made.append(1) or original(*a, **k))
+    bank = rng.standard_normal((25, 11, 11, 25)).astype(np.float32)
+    stage = Stage(bank, activation=None, pool=None)
+    maps = rng.standard_normal((4, 25, 60, 60)).astype(np.float32)
+    first = stage.forward(maps, threads=1)
+    assert made, "the fft engine did not run: pick a shape it wins"
+    count = len(made)
+    second = stage.forward(maps, threads=1)
+    assert len(made) == count
+    np.testing.assert_array_equal(first, second)
+    expected = correlate(maps.transpose(0, 2, 3, 1), bank, batch=True, engine="fft", threads=1)
+    np.testing.assert_allclose(first, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rmidl.convolution import correlate
+from rmidl.convolution import correlate_batch_cached
 from rmidl.geometry import pad_for_mode, split_range
 from rmidl.kernels._threads import run_tiles
 from rmidl.pooling import POOL_KINDS
@@ -69,9 +69,9 @@ def forward_banded(stage: Stage, maps: np.ndarray, shapes: StageShapes, *, calls
         c0, c1 = p0 * sh, (p1 - 1) * sh + ph  # the conv rows pooled rows [p0, p1) read
         start = time.perf_counter()
         conv = scratch[: k * (c1 - c0) * ow].reshape(1, k, c1 - c0, ow)
-        for channels, bank, kernels in calls:
-            correlate(images[i : i + 1, c0 : c1 + kh - 1, :, channels], bank, batch=True, threads=1,
-                      out=conv[:, kernels])
+        for channels, bank, kernels, spectra in calls:
+            correlate_batch_cached(images[i : i + 1, c0 : c1 + kh - 1, :, channels], bank, spectra, threads=1,
+                                   out=conv[:, kernels])
         mine: dict[str, float] = {f"{name}.conv": time.perf_counter() - start}
         stage.activate_and_pool(conv, 1, mine, name, out=out[i : i + 1, :, p0:p1])
         with lock:

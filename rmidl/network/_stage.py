@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -11,10 +12,10 @@ import numpy as np
 
 from rmidl.activation import ACTIVATIONS, activate
 from rmidl.banks import load_kernels
-from rmidl.convolution import correlate
+from rmidl.convolution import correlate_batch_cached
 from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
 from rmidl.geometry import output_shape, split_range
-from rmidl.kernels import resolve_threads
+from rmidl.kernels import KernelSpectra, resolve_threads
 from rmidl.kernels._threads import run_tiles
 from rmidl.network._bands import banded, forward_banded
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
@@ -30,18 +31,20 @@ AdaptiveAvgPool2d(1) / AdaptiveMaxPool2d(1). A texture's statistic, independent 
 POOL_NAMES = (*POOL_KINDS, *GLOBAL_POOLS, None)
 
 Timings = MutableMapping[str, float]
-EngineCall = tuple[slice, np.ndarray, slice]
-"""One engine call of a stage: (its input maps, its bank, the output maps it makes)."""
+EngineCall = tuple[slice, np.ndarray, slice, KernelSpectra]
+"""One engine call of a stage: (its input maps, its bank, the output maps it makes, the bank's spectra)."""
 
 
-def _correlate_batch(maps: np.ndarray, bank: np.ndarray, mode: str, threads: int | None,
+def _correlate_batch(maps: np.ndarray, call: EngineCall, mode: str, threads: int | None,
                      out: np.ndarray) -> None:
-    """Correlate maps (N, C, H, W) with bank (K, kh, kw, C), summing over C, into out (N, K, OH, OW).
+    """Correlate maps (N, C, H, W) with a call's bank (K, kh, kw, C), summing over C, into out (N, K, OH, OW).
 
-    The one place a Network calls the engine: one batched rmidl.correlate for the whole batch (the engine
-    shares its plan, kernel spectra and GEMMs between the images).
+    The one place a Network calls the engine: one batched correlation for the whole batch (the engine
+    shares its plan and GEMMs between the images; the stage keeps the bank's kernel spectra).
     """
-    correlate(maps.transpose(0, 2, 3, 1), bank, batch=True, mode=mode, threads=threads, out=out)
+    channels, bank, _, spectra = call
+    correlate_batch_cached(maps[:, channels].transpose(0, 2, 3, 1), bank, spectra, mode=mode,
+                           threads=threads, out=out)
 
 
 DENSE_DEPTHWISE_MAPS = 64
@@ -68,6 +71,9 @@ def block_diagonal(bank: np.ndarray, channels: int) -> np.ndarray:
     return dense
 
 
+STAGE_SPECTRA_BYTES = 128 << 20
+"""Kernel spectra one stage keeps for the FFT engine (every engine call and FFT size together): without
+them every batch transforms the whole bank again, a third of seed004-full's time in batches of 4."""
 MONOTONE = ("relu", "tanh", "sigmoid")
 """Activations that never decrease: max pooling commutes with them (abstanh does not)."""
 ACTIVATE_CHUNK = 1 << 20
@@ -123,7 +129,8 @@ class Stage:
     `pool_size` and a given `pool_stride` as (rows, cols) pairs).
     """
 
-    __slots__ = ("activation", "bank", "depthwise", "mode", "pool", "pool_size", "pool_stride")
+    __slots__ = ("_calls", "_calls_lock", "activation", "bank", "depthwise", "mode", "pool", "pool_size",
+                 "pool_stride")
 
     def __init__(self, bank: np.ndarray | str | os.PathLike[str], *, activation: str | None = "relu",
                  pool: str | None = "max", pool_size: int | tuple[int, int] = 2,
@@ -149,6 +156,8 @@ class Stage:
         self.pool_stride = None if pool_stride is None else window_pair(pool_stride, "pool_stride")
         self.mode = check_mode(mode)
         self.depthwise = bool(depthwise)
+        self._calls: dict[tuple[int, bool], list[EngineCall]] = {}
+        self._calls_lock = threading.Lock()
 
     @property
     def kernels(self) -> int:
@@ -216,8 +225,8 @@ class Stage:
             return forward_banded(self, maps, shapes, calls=calls, threads=resolve_threads(threads),
                                   timings=timings, name=name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        for channels, bank, kernels in calls:
-            _correlate_batch(maps[:, channels], bank, self.mode, threads, conv[:, kernels])
+        for call in calls:
+            _correlate_batch(maps, call, self.mode, threads, conv[:, call[2]])
         convolved = time.perf_counter()
         out = self.activate_and_pool(conv, resolve_threads(threads), timings, name)
         add_time(timings, f"{name}.conv", convolved - start)
@@ -225,16 +234,29 @@ class Stage:
 
     def engine_calls(self, maps_in: tuple[int, ...]) -> list[EngineCall]:
         """The engine calls that make this stage's maps from maps (C, H, W): (input maps, bank, output
-        maps) each -- one for the standard rule and small depthwise stages, one per map otherwise."""
-        every = slice(None)
+        maps, the bank's kernel spectra) each -- one for the standard rule and small depthwise stages,
+        one per map otherwise. Made once per input-map count and rule, and kept with their spectra."""
         channels = int(maps_in[0])
-        if self.depthwise and dense_depthwise((channels, int(maps_in[1]), int(maps_in[2]))):
-            return [(every, block_diagonal(self.bank, channels), every)]
-        if self.depthwise:
+        dense = self.depthwise and dense_depthwise((channels, int(maps_in[1]), int(maps_in[2])))
+        with self._calls_lock:
+            calls = self._calls.get((channels, dense))
+            if calls is None:
+                calls = self._calls[(channels, dense)] = self._make_calls(channels, dense)
+        return calls
+
+    def _make_calls(self, channels: int, dense: bool) -> list[EngineCall]:
+        every = slice(None)
+        if dense:
+            parts = [(every, block_diagonal(self.bank, channels), every)]
+        elif self.depthwise:
             per_map = self.kernels // channels
-            return [(slice(c, c + 1), self.bank[c * per_map : (c + 1) * per_map],
-                     slice(c * per_map, (c + 1) * per_map)) for c in range(channels)]
-        return [(every, self.bank, every)]
+            parts = [(slice(c, c + 1), self.bank[c * per_map : (c + 1) * per_map],
+                      slice(c * per_map, (c + 1) * per_map)) for c in range(channels)]
+        else:
+            parts = [(every, self.bank, every)]
+        budget = STAGE_SPECTRA_BYTES // len(parts)
+        return [(inputs, bank, outputs, KernelSpectra(bank, max_bytes=budget))
+                for inputs, bank, outputs in parts]
 
     def activate_and_pool(self, conv: np.ndarray, threads: int, timings: Timings | None, name: str, *,
                           out: np.ndarray | None = None) -> np.ndarray:
