@@ -337,3 +337,19 @@ def test_a_stage_keeps_its_kernel_spectra_between_batches(rng: np.random.Generat
     np.testing.assert_array_equal(first, second)
     expected = correlate(maps.transpose(0, 2, 3, 1), bank, batch=True, engine="fft", threads=1)
     np.testing.assert_allclose(first, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_per_map_depthwise_calls_share_the_threads_with_the_same_bits(rng: np.random.Generator,
+                                                                     monkeypatch) -> None:
+    """Per-map depthwise calls run side by side, one thread each: the same bits at 1-3 threads."""
+    from rmidl.network import _stage
+
+    monkeypatch.setattr(_stage, "DENSE_DEPTHWISE_AREA", 0)
+    stage = Stage(rng.standard_normal((6, 5, 5)).astype(np.float32), depthwise=True, activation="tanh")
+    net = Network([stage], channels=3)
+    images = rng.standard_normal((2, 30, 26, 3)).astype(np.float32)
+    runs = [net.forward_batch(images, threads=t) for t in (1, 2, 3)]
+    for image, row in zip(images, runs[0], strict=True):
+        assert_close(row, reference(net, image))
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other, runs[0])

@@ -225,8 +225,17 @@ class Stage:
             return forward_banded(self, maps, shapes, calls=calls, threads=resolve_threads(threads),
                                   timings=timings, name=name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        for call in calls:
-            _correlate_batch(maps, call, self.mode, threads, conv[:, call[2]])
+        count = resolve_threads(threads)
+        if len(calls) > 1 and count > 1:
+            # Per-map calls are small (one map, a few kernels): the maps are the parallel work, each call
+            # on one thread, rather than every call split over all threads.
+            def one(call: EngineCall, _: None) -> None:
+                _correlate_batch(maps, call, self.mode, 1, conv[:, call[2]])
+
+            run_tiles(calls, one, lambda: None, count)
+        else:
+            for call in calls:
+                _correlate_batch(maps, call, self.mode, threads, conv[:, call[2]])
         convolved = time.perf_counter()
         out = self.activate_and_pool(conv, resolve_threads(threads), timings, name)
         add_time(timings, f"{name}.conv", convolved - start)
