@@ -31,6 +31,14 @@ def private_cluster_files(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     return runtime / "rmidl"
 
 
+@pytest.fixture(autouse=True)
+def no_kept_spectra() -> None:
+    """Every test starts with no kernel spectra kept by the process (tests use the same seeded banks)."""
+    from rmidl.kernels._spectra import forget_banks
+
+    forget_banks()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
@@ -132,7 +140,7 @@ def proxy(worker: Any, cluster_config: Config) -> Iterator[Any]:
 def spectra_made(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """The FFT size of every kernel spectrum the fft engine computes in this process (in-process workers
     included), in order: what a cache of spectra must save."""
-    import rmidl.kernels._fft as fft_engine
+    import rmidl.kernels._spectra as fft_engine
 
     made: list[tuple[int, int]] = []
     real = fft_engine.kernel_spectra

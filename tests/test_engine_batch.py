@@ -292,3 +292,21 @@ def test_nominal_rate_is_what_the_constants_imply() -> None:
     seconds = _cost.engine_seconds("lowering", (720, 1280), (128, 11, 11, 1), 1) - _cost._CALL_SECONDS
     implied = 2 * 128 * 121 * 710 * 1270 / seconds / 1e9
     assert implied == pytest.approx(_cost.NOMINAL_GFLOPS, rel=0.01)
+
+
+def test_rmidl_correlate_keeps_a_banks_spectra_for_the_next_call(rng, spectra_made) -> None:
+    """A bank whose spectra fit one chunk is transformed once per FFT size in this process; the bits of
+    the next call are those of the first, and a bank changed in place is a new bank."""
+    images = rng.standard_normal((6, 30, 30, 4)).astype(np.float32)
+    bank = rng.standard_normal((5, 7, 7, 4)).astype(np.float32)
+    first = rmidl.correlate(images, bank, batch=True, engine="fft")
+    made = len(spectra_made)
+    assert made >= 1
+    again = rmidl.correlate(images + 0, bank.copy(), batch=True, engine="fft")  # equal values, new arrays
+    assert len(spectra_made) == made
+    np.testing.assert_array_equal(again, first)
+    assert_close(first, batch_reference(images, bank, "valid"))
+    bank[0, 0, 0, 0] += 1.0
+    changed = rmidl.correlate(images, bank, batch=True, engine="fft")
+    assert len(spectra_made) > made
+    assert_close(changed, batch_reference(images, bank, "valid"))

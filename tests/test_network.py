@@ -321,11 +321,11 @@ def test_banded_stages_are_the_same_bits_on_any_thread_count(rng: np.random.Gene
 def test_a_stage_keeps_its_kernel_spectra_between_batches(rng: np.random.Generator, monkeypatch) -> None:
     """The FFT engine's bank transform is made once per stage and size, not per batch; the same bits."""
     from rmidl.convolution import correlate
-    from rmidl.kernels import _fft
+    from rmidl.kernels import _spectra
 
     made = []
-    original = _fft.kernel_spectra
-    monkeypatch.setattr(_fft, "kernel_spectra", lambda *a, **k: made.append(1) or original(*a, **k))
+    original = _spectra.kernel_spectra
+    monkeypatch.setattr(_spectra, "kernel_spectra", lambda *a, **k: made.append(1) or original(*a, **k))
     bank = rng.standard_normal((25, 11, 11, 25)).astype(np.float32)
     stage = Stage(bank, activation=None, pool=None)
     maps = rng.standard_normal((4, 25, 60, 60)).astype(np.float32)

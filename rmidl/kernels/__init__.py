@@ -16,8 +16,9 @@ import numpy as np
 from rmidl.errors import OptionError
 from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
 from rmidl.kernels._direct import correlate_direct
-from rmidl.kernels._fft import SPECTRA_CACHE_BYTES, KernelSpectra, correlate_fft
+from rmidl.kernels._fft import correlate_fft
 from rmidl.kernels._lowering import correlate_lowering
+from rmidl.kernels._spectra import SPECTRA_CACHE_BYTES, KernelSpectra
 from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
 from rmidl.validate import check_engine
 

@@ -12,17 +12,15 @@ threads: forward transforms (a few tiles per work item), then products and inver
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from rmidl.errors import OptionError
 from rmidl.geometry import split_range
+from rmidl.kernels._spectra import KernelSpectra, process_spectra
 from rmidl.kernels._threads import run_tiles
 
-__all__ = ["FFTPlan", "KernelSpectra", "correlate_fft", "fft_plan", "kernel_spectra", "sums_by_matmul"]
+__all__ = ["FFTPlan", "correlate_fft", "fft_plan", "sums_by_matmul"]
 
 TEMP_BYTES = 64 << 20
 """Bytes of temporaries one call may hold beyond its inputs and output (uncached kernel spectra included)."""
@@ -36,10 +34,6 @@ BINS_PER_UNIT = 256
 """Frequency bins of one work unit of matmul channel sums."""
 TILES_PER_CALL = 2
 """Tiles one forward or inverse transform call covers at most."""
-SPECTRA_CACHE_BYTES = 256 << 20
-"""Default bound of one bank's cached spectra (all FFT sizes together)."""
-
-
 @dataclass(frozen=True)
 class FFTPlan:
     """How one batch runs: output rows per tile, the FFT size, tiles per group (whose image spectra are
@@ -129,93 +123,6 @@ def _even(n: int, most: int) -> int:
     return -(-n // parts)
 
 
-def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
-    """Conjugate spectra (fh * (fw//2 + 1), C, K) of kernels (K, kh, kw, C) zero-padded to `shape`.
-
-    The row transform runs on the kh kernel rows only, not on the fh - kh rows of padding zeros. Each
-    bin's C x K matrix is contiguous: the per-bin matmuls run ~40 % slower on a transposed one.
-    """
-    import scipy.fft
-
-    fh, fw = shape
-    n_kernels, kh, _, channels = kernels.shape
-    half = fw // 2 + 1
-    spectra = np.empty((fh, half * channels, n_kernels), np.result_type(kernels.dtype, np.complex64))
-    # The column transform of kh non-zero rows is a (fh x kh) @ (kh x the rest) matmul: far cheaper than
-    # fh-point FFTs of mostly zeros. Conjugated, as correlation needs: exp(+i...) on conjugated rows.
-    angles = (2 * np.pi / fh) * np.outer(np.arange(fh), np.arange(kh))
-    dft = (np.cos(angles) + 1j * np.sin(angles)).astype(spectra.dtype)
-
-    def work(part: tuple[int, int], scratch: None) -> None:
-        k0, k1 = part
-        rows = scipy.fft.rfft(kernels[k0:k1], n=fw, axis=2)  # (k, kh, half, C)
-        np.conjugate(rows, out=rows)
-        spectra[:, :, k0:k1] = np.matmul(dft, rows.reshape(k1 - k0, kh, half * channels)).transpose(1, 2, 0)
-
-    # Parts of at most a quarter of the bank: each part's spectra are a temporary before they are placed.
-    run_tiles(split_range(n_kernels, max(4, threads)), work, lambda: None, threads)
-    return spectra.reshape(fh * half, channels, n_kernels)
-
-
-class KernelSpectra:
-    """One bank's kernel spectra, cached per FFT size (least recently used first out, bounded in bytes).
-
-    A worker keeps one beside each cached bank and passes it (or `select(k0, k1)` of it for a kernel
-    group) to `correlate_valid_batch`; safe to share between threads.
-    """
-
-    def __init__(self, kernels: np.ndarray, max_bytes: int = SPECTRA_CACHE_BYTES) -> None:
-        self.kernels = kernels
-        self.max_bytes = int(max_bytes)
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._parent = self
-        self._k0 = 0
-
-    def select(self, k0: int, k1: int) -> KernelSpectra:
-        """The spectra of kernels [k0, k1), sharing this bank's cache."""
-        if not 0 <= k0 < k1 <= self.kernels.shape[0]:
-            raise OptionError(f"kernels [{k0}, {k1}) are not in a bank of {self.kernels.shape[0]}")
-        view = KernelSpectra.__new__(KernelSpectra)
-        view.kernels, view.max_bytes = self.kernels[k0:k1], self.max_bytes
-        view._parent, view._k0 = self._parent, self._k0 + k0
-        return view
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of spectra held now."""
-        parent = self._parent
-        with parent._lock:
-            return sum(s.nbytes for s in parent._cache.values())
-
-    def matches(self, kernels: np.ndarray) -> bool:
-        """True if these are the spectra of `kernels` (same shape, dtype, and the very same values)."""
-        mine = self.kernels
-        if mine.shape != kernels.shape or mine.dtype != kernels.dtype:
-            return False
-        same_view = mine.ctypes.data == kernels.ctypes.data and mine.strides == kernels.strides
-        return same_view or np.array_equal(mine, kernels)
-
-    def chunk(self, shape: tuple[int, int], k0: int, k1: int, threads: int = 1) -> np.ndarray:
-        """Spectra (bins, C, k1 - k0) of kernels [k0, k1) of this selection; computed aside if too big."""
-        parent, start = self._parent, self._k0
-        k0, k1 = start + k0, start + k1
-        bank = parent.kernels
-        full_bytes = bank.shape[0] * bank.shape[3] * shape[0] * (shape[1] // 2 + 1) * 2 * bank.itemsize
-        if full_bytes > parent.max_bytes:
-            return kernel_spectra(bank[k0:k1], shape, threads)
-        with parent._lock:
-            spectra = parent._cache.get(shape)
-            if spectra is None:
-                spectra = kernel_spectra(bank, shape, threads)
-                parent._cache[shape] = spectra
-                while sum(s.nbytes for s in parent._cache.values()) > parent.max_bytes:
-                    parent._cache.popitem(last=False)
-            else:
-                parent._cache.move_to_end(shape)
-        return spectra[:, :, k0:k1]
-
-
 def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, threads: int,
                   spectra: KernelSpectra | None = None) -> None:
     """Valid correlation of images (N, H, W, C) with kernels (K, kh, kw, C) into out (N, K, OH, OW)."""
@@ -224,8 +131,13 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
     out_h = out.shape[2]
     plan = fft_plan(batch, (height, width), kernels.shape, out.itemsize, threads, cached=spectra is not None)
     tiles = [(n, r0, r1) for n in range(batch) for r0, r1 in split_range(out_h, size=plan.rows)]
-    cached = spectra if spectra is not None else KernelSpectra(kernels, max_bytes=0)
     chunks = split_range(n_kernels, size=plan.chunk)
+    if spectra is not None:
+        cached = spectra
+    elif len(chunks) == 1:  # the whole bank's spectra are one chunk this call holds anyway: keep them
+        cached = process_spectra(kernels)
+    else:
+        cached = KernelSpectra(kernels, max_bytes=0)
     shape = (plan.fh, plan.fw)
     # One chunk serves every group (made before the first group's spectra: a lower peak); several are
     # made again for each group, or they would break the budget.
