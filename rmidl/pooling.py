@@ -106,7 +106,11 @@ def pool(
     h, w = array.shape[-2:]
     maps = array.reshape(-1, h, w)  # a view for the contiguous maps a stage makes
     given = None if out is None else check_out(out, shape, array.dtype)
-    target = None if given is None else _maps_view(given, oh, ow)
+    if maps.shape[0] == 0:
+        return np.empty(shape, array.dtype) if given is None else given
+    # An `out` overlapping the input would be read after being written (by another tile): a temporary.
+    overlaps = given is not None and np.may_share_memory(given, array)
+    target = None if given is None or overlaps else _maps_view(given, oh, ow)
     result = np.empty((maps.shape[0], oh, ow), array.dtype) if target is None else target
     used_w = sw * (ow - 1) + pw
     tiles = _tiles(maps.shape[0], (oh, ow), used_w * array.itemsize, sh)

@@ -353,3 +353,16 @@ def test_per_map_depthwise_calls_share_the_threads_with_the_same_bits(rng: np.ra
         assert_close(row, reference(net, image))
     for other in runs[1:]:
         np.testing.assert_array_equal(other, runs[0])
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+def test_pooling_is_after_the_activation_even_where_float32_tanh_steps_down(activation) -> None:
+    """numpy's float32 tanh is not monotone everywhere (tanh(1.4999999) > tanh(1.5)): a max pool after
+    it must see the activated values, not activate the pooled ones."""
+    from rmidl import activate
+
+    below, at = np.float32(1.5) - np.float32(2 ** -23), np.float32(1.5)
+    maps = np.array([below, at, at, below], np.float32).reshape(1, 1, 2, 2)
+    stage = Stage(np.ones((1, 1, 1, 1), np.float32), activation=activation, pool="max", pool_size=2)
+    expected = activate(maps, activation).max(axis=(2, 3), keepdims=True)
+    np.testing.assert_array_equal(stage.forward(maps, threads=1), expected)

@@ -92,6 +92,25 @@ def test_tiles_and_threads_give_the_same_bits(rng: np.random.Generator, monkeypa
             np.testing.assert_array_equal(other, results[0])
 
 
+def test_no_maps_pool_to_no_maps() -> None:
+    assert pool(np.zeros((0, 4, 10, 12), np.float32), 2).shape == (0, 4, 5, 6)
+    out = np.empty((0, 4, 5, 6), np.float32)
+    assert pool(np.zeros((0, 4, 10, 12), np.float32), 2, out=out, threads=2) is out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_out_overlapping_the_input_gets_the_input_as_it_was(rng: np.random.Generator, monkeypatch,
+                                                                threads: int) -> None:
+    from rmidl import pooling
+
+    monkeypatch.setattr(pooling, "TILE_BYTES", 512)  # many tiles: one would overwrite another's input
+    x = rng.standard_normal((3, 40, 64)).astype(np.float32)
+    expected = reference(x, (2, 2), (2, 2), "max")
+    out = x[:, :20, :32]  # inside the input itself
+    assert pool(x, 2, threads=threads, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_nan_propagates_in_max() -> None:
     x = np.zeros((4, 4), np.float32)
     x[0, 1] = np.nan

@@ -130,6 +130,9 @@ def correlate_fft(images: np.ndarray, kernels: np.ndarray, out: np.ndarray, thre
     n_kernels, kh = kernels.shape[:2]
     out_h = out.shape[2]
     plan = fft_plan(batch, (height, width), kernels.shape, out.itemsize, threads, cached=spectra is not None)
+    if spectra is not None and not spectra.keeps((plan.fh, plan.fw)):
+        # Too big for its cache: chunks made aside, so plan them within the temporaries budget.
+        plan = fft_plan(batch, (height, width), kernels.shape, out.itemsize, threads)
     tiles = [(n, r0, r1) for n in range(batch) for r0, r1 in split_range(out_h, size=plan.rows)]
     chunks = split_range(n_kernels, size=plan.chunk)
     if spectra is not None:

@@ -31,6 +31,11 @@ PROCESS_BANKS = 8
 """Banks kept at most."""
 
 
+def _spectra_bytes(bank: np.ndarray, shape: tuple[int, int]) -> int:
+    """Bytes of the complex spectra of bank (K, kh, kw, C) at FFT size `shape`."""
+    return bank.shape[0] * bank.shape[3] * shape[0] * (shape[1] // 2 + 1) * 2 * bank.itemsize
+
+
 def kernel_spectra(kernels: np.ndarray, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
     """Conjugate spectra (fh * (fw//2 + 1), C, K) of kernels (K, kh, kw, C) zero-padded to `shape`.
 
@@ -98,13 +103,17 @@ class KernelSpectra:
         same_view = mine.ctypes.data == kernels.ctypes.data and mine.strides == kernels.strides
         return same_view or np.array_equal(mine, kernels)
 
+    def keeps(self, shape: tuple[int, int]) -> bool:
+        """Whether the whole bank's spectra at FFT size `shape` fit this cache (else made aside per chunk)."""
+        bank = self._parent.kernels
+        return _spectra_bytes(bank, shape) <= self._parent.max_bytes
+
     def chunk(self, shape: tuple[int, int], k0: int, k1: int, threads: int = 1) -> np.ndarray:
         """Spectra (bins, C, k1 - k0) of kernels [k0, k1) of this selection; computed aside if too big."""
         parent, start = self._parent, self._k0
         k0, k1 = start + k0, start + k1
         bank = parent.kernels
-        full_bytes = bank.shape[0] * bank.shape[3] * shape[0] * (shape[1] // 2 + 1) * 2 * bank.itemsize
-        if full_bytes > parent.max_bytes:
+        if _spectra_bytes(bank, shape) > parent.max_bytes:
             return kernel_spectra(bank[k0:k1], shape, threads)
         with parent._lock:
             spectra = parent._cache.get(shape)

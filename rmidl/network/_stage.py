@@ -74,8 +74,10 @@ def block_diagonal(bank: np.ndarray, channels: int) -> np.ndarray:
 STAGE_SPECTRA_BYTES = 128 << 20
 """Kernel spectra one stage keeps for the FFT engine (every engine call and FFT size together): without
 them every batch transforms the whole bank again, a third of seed004-full's time in batches of 4."""
-MONOTONE = ("relu", "tanh", "sigmoid")
-"""Activations that never decrease: max pooling commutes with them (abstanh does not)."""
+MONOTONE = ("relu",)
+"""Activations whose float32 evaluation never decreases, so max pooling commutes with them bit for bit.
+tanh and sigmoid are monotone in exact arithmetic but numpy's float32 SIMD tanh/exp are not everywhere
+(1 ulp steps down), and abstanh is not at all: those activate first."""
 ACTIVATE_CHUNK = 1 << 20
 """Values one thread activates at a time (4 MiB of float32)."""
 
@@ -272,8 +274,8 @@ class Stage:
         """The activation and the pooling of the correlation's maps, on `threads` threads (into `out`,
         the pooled maps' array, when given; a stage without pooling activates `conv` in place).
 
-        Max pooling after a non-decreasing activation (MONOTONE) pools first and activates the pooled
-        maps: max(f(a), f(b)) is f(max(a, b)), so the result is the same while f runs on a quarter of
+        Max pooling after relu (MONOTONE) pools first and activates the pooled maps: max(f(a), f(b)) is
+        f(max(a, b)) for a non-decreasing f, so the result is the same bits while f runs on a quarter of
         the values (2x2) and the full maps are read once.
         """
         count = threads
