@@ -366,3 +366,20 @@ def test_pooling_is_after_the_activation_even_where_float32_tanh_steps_down(acti
     stage = Stage(np.ones((1, 1, 1, 1), np.float32), activation=activation, pool="max", pool_size=2)
     expected = activate(maps, activation).max(axis=(2, 3), keepdims=True)
     np.testing.assert_array_equal(stage.forward(maps, threads=1), expected)
+
+
+def test_a_banded_stage_counts_its_band_scratch_per_thread_not_its_maps(monkeypatch) -> None:
+    """peak_bytes (per image) holds a banded stage's pooled maps, scratch_bytes its bands (per thread)."""
+    from rmidl.network import _bands
+
+    net = Network([Stage(np.ones((4, 3, 3), np.float32), pool="max"),
+                   Stage(np.ones((2, 3, 3, 4)), pool=None)])
+    maps_in = (1, 40, 30)
+    whole = net.peak_bytes(maps_in)
+    assert net.scratch_bytes(maps_in, 2) == 0
+    monkeypatch.setattr(_bands, "BANDED_MAP_BYTES", 0)
+    pooled = 4 * (40 * 30 + 4 * 19 * 14)  # stage 1 banded: its input and pooled maps
+    second = 4 * (4 * 19 * 14 + 2 * 17 * 12)  # stage 2 (no pooling: never banded)
+    assert net.peak_bytes(maps_in) == max(pooled, second) < whole
+    assert net.scratch_bytes(maps_in, 3) == 3 * _bands.BAND_BYTES
+    assert net.scratch_bytes((4, 19, 14), 3, start=1) == 0  # maps entering stage 2

@@ -235,8 +235,9 @@ class FeaturesJob:
     def misfit(self, task: FeatureBatch, stub: WorkerStub) -> str | None:
         n = task.positions[1] - task.positions[0]
         budget = stub.info.memory_budget
-        if budget and n * self.peak_bytes > budget:
-            return f"its maps of {n * self.peak_bytes} bytes are over the memory budget of {budget} bytes"
+        need = n * self.peak_bytes + self.net.scratch_bytes(self.maps_in, stub.info.threads)
+        if budget and need > budget:
+            return f"its maps of {need} bytes are over the memory budget of {budget} bytes"
         return None
 
     def run_local(self, task: FeatureBatch, threads: int) -> None:

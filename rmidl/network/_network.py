@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rmidl.errors import NonFiniteInput, OptionError, ShapeError
-from rmidl.network._bands import banded
+from rmidl.network._bands import BAND_BYTES, banded
 from rmidl.network._spec import RECTIFIED, parse_spec, seeded_bank
 from rmidl.network._stage import Stage, StageShapes, Timings, add_time
 from rmidl.validate import check_out, check_real, check_threads, first_non_finite, float32_overflow
@@ -179,6 +179,18 @@ class Network:
             peak = max(peak, 4 * (math.prod(shapes.maps_in) + math.prod(made)))
             maps = shapes.out
         return peak
+
+    def scratch_bytes(self, maps_in: Sequence[int], threads: int, start: int = 0,
+                      stop: int | None = None) -> int:
+        """Bytes a call through stages [start, stop) holds whatever its batch size: a banded stage's band
+        scratch, one per thread (what a worker reserves besides n * peak_bytes)."""
+        most, maps = 0, tuple(int(v) for v in maps_in)
+        for index in range(start, len(self.stages) if stop is None else stop):
+            shapes = self.stages[index].shapes(maps, f"stage {index + 1}")  # type: ignore[arg-type]
+            if banded(self.stages[index], shapes):
+                most = BAND_BYTES * max(1, int(threads))
+            maps = shapes.out
+        return most
 
     def describe(self, input_shape: Sequence[int]) -> NetworkSummary:
         """Per stage the shapes, FLOPs and bytes for one image of `input_shape`; print() it for a table."""
