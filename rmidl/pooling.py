@@ -63,10 +63,9 @@ def _combine(windows: list[np.ndarray], out: np.ndarray, kind: str) -> None:
         op(out, window, out=out)
 
 
-def _tiles(maps: int, out_hw: tuple[int, int], row_bytes: int, stride_rows: int) -> list[tuple[int, ...]]:
+def _tiles(maps: int, oh: int, row_bytes: int, stride_rows: int) -> list[tuple[int, ...]]:
     """(first map, end map, first row, end row) of output tiles reading about TILE_BYTES each: whole
     maps together when a map is small, else bands of output rows of one map."""
-    oh, _ = out_hw
     map_bytes = oh * stride_rows * row_bytes
     if map_bytes <= TILE_BYTES:
         per_tile = max(1, TILE_BYTES // max(1, map_bytes))
@@ -113,7 +112,7 @@ def pool(
     target = None if given is None or overlaps else _maps_view(given, oh, ow)
     result = np.empty((maps.shape[0], oh, ow), array.dtype) if target is None else target
     used_w = sw * (ow - 1) + pw
-    tiles = _tiles(maps.shape[0], (oh, ow), used_w * array.itemsize, sh)
+    tiles = _tiles(maps.shape[0], oh, used_w * array.itemsize, sh)
     rows_per_tile = max(m1 - m0 for m0, m1, _, _ in tiles) * max(r1 - r0 for _, _, r0, r1 in tiles)
 
     def make_scratch() -> np.ndarray:

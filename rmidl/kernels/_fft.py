@@ -34,6 +34,8 @@ BINS_PER_UNIT = 256
 """Frequency bins of one work unit of matmul channel sums."""
 TILES_PER_CALL = 2
 """Tiles one forward or inverse transform call covers at most."""
+
+
 @dataclass(frozen=True)
 class FFTPlan:
     """How one batch runs: output rows per tile, the FFT size, tiles per group (whose image spectra are

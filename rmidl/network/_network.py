@@ -156,12 +156,18 @@ class Network:
 
     def stage_shapes(self, input_shape: Sequence[int]) -> list[StageShapes]:
         """Each stage's shapes for images of `input_shape` (H, W[, C]); errors name the stage that fails."""
-        maps = self._input_maps(input_shape)
-        shapes = []
-        for i, stage in enumerate(self.stages):
-            shapes.append(stage.shapes(maps, f"stage {i + 1}"))
-            maps = shapes[-1].out
-        return shapes
+        return [shapes for _, shapes in self._staged(self._input_maps(input_shape))]
+
+    def _staged(self, maps_in: Sequence[int], start: int = 0,
+                stop: int | None = None) -> list[tuple[Stage, StageShapes]]:
+        """(stage, its shapes) of stages [start, stop) for maps (C, H, W) entering stage `start`."""
+        staged: list[tuple[Stage, StageShapes]] = []
+        maps = tuple(int(v) for v in maps_in)
+        for index in range(start, len(self.stages) if stop is None else stop):
+            stage = self.stages[index]
+            staged.append((stage, stage.shapes(maps, f"stage {index + 1}")))  # type: ignore[arg-type]
+            maps = staged[-1][1].out
+        return staged
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int]:
         """(F,): the feature vector's length for images of `input_shape` (H, W[, C])."""
@@ -171,26 +177,19 @@ class Network:
     def peak_bytes(self, maps_in: Sequence[int], start: int = 0, stop: int | None = None) -> int:
         """Bytes one image's float32 maps peak at through stages [start, stop) that take maps (C, H, W): the
         largest stage's input plus correlation maps, which a batch of n needs n times (a stage in row
-        bands holds its pooled maps instead, and a band per thread whatever the batch)."""
-        peak, maps = 0, tuple(int(v) for v in maps_in)
-        for index in range(start, len(self.stages) if stop is None else stop):
-            shapes = self.stages[index].shapes(maps, f"stage {index + 1}")  # type: ignore[arg-type]
-            made = shapes.out if banded(self.stages[index], shapes) else shapes.conv
+        bands holds its pooled maps instead; its bands are `scratch_bytes`)."""
+        peak = 0
+        for stage, shapes in self._staged(maps_in, start, stop):
+            made = shapes.out if banded(stage, shapes) else shapes.conv
             peak = max(peak, 4 * (math.prod(shapes.maps_in) + math.prod(made)))
-            maps = shapes.out
         return peak
 
     def scratch_bytes(self, maps_in: Sequence[int], threads: int, start: int = 0,
                       stop: int | None = None) -> int:
         """Bytes a call through stages [start, stop) holds whatever its batch size: a banded stage's band
         scratch, one per thread (what a worker reserves besides n * peak_bytes)."""
-        most, maps = 0, tuple(int(v) for v in maps_in)
-        for index in range(start, len(self.stages) if stop is None else stop):
-            shapes = self.stages[index].shapes(maps, f"stage {index + 1}")  # type: ignore[arg-type]
-            if banded(self.stages[index], shapes):
-                most = BAND_BYTES * max(1, int(threads))
-            maps = shapes.out
-        return most
+        bands = any(banded(stage, shapes) for stage, shapes in self._staged(maps_in, start, stop))
+        return BAND_BYTES * max(1, int(threads)) if bands else 0
 
     def describe(self, input_shape: Sequence[int]) -> NetworkSummary:
         """Per stage the shapes, FLOPs and bytes for one image of `input_shape`; print() it for a table."""

@@ -223,11 +223,10 @@ class Stage:
         n = maps.shape[0]
         shapes = self.shapes(maps.shape[1:], name)
         calls = self.engine_calls(maps.shape[1:])
-        if banded(self, shapes):
-            return forward_banded(self, maps, shapes, calls=calls, threads=resolve_threads(threads),
-                                  timings=timings, name=name)
-        conv = np.empty((n, *shapes.conv), np.float32)
         count = resolve_threads(threads)
+        if banded(self, shapes):
+            return forward_banded(self, maps, shapes, calls=calls, threads=count, timings=timings, name=name)
+        conv = np.empty((n, *shapes.conv), np.float32)
         if len(calls) > 1 and count > 1:
             # Per-map calls are small (one map, a few kernels): the maps are the parallel work, each call
             # on one thread, rather than every call split over all threads.
@@ -239,7 +238,7 @@ class Stage:
             for call in calls:
                 _correlate_batch(maps, call, self.mode, threads, conv[:, call[2]])
         convolved = time.perf_counter()
-        out = self.activate_and_pool(conv, resolve_threads(threads), timings, name)
+        out = self.activate_and_pool(conv, count, timings, name)
         add_time(timings, f"{name}.conv", convolved - start)
         return out
 
@@ -278,21 +277,20 @@ class Stage:
         f(max(a, b)) for a non-decreasing f, so the result is the same bits while f runs on a quarter of
         the values (2x2) and the full maps are read once.
         """
-        count = threads
         activation, pooling = self.activation, self.pool
         if pooling in ("max", "global_max") and activation in MONOTONE:
             began = time.perf_counter()
-            out = self._pool(conv, count, out)
+            out = self._pool(conv, threads, out)
             pooled = time.perf_counter()
-            _activate_in_place(out, activation, count)
+            _activate_in_place(out, activation, threads)
             add_time(timings, f"{name}.pool", pooled - began)
             add_time(timings, f"{name}.act", time.perf_counter() - pooled)
             return out
         began = time.perf_counter()
         if activation is not None:
-            _activate_in_place(conv, activation, count)
+            _activate_in_place(conv, activation, threads)
         activated = time.perf_counter()
-        out = self._pool(conv, count, out)
+        out = self._pool(conv, threads, out)
         add_time(timings, f"{name}.act", activated - began)
         add_time(timings, f"{name}.pool", time.perf_counter() - activated)
         return out
