@@ -12,20 +12,46 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import MutableMapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from rmidl.convolution import correlate_batch_cached
 from rmidl.geometry import pad_for_mode, split_range
+from rmidl.kernels import KernelSpectra
 from rmidl.kernels._threads import run_tiles
 from rmidl.pooling import POOL_KINDS
 
-if TYPE_CHECKING:
-    from rmidl.network._stage import EngineCall, Stage, StageShapes, Timings
+__all__ = ["BANDED_MAP_BYTES", "BAND_BYTES", "EngineCall", "banded", "forward_banded"]
 
-__all__ = ["BANDED_MAP_BYTES", "BAND_BYTES", "banded", "forward_banded"]
+EngineCall = tuple[slice, np.ndarray, slice, KernelSpectra]
+"""One engine call of a stage: (its input maps, its bank, the output maps it makes, the bank's spectra)."""
+
+
+class _Shapes(Protocol):
+    """What a band needs of a stage's shapes (rmidl.network._stage.StageShapes)."""
+
+    @property
+    def conv(self) -> tuple[int, int, int]: ...
+
+    @property
+    def out(self) -> tuple[int, int, int]: ...
+
+
+class _PooledStage(Protocol):
+    """What a band needs of its stage (rmidl.network.Stage): the window, the mode, the post-processing."""
+
+    pool: str | None
+    pool_size: tuple[int, int]
+    pool_stride: tuple[int, int] | None
+    mode: str
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]: ...
+
+    def activate_and_pool(self, conv: np.ndarray, threads: int, timings: MutableMapping[str, float] | None,
+                          name: str, *, out: np.ndarray | None = None) -> np.ndarray: ...
 
 BANDED_MAP_BYTES = 64 << 20
 """Maps per image above which a pooled stage runs in bands (below, a batch's maps stay in L3 anyway and
@@ -34,14 +60,14 @@ BAND_BYTES = 32 << 20
 """Correlation rows one thread holds at a time (its band's maps, before pooling)."""
 
 
-def banded(stage: Stage, shapes: StageShapes) -> bool:
+def banded(stage: _PooledStage, shapes: _Shapes) -> bool:
     """Whether `stage` runs in bands on maps of `shapes` (windowed pooling and big maps per image)."""
     k, oh, ow = shapes.conv
     return stage.pool in POOL_KINDS and k * oh * ow * 4 > BANDED_MAP_BYTES
 
 
-def forward_banded(stage: Stage, maps: np.ndarray, shapes: StageShapes, *, calls: Sequence[EngineCall],
-                   threads: int, timings: Timings | None, name: str) -> np.ndarray:
+def forward_banded(stage: _PooledStage, maps: np.ndarray, shapes: _Shapes, *, calls: Sequence[EngineCall],
+                   threads: int, timings: MutableMapping[str, float] | None, name: str) -> np.ndarray:
     """Maps (N, C, H, W) -> the stage's pooled maps (N, K, H', W'), band by band on `threads` threads.
 
     Each band's engine calls run on one thread (the bands are the parallel work); timings get the wall

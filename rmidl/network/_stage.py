@@ -17,7 +17,7 @@ from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
 from rmidl.geometry import output_shape, split_range
 from rmidl.kernels import KernelSpectra, resolve_threads
 from rmidl.kernels._threads import run_tiles
-from rmidl.network._bands import banded, forward_banded
+from rmidl.network._bands import EngineCall, banded, forward_banded
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
 from rmidl.validate import check_mode
 
@@ -31,8 +31,6 @@ AdaptiveAvgPool2d(1) / AdaptiveMaxPool2d(1). A texture's statistic, independent 
 POOL_NAMES = (*POOL_KINDS, *GLOBAL_POOLS, None)
 
 Timings = MutableMapping[str, float]
-EngineCall = tuple[slice, np.ndarray, slice, KernelSpectra]
-"""One engine call of a stage: (its input maps, its bank, the output maps it makes, the bank's spectra)."""
 
 
 def _correlate_batch(maps: np.ndarray, call: EngineCall, mode: str, threads: int | None,
