@@ -33,6 +33,7 @@ import scipy.ndimage
 import scipy.signal
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from rmidl.client.bench.machine import wait_for_quiet_threads
 from rmidl.kernels import ENGINES, choose_engine, correlate_valid
 
 H, W, K, KH, KW = 720, 1280, 128, 11, 11
@@ -83,6 +84,7 @@ def interleaved(fn: Callable[[], object], sgemm: Sgemm, threads: int, repeat: in
     ours, peak = [], []
     for _ in range(repeat):
         peak.append(sgemm.run(threads))
+        wait_for_quiet_threads()  # OpenBLAS's helpers spin ~0.1 s after SGEMM, on our cores
         start = time.perf_counter()
         fn()
         ours.append(time.perf_counter() - start)

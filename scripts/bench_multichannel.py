@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from rmidl.client.bench.machine import wait_for_quiet_threads
 from rmidl.kernels import ENGINES, KernelSpectra, choose_engine, correlate_valid_batch
 
 N, H, W, C, K, KH, KW = 48, 95, 95, 25, 25, 11, 11
@@ -120,6 +121,7 @@ def _interleaved(runs: Runs, repeat: int) -> dict[tuple[str, int], float]:
     times: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for _ in range(repeat):
         for key, fn in runs.items():
+            wait_for_quiet_threads()  # SGEMM's and torch's helpers spin after a call, on our cores
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)

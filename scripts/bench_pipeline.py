@@ -32,6 +32,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from rmidl.client import Coordinator
+from rmidl.client.bench.machine import wait_for_quiet_threads
 from rmidl.client.localcluster import LocalCluster
 from rmidl.datasets import Dataset, make_textures, open_dataset
 from rmidl.network import Network
@@ -92,6 +93,7 @@ class Row:
         self.error = 0.0
 
     def time(self, reference: np.ndarray | None) -> None:
+        wait_for_quiet_threads()  # torch's and SGEMM's helpers still spinning would slow this row
         start = time.perf_counter()
         out = self.run()
         self.seconds.append(time.perf_counter() - start)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from PIL import Image
 
 from rmidl.client import cli
-from rmidl.client.bench import derived, forecast, predict, report, study, tables
+from rmidl.client.bench import derived, forecast, machine, predict, report, study, tables
 from rmidl.client.bench.results import Configuration, ConfigurationResult, Job, StudyResult, StudySettings
 
 TINY = ["--size", "96x64", "--kernels", "random:4x5x5", "--runs", "2"]
@@ -566,3 +568,24 @@ def test_a_plot_failing_half_way_keeps_the_earlier_plot(cores_run: tuple[int, Pa
         plots.plot_speedup(result, tmp_path / "fig11_speedup.png")
     assert (tmp_path / "fig11_speedup.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig11_speedup.png"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_waiting_for_quiet_threads_sees_a_spinning_thread_and_its_end() -> None:
+    stop, spinning = threading.Event(), threading.Event()
+    block = bytes(8 << 20)
+
+    def spin() -> None:  # hashing releases the GIL: the thread runs while the test's thread polls
+        spinning.set()
+        while not stop.is_set():
+            hashlib.sha256(block)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        spinning.wait(5)
+        assert not machine.wait_for_quiet_threads(timeout=0.2)
+    finally:
+        stop.set()
+        spinner.join(5)
+    assert machine.wait_for_quiet_threads(timeout=5)

@@ -101,6 +101,14 @@ def test_centring_of_a_large_batch_runs_in_slices(rng, monkeypatch) -> None:
     assert_close(rmidl.correlate(images, bank, batch=True), batch_reference(images, bank, "valid"))
 
 
+@pytest.mark.parametrize("tile_bytes", [96, 700, 1 << 20])  # rows of a map, whole maps, the whole batch
+def test_the_centring_bias_is_added_in_tiles_on_several_threads(rng, monkeypatch, tile_bytes) -> None:
+    monkeypatch.setattr(engines, "BIAS_TILE_BYTES", tile_bytes)
+    images = (200.0 + rng.standard_normal((3, 14, 17, 2))).astype(np.float32)
+    bank = rng.standard_normal((4, 3, 5, 2)).astype(np.float32)
+    assert_close(rmidl.correlate(images, bank, batch=True, threads=2), batch_reference(images, bank, "valid"))
+
+
 def test_an_empty_batch_gives_an_empty_result() -> None:
     got = rmidl.correlate(np.ones((0, 8, 9, 2)), np.ones((3, 2, 2, 2), np.float32), batch=True, mode="same")
     assert got.shape == (0, 3, 8, 9) and got.dtype == np.float32
