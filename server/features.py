@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -25,44 +26,50 @@ from rmidl.remote.contract import BulkTicket, Result
 from rmidl.remote.features import FeaturesReply, FeaturesTask
 from rmidl.validate import first_non_finite
 
-from .cache import LruCache
-
-__all__ = ["NETWORKS_KEPT", "FeaturesHandler"]
-
-NETWORKS_KEPT = 4
-"""Networks a worker keeps built (from their blobs) between tasks."""
+__all__ = ["FeaturesHandler"]
 
 Reserve = Callable[[int, int], AbstractContextManager[None]]
 """(bytes, task id) -> a context holding that much of the worker's memory budget."""
+Count = Callable[[str, Blob, int], None]
+"""(blob id, network blob, bytes its built network keeps) -> counted in the worker's blob cache."""
 
 
 class FeaturesHandler:
     """Runs parsed features tasks for one worker (thread-safe; the worker holds its compute lock)."""
 
     def __init__(self, *, threads: int, computing: Callable[[], AbstractContextManager[None]],
-                 reserve: Reserve, bulk: BulkServer | None, name: str, max_message_size: int,
-                 reply_framing: int) -> None:
+                 reserve: Reserve, count: Count, bulk: BulkServer | None, name: str,
+                 max_message_size: int, reply_framing: int) -> None:
         self._threads = threads
         self._inline_limit = max_message_size - reply_framing
         self._computing = computing
         self._reserve = reserve
+        self._count = count
         self._bulk = bulk
         self._name = name
-        self._networks: LruCache[str, Network] = LruCache(NETWORKS_KEPT, 1 << 62, lambda net: 0)
+        # A built network lives as long as its blob (in the cache, or in a task still running), and what
+        # its stages keep (kernel spectra) is counted in the blob's bytes after each task.
+        self._networks: weakref.WeakKeyDictionary[Blob, Network] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def network(self, blob_id: str, blob: Blob) -> Network:
+    def network(self, blob: Blob, blob_id: str) -> Network:
         """The network of a cached blob, built once (its check already ran when it was put)."""
         with self._lock:
-            net = self._networks.get(blob_id)
+            net = self._networks.get(blob)
         if net is None:
             net = blob.as_network(f"network {blob_id!r}")
             with self._lock:
-                self._networks.put(blob_id, net)
+                net = self._networks.setdefault(blob, net)
         return net
 
     def run(self, task: FeaturesTask, blob: Blob) -> FeaturesReply:
-        net = self.network(task.network_id, blob)
+        net = self.network(blob, task.network_id)
+        try:
+            return self._run(task, net)
+        finally:
+            self._count(task.network_id, blob, net.kept_bytes)
+
+    def _run(self, task: FeaturesTask, net: Network) -> FeaturesReply:
         s0, s1 = task.stages
         if s1 > len(net.stages):
             raise ShapeError(f"task {task.task_id}: stages [{s0}, {s1}) go past the network's last stage "

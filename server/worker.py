@@ -107,8 +107,9 @@ class ConvolutionWorker:
         self._busy = 0
         self._gflops = _calibrate(self._threads)
         self._features = FeaturesHandler(
-            threads=self._threads, computing=self._computing, reserve=self._reservation, bulk=bulk, name=name,
-            max_message_size=config.max_message_size, reply_framing=REPLY_FRAMING)
+            threads=self._threads, computing=self._computing, reserve=self._reservation,
+            count=self._count_kept, bulk=bulk, name=name, max_message_size=config.max_message_size,
+            reply_framing=REPLY_FRAMING)
 
     # --- the remote interface -------------------------------------------------------------------
 
@@ -323,6 +324,14 @@ class ConvolutionWorker:
     def _cached(self, blob_id: str) -> Blob | None:
         with self._lock:
             return self._blobs.get(blob_id)
+
+    def _count_kept(self, blob_id: str, blob: Blob, kept_bytes: int) -> None:
+        """Count what a network blob's built network keeps (its stages' spectra) in the blob cache's bytes
+        while `blob_id` still holds `blob`, evicting the oldest blobs beyond the cache's bound."""
+        with self._lock:
+            evicted = self._blobs.resize(blob_id, blob, blob.nbytes + kept_bytes)
+        if evicted:
+            logger.debug("evicted %d blob(s) for the spectra of network %s", len(evicted), blob_id)
 
     @contextmanager
     def _reservation(self, nbytes: int, task_id: int) -> Iterator[None]:

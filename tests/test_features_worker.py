@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import msgpack
@@ -152,3 +153,39 @@ def test_an_inline_result_over_the_message_limit_is_refused_before_sending(start
         images = rng.random((1, 80, 80), dtype=np.float32)  # 25 KB in, 200 KB of features out
         with pytest.raises(BudgetExceeded, match="max_message_size"):
             call(proxy, FeaturesTask(0, blob.content_id, (0, 1), (0,), images))
+
+
+def test_what_a_network_keeps_is_counted_in_the_blob_cache_and_goes_with_its_blob(start_worker,
+                                                                                 cluster_config, rng) -> None:
+    net = Network.from_spec("16x21x21:relu:max2")  # 21x21 kernels on 100x100 images: the fft engine
+    blob = Blob.network(net)
+    bank = Blob.bank(rng.standard_normal((4, 3, 3, 1)).astype(np.float32))
+    handle = start_worker()
+    cache, networks = handle.worker._blobs, handle.worker._features._networks
+    images = rng.random((2, 100, 100), dtype=np.float32)
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
+        proxy.put_blob(blob.content_id, blob.to_wire())
+        proxy.put_blob("bank", bank.to_wire())
+        before = cache.nbytes
+        reply = call(proxy, FeaturesTask(0, blob.content_id, (0, 1), (0, 1), images))
+        np.testing.assert_array_equal(reply.result, net.forward_batch(images, threads=1))
+        (built,) = networks.values()
+        assert built.kept_bytes > 0  # the stage's kernel spectra
+        assert cache.nbytes == before + built.kept_bytes
+        assert proxy.drop_blob(blob.content_id) is True
+        del built
+        gc.collect()
+        assert len(networks) == 0 and cache.nbytes == bank.nbytes
+
+
+def test_a_network_keeping_more_than_the_blob_budget_evicts_older_blobs(start_worker, cluster_config,
+                                                                       rng) -> None:
+    net = Network.from_spec("16x21x21:relu:max2")  # keeps ~650 kB of spectra for 100x100 images
+    blob = Blob.network(net)
+    bank = Blob.bank(rng.standard_normal((4, 3, 3, 1)).astype(np.float32))
+    handle = start_worker(config=cluster_config.replace(memory_budget=4 * 400_000))  # blobs get 400 kB
+    with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
+        proxy.put_blob("bank", bank.to_wire())
+        proxy.put_blob(blob.content_id, blob.to_wire())
+        call(proxy, FeaturesTask(0, blob.content_id, (0, 1), (0,), rng.random((1, 100, 100), np.float32)))
+        assert proxy.info()["banks"] == []  # the older bank made room (the newest blob always stays)

@@ -191,6 +191,11 @@ class Network:
         bands = any(banded(stage, shapes) for stage, shapes in self._staged(maps_in, start, stop))
         return BAND_BYTES * max(1, int(threads)) if bands else 0
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes the stages keep between calls beyond the banks (kernel spectra, see Stage.kept_bytes)."""
+        return sum(stage.kept_bytes for stage in self.stages)
+
     def describe(self, input_shape: Sequence[int]) -> NetworkSummary:
         """Per stage the shapes, FLOPs and bytes for one image of `input_shape`; print() it for a table."""
         rows = tuple(StageSummary(f"CNP{i + 1}", stage.spec(), shapes, stage.flops(shapes), stage.bank.nbytes)

@@ -160,6 +160,15 @@ class Stage:
         self._calls_lock = threading.Lock()
 
     @property
+    def kept_bytes(self) -> int:
+        """Bytes this stage keeps for its engine calls beyond its bank: their kernel spectra (which grow
+        with each FFT size met) and block-diagonal banks (what a worker counts in its blob budget)."""
+        with self._calls_lock:
+            calls = [call for calls in self._calls.values() for call in calls]
+        made = sum(bank.nbytes for _, bank, _, _ in calls if not np.may_share_memory(bank, self.bank))
+        return made + sum(spectra.nbytes for _, _, _, spectra in calls)
+
+    @property
     def kernels(self) -> int:
         """K: the number of maps this stage makes."""
         return int(self.bank.shape[0])
