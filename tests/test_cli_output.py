@@ -115,3 +115,15 @@ def test_sizes_are_width_x_height_in_help() -> None:
     for command in ("run", "demo", "bench"):
         text = parser._subparsers._group_actions[0].choices[command].format_help()  # type: ignore[union-attr]
         assert re.search(r"width x height|WxH", text), command
+
+
+def test_terminal_tables_right_align_columns_of_numbers_only() -> None:
+    from rmidl.client.cli.common import table
+
+    rows = [["sequential", "0.3864", "100%", "2 workers"], ["pipelined", "12.3", "21%", None]]
+    lines = table(["scheme", "median (s)", "share", "note"], rows).splitlines()
+    assert lines[2].startswith("sequential") and lines[3].startswith("pipelined ")
+    # the numbers' last digits line up; a text column (even one with a number in it) stays left
+    assert lines[2].index("0.3864") + 6 == lines[3].index("12.3") + 4
+    assert lines[2].index("100%") + 4 == lines[3].index("21%") + 3
+    assert lines[2].index("2 workers") == lines[0].index("note")

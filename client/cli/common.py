@@ -134,11 +134,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
     """Rows under a header, aligned in columns with a rule under the header, for a terminal.
 
     The one renderer of `status`, `demo` and `bench`: cells are shown as given (None as empty, numbers
-    not re-formatted); `align` ("left"/"right" per column) defaults to numbers right, text left.
+    not re-formatted); `align` ("left"/"right" per column) defaults to right for a column whose every
+    cell is a number (also "21%", "1.8x"), left for the others.
     """
-    cells = [["" if cell is None else cell for cell in row] for row in rows]
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    if align is None:
+        align = ["right" if _numeric_column([row[i] for row in cells if i < len(row)]) else "left"
+                 for i in range(len(header))]
     return str(tabulate(cells, headers=list(header), tablefmt="simple", disable_numparse=True, colalign=align,
                         stralign="left", numalign="right"))
+
+
+def _numeric_column(cells: Sequence[str]) -> bool:
+    filled = [cell.strip().rstrip("%x\N{MULTIPLICATION SIGN}").strip() for cell in cells if cell.strip()]
+    if not filled:
+        return False
+    try:
+        for cell in filled:
+            float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, *, fallback: str | None = None) -> None:
