@@ -377,3 +377,21 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_the_demo_drops_each_result_before_its_next_run() -> None:
+    """Held, the last result would make every timed run take a fresh (page-faulting) output block."""
+    import weakref
+
+    from rmidl.client.cli.demo import _best
+
+    alive: list[weakref.ref] = []
+
+    def call() -> tuple[np.ndarray, dict[str, int]]:
+        assert all(ref() is None for ref in alive), "the previous result is still held"
+        result = np.zeros(4)
+        alive.append(weakref.ref(result))
+        return result, {"local": 1}
+
+    seconds, result, tasks_by = _best(3, call)
+    assert len(alive) == 4 and alive[-1]() is result and seconds >= 0 and tasks_by == {"local": 1}
