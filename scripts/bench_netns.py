@@ -50,6 +50,7 @@ import rmidl
 from rmidl.client import Coordinator
 from rmidl.client.bench import predict
 from rmidl.client.bench.results import Configuration, ConfigurationResult, StudyResult, job_of
+from rmidl.client.bench.study import feature_stage_seconds
 from rmidl.config import Config
 from rmidl.imaging import default_image
 
@@ -219,14 +220,17 @@ def in_process(image: np.ndarray, kernels: np.ndarray, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def calibration(image: np.ndarray, kernels: np.ndarray, runs: dict[int, list[float]]) -> predict.Calibration:
-    """The model fitted to the in-process runs at 1 and 2 threads taken in the same rounds."""
+def calibration(image: np.ndarray, kernels: np.ndarray, runs: dict[int, list[float]],
+                stage_seconds: float) -> predict.Calibration:
+    """The model fitted to the in-process runs at 1 and 2 threads taken in the same rounds, with the
+    features' activation and pooling measured as `rmidl bench` measures it (`stage_seconds`)."""
     results = [ConfigurationResult(Configuration("cores", t, t, f"{t} cores"), times, verified=True)
                for t, times in sorted(runs.items())]
     image3 = image[:, :, None] if image.ndim == 2 else image
     kernels4 = kernels[..., None] if kernels.ndim == 3 else kernels
     study = StudyResult({"usable_cores": os.cpu_count() or 1}, job_of(image3, kernels4, "valid"),
-                        {"shared_memory": False}, statistics.median(runs[1]), results)
+                        {"shared_memory": False}, statistics.median(runs[1]), results,
+                        extra={"feature_stage": {"seconds": stage_seconds}})
     return predict.calibrate(study)
 
 
@@ -307,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = sorted({int(n) for n in args.workers.split(",")})
     image, kernels = default_image(), rmidl.load_kernels(args.kernels)
     expected = rmidl.correlate(image, kernels, threads=2)
+    stage_seconds = feature_stage_seconds(expected)
     print(f"reference job {image.shape[1]}x{image.shape[0]}, {kernels.shape[0]} kernels "
           f"{kernels.shape[1]}x{kernels.shape[2]}: {expected.nbytes / 1e6:.0f} MB of maps; medians of "
           f"{args.repeat} rounds after a warm-up, each round the in-process runs at 1 and 2 threads the "
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     for count, times in on_workers.items():
                         seconds = cluster.run(count, image, kernels, expected)
                         times.extend([seconds] if round_ else [])
-                cal = calibration(image, kernels, runs)
+                cal = calibration(image, kernels, runs, stage_seconds)
                 for count, times in on_workers.items():
                     model = predict.predict(cal, count, 1, (label, rate), coordinator_computes=False)
                     at_tcp = predict.predict(cal, count, 1, (label, goodput), coordinator_computes=False)

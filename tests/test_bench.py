@@ -168,6 +168,10 @@ def test_prediction_is_in_results_json_and_its_table(cores_run: tuple[int, Path]
     assert calibration["stated_error"] == pytest.approx(max(errors), rel=1e-12)
     text = (out / "prediction.md").read_text()
     assert f"Model error on the measured configurations: at most {max(errors):.1%}" in text
+    # the study measured the features' activation and pooling, and the model counts it
+    stage = _results(out)["feature_stage"]["seconds"]
+    assert stage > 0 and calibration["stage_seconds"] == stage
+    assert "s per image on 1 core to activate and pool the maps" in text
 
 
 def test_oversubscribed_core_counts_are_marked_not_dropped() -> None:
@@ -376,6 +380,24 @@ def test_a_coordinator_without_local_threads_sends_everything_over_its_link() ->
     alone = predict.predict(cal, 1, 1, link, coordinator_computes=False)
     assert alone.gather_seconds == pytest.approx(PAPER_JOB.output_bytes / (1e9 / 8 * 0.94), rel=1e-12)
     assert alone.bound == "gather" and alone.seconds > alone.gather_seconds
+
+
+def test_features_predictions_add_the_measured_activation_and_pooling() -> None:
+    study = _synthetic(PAPER_JOB, 0.6, 0.0, (1, 2), usable=2)
+    plain = predict.calibrate(study)
+    study.extra["feature_stage"] = {"seconds": 0.15}
+    staged = predict.calibrate(study)
+    assert plain.stage_seconds == 0.0 and staged.stage_seconds == 0.15
+    link = predict.parse_link("100GB/s")  # compute-bound: the stage's cost shows in full
+    one = predict.predict(staged, 1, 1, link)
+    assert 1 / one.dataset_features_images_per_s == pytest.approx(staged.compute_seconds(1) + 0.15, rel=1e-12)
+    for nodes, cores in ((1, 1), (3, 2)):
+        before, after = (predict.predict(cal, nodes, cores, link) for cal in (plain, staged))
+        assert after.dataset_features_images_per_s < before.dataset_features_images_per_s
+        assert after.features_seconds > before.features_seconds
+        # the maps-gathered figures do not activate or pool
+        assert after.dataset_images_per_s == before.dataset_images_per_s and after.seconds == before.seconds
+    assert forecast.prediction_block(staged, [])["calibration"]["stage_seconds"] == 0.15
 
 
 def test_payoff_says_when_a_second_node_beats_one() -> None:

@@ -136,6 +136,10 @@ def write_prediction_tables(cal: Calibration, predictions: Sequence[Prediction],
             f"- data-plane bandwidth: {bandwidth}",
             f"- bytes per task: {per_task}; input {cal.input_bytes / 1e6:.4g} MB, bank "
             f"{cal.bank_bytes / 1e6:.4g} MB, output {cal.output_bytes / 1e6:.4g} MB",
+            f"- features: {format_seconds(cal.stage_seconds)} s per image on 1 core to activate and pool the "
+            "maps, added to the compute" if cal.stage_seconds else
+            "- features: activating and pooling the maps was not measured (an older results.json): the "
+            "features predictions count the correlation's compute alone",
             f"- links are payload rates: line rate x {LINK_EFFICIENCY} (TCP over 1500-byte Ethernet frames)",
         ]
     )

@@ -18,7 +18,9 @@ The model (stated once, used everywhere):
   nodes than kernels. Both gather the same output. The cheaper one is marked.
 - keeping the maps on the nodes (the feature pipeline's choice): the same job, but what crosses the
   coordinator's link back is only what the next stage needs, the maps pooled `pool` x `pool` (the paper's
-  network pools 2x2: a quarter of the maps' bytes).
+  network pools 2x2: a quarter of the maps' bytes), and each node also activates and pools its maps: the
+  study's measured one-core seconds for that (relu and a 2x2 max pool of the job's maps) are added to the
+  compute, spread over the cores like it.
 - a dataset of images like this one: whole images are the tasks (no halo; the bank goes once) taken from
   the pull queue, so in the steady state the coordinator's node computes images at its own rate and the
   other N - 1 as fast as their cores or the coordinator's link allow, whichever is less (an image's input
@@ -103,6 +105,8 @@ class Calibration:
     halo_row_bytes: int
     measured_bytes_per_task: float | None = None
     fit: list[dict[str, Any]] = field(default_factory=list)
+    stage_seconds: float = 0.0
+    """One core's seconds to activate and pool one image's maps into features (0: not measured)."""
 
     @property
     def single_core_seconds(self) -> float:
@@ -122,9 +126,11 @@ class Calibration:
         tasks = _tasks(self, nodes, cores)
         return (self.input_bytes + tasks * self.halo_row_bytes + self.output_bytes) / tasks
 
-    def compute_seconds(self, cores: float) -> float:
+    def compute_seconds(self, cores: float, *, features: bool = False) -> float:
+        """The job's compute on `cores` cores; `features`: with its maps activated and pooled too."""
         s = self.serial_fraction
-        return self.single_core_seconds * (s + (1.0 - s) / max(cores, 1.0))
+        stage = self.stage_seconds / max(cores, 1.0) if features else 0.0
+        return self.single_core_seconds * (s + (1.0 - s) / max(cores, 1.0)) + stage
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -187,6 +193,7 @@ def calibrate(study: StudyResult) -> Calibration:
         n_kernels=job.kernels_shape[0],
         out_h=oh,
         halo_row_bytes=halo(job.kernels_shape[1]) * width * job.channels * job.itemsize,
+        stage_seconds=float((study.extra.get("feature_stage") or {}).get("seconds", 0.0)),
     )
     remote = [r for r in counted if r.config.kind == "workers" and r.config.count > 0]
     if remote:
@@ -287,9 +294,11 @@ class Prediction:
 
 
 def _single_image(cal: Calibration, nodes: int, cores: int, *, rate: float, output_bytes: float,
-                  local: bool) -> tuple[float, float, dict[str, float], dict[str, float], str]:
+                  local: bool, features: bool = False
+                  ) -> tuple[float, float, dict[str, float], dict[str, float], str]:
     """(row bands s, kernel groups s, row-band parts, kernel-group parts, the better) for one image whose
-    gathered result is `output_bytes`; `local`: the coordinator is one of the nodes (its share stays)."""
+    gathered result is `output_bytes`; `local`: the coordinator is one of the nodes (its share stays);
+    `features`: the nodes also activate and pool their maps."""
     remote_nodes = nodes - 1 if local else nodes
     remote = remote_nodes / nodes
     gather = output_bytes * remote / rate
@@ -298,8 +307,8 @@ def _single_image(cal: Calibration, nodes: int, cores: int, *, rate: float, outp
     group_nodes = min(nodes, cal.n_kernels)
     group_remote = group_nodes - 1 if local else group_nodes
     group_scatter = group_remote * cal.input_bytes + cal.bank_bytes * group_remote / group_nodes
-    band_compute = cal.compute_seconds(nodes * cores)
-    group_compute = cal.compute_seconds(group_nodes * cores)
+    band_compute = cal.compute_seconds(nodes * cores, features=features)
+    group_compute = cal.compute_seconds(group_nodes * cores, features=features)
     # pipeline fill: the first task's input arrives before compute starts, the last slab leaves after it
     rowband = max(band_compute, band_scatter / rate, gather) + (band_scatter / rate + gather) / tasks
     group_tasks = _tasks(cal, group_nodes, cores, limit=cal.n_kernels)
@@ -311,11 +320,11 @@ def _single_image(cal: Calibration, nodes: int, cores: int, *, rate: float, outp
 
 
 def _dataset(cal: Calibration, nodes: int, cores: int, *, rate: float, output_bytes: float,
-             local: bool) -> tuple[float, str]:
+             local: bool, features: bool = False) -> tuple[float, str]:
     """(images per second, what bounds the remote nodes' part) for a stream of images like the calibrated
     one through the pull queue: the coordinator's node computes at its own pace, the others as fast as
     their cores or the coordinator's link allow (inputs out and results back at once, full duplex)."""
-    per_image = cal.compute_seconds(cores)
+    per_image = cal.compute_seconds(cores, features=features)
     remote_nodes = nodes - 1 if local else nodes
     parts = {"compute": per_image / remote_nodes if remote_nodes else float("inf"),
              "scatter": cal.input_bytes / rate, "gather": output_bytes / rate}
@@ -336,10 +345,12 @@ def predict(cal: Calibration, nodes: int, cores: int, link: tuple[str, float], *
                                                          output_bytes=cal.output_bytes, local=local)
     parts = bands if best == "row bands" else groups
     f_rowband, f_kgroup, f_bands, f_groups, f_best = _single_image(cal, nodes, cores, rate=rate,
-                                                                   output_bytes=features, local=local)
+                                                                   output_bytes=features, local=local,
+                                                                   features=True)
     f_parts = f_bands if f_best == "row bands" else f_groups
     maps_rate, maps_bound = _dataset(cal, nodes, cores, rate=rate, output_bytes=cal.output_bytes, local=local)
-    features_rate, features_bound = _dataset(cal, nodes, cores, rate=rate, output_bytes=features, local=local)
+    features_rate, features_bound = _dataset(cal, nodes, cores, rate=rate, output_bytes=features, local=local,
+                                             features=True)
     return Prediction(
         nodes=nodes,
         cores=cores,

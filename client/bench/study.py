@@ -35,6 +35,7 @@ __all__ = [
     "OnRun",
     "RELATIVE_TOLERANCE",
     "configurations",
+    "feature_stage_seconds",
     "max_abs_difference",
     "run_study",
 ]
@@ -81,6 +82,23 @@ def max_abs_difference(result: np.ndarray, reference: np.ndarray) -> float:
     for got, want in zip(result, reference, strict=True):
         worst = max(worst, float(np.max(np.abs(got - want))))
     return worst
+
+
+def feature_stage_seconds(maps: np.ndarray, *, pool: int = 2, repeat: int = 3,
+                          clock: Callable[[], float] = time.perf_counter) -> float:
+    """One core's seconds (best of `repeat`) to turn a job's maps (K, OH, OW) into the feature pipeline's
+    features: relu and a `pool` x `pool` max pool, as a CNP stage does beside its correlation (the cost
+    model's features predictions add it to the correlation's compute)."""
+    from rmidl.network import Stage
+
+    stage = Stage(np.zeros((maps.shape[0], 1, 1, 1), np.float32), activation="relu", pool="max",
+                  pool_size=pool)
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        start = clock()
+        stage.activate_and_pool(maps[None], 1, None, "features")
+        best = min(best, clock() - start)
+    return best
 
 
 @contextlib.contextmanager
@@ -175,6 +193,8 @@ def run_study(
     reference_seconds = clock() - start
     tolerance = RELATIVE_TOLERANCE * float(np.max(np.abs(reference)))
     logger.info("reference (1 thread): %.3f s, tolerance %.3g", reference_seconds, tolerance)
+    stage = {"seconds": feature_stage_seconds(reference, clock=clock), "threads": 1,
+             "what": "relu and a 2x2 max pool of the reference maps"}
     results = []
     for config in configurations(settings):
         result = ConfigurationResult(config, tolerance=tolerance, verified=True)
@@ -194,7 +214,8 @@ def run_study(
             # one configuration's cluster trouble is recorded against it; the study goes on
             result.failure = f"{type(error).__name__}: {error}"
             logger.warning("%s failed: %s", config.label, result.failure)
-    return StudyResult(machine_info(), job, settings.to_dict(), reference_seconds, results)
+    return StudyResult(machine_info(), job, settings.to_dict(), reference_seconds, results,
+                       extra={"feature_stage": stage})
 
 
 def _run_configuration(
