@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = sorted({int(n) for n in args.workers.split(",")})
     image, kernels = default_image(), rmidl.load_kernels(args.kernels)
     expected = rmidl.correlate(image, kernels, threads=2)
-    stage_seconds = feature_stage_seconds(expected)
+    stage_seconds = feature_stage_seconds(expected) or 0.0
     print(f"reference job {image.shape[1]}x{image.shape[0]}, {kernels.shape[0]} kernels "
           f"{kernels.shape[1]}x{kernels.shape[2]}: {expected.nbytes / 1e6:.0f} MB of maps; medians of "
           f"{args.repeat} rounds after a warm-up, each round the in-process runs at 1 and 2 threads the "

@@ -67,7 +67,7 @@ class FeaturesHandler:
         try:
             return self._run(task, net)
         finally:
-            self._count(task.network_id, blob, net.kept_bytes)
+            self._count(task.network_id, blob, _held_bytes(net, blob))
 
     def _run(self, task: FeaturesTask, net: Network) -> FeaturesReply:
         s0, s1 = task.stages
@@ -142,3 +142,12 @@ class FeaturesHandler:
         assert self._bulk is not None
         out = np.ascontiguousarray(out)
         return BulkTicket(self._bulk.offer(out), int(out.nbytes), out.shape, out.dtype.name)
+
+
+def _held_bytes(net: Network, blob: Blob) -> int:
+    """What a built network holds beyond its blob's arrays: its stages' own copies of the banks and what
+    they keep for their engine calls (kernel spectra)."""
+    arrays = list(blob.arrays.values())
+    copies = sum(stage.bank.nbytes for stage in net.stages
+                 if not any(np.may_share_memory(stage.bank, array) for array in arrays))
+    return copies + net.kept_bytes

@@ -228,6 +228,18 @@ def test_a_failing_configuration_is_recorded_and_the_study_goes_on(rng: np.rando
     assert derived.baseline(result) == ("reference run (1 thread)", result.reference_seconds)
 
 
+@pytest.mark.parametrize(("shape", "measured"), [((20, 24), True), ((3, 24), False)])
+def test_the_study_measures_the_feature_stage_where_its_window_fits(rng: np.random.Generator, shape,
+                                                                     measured: bool) -> None:
+    image = rng.random(shape, dtype=np.float32)  # 3 rows and 3x3 kernels: maps of one row, no 2x2 pool
+    kernels = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    result = study.run_study(image, kernels, StudySettings(cores=(1,), runs=1))
+    assert [r.counted for r in result.results] == [True]
+    stage = StudyResult.from_dict(json.loads(json.dumps(result.to_dict()))).extra["feature_stage"]
+    assert (stage["seconds"] > 0) if measured else stage is None
+    assert (predict.calibrate(result).stage_seconds > 0) is measured
+
+
 @pytest.mark.parametrize(("warmup", "seconds"), [(1, 1.0), (0, 10.0)])
 def test_the_reference_is_timed_warm_like_every_configuration(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, warmup: int, seconds: float

@@ -101,7 +101,7 @@ def test_centring_of_a_large_batch_runs_in_slices(rng, monkeypatch) -> None:
     assert_close(rmidl.correlate(images, bank, batch=True), batch_reference(images, bank, "valid"))
 
 
-@pytest.mark.parametrize("tile_bytes", [96, 700, 1 << 20])  # rows of a map, whole maps, the whole batch
+@pytest.mark.parametrize("tile_bytes", [96, 700, 5000, 1 << 20])  # rows, maps, images, one call
 def test_the_centring_bias_is_added_in_tiles_on_several_threads(rng, monkeypatch, tile_bytes) -> None:
     monkeypatch.setattr(engines, "BIAS_TILE_BYTES", tile_bytes)
     images = (200.0 + rng.standard_normal((3, 14, 17, 2))).astype(np.float32)

@@ -85,12 +85,15 @@ def max_abs_difference(result: np.ndarray, reference: np.ndarray) -> float:
 
 
 def feature_stage_seconds(maps: np.ndarray, *, pool: int = 2, repeat: int = 3,
-                          clock: Callable[[], float] = time.perf_counter) -> float:
+                          clock: Callable[[], float] = time.perf_counter) -> float | None:
     """One core's seconds (best of `repeat`) to turn a job's maps (K, OH, OW) into the feature pipeline's
     features: relu and a `pool` x `pool` max pool, as a CNP stage does beside its correlation (the cost
-    model's features predictions add it to the correlation's compute)."""
+    model's features predictions add it to the correlation's compute); None for maps the window does not
+    fit."""
     from rmidl.network import Stage
 
+    if min(maps.shape[1:]) < pool:
+        return None
     stage = Stage(np.zeros((maps.shape[0], 1, 1, 1), np.float32), activation="relu", pool="max",
                   pool_size=pool)
     best = float("inf")
@@ -193,8 +196,9 @@ def run_study(
     reference_seconds = clock() - start
     tolerance = RELATIVE_TOLERANCE * float(np.max(np.abs(reference)))
     logger.info("reference (1 thread): %.3f s, tolerance %.3g", reference_seconds, tolerance)
-    stage = {"seconds": feature_stage_seconds(reference, clock=clock), "threads": 1,
-             "what": "relu and a 2x2 max pool of the reference maps"}
+    seconds = feature_stage_seconds(reference, clock=clock)
+    stage = None if seconds is None else {"seconds": seconds, "threads": 1,
+                                          "what": "relu and a 2x2 max pool of the reference maps"}
     results = []
     for config in configurations(settings):
         result = ConfigurationResult(config, tolerance=tolerance, verified=True)

@@ -99,18 +99,24 @@ BIAS_TILE_BYTES = 4 << 20
 
 def _add_bias(out: np.ndarray, bias: np.ndarray, *, threads: int) -> None:
     """out[n, k] += bias[n, k] for out (N, K, OH, OW), on `threads` threads in tiles of about
-    BIAS_TILE_BYTES: rows of one map, or whole maps of one image where maps are small."""
+    BIAS_TILE_BYTES: rows of one map, whole maps of one image, or whole images where images are small
+    (one numpy call for an output under one tile or on one thread: a tile costs ~10 us of Python)."""
+    if threads == 1 or out.nbytes <= BIAS_TILE_BYTES:
+        np.add(out, bias[:, :, None, None], out=out)
+        return
     batch, k, out_h, out_w = out.shape
     row_bytes = max(1, out_w * out.itemsize)
+    map_bytes = row_bytes * out_h
     rows = max(1, min(out_h, BIAS_TILE_BYTES // row_bytes))
-    maps = max(1, BIAS_TILE_BYTES // (row_bytes * out_h)) if rows == out_h else 1
-    tiles = [(n, j0, j1, r0, r1) for n in range(batch) for j0, j1 in split_range(k, size=maps)
-             for r0, r1 in split_range(out_h, size=rows)]
+    maps = max(1, min(k, BIAS_TILE_BYTES // map_bytes)) if rows == out_h else 1
+    images = max(1, BIAS_TILE_BYTES // (map_bytes * k)) if maps == k else 1
+    tiles = [(n0, n1, j0, j1, r0, r1) for n0, n1 in split_range(batch, size=images)
+             for j0, j1 in split_range(k, size=maps) for r0, r1 in split_range(out_h, size=rows)]
 
-    def work(tile: tuple[int, int, int, int, int], scratch: None) -> None:
-        n, j0, j1, r0, r1 = tile
-        part = out[n, j0:j1, r0:r1]
-        np.add(part, bias[n, j0:j1, None, None], out=part)
+    def work(tile: tuple[int, int, int, int, int, int], scratch: None) -> None:
+        n0, n1, j0, j1, r0, r1 = tile
+        part = out[n0:n1, j0:j1, r0:r1]
+        np.add(part, bias[n0:n1, j0:j1, None, None], out=part)
 
     run_tiles(tiles, work, lambda: None, threads)
 
