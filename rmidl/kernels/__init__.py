@@ -16,6 +16,7 @@ import numpy as np
 from rmidl.errors import OptionError
 from rmidl.geometry import split_range
 from rmidl.kernels._cost import choose_engine, engine_seconds, estimate_seconds, measure_gflops
+from rmidl.kernels._depthwise import DepthwiseSpectra, correlate_depthwise_fft
 from rmidl.kernels._direct import correlate_direct
 from rmidl.kernels._fft import correlate_fft
 from rmidl.kernels._lowering import correlate_lowering
@@ -26,10 +27,12 @@ from rmidl.validate import check_engine
 __all__ = [
     "ENGINES",
     "SPECTRA_CACHE_BYTES",
+    "DepthwiseSpectra",
     "KernelSpectra",
     "available_cores",
     "blas_pinned",
     "choose_engine",
+    "correlate_depthwise_batch",
     "correlate_valid",
     "correlate_valid_batch",
     "engine_seconds",
@@ -119,6 +122,32 @@ def _add_bias(out: np.ndarray, bias: np.ndarray, *, threads: int) -> None:
         np.add(part, bias[n0:n1, j0:j1, None, None], out=part)
 
     run_tiles(tiles, work, lambda: None, threads)
+
+
+def correlate_depthwise_batch(maps: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
+                              threads: int | None = None,
+                              spectra: DepthwiseSpectra | None = None) -> np.ndarray:
+    """Valid depthwise correlation of maps (N, C, H, W) with kernels (C * m, kh, kw), kernel k on map
+    k // m, into out (N, C * m, OH, OW) by the depthwise FFT engine; returns out. No array checks (a
+    Network's stage calls it); maps whose mean dominates their spread are centred as in
+    `correlate_valid_batch`, and `spectra` are the bank's kept ones."""
+    n_threads = resolve_threads(threads)
+    batch, channels = maps.shape[:2]
+    if batch == 0 or out.size == 0:
+        return out
+    offsets = _offsets(maps.transpose(0, 2, 3, 1))
+    if offsets is None:
+        correlate_depthwise_fft(maps, kernels, out, n_threads, spectra)
+        return out
+    sums = kernels.sum(axis=(1, 2), dtype=np.float64)
+    per_slice = max(1, CENTRED_BYTES // max(1, maps[0].nbytes))
+    for n0 in range(0, batch, per_slice):
+        part = offsets[n0 : n0 + per_slice]
+        centred = maps[n0 : n0 + per_slice] - part[:, :, None, None]
+        correlate_depthwise_fft(centred, kernels, out[n0 : n0 + per_slice], n_threads, spectra)
+        bias = np.repeat(part.astype(np.float64), kernels.shape[0] // channels, axis=1) * sums
+        _add_bias(out[n0 : n0 + per_slice], bias.astype(out.dtype), threads=n_threads)
+    return out
 
 
 def _run(engine: str, images: np.ndarray, kernels: np.ndarray, out: np.ndarray, *, threads: int,

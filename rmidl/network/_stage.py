@@ -14,8 +14,14 @@ from rmidl.activation import ACTIVATIONS, activate
 from rmidl.banks import load_kernels
 from rmidl.convolution import correlate_batch_cached
 from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
-from rmidl.geometry import output_shape, split_range
-from rmidl.kernels import KernelSpectra, resolve_threads
+from rmidl.geometry import mode_padding, output_shape, split_range
+from rmidl.kernels import (
+    DepthwiseSpectra,
+    KernelSpectra,
+    choose_engine,
+    correlate_depthwise_batch,
+    resolve_threads,
+)
 from rmidl.kernels._threads import run_tiles
 from rmidl.network._bands import EngineCall, banded, forward_banded
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
@@ -129,8 +135,8 @@ class Stage:
     `pool_size` and a given `pool_stride` as (rows, cols) pairs).
     """
 
-    __slots__ = ("_calls", "_calls_lock", "activation", "bank", "depthwise", "mode", "pool", "pool_size",
-                 "pool_stride")
+    __slots__ = ("_calls", "_calls_lock", "_depthwise_spectra", "activation", "bank", "depthwise", "mode",
+                 "pool", "pool_size", "pool_stride")
 
     def __init__(self, bank: np.ndarray | str | os.PathLike[str], *, activation: str | None = "relu",
                  pool: str | None = "max", pool_size: int | tuple[int, int] = 2,
@@ -158,6 +164,7 @@ class Stage:
         self.depthwise = bool(depthwise)
         self._calls: dict[tuple[int, bool], list[EngineCall]] = {}
         self._calls_lock = threading.Lock()
+        self._depthwise_spectra: DepthwiseSpectra | None = None
 
     @property
     def kept_bytes(self) -> int:
@@ -165,8 +172,10 @@ class Stage:
         with each FFT size met) and block-diagonal banks (what a worker counts in its blob budget)."""
         with self._calls_lock:
             calls = [call for calls in self._calls.values() for call in calls]
+            depthwise = self._depthwise_spectra
         made = sum(bank.nbytes for _, bank, _, _ in calls if not np.may_share_memory(bank, self.bank))
-        return made + sum(spectra.nbytes for _, _, _, spectra in calls)
+        kept = 0 if depthwise is None else depthwise.nbytes
+        return made + kept + sum(spectra.nbytes for _, _, _, spectra in calls)
 
     @property
     def kernels(self) -> int:
@@ -229,12 +238,15 @@ class Stage:
         start = time.perf_counter()
         n = maps.shape[0]
         shapes = self.shapes(maps.shape[1:], name)
-        calls = self.engine_calls(maps.shape[1:])
         count = resolve_threads(threads)
         if banded(self, shapes):
+            calls = self.engine_calls(maps.shape[1:])
             return forward_banded(self, maps, shapes, calls=calls, threads=count, timings=timings, name=name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        if len(calls) > 1 and count > 1:
+        calls = [] if self._depthwise_by_fft(maps.shape) else self.engine_calls(maps.shape[1:])
+        if not calls:
+            self._correlate_depthwise(maps, count, conv)
+        elif len(calls) > 1 and count > 1:
             # Per-map calls are small (one map, a few kernels): the maps are the parallel work, each call
             # on one thread, rather than every call split over all threads.
             def one(call: EngineCall, _: None) -> None:
@@ -260,6 +272,30 @@ class Stage:
             if calls is None:
                 calls = self._calls[(channels, dense)] = self._make_calls(channels, dense)
         return calls
+
+    def _depthwise_by_fft(self, maps_shape: tuple[int, ...]) -> bool:
+        """Whether a depthwise stage's maps (N, C, H, W) go through the depthwise FFT engine in one call:
+        where each of its per-map calls would pick the fft engine (small maps take one block-diagonal
+        call instead, see dense_depthwise)."""
+        n, channels, h, w = (int(v) for v in maps_shape)
+        if not self.depthwise or dense_depthwise((channels, h, w)):
+            return False
+        (top, bottom), (left, right) = mode_padding(self.kernel_hw, self.mode)
+        kernel = (self.kernels // channels, *self.kernel_hw, 1)
+        return choose_engine((h + top + bottom, w + left + right), kernel, 1, batch=n) == "fft"
+
+    def _correlate_depthwise(self, maps: np.ndarray, threads: int, out: np.ndarray) -> None:
+        """The depthwise correlation of maps (N, C, H, W) in the stage's mode into out, in one call of the
+        depthwise FFT engine (the stage keeps the bank's spectra)."""
+        channels = maps.shape[1]
+        rows, cols = mode_padding(self.kernel_hw, self.mode)
+        padded = np.pad(maps, [(0, 0), (0, 0), rows, cols]) if self.mode != "valid" else maps
+        bank = self.bank[:, :, :, 0]
+        with self._calls_lock:
+            spectra = self._depthwise_spectra
+            if spectra is None or spectra.maps != channels:
+                spectra = self._depthwise_spectra = DepthwiseSpectra(bank, channels, STAGE_SPECTRA_BYTES)
+        correlate_depthwise_batch(padded, bank, out, threads=threads, spectra=spectra)
 
     def _make_calls(self, channels: int, dense: bool) -> list[EngineCall]:
         every = slice(None)

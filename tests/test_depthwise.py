@@ -1,0 +1,112 @@
+"""The depthwise FFT engine (each map with its own kernels, batched) against a float64 loop, and the
+depthwise stages that use it: where they use it, with what bits, and what they keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import assert_close, network_reference
+
+import rmidl.kernels as engines
+from rmidl.kernels import DepthwiseSpectra, _depthwise, correlate_depthwise_batch
+from rmidl.network import Network, Stage
+
+
+def depthwise_reference(maps: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """Valid correlation of maps (N, C, H, W) with kernels (C * m, kh, kw) in float64, one tap at a time."""
+    n, channels, h, w = maps.shape
+    k, kh, kw = kernels.shape
+    x, bank = maps.astype(np.float64), kernels.astype(np.float64)
+    source = x[:, np.arange(k) // (k // channels)]  # (N, K, H, W): each output map's input map
+    out = np.zeros((n, k, h - kh + 1, w - kw + 1))
+    for a in range(kh):
+        for b in range(kw):
+            out += bank[None, :, a, b, None, None] * source[:, :, a : a + h - kh + 1, b : b + w - kw + 1]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_depthwise_correlations_match_the_float64_loop(seed: int, monkeypatch) -> None:
+    rng = np.random.default_rng(seed)
+    if seed % 3 == 0:  # a few images per chunk, so the chunks (and a short last one) are exercised
+        monkeypatch.setattr(_depthwise, "DEPTHWISE_TEMP_BYTES", 1)
+    n, channels, per_map = (int(v) for v in rng.integers(1, [5, 6, 4]))
+    h, w = (int(v) for v in rng.integers(5, 41, size=2))
+    kh, kw = int(rng.integers(1, min(h, 14) + 1)), int(rng.integers(1, min(w, 14) + 1))
+    maps = rng.standard_normal((n, channels, h, w)).astype(np.float32)
+    if seed % 2:  # 8-bit-like maps against zero-mean kernels: they must be centred to stay exact
+        maps += 255.0
+    kernels = rng.standard_normal((channels * per_map, kh, kw))
+    kernels = (kernels - kernels.mean(axis=(1, 2), keepdims=True)).astype(np.float32)
+    out = np.empty((n, channels * per_map, h - kh + 1, w - kw + 1), np.float32)
+    correlate_depthwise_batch(maps, kernels, out, threads=int(rng.integers(1, 3)))
+    assert_close(out, depthwise_reference(maps, kernels))
+
+
+def test_the_bits_do_not_depend_on_the_thread_count(rng: np.random.Generator) -> None:
+    maps = (3.0 + rng.standard_normal((5, 4, 33, 29))).astype(np.float32)
+    kernels = rng.standard_normal((8, 9, 7)).astype(np.float32)
+    runs = []
+    for threads in (1, 2, 3):
+        out = np.empty((5, 8, 25, 23), np.float32)
+        runs.append(correlate_depthwise_batch(maps, kernels, out, threads=threads))
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other, runs[0])
+
+
+def test_spectra_are_kept_per_fft_size_within_their_bound(rng: np.random.Generator, monkeypatch) -> None:
+    made: list[tuple[int, int]] = []
+    real = _depthwise._spectra
+    monkeypatch.setattr(_depthwise, "_spectra", lambda k, m, shape: made.append(shape) or real(k, m, shape))
+    kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
+    kept = DepthwiseSpectra(kernels, 3, max_bytes=1 << 20)
+    for hw in ((20, 20), (20, 20), (31, 24), (20, 20)):
+        maps = rng.standard_normal((2, 3, *hw)).astype(np.float32)
+        out = np.empty((2, 6, hw[0] - 4, hw[1] - 4), np.float32)
+        assert_close(correlate_depthwise_batch(maps, kernels, out, spectra=kept),
+                     depthwise_reference(maps, kernels))
+    assert made == [(20, 20), (32, 24)] and 0 < kept.nbytes <= 1 << 20
+    nothing = DepthwiseSpectra(kernels, 3, max_bytes=0)  # too small for any: made per call, never kept
+    maps = rng.standard_normal((2, 3, 31, 24)).astype(np.float32)
+    for _ in range(2):
+        correlate_depthwise_batch(maps, kernels, np.empty((2, 6, 27, 20), np.float32), spectra=nothing)
+    assert made[2:] == [(32, 24), (32, 24)] and nothing.nbytes == 0
+
+
+@pytest.mark.parametrize("mode", ["valid", "same", "full"])
+def test_a_depthwise_stage_uses_the_engine_where_its_maps_would_each_pick_fft(rng, monkeypatch, mode) -> None:
+    calls: list[tuple[int, ...]] = []
+    real = engines.correlate_depthwise_batch
+
+    def spy(maps: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        calls.append(maps.shape)
+        return real(maps, *args, **kwargs)
+
+    from rmidl.network import _stage
+
+    monkeypatch.setattr(_stage, "correlate_depthwise_batch", spy)
+    big = Stage(rng.standard_normal((6, 11, 11)).astype(np.float32), depthwise=True, mode=mode)
+    small = Stage(rng.standard_normal((6, 3, 3)).astype(np.float32), depthwise=True, mode=mode)
+    images = (20.0 + rng.standard_normal((3, 80, 90, 3))).astype(np.float32)
+    for stage, used in ((big, True), (small, False)):
+        net = Network([stage], channels=3)
+        features = net.forward_batch(images, threads=2)
+        assert bool(calls) is used
+        calls.clear()
+        for image, row in zip(images, features, strict=True):
+            assert_close(row, network_reference(net, image))
+    assert big.kept_bytes > 0  # the bank's spectra, counted where a worker keeps the network
+
+
+def test_the_paper_network_takes_its_second_stage_through_the_engine(monkeypatch) -> None:
+    """seed004's CNP2 (25 maps of 95x95, 11x11 kernels) is the stage the engine was made for."""
+    from rmidl.network import _stage
+
+    used: list[bool] = []
+    real = Stage._depthwise_by_fft
+    monkeypatch.setattr(Stage, "_depthwise_by_fft", lambda self, shape: used.append(real(self, shape))
+                        or used[-1])
+    net = Network.from_spec("seed004")
+    net.forward_batch(np.random.default_rng(0).random((2, 200, 200), dtype=np.float32))
+    assert used == [False, True, False, False]  # CNP1 is not depthwise; CNP3-4 are small: block-diagonal
+    assert _stage.dense_depthwise((25, 42, 42)) and not _stage.dense_depthwise((25, 95, 95))
