@@ -84,7 +84,7 @@ class FeaturesHandler:
             width = net.output_shape(self._image_shape(task))[0]
             return FeaturesReply(task.task_id, 0.0, (), timings, bad, np.empty((0, width), np.float32))
         need = (maps.shape[0] * net.peak_bytes(maps.shape[1:], s0, s1)
-                + net.scratch_bytes(maps.shape[1:], self._threads, s0, s1))
+                + net.scratch_bytes(maps.shape[1:], self._threads, s0, s1, batch=maps.shape[0]))
         with self._reserve(need, task.task_id), self._computing():
             out = net.forward_stages(maps, s0, s1, threads=self._threads, timings=timings)
             if s1 == len(net.stages):

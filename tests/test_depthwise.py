@@ -8,6 +8,7 @@ import pytest
 from reference import assert_close, network_reference
 
 import rmidl.kernels as engines
+from rmidl.errors import OptionError
 from rmidl.kernels import DepthwiseSpectra, _depthwise, correlate_depthwise_batch
 from rmidl.network import Network, Stage
 
@@ -38,9 +39,44 @@ def test_random_depthwise_correlations_match_the_float64_loop(seed: int, monkeyp
         maps += 255.0
     kernels = rng.standard_normal((channels * per_map, kh, kw))
     kernels = (kernels - kernels.mean(axis=(1, 2), keepdims=True)).astype(np.float32)
-    out = np.empty((n, channels * per_map, h - kh + 1, w - kw + 1), np.float32)
-    correlate_depthwise_batch(maps, kernels, out, threads=int(rng.integers(1, 3)))
-    assert_close(out, depthwise_reference(maps, kernels))
+    sides = rng.integers(0, 4, (2, 2)) * (seed % 4 != 0)
+    padding = ((int(sides[0, 0]), int(sides[0, 1])), (int(sides[1, 0]), int(sides[1, 1])))
+    padded = np.pad(maps, [(0, 0), (0, 0), *padding])  # the zeros a mode adds: never centred away
+    out = np.empty((n, channels * per_map, padded.shape[2] - kh + 1, padded.shape[3] - kw + 1), np.float32)
+    correlate_depthwise_batch(maps, kernels, out, padding=padding, threads=int(rng.integers(1, 3)))
+    assert_close(out, depthwise_reference(padded, kernels))
+
+
+def test_spectra_of_another_bank_are_refused(rng: np.random.Generator) -> None:
+    kernels = rng.standard_normal((6, 5, 5)).astype(np.float32)
+    maps = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    out = np.empty((1, 6, 8, 8), np.float32)
+    for other in (DepthwiseSpectra(kernels + 1, 3, 1 << 20), DepthwiseSpectra(kernels, 2, 1 << 20)):
+        with pytest.raises(OptionError, match="spectra are of a bank"):
+            correlate_depthwise_batch(maps, kernels, out, spectra=other)
+
+
+def test_a_stage_holds_no_more_than_a_worker_reserves_for_it(rng: np.random.Generator) -> None:
+    """n * peak_bytes + scratch_bytes is what a worker reserves for a task of n images: the engine's
+    padded, centred maps and its temporaries must fit in it (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    net = Network([Stage(rng.standard_normal((25, 11, 11)).astype(np.float32), depthwise=True, mode="same",
+                         pool=None, activation=None)], channels=25)
+    maps = (50.0 + rng.standard_normal((16, 25, 95, 95))).astype(np.float32)  # centred and padded
+    net.forward_stages(maps[:1], 0, 1, threads=1)  # plans and spectra: kept, not per call
+    peaks = []
+    for _ in range(3):  # tracemalloc counts every thread's allocations: the least of 3 runs is the call's
+        tracemalloc.start()
+        try:
+            net.forward_stages(maps, 0, 1, threads=1)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    peak = min(peaks)
+    reserved = 16 * net.peak_bytes(maps.shape[1:]) + net.scratch_bytes(maps.shape[1:], 1, batch=16)
+    assert net.scratch_bytes(maps.shape[1:], 1, batch=16) > 0
+    assert peak <= reserved - maps.nbytes, f"{peak / 2**20:.0f} MiB beyond the maps > {reserved / 2**20:.0f}"
 
 
 def test_the_bits_do_not_depend_on_the_thread_count(rng: np.random.Generator) -> None:

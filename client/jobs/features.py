@@ -235,7 +235,7 @@ class FeaturesJob:
     def misfit(self, task: FeatureBatch, stub: WorkerStub) -> str | None:
         n = task.positions[1] - task.positions[0]
         budget = stub.info.memory_budget
-        need = n * self.peak_bytes + self.net.scratch_bytes(self.maps_in, stub.info.threads)
+        need = n * self.peak_bytes + self.net.scratch_bytes(self.maps_in, stub.info.threads, batch=n)
         if budget and need > budget:
             return f"its maps of {need} bytes are over the memory budget of {budget} bytes"
         return None

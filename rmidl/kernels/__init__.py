@@ -10,6 +10,7 @@ kernel group `bank[k0:k1]`: the fft engine then transforms the bank once per FFT
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from rmidl.kernels._threads import available_cores, blas_pinned, resolve_threads
 from rmidl.validate import check_engine
 
 __all__ = [
+    "CENTRED_BYTES",
     "ENGINES",
     "SPECTRA_CACHE_BYTES",
     "DepthwiseSpectra",
@@ -125,28 +127,42 @@ def _add_bias(out: np.ndarray, bias: np.ndarray, *, threads: int) -> None:
 
 
 def correlate_depthwise_batch(maps: np.ndarray, kernels: np.ndarray, out: np.ndarray, *,
+                              padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
                               threads: int | None = None,
                               spectra: DepthwiseSpectra | None = None) -> np.ndarray:
-    """Valid depthwise correlation of maps (N, C, H, W) with kernels (C * m, kh, kw), kernel k on map
-    k // m, into out (N, C * m, OH, OW) by the depthwise FFT engine; returns out. No array checks (a
-    Network's stage calls it); maps whose mean dominates their spread are centred as in
-    `correlate_valid_batch`, and `spectra` are the bank's kept ones."""
+    """Depthwise correlation of maps (N, C, H, W), zero-padded by `padding` ((top, bottom), (left, right):
+    how a mode becomes valid), with kernels (C * m, kh, kw), kernel k on map k // m, into out
+    (N, C * m, OH, OW) by the depthwise FFT engine; returns out. No array checks (a Network's stage
+    calls it). Maps whose mean dominates their spread are centred as in `correlate_valid_batch`; padded
+    or centred maps are made at most CENTRED_BYTES at a time. `spectra`: the bank's kept ones."""
+    batch, channels, h, w = maps.shape
+    if spectra is not None and not spectra.matches(kernels, channels):
+        raise OptionError(f"spectra are of a bank {spectra.kernels.shape} on {spectra.maps} maps, not of "
+                          f"kernels {kernels.shape} on {channels}")
     n_threads = resolve_threads(threads)
-    batch, channels = maps.shape[:2]
     if batch == 0 or out.size == 0:
         return out
     offsets = _offsets(maps.transpose(0, 2, 3, 1))
-    if offsets is None:
+    (top, bottom), (left, right) = padding
+    if offsets is None and top == bottom == left == right == 0:
         correlate_depthwise_fft(maps, kernels, out, n_threads, spectra)
         return out
+    shape = (channels, h + top + bottom, w + left + right)
+    per_slice = max(1, CENTRED_BYTES // max(1, math.prod(shape) * maps.itemsize))
     sums = kernels.sum(axis=(1, 2), dtype=np.float64)
-    per_slice = max(1, CENTRED_BYTES // max(1, maps[0].nbytes))
     for n0 in range(0, batch, per_slice):
-        part = offsets[n0 : n0 + per_slice]
-        centred = maps[n0 : n0 + per_slice] - part[:, :, None, None]
-        correlate_depthwise_fft(centred, kernels, out[n0 : n0 + per_slice], n_threads, spectra)
-        bias = np.repeat(part.astype(np.float64), kernels.shape[0] // channels, axis=1) * sums
-        _add_bias(out[n0 : n0 + per_slice], bias.astype(out.dtype), threads=n_threads)
+        n1 = min(batch, n0 + per_slice)
+        shift = np.zeros((n1 - n0, channels), maps.dtype) if offsets is None else offsets[n0:n1]
+        ready = np.empty((n1 - n0, *shape), maps.dtype)
+        # centring moves the padding's zeros too: corr(pad(I) - m, K) + m * sum(K) = corr(pad(I), K)
+        border = -shift[:, :, None, None]
+        ready[:, :, :top], ready[:, :, top + h :] = border, border
+        ready[:, :, top : top + h, :left], ready[:, :, top : top + h, left + w :] = border, border
+        np.subtract(maps[n0:n1], shift[:, :, None, None], out=ready[:, :, top : top + h, left : left + w])
+        correlate_depthwise_fft(ready, kernels, out[n0:n1], n_threads, spectra)
+        if offsets is not None:
+            bias = np.repeat(shift.astype(np.float64), kernels.shape[0] // channels, axis=1) * sums
+            _add_bias(out[n0:n1], bias.astype(out.dtype), threads=n_threads)
     return out
 
 

@@ -17,7 +17,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["DEPTHWISE_TEMP_BYTES", "DepthwiseSpectra", "correlate_depthwise_fft", "depthwise_fft_shape"]
+__all__ = ["DEPTHWISE_TEMP_BYTES", "DepthwiseSpectra", "correlate_depthwise_fft", "depthwise_fft_shape",
+           "depthwise_temp_bytes"]
 
 DEPTHWISE_TEMP_BYTES = 32 << 20
 """Bytes of map and product spectra held at once: the images of a batch go through in chunks of this."""
@@ -29,6 +30,23 @@ def depthwise_fft_shape(maps_hw: tuple[int, int]) -> tuple[int, int]:
 
     h, w = maps_hw
     return scipy.fft.next_fast_len(h, real=True), scipy.fft.next_fast_len(w, real=True)
+
+
+def _chunking(maps_hw: tuple[int, int], per_map: int, itemsize: int = 4) -> tuple[tuple[int, int], int, int]:
+    """(FFT size, temporaries of one input map -- its spectra, its kernels' products, the inverse
+    transform's own complex copy of them and its result --, input maps one chunk takes) for maps (H, W)
+    of `itemsize`-byte floats."""
+    shape = depthwise_fft_shape(maps_hw)
+    bins = shape[0] * (shape[1] // 2 + 1)
+    per_map_bytes = (1 + 2 * per_map) * bins * 2 * itemsize + per_map * shape[0] * shape[1] * itemsize
+    return shape, per_map_bytes, max(1, DEPTHWISE_TEMP_BYTES // per_map_bytes)
+
+
+def depthwise_temp_bytes(batch: int, maps: int, per_map: int, maps_hw: tuple[int, int]) -> int:
+    """The most bytes of temporaries one call holds for `batch` images of `maps` float32 maps (H, W), padded
+    already, with `per_map` kernels each (a memory budget reserves it)."""
+    _, per_map_bytes, maps_per_chunk = _chunking(maps_hw, per_map)
+    return min(batch * maps, maps_per_chunk) * per_map_bytes
 
 
 class DepthwiseSpectra:
@@ -47,6 +65,14 @@ class DepthwiseSpectra:
     def nbytes(self) -> int:
         with self._lock:
             return sum(spectra.nbytes for spectra in self._cache.values())
+
+    def matches(self, kernels: np.ndarray, maps: int) -> bool:
+        """True if these are the spectra of `kernels` on `maps` input maps (the very same values)."""
+        mine = self.kernels
+        if self.maps != maps or mine.shape != kernels.shape or mine.dtype != kernels.dtype:
+            return False
+        same_view = mine.ctypes.data == kernels.ctypes.data and mine.strides == kernels.strides
+        return same_view or np.array_equal(mine, kernels)
 
     def at(self, shape: tuple[int, int]) -> np.ndarray:
         """The bank's conjugate spectra at FFT size `shape`."""
@@ -81,13 +107,8 @@ def correlate_depthwise_fft(maps: np.ndarray, kernels: np.ndarray, out: np.ndarr
     batch, channels, h, w = maps.shape
     per_map = kernels.shape[0] // channels
     _, _, out_h, out_w = out.shape
-    shape = depthwise_fft_shape((h, w))
-    bins = shape[0] * (shape[1] // 2 + 1)
+    shape, _, maps_per_chunk = _chunking((h, w), per_map, out.itemsize)
     kernel_spectra = (spectra or DepthwiseSpectra(kernels, channels, 0)).at(shape)
-    complex_bytes = np.dtype(kernel_spectra.dtype).itemsize
-    # one map's spectra, its kernels' products and their inverse transforms
-    per_map_bytes = (1 + per_map) * bins * complex_bytes + per_map * shape[0] * shape[1] * out.itemsize
-    maps_per_chunk = max(1, DEPTHWISE_TEMP_BYTES // per_map_bytes)
     images = max(1, maps_per_chunk // channels)
     group = channels if images > 1 else min(channels, maps_per_chunk)  # a big image goes by map groups
     for n0 in range(0, batch, images):

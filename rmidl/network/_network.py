@@ -185,11 +185,17 @@ class Network:
         return peak
 
     def scratch_bytes(self, maps_in: Sequence[int], threads: int, start: int = 0,
-                      stop: int | None = None) -> int:
-        """Bytes a call through stages [start, stop) holds whatever its batch size: a banded stage's band
-        scratch, one per thread (what a worker reserves besides n * peak_bytes)."""
-        bands = any(banded(stage, shapes) for stage, shapes in self._staged(maps_in, start, stop))
-        return BAND_BYTES * max(1, int(threads)) if bands else 0
+                      stop: int | None = None, *, batch: int = 1) -> int:
+        """Bytes a call on `batch` images through stages [start, stop) holds beside n * peak_bytes (what a
+        worker reserves besides them): a banded stage's band scratch, one per thread, or a depthwise
+        stage's engine temporaries (see Stage.scratch_bytes), the largest of the stages'."""
+        most = 0
+        for stage, shapes in self._staged(maps_in, start, stop):
+            if banded(stage, shapes):
+                most = max(most, BAND_BYTES * max(1, int(threads)))
+            else:
+                most = max(most, stage.scratch_bytes((max(1, int(batch)), *shapes.maps_in)))
+        return most
 
     @property
     def kept_bytes(self) -> int:

@@ -16,12 +16,14 @@ from rmidl.convolution import correlate_batch_cached
 from rmidl.errors import BankError, KernelTooLarge, OptionError, ShapeError
 from rmidl.geometry import mode_padding, output_shape, split_range
 from rmidl.kernels import (
+    CENTRED_BYTES,
     DepthwiseSpectra,
     KernelSpectra,
     choose_engine,
     correlate_depthwise_batch,
     resolve_threads,
 )
+from rmidl.kernels._depthwise import depthwise_temp_bytes
 from rmidl.kernels._threads import run_tiles
 from rmidl.network._bands import EngineCall, banded, forward_banded
 from rmidl.pooling import POOL_KINDS, pool, pool_shape, window_pair
@@ -288,14 +290,25 @@ class Stage:
         """The depthwise correlation of maps (N, C, H, W) in the stage's mode into out, in one call of the
         depthwise FFT engine (the stage keeps the bank's spectra)."""
         channels = maps.shape[1]
-        rows, cols = mode_padding(self.kernel_hw, self.mode)
-        padded = np.pad(maps, [(0, 0), (0, 0), rows, cols]) if self.mode != "valid" else maps
         bank = self.bank[:, :, :, 0]
         with self._calls_lock:
             spectra = self._depthwise_spectra
             if spectra is None or spectra.maps != channels:
-                spectra = self._depthwise_spectra = DepthwiseSpectra(bank, channels, STAGE_SPECTRA_BYTES)
-        correlate_depthwise_batch(padded, bank, out, threads=threads, spectra=spectra)
+                # half the stage's spectra budget: per-map calls (banded maps) may keep the other half
+                spectra = self._depthwise_spectra = DepthwiseSpectra(bank, channels, STAGE_SPECTRA_BYTES // 2)
+        correlate_depthwise_batch(maps, bank, out, padding=mode_padding(self.kernel_hw, self.mode),
+                                  threads=threads, spectra=spectra)
+
+    def scratch_bytes(self, maps_shape: tuple[int, ...]) -> int:
+        """Bytes a forward of maps (N, C, H, W) holds beside its maps and outputs: the depthwise engine's
+        padded or centred maps and its chunk of temporaries, where it runs (else 0; bands: see _bands)."""
+        if not self._depthwise_by_fft(maps_shape):
+            return 0
+        n, channels, h, w = (int(v) for v in maps_shape)
+        (top, bottom), (left, right) = mode_padding(self.kernel_hw, self.mode)
+        padded = (h + top + bottom, w + left + right)
+        ready = min(CENTRED_BYTES, n * channels * padded[0] * padded[1] * 4)
+        return ready + depthwise_temp_bytes(n, channels, self.kernels // channels, padded)
 
     def _make_calls(self, channels: int, dense: bool) -> list[EngineCall]:
         every = slice(None)
@@ -307,7 +320,8 @@ class Stage:
                       slice(c * per_map, (c + 1) * per_map)) for c in range(channels)]
         else:
             parts = [(every, self.bank, every)]
-        budget = STAGE_SPECTRA_BYTES // len(parts)
+        share = 2 if self.depthwise and not dense else 1  # the depthwise engine's spectra keep the rest
+        budget = STAGE_SPECTRA_BYTES // share // len(parts)
         return [(inputs, bank, outputs, KernelSpectra(bank, max_bytes=budget))
                 for inputs, bank, outputs in parts]
 
