@@ -38,13 +38,14 @@ class FeaturesHandler:
     """Runs parsed features tasks for one worker (thread-safe; the worker holds its compute lock)."""
 
     def __init__(self, *, threads: int, computing: Callable[[], AbstractContextManager[None]],
-                 reserve: Reserve, count: Count, bulk: BulkServer | None, name: str,
-                 max_message_size: int, reply_framing: int) -> None:
+                 reserve: Reserve, count: Count, room: Callable[[Blob], int], bulk: BulkServer | None,
+                 name: str, max_message_size: int, reply_framing: int) -> None:
         self._threads = threads
         self._inline_limit = max_message_size - reply_framing
         self._computing = computing
         self._reserve = reserve
         self._count = count
+        self._room = room
         self._bulk = bulk
         self._name = name
         # A built network lives as long as its blob (in the cache, or in a task still running), and what
@@ -58,6 +59,7 @@ class FeaturesHandler:
             net = self._networks.get(blob)
         if net is None:
             net = blob.as_network(f"network {blob_id!r}")
+            net.limit_kept(self._room(blob))
             with self._lock:
                 net = self._networks.setdefault(blob, net)
         return net

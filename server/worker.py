@@ -108,7 +108,8 @@ class ConvolutionWorker:
         self._gflops = _calibrate(self._threads)
         self._features = FeaturesHandler(
             threads=self._threads, computing=self._computing, reserve=self._reservation,
-            count=self._count_kept, bulk=bulk, name=name, max_message_size=config.max_message_size,
+            count=self._count_kept, room=self._room_beside, bulk=bulk, name=name,
+            max_message_size=config.max_message_size,
             reply_framing=REPLY_FRAMING)
 
     # --- the remote interface -------------------------------------------------------------------
@@ -324,6 +325,10 @@ class ConvolutionWorker:
     def _cached(self, blob_id: str) -> Blob | None:
         with self._lock:
             return self._blobs.get(blob_id)
+
+    def _room_beside(self, blob: Blob) -> int:
+        """Bytes the blob cache has room for beside `blob` (what its network's or bank's spectra may keep)."""
+        return max(0, self._blobs.max_bytes - blob.nbytes)
 
     def _count_kept(self, blob_id: str, blob: Blob, kept_bytes: int) -> None:
         """Count what a network blob's built network keeps (its stages' spectra) in the blob cache's bytes

@@ -146,3 +146,12 @@ def test_the_paper_network_takes_its_second_stage_through_the_engine(monkeypatch
     net.forward_batch(np.random.default_rng(0).random((2, 200, 200), dtype=np.float32))
     assert used == [False, True, False, False]  # CNP1 is not depthwise; CNP3-4 are small: block-diagonal
     assert _stage.dense_depthwise((25, 42, 42)) and not _stage.dense_depthwise((25, 95, 95))
+
+
+def test_a_network_limited_to_no_kept_spectra_keeps_none_and_computes_the_same(rng) -> None:
+    images = rng.random((2, 200, 200), dtype=np.float32)
+    spec = "6x11x11:relu:max2,6x11x11:relu:max2:dw"  # fft for both; maps of 95x95: the depthwise engine
+    free, limited = Network.from_spec(spec), Network.from_spec(spec)
+    limited.limit_kept(0)
+    np.testing.assert_array_equal(limited.forward_batch(images), free.forward_batch(images))
+    assert free.kept_bytes > 0 and limited.kept_bytes == 0

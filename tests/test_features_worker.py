@@ -179,14 +179,23 @@ def test_what_a_network_keeps_is_counted_in_the_blob_cache_and_goes_with_its_blo
         assert cache.nbytes == bank.nbytes
 
 
-def test_a_network_keeping_more_than_the_blob_budget_evicts_older_blobs(start_worker, cluster_config,
-                                                                       rng) -> None:
-    net = Network.from_spec("16x21x21:relu:max2")  # keeps ~650 kB of spectra for 100x100 images
+@pytest.mark.parametrize(("blob_budget", "kept", "bank_stays"),
+                         [(400_000, False, True), (800_000, True, False)])
+def test_a_network_keeps_spectra_within_the_blob_cache_room_and_makes_room_for_them(
+        start_worker, cluster_config, rng, blob_budget, kept, bank_stays) -> None:
+    """Its spectra (~650 kB for 100x100 images) are kept only within the room beside its blob; kept,
+    they count, and an older bank (200 kB) makes room for them (the newest blob always stays)."""
+    net = Network.from_spec("16x21x21:relu:max2")
     blob = Blob.network(net)
-    bank = Blob.bank(rng.standard_normal((4, 3, 3, 1)).astype(np.float32))
-    handle = start_worker(config=cluster_config.replace(memory_budget=4 * 400_000))  # blobs get 400 kB
+    bank = Blob.bank(rng.standard_normal((500, 10, 10, 1)).astype(np.float32))
+    handle = start_worker(config=cluster_config.replace(memory_budget=4 * blob_budget))  # blobs get 1/4
+    images = rng.random((1, 100, 100), np.float32)
     with worker_proxy(handle.uri, cluster_config, timeout=30) as proxy:
         proxy.put_blob("bank", bank.to_wire())
         proxy.put_blob(blob.content_id, blob.to_wire())
-        call(proxy, FeaturesTask(0, blob.content_id, (0, 1), (0,), rng.random((1, 100, 100), np.float32)))
-        assert proxy.info()["banks"] == []  # the older bank made room (the newest blob always stays)
+        reply = call(proxy, FeaturesTask(0, blob.content_id, (0, 1), (0,), images))
+        np.testing.assert_array_equal(reply.result, net.forward_batch(images, threads=1))
+        (built,) = handle.worker._features._networks.values()
+        spectra = built.kept_bytes
+        assert (spectra > 0) is kept and spectra <= blob_budget - blob.nbytes
+        assert (proxy.info()["banks"] == ["bank"]) is bank_stays

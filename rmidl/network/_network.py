@@ -197,6 +197,13 @@ class Network:
                 most = max(most, stage.scratch_bytes((max(1, int(batch)), *shapes.maps_in)))
         return most
 
+    def limit_kept(self, nbytes: int) -> None:
+        """Keep at most `nbytes` of kernel spectra over all stages (each stage an equal share, at most its
+        default): a worker gives a network what its blob cache has room for. Call before the first use."""
+        share = max(0, int(nbytes)) // len(self.stages)
+        for stage in self.stages:
+            stage.spectra_budget = min(stage.spectra_budget, share)
+
     @property
     def kept_bytes(self) -> int:
         """Bytes the stages keep between calls beyond the banks (kernel spectra, see Stage.kept_bytes)."""

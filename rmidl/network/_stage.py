@@ -138,7 +138,7 @@ class Stage:
     """
 
     __slots__ = ("_calls", "_calls_lock", "_depthwise_spectra", "activation", "bank", "depthwise", "mode",
-                 "pool", "pool_size", "pool_stride")
+                 "pool", "pool_size", "pool_stride", "spectra_budget")
 
     def __init__(self, bank: np.ndarray | str | os.PathLike[str], *, activation: str | None = "relu",
                  pool: str | None = "max", pool_size: int | tuple[int, int] = 2,
@@ -167,6 +167,8 @@ class Stage:
         self._calls: dict[tuple[int, bool], list[EngineCall]] = {}
         self._calls_lock = threading.Lock()
         self._depthwise_spectra: DepthwiseSpectra | None = None
+        self.spectra_budget = STAGE_SPECTRA_BYTES
+        """Bytes of kernel spectra the stage keeps at most (all its engine calls and FFT sizes together)."""
 
     @property
     def kept_bytes(self) -> int:
@@ -295,7 +297,7 @@ class Stage:
             spectra = self._depthwise_spectra
             if spectra is None or spectra.maps != channels:
                 # half the stage's spectra budget: per-map calls (banded maps) may keep the other half
-                spectra = self._depthwise_spectra = DepthwiseSpectra(bank, channels, STAGE_SPECTRA_BYTES // 2)
+                spectra = self._depthwise_spectra = DepthwiseSpectra(bank, channels, self.spectra_budget // 2)
         correlate_depthwise_batch(maps, bank, out, padding=mode_padding(self.kernel_hw, self.mode),
                                   threads=threads, spectra=spectra)
 
@@ -321,7 +323,7 @@ class Stage:
         else:
             parts = [(every, self.bank, every)]
         share = 2 if self.depthwise and not dense else 1  # the depthwise engine's spectra keep the rest
-        budget = STAGE_SPECTRA_BYTES // share // len(parts)
+        budget = self.spectra_budget // share // len(parts)
         return [(inputs, bank, outputs, KernelSpectra(bank, max_bytes=budget))
                 for inputs, bank, outputs in parts]
 
