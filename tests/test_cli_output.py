@@ -120,7 +120,8 @@ def test_sizes_are_width_x_height_in_help() -> None:
 def test_terminal_tables_right_align_columns_of_numbers_only() -> None:
     from rmidl.client.cli.common import table
 
-    rows = [["sequential", "0.3864", "100%", "2 workers"], ["pipelined", "12.3", "21%", None]]
+    rows = [["sequential", "0.3864", "100%", "2 workers"], ["pipelined", "12.3", "21%", None],
+            ["combined", "not counted", "-", ""]]  # placeholders for missing numbers keep the alignment
     lines = table(["scheme", "median (s)", "share", "note"], rows).splitlines()
     assert lines[2].startswith("sequential") and lines[3].startswith("pipelined ")
     # the numbers' last digits line up; a text column (even one with a number in it) stays left

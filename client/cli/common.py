@@ -145,8 +145,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
                         stralign="left", numalign="right"))
 
 
+PLACEHOLDERS = frozenset({"-", "\N{EN DASH}", "n/a", "not counted"})
+"""Cells that stand for a missing number: they leave a column of numbers right-aligned."""
+
+
 def _numeric_column(cells: Sequence[str]) -> bool:
-    filled = [cell.strip().rstrip("%x\N{MULTIPLICATION SIGN}").strip() for cell in cells if cell.strip()]
+    filled = [cell.strip().rstrip("%x\N{MULTIPLICATION SIGN}").strip() for cell in cells
+              if cell.strip() and cell.strip() not in PLACEHOLDERS]
     if not filled:
         return False
     try:
