@@ -56,7 +56,8 @@ def test_spectra_of_another_bank_are_refused(rng: np.random.Generator) -> None:
             correlate_depthwise_batch(maps, kernels, out, spectra=other)
 
 
-def test_a_stage_holds_no_more_than_a_worker_reserves_for_it(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_stage_holds_no_more_than_a_worker_reserves_for_it(rng: np.random.Generator, threads: int) -> None:
     """n * peak_bytes + scratch_bytes is what a worker reserves for a task of n images: the engine's
     padded, centred maps and its temporaries must fit in it (tracemalloc sees numpy's buffers)."""
     import tracemalloc
@@ -64,18 +65,19 @@ def test_a_stage_holds_no_more_than_a_worker_reserves_for_it(rng: np.random.Gene
     net = Network([Stage(rng.standard_normal((25, 11, 11)).astype(np.float32), depthwise=True, mode="same",
                          pool=None, activation=None)], channels=25)
     maps = (50.0 + rng.standard_normal((16, 25, 95, 95))).astype(np.float32)  # centred and padded
-    net.forward_stages(maps[:1], 0, 1, threads=1)  # plans and spectra: kept, not per call
+    net.forward_stages(maps[:1], 0, 1, threads=threads)  # plans and spectra: kept, not per call
     peaks = []
     for _ in range(3):  # tracemalloc counts every thread's allocations: the least of 3 runs is the call's
         tracemalloc.start()
         try:
-            net.forward_stages(maps, 0, 1, threads=1)
+            net.forward_stages(maps, 0, 1, threads=threads)
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()
     peak = min(peaks)
-    reserved = 16 * net.peak_bytes(maps.shape[1:]) + net.scratch_bytes(maps.shape[1:], 1, batch=16)
-    assert net.scratch_bytes(maps.shape[1:], 1, batch=16) > 0
+    scratch = net.scratch_bytes(maps.shape[1:], threads, batch=16)
+    reserved = 16 * net.peak_bytes(maps.shape[1:]) + scratch
+    assert scratch > 0
     assert peak <= reserved - maps.nbytes, f"{peak / 2**20:.0f} MiB beyond the maps > {reserved / 2**20:.0f}"
 
 

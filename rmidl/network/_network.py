@@ -194,7 +194,8 @@ class Network:
             if banded(stage, shapes):
                 most = max(most, BAND_BYTES * max(1, int(threads)))
             else:
-                most = max(most, stage.scratch_bytes((max(1, int(batch)), *shapes.maps_in)))
+                maps_shape = (max(1, int(batch)), *shapes.maps_in)
+                most = max(most, stage.scratch_bytes(maps_shape, max(1, int(threads))))
         return most
 
     def limit_kept(self, nbytes: int) -> None:

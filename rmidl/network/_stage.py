@@ -301,16 +301,16 @@ class Stage:
         correlate_depthwise_batch(maps, bank, out, padding=mode_padding(self.kernel_hw, self.mode),
                                   threads=threads, spectra=spectra)
 
-    def scratch_bytes(self, maps_shape: tuple[int, ...]) -> int:
-        """Bytes a forward of maps (N, C, H, W) holds beside its maps and outputs: the depthwise engine's
-        padded or centred maps and its chunk of temporaries, where it runs (else 0; bands: see _bands)."""
+    def scratch_bytes(self, maps_shape: tuple[int, ...], threads: int = 1) -> int:
+        """Bytes a forward of maps (N, C, H, W) on `threads` threads holds beside its maps and outputs: the
+        depthwise engine's padded or centred maps and its threads' temporaries, where it runs (else 0)."""
         if not self._depthwise_by_fft(maps_shape):
             return 0
         n, channels, h, w = (int(v) for v in maps_shape)
         (top, bottom), (left, right) = mode_padding(self.kernel_hw, self.mode)
         padded = (h + top + bottom, w + left + right)
         ready = min(CENTRED_BYTES, n * channels * padded[0] * padded[1] * 4)
-        return ready + depthwise_temp_bytes(n, channels, self.kernels // channels, padded)
+        return ready + depthwise_temp_bytes(n, channels, self.kernels // channels, padded, threads)
 
     def _make_calls(self, channels: int, dense: bool) -> list[EngineCall]:
         every = slice(None)
