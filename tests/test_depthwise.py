@@ -112,7 +112,7 @@ def test_spectra_are_kept_per_fft_size_within_their_bound(rng: np.random.Generat
 
 
 @pytest.mark.parametrize("mode", ["valid", "same", "full"])
-def test_a_depthwise_stage_uses_the_engine_where_its_maps_would_each_pick_fft(rng, monkeypatch, mode) -> None:
+def test_a_depthwise_stage_uses_the_engine_where_it_pays(rng, monkeypatch, mode) -> None:
     calls: list[tuple[int, ...]] = []
     real = engines.correlate_depthwise_batch
 
@@ -126,9 +126,10 @@ def test_a_depthwise_stage_uses_the_engine_where_its_maps_would_each_pick_fft(rn
     big = Stage(rng.standard_normal((6, 11, 11)).astype(np.float32), depthwise=True, mode=mode)
     small = Stage(rng.standard_normal((6, 3, 3)).astype(np.float32), depthwise=True, mode=mode)
     images = (20.0 + rng.standard_normal((3, 80, 90, 3))).astype(np.float32)
-    for stage, used in ((big, True), (small, False)):
+    # on one thread the small kernels keep their per-map calls (lowering or direct); on two, the engine
+    for stage, threads, used in ((big, 1, True), (small, 1, False), (small, 2, True)):
         net = Network([stage], channels=3)
-        features = net.forward_batch(images, threads=2)
+        features = net.forward_batch(images, threads=threads)
         assert bool(calls) is used
         calls.clear()
         for image, row in zip(images, features, strict=True):
@@ -136,18 +137,29 @@ def test_a_depthwise_stage_uses_the_engine_where_its_maps_would_each_pick_fft(rn
     assert big.kept_bytes > 0  # the bank's spectra, counted where a worker keeps the network
 
 
-def test_the_paper_network_takes_its_second_stage_through_the_engine(monkeypatch) -> None:
-    """seed004's CNP2 (25 maps of 95x95, 11x11 kernels) is the stage the engine was made for."""
-    from rmidl.network import _stage
-
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_paper_network_takes_its_depthwise_stages_through_the_engine(monkeypatch, threads) -> None:
+    """seed004's CNP1 has one input map (one engine call either way); CNP2 (25 maps of 95x95, 11x11
+    kernels) would pick fft per map; CNP3-4 are small maps, where per-map calls cost most."""
     used: list[bool] = []
     real = Stage._depthwise_by_fft
-    monkeypatch.setattr(Stage, "_depthwise_by_fft", lambda self, shape: used.append(real(self, shape))
-                        or used[-1])
+    monkeypatch.setattr(Stage, "_depthwise_by_fft",
+                        lambda self, shape, count: used.append(real(self, shape, count)) or used[-1])
     net = Network.from_spec("seed004")
-    net.forward_batch(np.random.default_rng(0).random((2, 200, 200), dtype=np.float32))
-    assert used == [False, True, False, False]  # CNP1 is not depthwise; CNP3-4 are small: block-diagonal
-    assert _stage.dense_depthwise((25, 42, 42)) and not _stage.dense_depthwise((25, 95, 95))
+    images = np.random.default_rng(0).random((2, 200, 200), dtype=np.float32)
+    features = net.forward_batch(images, threads=threads)
+    assert used == [False, True, True, True]
+    for image, row in zip(images, features, strict=True):
+        assert_close(row, network_reference(net, image))
+
+
+def test_big_maps_with_small_kernels_keep_their_per_map_calls_on_one_thread(rng) -> None:
+    """24 maps of 200x200 and 3x3 kernels: the per-map calls pick lowering or direct and are as fast as the
+    engine on one thread (24.7 ms against 25.0); on two they contend and the engine is twice as fast."""
+    stage = Stage(rng.standard_normal((24, 3, 3)).astype(np.float32), depthwise=True)
+    assert not stage._depthwise_by_fft((4, 24, 200, 200), 1)
+    assert stage._depthwise_by_fft((4, 24, 200, 200), 2)
+    assert not stage._depthwise_by_fft((4, 1, 200, 200), 2)  # one input map: one call either way
 
 
 def test_a_network_limited_to_no_kept_spectra_keeps_none_and_computes_the_same(rng) -> None:

@@ -44,15 +44,15 @@ def random_net(rng: np.random.Generator, image_hw: tuple[int, int]) -> tuple[Net
         return net, channels
 
 
-@pytest.mark.parametrize("path", ["dense", "per map", "bands"])
+@pytest.mark.parametrize("path", ["engine", "per map", "bands"])
 @pytest.mark.parametrize("seed", range(40))
 def test_random_nets_match_float64_reference(seed: int, path: str, monkeypatch) -> None:
-    # small maps run depthwise stages as one block-diagonal call; force the per-map calls too, and the
+    # small maps take depthwise stages through the depthwise engine; force the per-map calls too, and the
     # row bands big maps run in (bands of a few rows here, the last one short)
-    from rmidl.network import _bands, _stage
+    from rmidl.network import _bands
 
     if path == "per map":
-        monkeypatch.setattr(_stage, "DENSE_DEPTHWISE_AREA", 0)
+        monkeypatch.setattr(Stage, "_depthwise_by_fft", lambda self, shape, threads: False)
     if path == "bands":
         monkeypatch.setattr(_bands, "BANDED_MAP_BYTES", 0)
         monkeypatch.setattr(_bands, "BAND_BYTES", 1)
@@ -342,9 +342,7 @@ def test_a_stage_keeps_its_kernel_spectra_between_batches(rng: np.random.Generat
 def test_per_map_depthwise_calls_share_the_threads_with_the_same_bits(rng: np.random.Generator,
                                                                      monkeypatch) -> None:
     """Per-map depthwise calls run side by side, one thread each: the same bits at 1-3 threads."""
-    from rmidl.network import _stage
-
-    monkeypatch.setattr(_stage, "DENSE_DEPTHWISE_AREA", 0)
+    monkeypatch.setattr(Stage, "_depthwise_by_fft", lambda self, shape, threads: False)
     stage = Stage(rng.standard_normal((6, 5, 5)).astype(np.float32), depthwise=True, activation="tanh")
     net = Network([stage], channels=3)
     images = rng.standard_normal((2, 30, 26, 3)).astype(np.float32)

@@ -53,28 +53,10 @@ def _correlate_batch(maps: np.ndarray, call: EngineCall, mode: str, threads: int
                            threads=threads, out=out)
 
 
-DENSE_DEPTHWISE_MAPS = 64
-"""A depthwise stage on at most this many maps ..."""
-DENSE_DEPTHWISE_AREA = 64 * 64
-"""... of at most this area runs as one call with a block-diagonal bank (C times the multiply-adds, one
-engine call instead of C). Measured on 25 maps, 11x11 kernels, 4 images, 1 thread: 0.08x the per-map
-time at 16x16, 0.49x at 42x42, 1.36x at 95x95 (at 2 threads 0.07-0.42x at every size): below ~64x64 a
-call's fixed cost outweighs the extra arithmetic."""
-
-
-def dense_depthwise(maps_in: tuple[int, ...]) -> bool:
-    """Whether a depthwise stage runs maps (C, H, W) as one block-diagonal call (see DENSE_DEPTHWISE_*)."""
-    channels, h, w = maps_in
-    return 1 < channels <= DENSE_DEPTHWISE_MAPS and h * w <= DENSE_DEPTHWISE_AREA
-
-
-def block_diagonal(bank: np.ndarray, channels: int) -> np.ndarray:
-    """A depthwise bank (K, kh, kw, 1) as the standard bank (K, kh, kw, C) that computes the same maps:
-    kernel k on input map k // (K // C), zeros on the others (they add exact zeros)."""
-    kernels, kh, kw, _ = bank.shape
-    dense = np.zeros((kernels, kh, kw, channels), bank.dtype)
-    dense[np.arange(kernels), :, :, np.arange(kernels) // (kernels // channels)] = bank[:, :, :, 0]
-    return dense
+PER_MAP_AREA = 64 * 64
+"""On maps up to this area a depthwise stage's per-map engine calls cost more in Python than in arithmetic,
+whatever their kernels: the depthwise FFT engine takes such maps (measured, 4 images, 1 thread: 8 maps of
+32x32 0.64-0.89 ms as one block-diagonal call, 0.30 ms in the engine; 25 of 64x64 4.8-6.1 against 2.5)."""
 
 
 STAGE_SPECTRA_BYTES = 128 << 20
@@ -164,7 +146,7 @@ class Stage:
         self.pool_stride = None if pool_stride is None else window_pair(pool_stride, "pool_stride")
         self.mode = check_mode(mode)
         self.depthwise = bool(depthwise)
-        self._calls: dict[tuple[int, bool], list[EngineCall]] = {}
+        self._calls: dict[int, list[EngineCall]] = {}
         self._calls_lock = threading.Lock()
         self._depthwise_spectra: DepthwiseSpectra | None = None
         self.spectra_budget = STAGE_SPECTRA_BYTES
@@ -173,13 +155,12 @@ class Stage:
     @property
     def kept_bytes(self) -> int:
         """Bytes this stage keeps for its engine calls beyond its bank: their kernel spectra (which grow
-        with each FFT size met) and block-diagonal banks (what a worker counts in its blob budget)."""
+        with each FFT size met; what a worker counts in its blob budget)."""
         with self._calls_lock:
             calls = [call for calls in self._calls.values() for call in calls]
             depthwise = self._depthwise_spectra
-        made = sum(bank.nbytes for _, bank, _, _ in calls if not np.may_share_memory(bank, self.bank))
         kept = 0 if depthwise is None else depthwise.nbytes
-        return made + kept + sum(spectra.nbytes for _, _, _, spectra in calls)
+        return kept + sum(spectra.nbytes for _, _, _, spectra in calls)
 
     @property
     def kernels(self) -> int:
@@ -247,7 +228,7 @@ class Stage:
             calls = self.engine_calls(maps.shape[1:])
             return forward_banded(self, maps, shapes, calls=calls, threads=count, timings=timings, name=name)
         conv = np.empty((n, *shapes.conv), np.float32)
-        calls = [] if self._depthwise_by_fft(maps.shape) else self.engine_calls(maps.shape[1:])
+        calls = [] if self._depthwise_by_fft(maps.shape, count) else self.engine_calls(maps.shape[1:])
         if not calls:
             self._correlate_depthwise(maps, count, conv)
         elif len(calls) > 1 and count > 1:
@@ -267,23 +248,25 @@ class Stage:
 
     def engine_calls(self, maps_in: tuple[int, ...]) -> list[EngineCall]:
         """The engine calls that make this stage's maps from maps (C, H, W): (input maps, bank, output
-        maps, the bank's kernel spectra) each -- one for the standard rule and small depthwise stages,
-        one per map otherwise. Made once per input-map count and rule, and kept with their spectra."""
+        maps, the bank's kernel spectra) each -- one for the standard rule, one per map for a depthwise
+        stage. Made once per input-map count, and kept with their spectra."""
         channels = int(maps_in[0])
-        dense = self.depthwise and dense_depthwise((channels, int(maps_in[1]), int(maps_in[2])))
         with self._calls_lock:
-            calls = self._calls.get((channels, dense))
+            calls = self._calls.get(channels)
             if calls is None:
-                calls = self._calls[(channels, dense)] = self._make_calls(channels, dense)
+                calls = self._calls[channels] = self._make_calls(channels)
         return calls
 
-    def _depthwise_by_fft(self, maps_shape: tuple[int, ...]) -> bool:
-        """Whether a depthwise stage's maps (N, C, H, W) go through the depthwise FFT engine in one call:
-        where each of its per-map calls would pick the fft engine (small maps take one block-diagonal
-        call instead, see dense_depthwise)."""
+    def _depthwise_by_fft(self, maps_shape: tuple[int, ...], threads: int) -> bool:
+        """Whether a depthwise stage's maps (N, C, H, W) go through the depthwise FFT engine in one call
+        rather than one engine call per map: on several threads (per-map calls side by side contend for
+        the interpreter: 2 threads ran them slower than 1), on small maps (PER_MAP_AREA), or where each
+        per-map call would pick the fft engine anyway. One input map is one call either way."""
         n, channels, h, w = (int(v) for v in maps_shape)
-        if not self.depthwise or dense_depthwise((channels, h, w)):
+        if not self.depthwise or channels == 1:
             return False
+        if threads > 1 or h * w <= PER_MAP_AREA:
+            return True
         (top, bottom), (left, right) = mode_padding(self.kernel_hw, self.mode)
         kernel = (self.kernels // channels, *self.kernel_hw, 1)
         return choose_engine((h + top + bottom, w + left + right), kernel, 1, batch=n) == "fft"
@@ -304,7 +287,7 @@ class Stage:
     def scratch_bytes(self, maps_shape: tuple[int, ...], threads: int = 1) -> int:
         """Bytes a forward of maps (N, C, H, W) on `threads` threads holds beside its maps and outputs: the
         depthwise engine's padded or centred maps and its threads' temporaries, where it runs (else 0)."""
-        if not self._depthwise_by_fft(maps_shape):
+        if not self._depthwise_by_fft(maps_shape, threads):
             return 0
         n, channels, h, w = (int(v) for v in maps_shape)
         (top, bottom), (left, right) = mode_padding(self.kernel_hw, self.mode)
@@ -312,17 +295,15 @@ class Stage:
         ready = min(CENTRED_BYTES, n * channels * padded[0] * padded[1] * 4)
         return ready + depthwise_temp_bytes(n, channels, self.kernels // channels, padded, threads)
 
-    def _make_calls(self, channels: int, dense: bool) -> list[EngineCall]:
+    def _make_calls(self, channels: int) -> list[EngineCall]:
         every = slice(None)
-        if dense:
-            parts = [(every, block_diagonal(self.bank, channels), every)]
-        elif self.depthwise:
+        if self.depthwise:
             per_map = self.kernels // channels
             parts = [(slice(c, c + 1), self.bank[c * per_map : (c + 1) * per_map],
                       slice(c * per_map, (c + 1) * per_map)) for c in range(channels)]
         else:
             parts = [(every, self.bank, every)]
-        share = 2 if self.depthwise and not dense else 1  # the depthwise engine's spectra keep the rest
+        share = 2 if self.depthwise else 1  # the depthwise engine's spectra keep the rest
         budget = self.spectra_budget // share // len(parts)
         return [(inputs, bank, outputs, KernelSpectra(bank, max_bytes=budget))
                 for inputs, bank, outputs in parts]
