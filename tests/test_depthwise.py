@@ -169,3 +169,12 @@ def test_a_network_limited_to_no_kept_spectra_keeps_none_and_computes_the_same(r
     limited.limit_kept(0)
     np.testing.assert_array_equal(limited.forward_batch(images), free.forward_batch(images))
     assert free.kept_bytes > 0 and limited.kept_bytes == 0
+
+
+def test_the_paper_network_gives_the_same_bits_at_any_thread_count() -> None:
+    """Its block-diagonal stages (CNP3-4) used to change bits above 2 threads; the engine's do not."""
+    net = Network.from_spec("seed004")
+    images = np.random.default_rng(1).random((6, 200, 200), dtype=np.float32)
+    one = net.forward_batch(images, threads=1)
+    for threads in (2, 3, 5, 8):
+        np.testing.assert_array_equal(net.forward_batch(images, threads=threads), one)
